@@ -1,0 +1,1 @@
+"""Vector index (FAISS behind factory strings), case store, and bundle I/O."""

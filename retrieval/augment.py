@@ -1,0 +1,41 @@
+"""Augmentations suited to medical images, applied to whole batches on the device.
+
+Mild geometry (rotation ±10°, scale 0.9–1.1, shift ±6%) and intensity
+(brightness, contrast, gamma, a little noise): the variation between
+acquisitions. No flips by default: laterality carries meaning in chest films,
+and flipping would move a site marker the audit must be able to see.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x: (B, C, S, S) float in [0, 1] -> augmented, same shape, in [0, 1]."""
+    b = x.shape[0]
+    dev = x.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+
+    angle = u(-10, 10) * math.pi / 180
+    scale = u(0.9, 1.1)
+    tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gamma = u(0.8, 1.25).view(b, 1, 1, 1)
+    x = x.clamp(1e-6, 1.0) ** gamma
+    contrast = u(0.85, 1.15).view(b, 1, 1, 1)
+    brightness = u(-0.08, 0.08).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean + brightness
+    noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev) * 0.015
+    return (x + noise).clamp(0.0, 1.0)

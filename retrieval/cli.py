@@ -1,0 +1,211 @@
+"""The `casebase` command line.
+
+One parser per command, keyed by the names in DESIGN.md. Each command's work
+lives in `retrieval.commands.<module>.run(args) -> int`, imported only when
+that command runs, so `casebase --help` stays fast and one broken command
+cannot break the others.
+
+Errors meant for users (`CasebaseError`) print as one line and exit 2; any
+other exception is reported as an internal error in one line (exit 1) with the
+traceback only when CASEBASE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from retrieval.errors import CasebaseError
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_phantom(sub) -> None:
+    p = sub.add_parser("phantom", help="write a synthetic chest-radiograph-like data set (DICOM + masks)")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=600, help="number of cases (default 600)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confounder", choices=["none", "site-marker"], default="none")
+    p.add_argument("--strength", type=float, default=0.9,
+                   help="P(site tied to label) in the train split with --confounder site-marker")
+    p.add_argument("--modality", choices=["xray", "photo"], default="xray",
+                   help="xray: grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs")
+    p.set_defaults(_module="phantom")
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a manifest; report every problem with row and column")
+    p.add_argument("manifest")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(_module="validate")
+
+
+def _add_ingest_dicom(sub) -> None:
+    p = sub.add_parser("ingest-dicom", help="walk a DICOM folder tree and write a manifest")
+    p.add_argument("dicom_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--label-from", default=None,
+                   help="where the label comes from: a DICOM keyword (e.g. SeriesDescription), "
+                        "'folder' (parent folder name) or a CSV mapping file (column file,label); "
+                        "default: 'folder'")
+    p.add_argument("--strict", action="store_true", help="fail the run on the first unreadable file")
+    p.set_defaults(_module="ingest_dicom")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the embedding + classifier model on a manifest")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: sized to the data)")
+    p.add_argument("--backbone", default="compact", help="compact (default) | resnet18")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="network input side in pixels (default: 128, or the images' size if smaller)")
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.set_defaults(_module="train")
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="build or inspect an index bundle")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed every case and write an index bundle")
+    b.add_argument("model_dir")
+    b.add_argument("manifest")
+    b.add_argument("--out", required=True)
+    b.add_argument("--weighting", choices=["saliency", "uniform"], default="saliency")
+    b.add_argument("--factory", default="auto", help="auto | any FAISS index-factory string")
+    b.add_argument("--splits", default="train,val", help="splits the index holds (default train,val)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--engine", choices=["local", "ray"], default="local")
+    b.add_argument("--address", default=None, help="Ray cluster address (with --engine ray)")
+    b.add_argument("--strict", action="store_true")
+    b.set_defaults(_module="index_build")
+    i = isub.add_parser("info", help="verify a bundle and print its summary")
+    i.add_argument("index_dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(_module="index_info")
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser("query", help="find the labelled cases most like an image, and why")
+    p.add_argument("index_dir")
+    p.add_argument("image", help="path to an image file, or a dicomweb:// URL")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--explain", type=_csv_list, default=[], help="methods, e.g. gradcam,similarity")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--save-maps", default=None, metavar="DIR")
+    p.add_argument("--exclude-patient", default=None)
+    p.add_argument("--filter", action="append", default=[], metavar="ATTR=VALUE")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(_module="query")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="retrieval quality on a split (neighbours of the same patient excluded)")
+    p.add_argument("index_dir")
+    p.add_argument("manifest")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(_module="evaluate")
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="is retrieval matching on the lesion or on site/scanner/patient?")
+    p.add_argument("index_dir")
+    p.add_argument("manifest")
+    p.add_argument("--split", default="test")
+    p.add_argument("--attributes", type=_csv_list, default=None)
+    p.add_argument("--out", default=None, metavar="REPORT.html")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(_module="audit")
+
+
+def _add_explain_eval(sub) -> None:
+    p = sub.add_parser("explain-eval", help="measured trust of every explanation method")
+    p.add_argument("index_dir")
+    p.add_argument("manifest")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--methods", type=_csv_list, default=None)
+    p.add_argument("--max-cases", type=int, default=40)
+    p.add_argument("--no-store", action="store_true", help="do not write the results into the bundle")
+    p.set_defaults(_module="explain_eval")
+
+
+def _add_ingest_dicomweb(sub) -> None:
+    p = sub.add_parser("ingest-dicomweb", help="ingest instances from a DICOMweb server (PACS)")
+    p.add_argument("url")
+    p.add_argument("--out", required=True)
+    p.add_argument("--study", action="append", default=[])
+    p.add_argument("--label-from", default=None)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--username", default=None)
+    p.add_argument("--password-env", default=None, help="environment variable holding the password")
+    p.add_argument("--token-env", default=None, help="environment variable holding a bearer token")
+    p.add_argument("--strict", action="store_true")
+    p.set_defaults(_module="ingest_dicomweb")
+
+
+def _add_manifest(sub) -> None:
+    p = sub.add_parser("manifest", help="convert a public data set's metadata into a manifest")
+    msub = p.add_subparsers(dest="manifest_command", required=True)
+    for name in ("from-ham10000", "from-isic", "from-chexpert", "from-nih-cxr14", "from-rsna-pneumonia"):
+        m = msub.add_parser(name)
+        m.add_argument("metadata")
+        m.add_argument("--images", required=True)
+        m.add_argument("--out", required=True)
+        m.add_argument("--seed", type=int, default=0)
+        m.set_defaults(_module="manifest_convert", source=name[len("from-"):])
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="phantom → train → index → explain-eval → app, on an embedded default")
+    p.add_argument("--out", default="casebase-demo")
+    p.add_argument("--no-app", action="store_true")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(_module="demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="casebase", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_phantom, _add_validate, _add_ingest_dicom, _add_train, _add_index, _add_query,
+                _add_eval, _add_audit, _add_explain_eval, _add_ingest_dicomweb, _add_manifest,
+                _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        module = importlib.import_module(f"retrieval.commands.{args._module}")
+        return int(module.run(args) or 0)
+    except CasebaseError as err:
+        print(f"casebase {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"casebase {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("CASEBASE_DEBUG"):
+            raise
+        print(f"casebase {args.command}: internal error: {type(err).__name__}: {err} "
+              "(set CASEBASE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

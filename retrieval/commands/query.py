@@ -1,0 +1,76 @@
+"""`casebase query INDEX_DIR IMAGE [-k K] [--explain m1,m2] [--json] [--save-maps DIR]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from retrieval import atomic
+from retrieval.errors import CasebaseError
+from retrieval.service import CaseRetriever
+
+
+def _filters(items: list[str]) -> dict:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise CasebaseError(f"--filter {item!r}: use ATTR=VALUE")
+        key, value = item.split("=", 1)
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
+    """Each query map as .npy (H×W float32, original size) plus an overlay PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for method, heat in result.maps.items():
+        arr = np.nan_to_num(np.asarray(heat, np.float32))
+        p = out / f"{method}.npy"
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        atomic.write_bytes(p, buf.getvalue())
+        paths[method] = str(p)
+        if image is not None:
+            from retrieval.overlay import overlay_png
+
+            atomic.write_bytes(out / f"{method}.png", overlay_png(image.pixels, arr))
+    return paths
+
+
+def run(args) -> int:
+    if args.k < 1:
+        raise CasebaseError("-k must be at least 1")
+    r = CaseRetriever.load(args.index_dir, device=args.device)
+    src = args.image
+    if str(src).startswith("dicomweb://") or str(src).startswith("dicomweb+"):
+        from retrieval.dicomweb import fetch_instance
+
+        src = fetch_instance(src)
+    result = r.query(src, k=args.k, explain=args.explain, exclude_patient=args.exclude_patient,
+                     filters=_filters(args.filter))
+    paths = {}
+    if args.save_maps:
+        from retrieval.imageio import read_image
+
+        paths = save_maps(result, args.save_maps, read_image(src))
+    if args.json:
+        print(json.dumps(result.to_json(paths), indent=2))
+        return 0
+    print(result.explanation_text)
+    probs = ", ".join(f"{k} {v:.2f}" for k, v in result.prediction.probabilities.items())
+    print(f"probabilities: {probs}")
+    print(f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
+          + ("  -> I DON'T KNOW" if result.ood.flag else ""))
+    for i, n in enumerate(result.neighbors, 1):
+        box = n.matched_regions[0] if n.matched_regions else None
+        where = f" matched query {box.query_box} ~ case {box.case_box}" if box else ""
+        print(f"{i:>2}. {n.case_id:<24} {n.label:<16} sim {n.similarity:.3f}{where}")
+    for m, p in paths.items():
+        print(f"map {m}: {p}")
+    return 0

@@ -1,0 +1,26 @@
+"""One image as the model saw it: pixels, input tensor, geometry and the model's single pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from retrieval.imageio import LoadedImage
+from retrieval.preprocess import Geometry
+
+
+@dataclass
+class ImageContext:
+    image: LoadedImage
+    tensor: torch.Tensor  # (C, S, S) normalised model input
+    geometry: Geometry
+    embedding: torch.Tensor  # (D,)
+    logits: torch.Tensor  # (K,)
+    features: torch.Tensor  # (C', h, w) last feature map
+    weights: torch.Tensor  # (h, w) pooling weights
+    predicted: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.features.shape[-2:])

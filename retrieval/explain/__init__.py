@@ -1,0 +1,1 @@
+"""Explanation methods behind one protocol (see retrieval.explain.registry)."""

@@ -1,0 +1,108 @@
+"""From any image the data layer reads to the tensor the model takes, and back.
+
+The image is resized to image_size × image_size without cropping (a
+non-uniform scale when it is not square): nothing at the border, where site
+markers and rulers live, is cut away, and every model-space coordinate maps
+back to the original pixels with two scale factors (`Geometry`).
+Grayscale images given to an RGB model are replicated to three channels; RGB
+images given to a grayscale model are converted with ITU-R 601 luma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.imageio import LoadedImage, read_image
+from retrieval.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps model-input coordinates back to the original image as read."""
+
+    original_size: tuple[int, int]  # (H, W)
+    input_size: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        h, w = self.original_size
+        return w / self.input_size, h / self.input_size
+
+    def box_to_original(self, box: tuple[float, float, float, float]) -> list[int]:
+        """[x0, y0, x1, y1] in model-input pixels -> original pixels (clipped, x1/y1 exclusive)."""
+        sx, sy = self.scale
+        h, w = self.original_size
+        x0, y0, x1, y1 = box
+        return [
+            int(np.clip(np.floor(x0 * sx), 0, w - 1)),
+            int(np.clip(np.floor(y0 * sy), 0, h - 1)),
+            int(np.clip(np.ceil(x1 * sx), 1, w)),
+            int(np.clip(np.ceil(y1 * sy), 1, h)),
+        ]
+
+    def cell_box(self, row: int, col: int, grid: tuple[int, int]) -> list[int]:
+        """The original-pixel box covered by feature-map cell (row, col) of a (gh, gw) grid."""
+        gh, gw = grid
+        cy, cx = self.input_size / gh, self.input_size / gw
+        return self.box_to_original((col * cx, row * cy, (col + 1) * cx, (row + 1) * cy))
+
+    def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Resize any (h, w) map to the original (H, W), float32, finite."""
+        t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]
+        out = F.interpolate(t, size=self.original_size, mode="bilinear", align_corners=False)
+        return np.nan_to_num(out[0, 0].numpy().astype(np.float32))
+
+
+def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, C) float image -> (H, W, channels)."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    have = pixels.shape[2]
+    if have == channels:
+        return pixels
+    if channels == 3 and have == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if channels == 1 and have >= 3:
+        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
+        return luma[..., None].astype(np.float32)
+    raise ValueError(f"cannot convert a {have}-channel image to {channels} channels")
+
+
+class Preprocessor:
+    """Reads, converts, resizes and normalises images exactly as the model was trained."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.mean = torch.tensor(config.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(config.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def resized(self, image: LoadedImage) -> torch.Tensor:
+        """(C, S, S) float in [0, 1], channels matched to the model."""
+        pix = match_channels(image.pixels, self.config.in_channels)
+        t = torch.from_numpy(np.ascontiguousarray(pix.transpose(2, 0, 1)))[None]
+        s = self.config.image_size
+        t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return t[0].clamp_(0.0, 1.0)
+
+    def to_uint8(self, image: LoadedImage) -> torch.Tensor:
+        """Compact cache form (C, S, S) uint8 used by training and index builds."""
+        return (self.resized(image) * 255.0).round_().to(torch.uint8)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float batch (B, C, S, S) -> the model's normalised input."""
+        if batch.dtype == torch.uint8:
+            batch = batch.float() / 255.0
+        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        return (batch - mean) / std
+
+    def load(self, src) -> tuple[LoadedImage, torch.Tensor, Geometry]:
+        image = src if isinstance(src, LoadedImage) else read_image(src)
+        tensor = self.normalize(self.resized(image)[None])[0]
+        return image, tensor, Geometry(tuple(image.original_size), self.config.image_size)
+
+    def __call__(self, src) -> torch.Tensor:
+        return self.load(src)[1]

@@ -1,0 +1,87 @@
+"""Typed query results and their JSON form (keys are the DESIGN.md contract)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label]
+
+
+@dataclass
+class OODResult:
+    score: float
+    flag: bool
+    threshold: float
+
+
+@dataclass
+class MatchedRegion:
+    query_box: list[int]  # [x0, y0, x1, y1] in the query's original pixels
+    case_box: list[int]  # same, in the neighbour's original pixels
+    contribution: float  # this pair's term of the similarity decomposition
+    share: float  # contribution / similarity
+
+
+@dataclass
+class Neighbor:
+    case_id: str
+    label: str
+    similarity: float
+    attributes: dict[str, str]
+    patient_id: str
+    image: str
+    row: int  # position in the index
+    matched_regions: list[MatchedRegion] = field(default_factory=list)
+    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> {"query","case"}
+    completeness_error: float | None = None
+    original_size: tuple[int, int] | None = None
+
+
+@dataclass
+class QueryResult:
+    prediction: Prediction
+    knn_vote: dict[str, float]
+    ood: OODResult
+    neighbors: list[Neighbor]
+    explanation_text: str
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (H, W) float32, original size
+    trust: dict[str, dict] = field(default_factory=dict)  # method -> measured trust (explain-eval)
+    original_size: tuple[int, int] = (0, 0)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, map_paths: dict[str, str] | None = None) -> dict:
+        return {
+            "prediction": {"label": self.prediction.label,
+                           "probabilities": {k: float(v) for k, v in self.prediction.probabilities.items()}},
+            "knn_vote": {k: float(v) for k, v in self.knn_vote.items()},
+            "ood": {"score": float(self.ood.score), "flag": bool(self.ood.flag),
+                    "threshold": float(self.ood.threshold)},
+            "neighbors": [
+                {
+                    "case_id": n.case_id,
+                    "label": n.label,
+                    "similarity": float(n.similarity),
+                    "attributes": dict(n.attributes),
+                    "matched_regions": [
+                        {"query_box": r.query_box, "case_box": r.case_box,
+                         "contribution": float(r.contribution), "share": float(r.share)}
+                        for r in n.matched_regions
+                    ],
+                }
+                for n in self.neighbors
+            ],
+            "explanation_text": self.explanation_text,
+            "maps": dict(map_paths or {}),
+            "trust": self.trust,
+            "image_size": list(self.original_size),
+        }

@@ -1,0 +1,253 @@
+"""Training: triplet loss (pytorch-metric-learning) + cross-entropy, class-balanced batches.
+
+    loss = CE(logits, y) + Triplet(e_saliency, y) + Triplet(e_uniform, y)
+
+Both pooled embeddings are trained from the same feature map (one forward), so
+one model serves `--weighting saliency` and `--weighting uniform` index
+builds. Semi-hard triplets are mined in each batch (TripletMarginMiner);
+batches come from MPerClassSampler so every class has positives. Early
+stopping watches validation precision@1 + accuracy; the best epoch's weights
+are kept. Seeded; AMP on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners, samplers
+from tqdm.auto import tqdm
+
+from retrieval.augment import augment_batch
+from retrieval.dataset import decode_all
+from retrieval.device import resolve_device
+from retrieval.errors import CasebaseError
+from retrieval.imageio import read_image
+from retrieval.manifest import load_manifest
+from retrieval.model import CaseNet, ModelConfig, save_model
+from retrieval.preprocess import Preprocessor
+
+
+@dataclass
+class TrainOptions:
+    epochs: int | None = None  # None: sized to the data (about 25k sample-steps, 6..40 epochs)
+    backbone: str = "compact"
+    image_size: int | None = None
+    embedding_dim: int = 128
+    batch_size: int | None = None
+    lr: float = 2e-3
+    margin: float = 0.2
+    patience: int = 6
+    seed: int = 0
+    device: str = "auto"
+    strict: bool = False
+    num_workers: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainReport:
+    model_dir: str
+    epochs_run: int
+    best_epoch: int
+    best_val: dict
+    n_train: int
+    n_val: int
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _probe_images(paths: list[str], limit: int = 64) -> tuple[int, int]:
+    """(channels, median shorter side) from up to `limit` images spread over the set."""
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(limit, len(paths)))})
+    channels, sides = 1, []
+    for i in picks:
+        try:
+            img = read_image(paths[i])
+        except CasebaseError:
+            continue
+        px = img.pixels
+        if px.shape[2] == 3 and not (np.allclose(px[..., 0], px[..., 1], atol=1e-3)
+                                     and np.allclose(px[..., 1], px[..., 2], atol=1e-3)):
+            channels = 3
+        sides.append(min(img.original_size))
+    if not sides:
+        raise CasebaseError("none of the sampled training images could be read")
+    return channels, int(np.median(sides))
+
+
+def default_image_size(median_side: int) -> int:
+    """128 px, or the images' own size (rounded down to a multiple of 16, at least 32) if smaller."""
+    return int(max(32, min(128, (median_side // 16) * 16)))
+
+
+def _batch_plan(n_classes: int, batch_size: int | None) -> tuple[int, int]:
+    """(m per class, batch size) valid for MPerClassSampler."""
+    target = batch_size or 48
+    m = max(2, min(16, target // max(1, min(n_classes, target // 2))))
+    classes_per_batch = max(2, min(n_classes, target // m))
+    return m, m * classes_per_batch
+
+
+@torch.no_grad()
+def _embed_all(model: CaseNet, pre: Preprocessor, images: torch.Tensor, device, bs: int = 128):
+    model.eval()
+    embs, logits = [], []
+    for i in range(0, len(images), bs):
+        out = model.run(pre.normalize(images[i : i + bs].to(device)), "saliency")
+        embs.append(out.embedding.float().cpu())
+        logits.append(out.logits.float().cpu())
+    return torch.cat(embs), torch.cat(logits)
+
+
+def _validate(model, pre, train_x, train_y, val_x, val_y, device) -> dict:
+    tr_e, _ = _embed_all(model, pre, train_x, device)
+    va_e, va_logits = _embed_all(model, pre, val_x, device)
+    nn_idx = (va_e @ tr_e.T).argmax(dim=1)
+    p1 = float((train_y[nn_idx] == val_y).float().mean())
+    acc = float((va_logits.argmax(1) == val_y).float().mean())
+    ce = float(F.cross_entropy(va_logits, val_y))
+    return {"precision_at_1": p1, "accuracy": acc, "val_ce": ce, "score": (p1 + acc) / 2 - 0.01 * ce}
+
+
+def _split_val(df, seed: int):
+    """Use the val split if present; else hold out ~15% of train patients."""
+    val = df[df["split"] == "val"]
+    train = df[df["split"] == "train"]
+    if len(val) >= max(6, 2 * df["label"].nunique()) or len(train) == 0:
+        return train, val
+    groups = train["patient_id"] if "patient_id" in train and (train["patient_id"] != "").all() else train["case_id"]
+    uniq = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(uniq, size=max(1, int(round(0.15 * len(uniq)))), replace=False))
+    mask = groups.isin(held)
+    return train[~mask], train[mask]
+
+
+def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptions) -> TrainReport:
+    t0 = time.time()
+    seed_everything(opts.seed)
+    device = resolve_device(opts.device)
+    manifest = load_manifest(manifest_path)
+    df = manifest.select(["train", "val"]).copy()
+    if df.empty:
+        raise CasebaseError(f"{manifest_path}: no train or val cases to train on")
+    df["path"] = [str(manifest.resolve(p)) for p in df["image"]]
+    classes = sorted(df["label"].unique().tolist())
+    if len(classes) < 2:
+        raise CasebaseError(f"{manifest_path}: need at least two labels to train, found {classes}")
+
+    channels, median_side = _probe_images(df["path"].tolist())
+    size = opts.image_size or default_image_size(median_side)
+    if size < 32 or size % 16:
+        raise CasebaseError(f"--image-size {size}: use a multiple of 16, at least 32")
+    cfg = ModelConfig(classes=classes, backbone=opts.backbone, in_channels=channels, image_size=size,
+                      embedding_dim=opts.embedding_dim, mean=[0.0] * channels, std=[1.0] * channels)
+    pre = Preprocessor(cfg)
+
+    images, ok, failures = decode_all(df["path"].tolist(), pre, batch_size=64, strict=opts.strict,
+                                      num_workers=opts.num_workers, desc="decoding", progress=opts.progress)
+    skipped = [f.message for f in failures]
+    for msg in skipped:
+        tqdm.write(f"skipped: {msg}")
+    if images is None:
+        raise CasebaseError("no training image could be read")
+    df = df.iloc[ok].reset_index(drop=True)
+    # Normalisation statistics from the training pixels themselves.
+    flat = images.float().div_(255.0).transpose(0, 1).reshape(channels, -1)
+    cfg.mean = flat.mean(dim=1).tolist()
+    cfg.std = flat.std(dim=1).clamp_min(1e-3).tolist()
+    del flat
+    pre = Preprocessor(cfg)
+
+    train_df, val_df = _split_val(df, opts.seed)
+    if train_df["label"].nunique() < 2:
+        raise CasebaseError("the training split holds fewer than two labels")
+    y_all = torch.tensor([classes.index(v) for v in df["label"]])
+    tr_idx, va_idx = torch.tensor(train_df.index.values), torch.tensor(val_df.index.values)
+    train_x, train_y = images[tr_idx], y_all[tr_idx]
+    val_x, val_y = images[va_idx], y_all[va_idx]
+
+    model = CaseNet(cfg).to(device)
+    m, batch = _batch_plan(len(classes), opts.batch_size)
+    steps_per_epoch = max(1, len(train_x) // batch)
+    epochs = opts.epochs or int(np.clip(math.ceil(25000 / max(1, len(train_x))), 6, 40))
+    sampler = samplers.MPerClassSampler(train_y.tolist(), m=m, batch_size=batch,
+                                        length_before_new_iter=steps_per_epoch * batch)
+    dist = distances.CosineSimilarity()
+    triplet = losses.TripletMarginLoss(margin=opts.margin, distance=dist)
+    miner = miners.TripletMarginMiner(margin=opts.margin, distance=dist, type_of_triplets="semihard")
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    gen = torch.Generator().manual_seed(opts.seed)
+
+    best, best_state, best_epoch, history, stale = None, None, 0, [], 0
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", disable=not opts.progress)
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = list(iter(sampler))
+        running = 0.0
+        for s in range(steps_per_epoch):
+            idx = torch.tensor(order[s * batch : (s + 1) * batch])
+            xb = augment_batch(train_x[idx].to(device).float() / 255.0, generator=gen)
+            yb = train_y[idx].to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                feats = model.backbone(pre.normalize(xb))
+                logits = model.classifier(feats.mean(dim=(2, 3)))
+                h, w = feats.shape[-2:]
+                sal = model.saliency_weights(model.gradcam(feats.float(), logits.argmax(1)).detach())
+                uni = torch.full_like(sal, 1.0 / (h * w))
+                e_sal = model.embed_features(feats.float(), sal)
+                e_uni = model.embed_features(feats.float(), uni)
+                loss = F.cross_entropy(logits.float(), yb)
+                loss = loss + triplet(e_sal, yb, miner(e_sal, yb)) + triplet(e_uni, yb, miner(e_uni, yb))
+            optim.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optim)
+            scaler.update()
+            sched.step()
+            running += float(loss)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{running / (s + 1):.3f}")
+        metrics = _validate(model, pre, train_x, train_y, val_x, val_y, device) if len(val_x) else {
+            "score": -running}
+        metrics.update(epoch=epoch, loss=running / steps_per_epoch)
+        history.append(metrics)
+        bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.3f}",
+                        val_p1=f"{metrics.get('precision_at_1', float('nan')):.3f}")
+        if best is None or metrics["score"] > best["score"] + 1e-4:
+            best, best_epoch, stale = metrics, epoch, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= opts.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    cfg.training = {
+        "epochs_run": epoch, "best_epoch": best_epoch, "max_epochs": epochs, "batch_size": batch,
+        "m_per_class": m, "lr": opts.lr, "margin": opts.margin, "seed": opts.seed,
+        "n_train": len(train_x), "n_val": len(val_x), "best_val": best,
+        "loss": "cross_entropy + triplet(saliency) + triplet(uniform), semihard miner",
+    }
+    model.config = cfg
+    save_model(model.cpu(), out_dir)
+    return TrainReport(str(out_dir), epoch, best_epoch, best, len(train_x), len(val_x), skipped,
+                       time.time() - t0, history)
