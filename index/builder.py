@@ -20,7 +20,7 @@ from retrieval.embedding import EmbeddedSet, embed_paths
 from retrieval.errors import CasebaseError
 from retrieval.manifest import load_manifest
 from retrieval.model import CONFIG_FILE, WEIGHTS_FILE, load_model, weights_fingerprint
-from retrieval.ood import calibrate
+from retrieval.ood import OOD_REFERENCE, calibrate
 from retrieval.preprocess import Preprocessor
 
 WEIGHTING_FORMULA = {
@@ -76,7 +76,7 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
                  splits, extra_meta: dict | None = None) -> dict:
     kept = cases.iloc[emb.ok].reset_index(drop=True)
     vindex = VectorIndex.build(emb.vectors, factory)
-    calib = calibrate(emb.vectors, kept["split"].to_numpy(), kept["patient_id"].to_numpy())
+    calib = calibrate(emb.ood_features, kept["split"].to_numpy(), kept["patient_id"].to_numpy())
     model_dir = Path(model_dir)
     meta = {
         "casebase_bundle": True,
@@ -97,6 +97,8 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
     with atomic.atomic_dir(out_dir) as tmp:
         vindex.save(tmp / "vectors.faiss")
         write_cases(kept, tmp / "cases.parquet")
+        np.save(tmp / OOD_REFERENCE, emb.ood_features[calib.reference_rows].astype(np.float32),
+                allow_pickle=False)
         (tmp / "model").mkdir()
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(model_dir / name, tmp / "model" / name)
@@ -121,4 +123,3 @@ def build_index(model_dir, manifest_path, out_dir, weighting="saliency", factory
                        len(cases) / max(embed_s, 1e-9))
 
 
-__all__ = ["build_index", "embed_manifest", "write_bundle", "BuildReport", "np"]

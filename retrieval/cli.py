@@ -30,7 +30,9 @@ def _add_phantom(sub) -> None:
     p.add_argument("--n", type=int, default=600, help="number of cases (default 600)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confounder", choices=["none", "site-marker"], default="none")
+    p.add_argument("--confounder", choices=["none", "site-marker", "ruler"], default="none",
+                   help="site-marker: burned-in site letter tied to the label in train/val; "
+                        "ruler (photo only): a ruler tied to one class in train/val")
     p.add_argument("--strength", type=float, default=0.9,
                    help="P(site tied to label) in the train split with --confounder site-marker")
     p.add_argument("--modality", choices=["xray", "photo"], default="xray",
@@ -148,13 +150,19 @@ def _add_ingest_dicomweb(sub) -> None:
     p = sub.add_parser("ingest-dicomweb", help="ingest instances from a DICOMweb server (PACS)")
     p.add_argument("url")
     p.add_argument("--out", required=True)
-    p.add_argument("--study", action="append", default=[])
-    p.add_argument("--label-from", default=None)
-    p.add_argument("--cache", default=None)
+    p.add_argument("--study", action="append", default=[], metavar="UID",
+                   help="only this StudyInstanceUID (repeatable; default: every study)")
+    p.add_argument("--label-from", default=None,
+                   help="a DICOM keyword (default StudyDescription) or csv:PATH with columns "
+                        "label and sop_instance_uid / series_instance_uid / study_instance_uid")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where retrieved instances are kept (default: dicomweb-cache/ beside --out)")
     p.add_argument("--username", default=None)
     p.add_argument("--password-env", default=None, help="environment variable holding the password")
     p.add_argument("--token-env", default=None, help="environment variable holding a bearer token")
     p.add_argument("--strict", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
+    p.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
     p.set_defaults(_module="ingest_dicomweb")
 
 
@@ -167,6 +175,24 @@ def _add_manifest(sub) -> None:
         m.add_argument("--images", required=True)
         m.add_argument("--out", required=True)
         m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--extra", action="append", default=[], metavar="FILE",
+                       help="companion metadata (ISIC 2019 metadata CSV, RSNA detailed class info, "
+                            "NIH train_val_list.txt / test_list.txt); found beside METADATA when omitted")
+        m.add_argument("--val-fraction", type=float, default=0.15)
+        m.add_argument("--test-fraction", type=float, default=0.15)
+        m.add_argument("--ignore-official-split", action="store_true",
+                       help="split every patient by seed even where the data set defines a test set")
+        m.add_argument("--label-policy", choices=["single", "priority"], default="single",
+                       help="multi-label sources (CheXpert, NIH): single = keep images with exactly one "
+                            "finding (or none: 'No Finding'); priority = the first finding in a fixed order")
+        m.add_argument("--uncertain", choices=["ignore", "positive", "negative"], default="ignore",
+                       help="CheXpert uncertain (-1) labels (U-Ignore / U-Ones / U-Zeros)")
+        m.add_argument("--label-field", default=None,
+                       help="ISIC 2020: benign_malignant (default) | diagnosis; "
+                            "RSNA: class (default when the class file is found) | target")
+        m.add_argument("--masks", default=None, metavar="DIR",
+                       help="RSNA: where box masks are written (default: masks/ beside --out)")
+        m.add_argument("--strict", action="store_true", help="fail when any image is missing")
         m.set_defaults(_module="manifest_convert", source=name[len("from-"):])
 
 

@@ -23,13 +23,21 @@ class EmbeddedSet:
     vectors: np.ndarray  # (N_ok, D) float32, unit norm
     probabilities: np.ndarray  # (N_ok, K) float32
     ok: list[int]  # positions in the input list that were embedded
+    ood_features: np.ndarray | None = None  # (N_ok, C) unit-norm average-pooled features (OOD score)
     failures: list[Failure] = field(default_factory=list)
 
 
 @torch.no_grad()
-def embed_tensor(model: CaseNet, batch: torch.Tensor, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_tensor(model: CaseNet, batch: torch.Tensor, weighting: str):
+    """(embeddings, probabilities, OOD features) of one normalised batch, one forward."""
     out = model.run(batch, weighting)
-    return out.embedding.float().cpu().numpy(), out.logits.float().softmax(1).cpu().numpy()
+    return (out.embedding.float().cpu().numpy(), out.logits.float().softmax(1).cpu().numpy(),
+            ood_features(out.features).cpu().numpy())
+
+
+def ood_features(features: torch.Tensor) -> torch.Tensor:
+    """Unit-norm global-average-pooled feature map: the space the OOD score searches."""
+    return torch.nn.functional.normalize(features.float().mean(dim=(2, 3)), dim=1)
 
 
 def embed_paths(
@@ -45,20 +53,22 @@ def embed_paths(
     num_workers: int | None = None,
 ) -> EmbeddedSet:
     model.eval()
-    vecs, probs, ok, failures = [], [], [], []
+    vecs, probs, oods, ok, failures = [], [], [], [], []
     for idx, batch, fails in iter_decoded(paths, pre, batch_size=batch_size, strict=strict,
                                           progress=progress, desc=desc, num_workers=num_workers):
         failures += fails
         if batch is None:
             continue
-        v, p = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
+        v, p, o = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
         vecs.append(v)
         probs.append(p)
+        oods.append(o)
         ok += idx
     d, k = model.config.embedding_dim, len(model.config.classes)
     return EmbeddedSet(
         np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32),
         np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
         ok,
+        np.concatenate(oods) if oods else None,
         failures,
     )

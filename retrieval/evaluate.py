@@ -37,6 +37,7 @@ class EvalReport:
     classifier_accuracy: float
     per_class: dict[str, dict] = field(default_factory=dict)
     attribute_agreement: dict[str, float] = field(default_factory=dict)
+    ood_flag_rate: float = 0.0  # share of these (in-distribution) queries flagged "I don't know"
     weighting: str = ""
     split: str = ""
     skipped: list[str] = field(default_factory=list)
@@ -54,6 +55,7 @@ class QuerySet:
     probabilities: np.ndarray
     hits: list[list[tuple[float, int]]]
     skipped: list[str]
+    ood_features: np.ndarray | None = None
 
 
 def embed_split(r: CaseRetriever, manifest_path, split: str, k: int, progress: bool = True) -> QuerySet:
@@ -68,7 +70,18 @@ def embed_split(r: CaseRetriever, manifest_path, split: str, k: int, progress: b
                       progress=progress, desc=f"embedding {split}")
     kept = cases.iloc[emb.ok].reset_index(drop=True)
     hits = r.search(emb.vectors, k, exclude_patients=kept["patient_id"].tolist())
-    return QuerySet(kept, emb.vectors, emb.probabilities, hits, [f.message for f in emb.failures])
+    return QuerySet(kept, emb.vectors, emb.probabilities, hits, [f.message for f in emb.failures],
+                    emb.ood_features)
+
+
+def _ood_rate(r: CaseRetriever, qs: QuerySet) -> float:
+    from retrieval import ood
+
+    if r.ood_reference is None or qs.ood_features is None:
+        return 0.0
+    cal = r.meta.get("ood") or {}
+    scores = ood.score(qs.ood_features, r.ood_reference, int(cal.get("k", ood.OOD_K)))
+    return float((scores > float(cal.get("threshold", 1.0))).mean())
 
 
 def evaluate(r: CaseRetriever, manifest_path, split: str = "test", progress: bool = True) -> EvalReport:
@@ -116,6 +129,7 @@ def evaluate(r: CaseRetriever, manifest_path, split: str = "test", progress: boo
         classifier_accuracy=float((clf_pred == qlab).mean()),
         per_class=per_class,
         attribute_agreement=agreement,
+        ood_flag_rate=_ood_rate(r, qs),
         weighting=r.weighting,
         split=split,
         skipped=qs.skipped,

@@ -212,14 +212,20 @@ def _read_npy(data: bytes, source: str, max_pixels: int) -> LoadedImage:
     if dtype.hasobject:
         raise ImageReadError(source, "NPY holds pickled Python objects; refusing to unpickle")
     if len(shape) >= 2:
-        h, w = (shape[1], shape[2]) if len(shape) == 3 and shape[0] in (1, 3) and shape[2] > 4 else shape[:2]
+        h, w = (
+            (shape[1], shape[2])
+            if len(shape) == 3 and shape[0] in (1, 3) and shape[2] > 4
+            else shape[:2]
+        )
         _check_pixels(int(h), int(w), max_pixels, source)
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
         msg = str(err)
         if "pickle" in msg.lower():
-            raise ImageReadError(source, "NPY holds pickled Python objects; refusing to unpickle") from None
+            raise ImageReadError(
+                source, "NPY holds pickled Python objects; refusing to unpickle"
+            ) from None
         raise ImageReadError(source, f"truncated or corrupt NPY data ({msg})") from None
     except Exception as err:  # noqa: BLE001
         raise ImageReadError(source, f"truncated or corrupt NPY data ({err})") from None
@@ -230,7 +236,8 @@ def _from_array(arr: np.ndarray, source: str, meta: dict[str, Any], max_pixels: 
     arr = np.asarray(arr)
     if arr.ndim not in (2, 3):
         raise ImageReadError(
-            source, f"unsupported array shape {tuple(arr.shape)} (need HxW, HxWx1, HxWx3 or 1/3xHxW)"
+            source,
+            f"unsupported array shape {tuple(arr.shape)} (need HxW, HxWx1, HxWx3 or 1/3xHxW)",
         )
     arr = _to_hwc(arr, source)
     _check_pixels(int(arr.shape[0]), int(arr.shape[1]), max_pixels, source)
@@ -337,7 +344,9 @@ def _read_pil(data: bytes, source: str, fmt: str, max_pixels: int) -> LoadedImag
     return _finish(arr, source, meta)
 
 
-def _read_tifffile(data: bytes, source: str, max_pixels: int, first_error: Exception) -> LoadedImage:
+def _read_tifffile(
+    data: bytes, source: str, max_pixels: int, first_error: Exception
+) -> LoadedImage:
     try:
         import tifffile
     except ImportError:  # pragma: no cover
@@ -367,7 +376,9 @@ def _dcmread(fobj, source: str, *, force: bool, stop_before_pixels: bool = False
             warnings.simplefilter("ignore")
             return pydicom.dcmread(fobj, force=force, stop_before_pixels=stop_before_pixels)
     except Exception as err:  # noqa: BLE001 - pydicom raises many kinds
-        raise ImageReadError(source, f"not a readable DICOM file ({type(err).__name__}: {err})") from None
+        raise ImageReadError(
+            source, f"not a readable DICOM file ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _first(value: Any) -> float:
@@ -471,7 +482,12 @@ def _dicom_pixels(ds, source: str, max_pixels: int) -> tuple[np.ndarray, dict[st
     except Exception as err:  # noqa: BLE001 - pydicom / plugins raise many kinds
         msg = " ".join(str(err).split())
         low = msg.lower()
-        if "plugin" in low or "decoder" in low or "not supported" in low or "does not support" in low:
+        if (
+            "plugin" in low
+            or "decoder" in low
+            or "not supported" in low
+            or "does not support" in low
+        ):
             raise ImageReadError(
                 source,
                 f"cannot decode transfer syntax {ts} ({getattr(ts, 'name', 'unknown')}): {msg[:400]}",
@@ -510,7 +526,9 @@ def _dicom_pixels(ds, source: str, max_pixels: int) -> tuple[np.ndarray, dict[st
             bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
             return rgb.astype(np.float32) / float(2**bits - 1), meta
         except Exception as err:  # noqa: BLE001
-            raise ImageReadError(source, f"cannot apply the palette colour LUT ({_short(err)})") from None
+            raise ImageReadError(
+                source, f"cannot apply the palette colour LUT ({_short(err)})"
+            ) from None
 
     try:
         with warnings.catch_warnings():
@@ -614,7 +632,36 @@ def read_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage
     """Read ``src`` (path, ndarray, bytes, PIL image or pydicom Dataset) into a LoadedImage.
 
     Raises :class:`ImageReadError` with a specific reason on any failure.
+    ``max_pixels`` bounds the declared width x height (checked before decoding).
     """
+    with warnings.catch_warnings():
+        # pydicom / Pillow warn about every odd header value; the reasons that
+        # matter come back as ImageReadError instead
+        warnings.simplefilter("ignore")
+        try:
+            return _read_image(src, max_pixels)
+        except ImageReadError:
+            raise
+        except MemoryError:
+            raise ImageReadError(_source_name(src), "image too large to decode in memory") from None
+        except Exception as err:  # noqa: BLE001 - last line of defence: never a library exception
+            msg = " ".join(str(err).split())[:300]
+            raise ImageReadError(
+                _source_name(src), f"corrupt or unsupported image ({type(err).__name__}: {msg})"
+            ) from None
+
+
+def _source_name(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, np.ndarray):
+        return "<array>"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    return str(getattr(src, "name", None) or f"<{type(src).__name__}>")
+
+
+def _read_image(src: Any, max_pixels: int) -> LoadedImage:
     if isinstance(src, LoadedImage):
         return src
     if isinstance(src, np.ndarray):
@@ -687,7 +734,9 @@ def read_mask(path: Any, expected_size: tuple[int, int] | None = None) -> np.nda
             try:
                 data = p.read_bytes()
             except OSError as err:
-                raise ImageReadError(source, f"cannot read the mask ({err.strerror or err})") from None
+                raise ImageReadError(
+                    source, f"cannot read the mask ({err.strerror or err})"
+                ) from None
         elif isinstance(path, (bytes, bytearray)):
             data = bytes(path)
         if data is not None:
@@ -727,7 +776,9 @@ def read_mask(path: Any, expected_size: tuple[int, int] | None = None) -> np.nda
                 try:
                     arr = pixel_array(ds)
                 except Exception as err:  # noqa: BLE001
-                    raise ImageReadError(source, f"truncated or corrupt mask pixel data ({_short(err)})") from None
+                    raise ImageReadError(
+                        source, f"truncated or corrupt mask pixel data ({_short(err)})"
+                    ) from None
                 if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
                     arr = arr[arr.shape[0] // 2]
                 mask = _binarise(arr, source)
@@ -752,7 +803,9 @@ def _read_npy_raw(data: bytes, source: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
         if "pickle" in str(err).lower():
-            raise ImageReadError(source, "NPY holds pickled Python objects; refusing to unpickle") from None
+            raise ImageReadError(
+                source, "NPY holds pickled Python objects; refusing to unpickle"
+            ) from None
         raise ImageReadError(source, f"truncated or corrupt NPY data ({err})") from None
     except Exception as err:  # noqa: BLE001
         raise ImageReadError(source, f"truncated or corrupt NPY data ({err})") from None

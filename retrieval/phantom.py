@@ -239,10 +239,10 @@ def _plan(
 def _patient_params(rng: np.random.Generator) -> dict:
     return {
         # x-ray anatomy
-        "body_w": rng.uniform(0.38, 0.46),
+        "body_w": rng.uniform(0.41, 0.47),
         "body_h": rng.uniform(0.55, 0.65),
-        "lung_sep": rng.uniform(0.17, 0.205),
-        "lung_w": rng.uniform(0.135, 0.165),
+        "lung_sep": rng.uniform(0.19, 0.22),
+        "lung_w": rng.uniform(0.15, 0.18),
         "lung_h": rng.uniform(0.27, 0.33),
         "lung_cy": rng.uniform(0.45, 0.51),
         "heart_w": rng.uniform(0.09, 0.12),
@@ -284,7 +284,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.nd
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    return np.meshgrid(c, c, indexing="xy")[1], np.meshgrid(c, c, indexing="xy")[0]
+    xx, yy = np.meshgrid(c, c, indexing="xy")
+    return yy, xx
 
 
 def render_marker(letter: str, size: int) -> np.ndarray:
@@ -350,9 +351,12 @@ def _lesion(
         prof = _sigmoid((1 - d) / edge) * (1.0 - 0.12 * np.clip(d, 0, 1) ** 2)
         mask = d <= 1.0
     elif label in ("mass", "melanoma"):
-        rad = np.ones_like(theta)
-        for k in range(2, 6):
-            rad += rng.uniform(0.05, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        lobes = [(k, rng.uniform(0.05, 0.12), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+
+        def radius_at(angle):
+            return 1.0 + sum(amp * np.cos(k * angle + ph) for k, amp, ph in lobes)
+
+        rad = radius_at(theta)
         d = np.hypot(dx, dy) / (r * rad)
         body = _sigmoid((1 - d) / 0.04)
         tex = rng.standard_normal(yy.shape).astype(np.float32)
@@ -364,7 +368,7 @@ def _lesion(
         width = max(0.55, 0.05 * r)
         for j in range(n_sp):
             a = 2 * np.pi * j / n_sp + rng.uniform(-0.25, 0.25)
-            rr = r * 0.85 * (1 + sum(0 for _ in ()))
+            rr = r * 0.85 * radius_at(a)
             start = (cy + rr * np.sin(a), cx + rr * np.cos(a))
             length = r * rng.uniform(0.45, 0.8)
             end = (start[0] + length * np.sin(a), start[1] + length * np.cos(a))
@@ -442,17 +446,17 @@ def _xray_image(
     dens = dens + 0.025 * _smooth_noise(rng, size, size / 14) * body
     dens = dens + 0.01 * _smooth_noise(rng, size, size / 45) * body
 
-    # lesion inside one lung field, fully within it where possible
+    # lesion centre: a random lung-field pixel at least r from the field's edge
+    # (away from the heart), so that the whole lesion lies inside the lung
     r = rng.uniform(0.07, 0.13) * size
-    side = int(rng.integers(0, 2))
-    lcx = centres[side] + sx
-    lcy = cy + sy
-    rw = max(P["lung_w"] * 0.85 - r / size * 0.8, 0.01)
-    rh = max(P["lung_h"] * 0.75 - r / size * 0.8, 0.01)
-    a = rng.uniform(0, 2 * np.pi)
-    q = np.sqrt(rng.uniform(0, 1))
-    ly = (lcy + rh * q * np.sin(a)) * size
-    lx = (lcx + rw * q * np.cos(a)) * size
+    field = (lungs * (1.0 - heart)) > 0.5
+    dist = ndimage.distance_transform_edt(field)
+    ok = np.flatnonzero(dist.ravel() >= r * 1.05)
+    if ok.size == 0:
+        ok = np.flatnonzero(dist.ravel() >= 0.8 * dist.max())
+    pick = int(ok[int(rng.integers(0, ok.size))])
+    ly = pick // size + rng.uniform(0.0, 1.0)
+    lx = pick % size + rng.uniform(0.0, 1.0)
     prof, mask = _lesion(rng, case.label, size, ly, lx, r)
     amp = rng.uniform(0.2, 0.3)
     dens = dens + amp * prof
@@ -546,22 +550,21 @@ def _write_dicom(
     ds.FrameOfReferenceUID = _uid(f"{run_key}/for/{patient.index}")
     ds.PatientName = patient.name
     ds.PatientID = patient.raw_id
-    ds.PatientBirthDate = "%04d%02d%02d" % patient.birth
+    by, bm, bd = patient.birth
+    ds.PatientBirthDate = f"{by:04d}{bm:02d}{bd:02d}"
     ds.PatientSex = patient.sex
     ds.PatientAge = f"{case.age:03d}Y"
     study = _dt.date(*patient.first_study) + _dt.timedelta(days=case.study_days)
     ds.StudyDate = study.strftime("%Y%m%d")
     ds.SeriesDate = ds.StudyDate
     ds.ContentDate = ds.StudyDate
-    ds.StudyTime = "%02d%02d%02d" % (8 + case.index % 10, case.index % 60, (7 * case.index) % 60)
+    ds.StudyTime = f"{8 + case.index % 10:02d}{case.index % 60:02d}{(7 * case.index) % 60:02d}"
     ds.AccessionNumber = f"ACC{case.index:06d}"
     ds.StudyID = str(1 + case.index)
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.Modality = kind
-    ds.ConversionType = "WSD" if kind == "OT" else None
     if kind == "OT":
-        del ds.ConversionType
         ds.ConversionType = "WSD"
     ds.Manufacturer = case.scanner
     ds.ManufacturerModelName = f"{case.scanner} Phantom {1 + (case.index % 3)}"
@@ -590,7 +593,12 @@ def _write_dicom(
     ds.BurnedInAnnotation = "YES" if case.marker else "NO"
     ds.PixelData = stored.tobytes()
     if ts in (RLELossless, JPEG2000Lossless):
-        ds.compress(ts, stored, encoding_plugin="pydicom" if ts == RLELossless else "pylibjpeg")
+        ds.compress(
+            ts,
+            stored,
+            encoding_plugin="pydicom" if ts == RLELossless else "pylibjpeg",
+            generate_instance_uid=False,  # lossless: same instance; keeps the output deterministic
+        )
     else:
         ds.file_meta.TransferSyntaxUID = ts
     buf = io.BytesIO()
@@ -633,14 +641,14 @@ def _photo_image(
         colour *= (1.0 + 0.03 * _smooth_noise(rng, size, r / 3))[..., None]
     elif case.label == "melanoma":
         palette = np.array(
-            [[0.30, 0.18, 0.12], [0.12, 0.08, 0.07], [0.40, 0.42, 0.52], [0.62, 0.30, 0.28]],
+            [[0.36, 0.22, 0.14], [0.14, 0.09, 0.07], [0.38, 0.38, 0.46], [0.55, 0.30, 0.26]],
             np.float32,
         )
         fields = np.stack([_smooth_noise(rng, size, r / 4) for _ in range(len(palette))], -1)
         w = np.exp(2.5 * fields)
         w /= w.sum(-1, keepdims=True)
         colour = w @ palette
-        colour *= 1.25  # mean lightness comparable to the naevus
+        colour *= 1.15  # mean lightness comparable to the naevus
     else:  # keratosis
         base = np.array([0.62, 0.45, 0.30]) * rng.uniform(0.9, 1.08)
         colour = np.ones_like(img) * base.astype(np.float32)
@@ -650,7 +658,6 @@ def _photo_image(
         milia = (_smooth_noise(rng, size, max(0.8, r / 14)) > 1.9) & mask
         colour[crypts] = colour[crypts] * 0.45
         colour[milia] = np.array([0.92, 0.88, 0.80], np.float32)
-        colour = colour * 1.0
     img = img * (1 - alpha) + colour * alpha
 
     # hairs: thin dark curved strokes
@@ -667,9 +674,7 @@ def _photo_image(
             pts.append(pts[-1] + length / 6 * np.array([np.sin(ang), np.cos(ang)]))
         width = max(0.45, size / 300)
         for a, b in zip(pts[:-1], pts[1:], strict=False):
-            d, _t = _segment_distance(
-                yy * size - 0.5 + 0.5, xx * size - 0.5 + 0.5, tuple(a), tuple(b)
-            )
+            d, _t = _segment_distance(yy * size, xx * size, tuple(a), tuple(b))
             hair = np.maximum(hair, np.exp(-((d / width) ** 2)))
     img = img * (1 - 0.75 * hair[..., None]) + 0.75 * hair[..., None] * np.array(
         [0.10, 0.07, 0.05], np.float32
@@ -812,7 +817,9 @@ def make_phantom(
                 row["ruler"] = "yes" if case.ruler else "no"
             rows.append(row)
     except OSError as err:
-        raise CasebaseError(f"cannot write the phantom under {out}: {err.strerror or err}") from None
+        raise CasebaseError(
+            f"cannot write the phantom under {out}: {err.strerror or err}"
+        ) from None
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")

@@ -18,12 +18,13 @@ import torch
 from index import bundle
 from index.case_store import attribute_columns, read_cases
 from index.vector_index import VectorIndex
+from retrieval import ood as ood_score
 from retrieval.context import ImageContext
 from retrieval.device import resolve_device
+from retrieval.embedding import ood_features
 from retrieval.errors import BundleError, CasebaseError
 from retrieval.explain.similarity import decompose
 from retrieval.model import CaseNet, load_model
-from retrieval.ood import knn_score
 from retrieval.preprocess import Preprocessor
 from retrieval.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
 
@@ -53,6 +54,8 @@ class CaseRetriever:
         self.attribute_names = attribute_columns(cases)
         self.trust = trust or {}
         self._patients = cases["patient_id"].to_numpy()
+        ref = self.index_dir / ood_score.OOD_REFERENCE
+        self.ood_reference = np.load(ref, allow_pickle=False) if ref.is_file() else None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -154,11 +157,13 @@ class CaseRetriever:
             return {c: (1.0 / len(votes)) for c in votes}
         return {c: v / total for c, v in votes.items()}
 
-    def ood(self, hits: list[tuple[float, int]]) -> OODResult:
+    def ood(self, features: torch.Tensor) -> OODResult:
+        """k-NN distance of the (C, h, w) feature map's pooled features to the reference cases."""
         cal = self.meta.get("ood") or {}
-        k = int(cal.get("k", 5))
-        sims = np.array([s for s, _ in hits[:k]] or [0.0], np.float32)
-        score = float(knn_score(sims[None])[0])
+        if self.ood_reference is None or not len(self.ood_reference):
+            return OODResult(0.0, False, float("inf"))
+        feats = ood_features(features[None]).cpu().numpy()
+        score = float(ood_score.score(feats, self.ood_reference, int(cal.get("k", 5)))[0])
         thr = float(cal.get("threshold", 1.0))
         return OODResult(score, score > thr, thr)
 
@@ -194,7 +199,7 @@ class CaseRetriever:
         hits = self.search(q.embedding.float().cpu().numpy(), k, exclude_patient, filters)[0]
         timings["search"] = time.perf_counter() - t0 - timings["encode"]
         neighbors = [self.neighbor(s, r) for s, r in hits]
-        result = QueryResult(self.predict(q.logits), self.knn_vote(hits), self.ood(hits), neighbors, "",
+        result = QueryResult(self.predict(q.logits), self.knn_vote(hits), self.ood(q.features), neighbors, "",
                              original_size=tuple(q.image.original_size))
         if regions or methods:
             t1 = time.perf_counter()
