@@ -612,7 +612,11 @@ def _read_bytes(data: bytes, source: str, ext: str, max_pixels: int) -> LoadedIm
             return _read_dicom(io.BytesIO(data), source, max_pixels, force=True)
         except ImageReadError as err:
             if hint == "dicom" or "pixel" in err.reason or "transfer syntax" in err.reason:
-                if "not a readable DICOM" in err.reason or err.reason == _NOT_AN_IMAGE:
+                if err.reason == _NOT_AN_IMAGE:
+                    raise ImageReadError(
+                        source, f"{_NOT_AN_IMAGE} (named {ext} but holds no DICOM data)"
+                    ) from None
+                if "not a readable DICOM" in err.reason:
                     raise ImageReadError(source, f"{_NOT_AN_IMAGE} ({err.reason})") from None
                 raise
     try:

@@ -673,9 +673,19 @@ def _photo_image(
             ang += bend / 3
             pts.append(pts[-1] + length / 6 * np.array([np.sin(ang), np.cos(ang)]))
         width = max(0.45, size / 300)
+        pad = 3.0 * width + 1.0
         for a, b in zip(pts[:-1], pts[1:], strict=False):
-            d, _t = _segment_distance(yy * size, xx * size, tuple(a), tuple(b))
-            hair = np.maximum(hair, np.exp(-((d / width) ** 2)))
+            # only the segment's bounding box can be touched by it
+            y0 = max(0, int(np.floor(min(a[0], b[0]) - pad)))
+            y1 = min(size, int(np.ceil(max(a[0], b[0]) + pad)))
+            x0 = max(0, int(np.floor(min(a[1], b[1]) - pad)))
+            x1 = min(size, int(np.ceil(max(a[1], b[1]) + pad)))
+            if y1 <= y0 or x1 <= x0:
+                continue
+            d, _t = _segment_distance(
+                yy[y0:y1, x0:x1] * size, xx[y0:y1, x0:x1] * size, tuple(a), tuple(b)
+            )
+            hair[y0:y1, x0:x1] = np.maximum(hair[y0:y1, x0:x1], np.exp(-((d / width) ** 2)))
     img = img * (1 - 0.75 * hair[..., None]) + 0.75 * hair[..., None] * np.array(
         [0.10, 0.07, 0.05], np.float32
     )

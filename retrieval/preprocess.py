@@ -101,7 +101,9 @@ class Preprocessor:
 
     def load(self, src) -> tuple[LoadedImage, torch.Tensor, Geometry]:
         image = src if isinstance(src, LoadedImage) else read_image(src)
-        tensor = self.normalize(self.resized(image)[None])[0]
+        # Through uint8, exactly as training and index builds see images, so an indexed
+        # image queried again reproduces its stored vector.
+        tensor = self.normalize(self.to_uint8(image)[None])[0]
         return image, tensor, Geometry(tuple(image.original_size), self.config.image_size)
 
     def __call__(self, src) -> torch.Tensor:

@@ -223,7 +223,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             scaler.step(optim)
             scaler.update()
             sched.step()
-            running += float(loss)
+            running += float(loss.detach())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{running / (s + 1):.3f}")
         metrics = _validate(model, pre, train_x, train_y, val_x, val_y, device) if len(val_x) else {

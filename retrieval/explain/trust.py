@@ -1,0 +1,400 @@
+"""How far can each explanation method be trusted? Measured on cases with lesion masks.
+
+For every method, on a split's cases that have a ground-truth ``mask``, the
+query map (what ``casebase query --explain`` shows for the query: the
+predicted class, or for ``similarity`` the similarity-weighted mean of the
+neighbours' decomposition maps) is scored by:
+
+* **pointing game** (Zhang et al. 2016): is the map's maximum on the lesion?
+  ``pointing_game`` allows a tolerance of half a feature-map cell (the mask
+  dilated by a square of that half-width, in original pixels: 8 px for the
+  default 128-px stride-16 model on 128-px images). A map cannot place its peak
+  more finely than a cell, and with this tolerance a peak counts exactly when
+  the cell it lies in touches the lesion. ``pointing_game_strict`` uses the
+  mask as is. Tied maxima (flat superpixel / occlusion maps) score the share
+  of tied pixels that hit, i.e. the expected score of a random tie-break.
+* **mask energy**: the share of the map's positive mass inside the lesion,
+  with ``mask_area`` (the lesion's share of the image) as the chance level.
+* **deletion / insertion AUC** (Petsiuk et al. 2018): pixels are replaced in
+  the map's order, most important first, in ``CURVE_STEPS`` = 16 equal steps,
+  by a Gaussian-blurred copy of the image (σ = ``BLUR_FRACTION`` × side; the
+  same blur for both curves, so no method's own baseline, e.g. the dataset
+  mean of occlusion / IG / LIME, is favoured); the curve is the predicted
+  class's probability (softmax), the AUC its trapezoid mean over the removed
+  fraction. Deletion: lower is better; insertion: higher is better. The same
+  curves for a random pixel order (seeded; shared by all methods) are the
+  reference, and ``deletion_gain`` = random − map and ``insertion_gain`` =
+  map − random (both > 0 when the method beats chance).
+* **model-randomisation sanity check** (Adebayo et al. 2018): the same maps
+  from a copy of the model with *every* weight re-initialised (seed
+  ``RANDOM_SEED``; same target class, same neighbour images). Spearman rank
+  correlation (scipy) and SSIM (scikit-image, maps min-max scaled to [0, 1])
+  between the trained and the randomised maps, at input resolution. A method
+  passes when the mean |Spearman| < ``SANITY_THRESHOLD`` = 0.5: a map that
+  keeps more than half of its pixel ranking when the model is replaced by
+  noise explains the image (edges, intensity), not the model. (Adebayo et al.
+  report rank correlations of roughly 0.1–0.4 for methods that respond to
+  the randomisation and > 0.6 for those that do not, e.g. Guided Backprop.)
+
+Maps come from the registry's explainers with the same sample counts a query
+uses, so the numbers describe what users see; ``seconds_per_map`` is the
+wall time of one query map from the trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from retrieval.errors import CasebaseError
+from retrieval.explain import registry
+from retrieval.explain.pipeline import weighted_query_map
+from retrieval.explain.registry import ScoreTarget, resize_maps
+
+CURVE_STEPS = 16
+BLUR_FRACTION = 1 / 16
+SANITY_THRESHOLD = 0.5
+RANDOM_SEED = 0
+SIMILARITY_NEIGHBORS = 5
+
+
+# ---------------------------------------------------------------- map scores
+def pointing_game(heat: np.ndarray, mask: np.ndarray, tolerance: int | tuple[int, int] = 0) -> float:
+    """1 if the map's maximum lies in the mask dilated by ``tolerance`` (rows, cols) px.
+
+    Tied maxima score the share of them that hit (a random tie-break's expected score).
+    """
+    heat = np.nan_to_num(np.asarray(heat, np.float64))
+    mask = np.asarray(mask, bool)
+    if heat.shape != mask.shape:
+        raise ValueError(f"map {heat.shape} and mask {mask.shape} differ in size")
+    ty, tx = (tolerance, tolerance) if isinstance(tolerance, int) else tolerance
+    if ty > 0 or tx > 0:
+        mask = ndimage.binary_dilation(mask, structure=np.ones((2 * ty + 1, 2 * tx + 1), bool))
+    top = heat >= heat.max() - 1e-12 * max(1.0, abs(float(heat.max())))
+    return float(mask[top].mean())
+
+
+def mask_energy(heat: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's positive mass inside the mask (0 for a map with no positive mass)."""
+    pos = np.clip(np.nan_to_num(np.asarray(heat, np.float64)), 0.0, None)
+    total = pos.sum()
+    return float(pos[np.asarray(mask, bool)].sum() / total) if total > 0 else 0.0
+
+
+def auc(curve: Sequence[float]) -> float:
+    """Trapezoid mean of a curve sampled at equal steps over [0, 1]."""
+    c = np.asarray(curve, np.float64)
+    return float((c[:-1] + c[1:]).sum() / (2 * (len(c) - 1)))
+
+
+def unit_scale(heat: np.ndarray) -> np.ndarray:
+    h = np.nan_to_num(np.asarray(heat, np.float64))
+    lo, hi = h.min(), h.max()
+    return np.zeros_like(h) if hi - lo < 1e-12 else (h - lo) / (hi - lo)
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(Spearman ρ, SSIM) between two maps of one shape; ρ = 0 where a map is constant."""
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    a, b = np.nan_to_num(np.asarray(a, np.float64)), np.nan_to_num(np.asarray(b, np.float64))
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        rho = 0.0
+    else:
+        rho = float(spearmanr(a.ravel(), b.ravel()).statistic)
+    ssim = float(structural_similarity(unit_scale(a), unit_scale(b), data_range=1.0))
+    return (0.0 if math.isnan(rho) else rho), ssim
+
+
+# ---------------------------------------------------------------- curves
+def blurred(x: torch.Tensor, fraction: float = BLUR_FRACTION) -> torch.Tensor:
+    """(C, S, S) -> the same image Gaussian-blurred with σ = fraction × side."""
+    sigma = max(0.5, fraction * x.shape[-1])
+    arr = x.detach().cpu().numpy()
+    out = np.stack([ndimage.gaussian_filter(ch, sigma, mode="nearest") for ch in arr])
+    return torch.from_numpy(out).to(x)
+
+
+def pixel_order_ranks(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rank of every pixel in descending map order (ties broken at random)."""
+    flat = np.nan_to_num(np.asarray(heat, np.float64)).ravel()
+    order = np.lexsort((rng.random(flat.size), -flat))
+    ranks = np.empty(flat.size, np.int64)
+    ranks[order] = np.arange(flat.size)
+    return ranks.reshape(np.shape(heat))
+
+
+@torch.no_grad()
+def perturbation_curves(model, x: torch.Tensor, cls: int, ranks: np.ndarray, baseline: torch.Tensor,
+                        steps: int = CURVE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """(deletion, insertion) probabilities of class ``cls`` at steps+1 removed fractions 0..1."""
+    n = ranks.size
+    counts = torch.from_numpy(np.round(np.linspace(0, n, steps + 1)).astype(np.int64))
+    hidden = torch.from_numpy(ranks)[None] < counts[:, None, None]  # (steps+1, S, S)
+    hidden = hidden[:, None].to(x.device)
+    deletion = torch.where(hidden, baseline[None], x[None])
+    insertion = torch.where(hidden, x[None], baseline[None])
+    probs = []
+    for chunk in torch.cat([deletion, insertion]).split(registry.FORWARD_BATCH):
+        probs.append(model(chunk).float().softmax(1)[:, cls])
+    p = torch.cat(probs).cpu().numpy()
+    return p[: steps + 1], p[steps + 1:]
+
+
+# ---------------------------------------------------------------- maps
+def randomized_copy(model, seed: int = RANDOM_SEED):
+    """A copy of the model with every layer re-initialised (seeded), BN statistics reset."""
+    rnd = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for mod in rnd.modules():
+            if mod is not rnd and hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+    return rnd.eval()
+
+
+def query_map(model, name: str, explainer, x: torch.Tensor, cls: int, weighting: str,
+              neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    """The query-level map a query shows: (h, w) or (S, S) for input x (1, C, S, S)."""
+    if name == "similarity" and neighbours is not None and len(neighbours):
+        with torch.no_grad():
+            eq = model.run(x, weighting).embedding[0]
+            ec = model.run(neighbours, weighting).embedding
+        maps = explainer.attribute(model, x.expand(len(ec), -1, -1, -1),
+                                   ScoreTarget.for_similarity(ec, weighting))
+        return torch.from_numpy(weighted_query_map(registry.finite(maps), (ec @ eq).tolist()))
+    target = ScoreTarget.for_classes([cls], model.config.embedding_dim, weighting, device=x.device)
+    return torch.from_numpy(registry.finite(explainer.attribute(model, x, target))[0])
+
+
+# ---------------------------------------------------------------- the evaluation
+@dataclass
+class _Acc:
+    pointing: list
+    strict: list
+    energy: list
+    area: list
+    deletion: list
+    deletion_random: list
+    insertion: list
+    insertion_random: list
+    spearman: list
+    ssim: list
+    seconds: list
+
+    @classmethod
+    def new(cls) -> _Acc:
+        return cls(*([] for _ in range(11)))
+
+
+def _mean(v: list) -> float:
+    return float(np.mean(v)) if v else float("nan")
+
+
+def summary_line(m: dict) -> str:
+    sanity = ("passes" if m["sanity_check"] == "pass" else "FAILS") + " the randomisation sanity check"
+    return (f"on the lesion {m['pointing_game']:.0%} of the time (pointing game), "
+            f"{m['mask_energy']:.0%} of its energy inside the lesion (which is {m['mask_area']:.0%} "
+            f"of the image), {sanity}")
+
+
+def evaluate_cases(model, cases: list[dict], explainers: dict, weighting: str = "saliency",
+                   progress: bool = True, seed: int = RANDOM_SEED) -> dict:
+    """Score explainers on prepared cases.
+
+    Each case: ``{"x": (C, S, S) normalised tensor, "mask": (H, W) bool, "geometry": Geometry,
+    "neighbours": (K, C, S, S) tensor or None}``. Returns ``{name: metrics}``.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    rnd = randomized_copy(model, seed)
+    stride = getattr(model.backbone, "stride", 16)
+    acc = {name: _Acc.new() for name in explainers}
+    for i, case in enumerate(tqdm(cases, desc="explain-eval", unit="case", disable=not progress)):
+        x = case["x"].to(device)[None]
+        mask = np.asarray(case["mask"], bool)
+        geo = case["geometry"]
+        nbrs = case.get("neighbours")
+        nbrs = None if nbrs is None else nbrs.to(device)
+        s = x.shape[-1]
+        sx, sy = geo.scale
+        tol = (math.ceil(stride / 2 * sy), math.ceil(stride / 2 * sx))
+        with torch.no_grad():
+            cls = int(model(x).argmax(1)[0])
+        base = blurred(x[0])
+        rng = np.random.default_rng(seed + i)
+        rand_del, rand_ins = perturbation_curves(model, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng),
+                                                 base)
+        for name, explainer in explainers.items():
+            a = acc[name]
+            t0 = time.perf_counter()
+            heat = query_map(model, name, explainer, x, cls, weighting, nbrs)
+            a.seconds.append(time.perf_counter() - t0)
+            heat_r = query_map(rnd, name, explainer, x, cls, weighting, nbrs)
+            full = geo.map_to_original(heat.numpy())
+            a.pointing.append(pointing_game(full, mask, tol))
+            a.strict.append(pointing_game(full, mask, 0))
+            a.energy.append(mask_energy(full, mask))
+            a.area.append(float(mask.mean()))
+            h_in = resize_maps(heat[None], (s, s))[0].numpy()
+            h_r = resize_maps(heat_r[None], (s, s))[0].numpy()
+            d, ins = perturbation_curves(model, x[0], cls, pixel_order_ranks(h_in, rng), base)
+            a.deletion.append(auc(d))
+            a.insertion.append(auc(ins))
+            a.deletion_random.append(auc(rand_del))
+            a.insertion_random.append(auc(rand_ins))
+            rho, ssim = rank_agreement(h_in, h_r)
+            a.spearman.append(rho)
+            a.ssim.append(ssim)
+    out = {}
+    for name, a in acc.items():
+        spearman_abs = _mean([abs(v) for v in a.spearman])
+        m = {
+            "pointing_game": _mean(a.pointing),
+            "pointing_game_strict": _mean(a.strict),
+            "mask_energy": _mean(a.energy),
+            "mask_area": _mean(a.area),
+            "deletion_auc": _mean(a.deletion),
+            "deletion_auc_random": _mean(a.deletion_random),
+            "insertion_auc": _mean(a.insertion),
+            "insertion_auc_random": _mean(a.insertion_random),
+            "randomization_spearman": _mean(a.spearman),
+            "randomization_spearman_abs": spearman_abs,
+            "randomization_ssim": _mean(a.ssim),
+            "sanity_check": "pass" if spearman_abs < SANITY_THRESHOLD else "fail",
+            "n_cases": len(a.pointing),
+            "seconds_per_map": _mean(a.seconds),
+        }
+        m["deletion_gain"] = m["deletion_auc_random"] - m["deletion_auc"]
+        m["insertion_gain"] = m["insertion_auc"] - m["insertion_auc_random"]
+        m["summary"] = summary_line(m)
+        out[name] = m
+    return out
+
+
+def _pick(n: int, k: int | None) -> list[int]:
+    """k evenly spaced positions out of n (all when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k < 1:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
+
+
+def load_cases(retriever, manifest_path, split: str = "test", max_cases: int | None = 40,
+               with_neighbours: bool = True, k: int = SIMILARITY_NEIGHBORS) -> tuple[list[dict], list[str]]:
+    """The split's cases with a non-empty mask, preprocessed, with their top-k index neighbours."""
+    from index.builder import case_table
+    from retrieval.imageio import read_mask
+    from retrieval.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    df = manifest.select([split])
+    if df.empty:
+        raise CasebaseError(f"{manifest_path}: no cases in split {split!r}")
+    table = case_table(manifest, df)
+    table = table[table["mask"].str.len() > 0].reset_index(drop=True)
+    if table.empty:
+        raise CasebaseError(f"{manifest_path}: no case in split {split!r} has a mask "
+                            "(the manifest's `mask` column); explain-eval needs lesion masks")
+    skipped: list[str] = []
+    cases: list[dict] = []
+    for pos in _pick(len(table), max_cases):
+        row = table.iloc[pos]
+        try:
+            ctx = retriever.encode(row["image"])
+            mask = read_mask(row["mask"], expected_size=tuple(ctx.geometry.original_size))
+        except CasebaseError as err:
+            skipped.append(f"{row['case_id']}: {err}")
+            continue
+        if not mask.any():
+            skipped.append(f"{row['case_id']}: empty mask")
+            continue
+        nbrs = None
+        if with_neighbours:
+            hits = retriever.search(ctx.embedding.float().cpu().numpy(), k,
+                                    exclude_patient=row.get("patient_id") or None)[0]
+            ok = [c for c in retriever._neighbor_contexts([retriever.neighbor(s, r) for s, r in hits])
+                  if c is not None]
+            nbrs = torch.stack([c.tensor for c in ok]) if ok else None
+        cases.append({"case_id": row["case_id"], "x": ctx.tensor, "mask": mask,
+                      "geometry": ctx.geometry, "neighbours": nbrs})
+    return cases, skipped
+
+
+def evaluate(retriever, manifest_path, split: str = "test", methods: Sequence[str] | None = None,
+             max_cases: int | None = 40, progress: bool = True, seed: int = RANDOM_SEED) -> dict:
+    """The explain-eval report: ``{"methods": {name: metrics}, "split", "n_cases", ...}``."""
+    names = registry.check_names(list(methods) if methods else list(registry.METHODS))
+    cases, skipped = load_cases(retriever, manifest_path, split, max_cases, "similarity" in names)
+    if not cases:
+        raise CasebaseError("no case with a readable image and a non-empty mask: " + "; ".join(skipped[:5]))
+    results = evaluate_cases(retriever.model, cases, {n: registry.get(n) for n in names},
+                             retriever.weighting, progress, seed)
+    for m in results.values():
+        m["split"] = split
+    return {
+        "methods": results,
+        "split": split,
+        "n_cases": len(cases),
+        "skipped": skipped,
+        "settings": {
+            "pointing_tolerance": "half a feature-map cell",
+            "curve_steps": CURVE_STEPS,
+            "curve_baseline": f"gaussian blur, sigma = {BLUR_FRACTION:g} x side",
+            "curve_score": "predicted-class probability",
+            "sanity_threshold_abs_spearman": SANITY_THRESHOLD,
+            "random_seed": seed,
+            "weighting": retriever.weighting,
+            "samples": {"smoothgrad": registry.SMOOTHGRAD_SAMPLES, "integrated_gradients_steps": registry.IG_STEPS,
+                        "lime": registry.LIME_SAMPLES, "lime_segments": registry.LIME_SEGMENTS,
+                        "occlusion_window": f"{registry.OCCLUSION_WINDOW:g} x side, stride half"},
+        },
+    }
+
+
+COLUMNS = [
+    ("pointing_game", "point", "{:.2f}"),
+    ("pointing_game_strict", "strict", "{:.2f}"),
+    ("mask_energy", "energy", "{:.2f}"),
+    ("mask_area", "area", "{:.2f}"),
+    ("deletion_auc", "del", "{:.3f}"),
+    ("deletion_auc_random", "del rnd", "{:.3f}"),
+    ("insertion_auc", "ins", "{:.3f}"),
+    ("insertion_auc_random", "ins rnd", "{:.3f}"),
+    ("randomization_spearman", "rand rho", "{:+.2f}"),
+    ("randomization_ssim", "rand ssim", "{:.2f}"),
+    ("sanity_check", "sanity", "{}"),
+    ("seconds_per_map", "s/map", "{:.2f}"),
+]
+
+
+def format_table(report: dict) -> str:
+    """A human-readable table of the report (one row per method) plus each summary line."""
+    head = f"{'method':<22}" + "".join(f"{label:>10}" for _, label, _ in COLUMNS)
+    lines = [f"explanation trust on {report['n_cases']} {report['split']} cases with lesion masks", head,
+             "-" * len(head)]
+    for name, m in report["methods"].items():
+        lines.append(f"{name:<22}" + "".join(f"{fmt.format(m[key]):>10}" for key, _, fmt in COLUMNS))
+    lines.append("")
+    lines.append("point: pointing game (tolerance half a feature-map cell); strict: no tolerance; energy: "
+                 "share of positive map mass on the lesion (area: chance level); del/ins: deletion / "
+                 "insertion AUC of the predicted-class probability (rnd: random pixel order; lower del and "
+                 f"higher ins are better); rand rho/ssim: trained vs re-initialised model maps (pass: "
+                 f"mean |rho| < {SANITY_THRESHOLD:g}).")
+    for name, m in report["methods"].items():
+        lines.append(f"  {name}: {m['summary']}")
+    for msg in report.get("skipped", []):
+        lines.append(f"  skipped: {msg}")
+    return "\n".join(lines)

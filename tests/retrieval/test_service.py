@@ -1,0 +1,128 @@
+"""CaseRetriever end to end on tiny phantoms of both modalities."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from index import bundle
+from retrieval import CaseRetriever
+from retrieval.cli import main
+from retrieval.errors import CasebaseError
+
+CONTRACT_KEYS = {"prediction", "knn_vote", "ood", "neighbors", "explanation_text", "maps"}
+
+
+def _test_cases(phantom):
+    df = pd.read_csv(phantom / "manifest.csv", dtype=str).fillna("")
+    return df[df["split"] == "test"]
+
+
+@pytest.mark.parametrize("which", ["tiny_index", "tiny_photo_index"])
+def test_query_returns_contract_and_exact_regions(request, which):
+    index_dir = request.getfixturevalue(which)
+    phantom = request.getfixturevalue("phantom_dir" if which == "tiny_index" else "photo_phantom_dir")
+    r = CaseRetriever.load(index_dir)
+    case = _test_cases(phantom).iloc[0]
+    res = r.query(phantom / case["image"], k=4)
+    js = res.to_json()
+    assert CONTRACT_KEYS <= set(js)
+    assert set(js["prediction"]["probabilities"]) == set(r.classes)
+    assert abs(sum(js["prediction"]["probabilities"].values()) - 1) < 1e-5
+    assert abs(sum(js["knn_vote"].values()) - 1) < 1e-5
+    assert len(js["neighbors"]) == 4
+    sims = [n["similarity"] for n in js["neighbors"]]
+    assert sims == sorted(sims, reverse=True)
+    h, w = res.original_size
+    for nb in res.neighbors:
+        assert nb.completeness_error < 1e-4
+        assert nb.matched_regions, "every neighbour has at least one matched region"
+        ch, cw = nb.original_size
+        for reg in nb.matched_regions:
+            x0, y0, x1, y1 = reg.query_box
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            x0, y0, x1, y1 = reg.case_box
+            assert 0 <= x0 < x1 <= cw and 0 <= y0 < y1 <= ch
+    assert res.prediction.label in js["explanation_text"]
+    json.dumps(js)  # serialisable
+
+
+def test_exclude_patient_and_filters(tiny_index):
+    r = CaseRetriever.load(tiny_index)
+    row = r.cases.iloc[0]
+    res = r.query(row["image"], k=5)
+    assert res.neighbors[0].case_id == row["case_id"]  # an indexed image finds itself first
+    res = r.query(row["image"], k=5, exclude_patient=row["patient_id"])
+    assert all(n.patient_id != row["patient_id"] for n in res.neighbors)
+    site = r.cases["site"].iloc[0]
+    res = r.query(row["image"], k=3, filters={"site": site})
+    assert res.neighbors and all(n.attributes["site"] == site for n in res.neighbors)
+    with pytest.raises(CasebaseError, match="unknown filter attribute"):
+        r.query(row["image"], filters={"nope": "x"})
+
+
+def test_grayscale_query_to_rgb_model_and_back(tiny_photo_index, tiny_index):
+    gray = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    rgb = np.random.default_rng(1).random((40, 40, 3)).astype(np.float32)
+    assert CaseRetriever.load(tiny_photo_index).query(gray, k=2).neighbors
+    assert CaseRetriever.load(tiny_index).query(rgb, k=2).neighbors
+
+
+def test_embed_matches_stored_vectors(tiny_index):
+    import torch
+
+    r = CaseRetriever.load(tiny_index)
+    rows = r.cases.index[:3]
+    batch = torch.stack([r.preprocess(r.cases.at[i, "image"]) for i in rows])
+    emb = r.embed(batch).cpu().numpy()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb, r.index.reconstruct_all()[: len(rows)], atol=1e-4)
+
+
+def test_cli_query_json_and_saved_maps(tiny_index, phantom_dir, tmp_path, capsys):
+    case = _test_cases(phantom_dir).iloc[0]
+    rc = main(["query", str(tiny_index), str(phantom_dir / case["image"]), "-k", "3", "--json",
+               "--explain", "similarity", "--save-maps", str(tmp_path / "maps")])
+    assert rc == 0
+    js = json.loads(capsys.readouterr().out)
+    assert CONTRACT_KEYS <= set(js) and len(js["neighbors"]) == 3
+    arr = np.load(js["maps"]["similarity"], allow_pickle=False)
+    from retrieval.imageio import read_image
+
+    assert arr.shape == tuple(read_image(phantom_dir / case["image"]).original_size)
+    assert arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert (tmp_path / "maps" / "similarity.png").is_file()
+
+
+def test_cli_errors_are_one_line(tiny_index, tmp_path, capsys):
+    bad = tmp_path / "x.png"
+    bad.write_text("not an image")
+    assert main(["query", str(tiny_index), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "x.png" in err and "Traceback" not in err
+    assert main(["query", str(tmp_path / "nope"), str(bad)]) == 2
+    assert "no such index folder" in capsys.readouterr().err
+
+
+def test_tampered_bundle_is_refused_at_load(tiny_index, tmp_path):
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(tiny_index, copy)
+    p = copy / "cases.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CasebaseError, match="cases.parquet: checksum mismatch"):
+        CaseRetriever.load(copy)
+
+
+def test_eval_reports_contract_keys(tiny_index, phantom_dir, capsys):
+    assert main(["eval", str(tiny_index), str(phantom_dir / "manifest.csv"), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    for key in ("n_queries", "precision_at_1", "precision_at_5", "precision_at_10", "map_at_r", "knn_accuracy"):
+        assert 0.0 <= js[key] <= 1.0 or key == "n_queries"
+    assert js["n_queries"] == len(_test_cases(phantom_dir))
+    meta = bundle.verify(tiny_index)
+    assert meta["embedding"]["weighting"] == "saliency"
