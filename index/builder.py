@@ -53,7 +53,7 @@ def case_table(manifest, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def embed_manifest(model_dir, manifest_path, splits, weighting="saliency", batch_size=64, device="auto",
-                   strict=False, progress=True, engine="local", address=None):
+                   strict=False, progress=True, engine="local", address=None, num_workers=None):
     """Embed the manifest's cases in the given splits -> (model, case table of the embedded, EmbeddedSet)."""
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
@@ -68,7 +68,7 @@ def embed_manifest(model_dir, manifest_path, splits, weighting="saliency", batch
         emb = embed_with_ray(model_dir, cases["image"].tolist(), weighting, batch_size, address)
     else:
         emb = embed_paths(model, Preprocessor(model.config), cases["image"].tolist(), weighting,
-                          batch_size, dev, strict, progress)
+                          batch_size, dev, strict, progress, num_workers=num_workers)
     return model, cases, emb
 
 
@@ -108,10 +108,11 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
 
 def build_index(model_dir, manifest_path, out_dir, weighting="saliency", factory="auto",
                 splits=("train", "val"), batch_size=64, device="auto", strict=False, progress=True,
-                engine="local", address=None) -> BuildReport:
+                engine="local", address=None, num_workers=None) -> BuildReport:
+    """num_workers: DataLoader decoding processes (None: retrieval.dataset.default_workers())."""
     t0 = time.time()
     model, cases, emb = embed_manifest(model_dir, manifest_path, list(splits), weighting, batch_size,
-                                       device, strict, progress, engine, address)
+                                       device, strict, progress, engine, address, num_workers)
     skipped = [f.message for f in emb.failures]
     for msg in skipped:
         tqdm.write(f"skipped: {msg}")

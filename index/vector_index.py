@@ -11,7 +11,12 @@ format, never pickle).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import faiss
@@ -20,14 +25,78 @@ import numpy as np
 from retrieval.errors import BundleError, CasebaseError
 
 EXACT_LIMIT = 50_000
+ONDISK = "OnDisk:"  # prefix: IVF whose inverted lists live in a memory-mapped file
+IVFDATA = "vectors.ivfdata"
+SHARD_SIZE = 1_000_000
+_CWD_LOCK = threading.Lock()
 
 
-def auto_factory(n: int) -> str:
-    """Exact search up to 50k vectors; beyond, IVF with ~4·√n lists (HNSW costs far more to build)."""
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def auto_factory(n: int, dim: int = 128) -> str:
+    """The `--factory auto` rule.
+
+    Exact `Flat` up to 50k vectors; beyond, `IVF{~4·√n},Flat` (HNSW costs far
+    more to build on few cores). When the raw vectors would take more than a
+    quarter of this machine's RAM, the IVF's inverted lists go to disk
+    (`OnDisk:` prefix): built shard by shard, merged into one memory-mapped
+    `vectors.ivfdata`, so search touches only the lists it probes.
+    """
     if n <= EXACT_LIMIT:
         return "Flat"
     nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    return f"IVF{nlist},Flat"
+    spec = f"IVF{nlist},Flat"
+    return ONDISK + spec if n * dim * 4 > _ram_bytes() // 4 else spec
+
+
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    """FAISS resolves the on-disk lists' file name against the working directory."""
+    with _CWD_LOCK:
+        old = os.getcwd()
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
+def _build_ondisk(vectors: np.ndarray, inner: str, workdir: Path) -> faiss.Index:
+    d = vectors.shape[1]
+    trained = faiss.index_factory(d, inner, faiss.METRIC_INNER_PRODUCT)
+    if faiss.try_extract_index_ivf(trained) is None:
+        raise CasebaseError(
+            f"{ONDISK}{inner}: on-disk lists need an IVF factory (e.g. IVF4096,Flat)"
+        )
+    rng = np.random.default_rng(0)
+    sample = vectors[
+        rng.choice(
+            len(vectors),
+            min(len(vectors), 256 * faiss.extract_index_ivf(trained).nlist),
+            replace=False,
+        )
+    ]
+    trained.train(sample)
+    from faiss.contrib.ondisk import merge_ondisk
+
+    names = []
+    with _in_dir(workdir):
+        for k, start in enumerate(range(0, len(vectors), SHARD_SIZE)):
+            shard = faiss.clone_index(trained)
+            chunk = vectors[start : start + SHARD_SIZE]
+            shard.add_with_ids(chunk, np.arange(start, start + len(chunk), dtype=np.int64))
+            names.append(f"shard{k}.faiss")
+            faiss.write_index(shard, names[-1])
+            del shard
+        merge_ondisk(trained, names, IVFDATA)
+        for n in names:
+            os.unlink(n)
+    return trained
 
 
 def _gpu_available() -> bool:
@@ -47,26 +116,50 @@ class VectorIndex:
         self.factory = factory
         self._gpu_index = None
         self._torch_matrix = None
+        self._workdir: Path | None = None
         self.backend = "faiss-cpu"
 
     @classmethod
-    def build(cls, vectors: np.ndarray, factory: str = "auto", nprobe: int | None = None) -> VectorIndex:
+    def build(
+        cls, vectors: np.ndarray, factory: str = "auto", nprobe: int | None = None
+    ) -> VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise CasebaseError("cannot build an index from zero vectors")
         n, d = vectors.shape
-        spec = auto_factory(n) if factory == "auto" else factory
+        spec = auto_factory(n, d) if factory == "auto" else factory
+        if spec.startswith(ONDISK):
+            if n < 40:
+                raise CasebaseError(
+                    f"factory {spec!r} needs training data; {n} vectors are too few"
+                )
+            workdir = Path(tempfile.mkdtemp(prefix="casebase-ondisk-"))
+            try:
+                index = _build_ondisk(vectors, spec[len(ONDISK) :], workdir)
+            except RuntimeError as err:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise CasebaseError(f"cannot build {spec!r}: {err}") from None
+            out = cls(index, spec)
+            out._workdir = workdir
+            out.tune(nprobe)
+            return out
         try:
             index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as err:
-            raise CasebaseError(f"--factory {spec!r} is not a valid FAISS factory string ({err})") from None
+            raise CasebaseError(
+                f"--factory {spec!r} is not a valid FAISS factory string ({err})"
+            ) from None
         if not index.is_trained:
             if n < 40:
-                raise CasebaseError(f"factory {spec!r} needs training data; {n} vectors are too few")
+                raise CasebaseError(
+                    f"factory {spec!r} needs training data; {n} vectors are too few"
+                )
             try:
                 index.train(vectors)
             except RuntimeError as err:
-                raise CasebaseError(f"cannot train FAISS index {spec!r} on {n} vectors: {err}") from None
+                raise CasebaseError(
+                    f"cannot train FAISS index {spec!r} on {n} vectors: {err}"
+                ) from None
         index.add(vectors)
         out = cls(index, spec)
         out.tune(nprobe)
@@ -74,7 +167,11 @@ class VectorIndex:
 
     def tune(self, nprobe: int | None = None) -> None:
         """Search-time knobs: nprobe for IVF (default 32), efSearch for HNSW (default 128)."""
-        ivf = faiss.try_extract_index_ivf(self.index) if hasattr(faiss, "try_extract_index_ivf") else None
+        ivf = (
+            faiss.try_extract_index_ivf(self.index)
+            if hasattr(faiss, "try_extract_index_ivf")
+            else None
+        )
         if ivf is not None:
             ivf.nprobe = nprobe or min(ivf.nlist, 32)
         hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None)
@@ -124,18 +221,39 @@ class VectorIndex:
 
     def reconstruct_all(self) -> np.ndarray:
         """All stored vectors in id order (exact for Flat/HNSW-Flat/IVF-Flat)."""
-        ivf = faiss.try_extract_index_ivf(self.index) if hasattr(faiss, "try_extract_index_ivf") else None
+        ivf = (
+            faiss.try_extract_index_ivf(self.index)
+            if hasattr(faiss, "try_extract_index_ivf")
+            else None
+        )
         if ivf is not None:
             ivf.make_direct_map()
         return self.index.reconstruct_n(0, self.ntotal)
 
     def save(self, path: str | Path) -> None:
+        """Write the index; an on-disk index also moves its lists file beside it."""
+        path = Path(path)
         faiss.write_index(self.index, str(path))
+        if self._workdir is not None:
+            shutil.copyfile(self._workdir / IVFDATA, path.parent / IVFDATA)
+
+    def __del__(self):
+        if getattr(self, "_workdir", None) is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | Path, factory: str) -> VectorIndex:
+        path = Path(path)
         try:
-            index = faiss.read_index(str(path))
+            if factory.startswith(ONDISK):
+                if not (path.parent / IVFDATA).is_file():
+                    raise BundleError(
+                        f"{path.parent / IVFDATA}: missing (the on-disk inverted lists)"
+                    )
+                with _in_dir(path.parent):
+                    index = faiss.read_index(path.name, faiss.IO_FLAG_READ_ONLY)
+            else:
+                index = faiss.read_index(str(path))
         except RuntimeError as err:
             raise BundleError(f"{path}: not a readable FAISS index ({err})") from None
         out = cls(index, factory)

@@ -256,16 +256,27 @@ def patient_disjoint_splits(
 
 
 def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    """A metadata table as strings (missing -> ""), comma- or tab-separated (Dataverse .tab)."""
     if not path.is_file():
         raise CasebaseError(f"{path}: {what} not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as err:
-        raise CasebaseError(
-            f"{path}: cannot read {what} ({' '.join(str(err).split())[:200]})"
-        ) from None
+        with open(path, "rb") as fh:
+            head = fh.readline()
+    except OSError as err:
+        raise CasebaseError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    sep = "\t" if head.count(b"\t") > head.count(b",") else ","
+    df = None
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, sep=sep)
+            break
+        except UnicodeDecodeError:
+            continue
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as err:
+            raise CasebaseError(
+                f"{path}: cannot read {what} ({' '.join(str(err).split())[:200]})"
+            ) from None
+    assert df is not None
     df.columns = [str(c).strip() for c in df.columns]
     return df.apply(lambda col: col.str.strip()) if len(df) else df
 
@@ -339,7 +350,7 @@ class _ImageFinder:
         cand = self.root.parent / rel  # --images pointed at the data set's top folder itself
         if cand.is_file():
             return cand
-        return self.by_name(parts[-1]) if parts else None
+        return None  # no file-name fallback: CheXpert names (view1_frontal.jpg) repeat
 
     def by_name(self, name: str, stems: Sequence[str] = ()) -> Path | None:
         idx = self._index()

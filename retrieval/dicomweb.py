@@ -774,10 +774,15 @@ def _gather(
         if not wanted:
             raise CasebaseError(f"the DICOMweb server at {client.safe_url} has no studies")
     for study in wanted:
-        series = client.series(study)
+        try:
+            series = client.series(study)
+        except DicomWebError as err:
+            if err.status != 404 or not studies:  # some servers answer 404 for an unknown study
+                raise
+            series = []
         if not series:
             report.missing_studies.append(study)
-            say(f"not found: study {study} has no series on {client.safe_url}")
+            say(f"study not found: {study} (no series on {client.safe_url})")
             continue
         for se, number in series:
             refs.extend(client.instances(study, se, number))

@@ -6,7 +6,11 @@
 set -u
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
-command -v Orthanc >/dev/null 2>&1 || need+=(orthanc orthanc-dicomweb)
+# Debian puts the binary in /usr/sbin (not on a non-root PATH) and the DICOMweb
+# plugin in its own package: check both, install what is missing.
+{ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || need+=(orthanc)
+compgen -G '/usr/share/orthanc/plugins/libOrthancDicomWeb.so*' >/dev/null \
+  || compgen -G '/usr/lib/orthanc/libOrthancDicomWeb.so*' >/dev/null || need+=(orthanc-dicomweb)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != "0" ] && ! command -v sudo >/dev/null 2>&1; then
   echo "system-deps: not root, cannot install ${need[*]}; tests needing them will skip" >&2

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def run(args) -> int:
     from retrieval.dicomweb import DEFAULT_TIMEOUT, auth_from_args, ingest_dicomweb
 
+    timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT
+    if timeout <= 0 or (getattr(args, "workers", None) or 1) < 1:
+        from retrieval.errors import CasebaseError
+
+        raise CasebaseError("--timeout must be positive and --workers at least 1")
     auth = auth_from_args(
         getattr(args, "username", None),
         getattr(args, "password_env", None),
@@ -21,14 +24,11 @@ def run(args) -> int:
         cache=args.cache,
         auth=auth,
         strict=args.strict,
-        timeout=getattr(args, "timeout", None) or DEFAULT_TIMEOUT,
+        timeout=timeout,
         workers=getattr(args, "workers", None) or 4,
     )
     labels = ", ".join(f"{k}: {v}" for k, v in report.labels.items())
     splits = ", ".join(f"{k}: {v}" for k, v in report.splits.items())
     print(f"wrote {report.manifest} (labels {{{labels}}}, splits {{{splits}}})")
     print(report.summary())
-    if report.missing_studies:
-        for uid in report.missing_studies:
-            print(f"study not found: {uid}", file=sys.stderr)
     return 0

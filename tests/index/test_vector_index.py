@@ -56,3 +56,29 @@ def test_gpu_fallback_without_cuda_keeps_cpu_backend():
     backend = idx.use_gpu()
     assert backend == ("faiss-cpu" if not torch.cuda.is_available() else backend)
     assert idx.search(_unit(1, 8), 2)[1].shape == (1, 2)
+
+
+def test_ondisk_ivf_roundtrip_from_another_folder(tmp_path, monkeypatch):
+    import index.vector_index as vi
+
+    monkeypatch.setattr(vi, "SHARD_SIZE", 700)  # three shards merged into one lists file
+    v = _unit(2000, 16, seed=3)
+    idx = VectorIndex.build(v, "OnDisk:IVF16,Flat")
+    (tmp_path / "b").mkdir()
+    idx.save(tmp_path / "b" / "vectors.faiss")
+    assert (tmp_path / "b" / vi.IVFDATA).is_file()
+    monkeypatch.chdir(tmp_path)
+    back = VectorIndex.load(tmp_path / "b" / "vectors.faiss", "OnDisk:IVF16,Flat")
+    back.tune(16)
+    _, ids = back.search(v[:50], 10)
+    exact = np.argsort(-(v[:50] @ v.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)])
+    assert recall == 1.0  # nprobe = nlist: exhaustive
+
+
+def test_auto_goes_on_disk_only_beyond_a_quarter_of_ram(monkeypatch):
+    import index.vector_index as vi
+
+    monkeypatch.setattr(vi, "_ram_bytes", lambda: 4 * 128 * 4 * 1_000_000)
+    assert vi.auto_factory(900_000, 128).startswith("IVF")
+    assert vi.auto_factory(1_100_000, 128).startswith(vi.ONDISK)

@@ -532,3 +532,70 @@ def test_auth_args(monkeypatch):
         auth_from_args("u", None, None)
     with pytest.raises(CasebaseError, match="needs --username"):
         auth_from_args(None, "P", None)
+
+
+def test_bearer_token_is_sent_and_never_shown(tmp_path, capsys, monkeypatch, env):
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            auth = self.headers.get("Authorization", "")
+            seen.append(auth)
+            if auth != "Bearer tok-123-secret":
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        monkeypatch.setenv("PACS_TOKEN", "tok-123-secret")
+        assert (
+            main(
+                [
+                    "ingest-dicomweb",
+                    url,
+                    "--out",
+                    str(tmp_path / "m.csv"),
+                    "--token-env",
+                    "PACS_TOKEN",
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert "has no studies" in err and "tok-123-secret" not in err
+        assert seen and seen[-1] == "Bearer tok-123-secret"
+        monkeypatch.setenv("PACS_TOKEN", "expired-token-77")
+        assert (
+            main(
+                [
+                    "ingest-dicomweb",
+                    url,
+                    "--out",
+                    str(tmp_path / "m.csv"),
+                    "--token-env",
+                    "PACS_TOKEN",
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert "rejected the bearer token from $PACS_TOKEN" in err and "expired-token-77" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
