@@ -131,11 +131,11 @@ def _read_header(path: Path):
     except OSError as err:
         return None, f"cannot read ({err.strerror or err})", True
     if not head:
-        return None, "empty file", path.suffix.lower() in (".dcm", ".dicom")
+        return None, "empty file", path.suffix.lower() in (".dcm", ".dicom", ".dic")
     magic = len(head) >= 132 and head[128:132] == b"DICM"
-    headerless = not magic and (
-        _looks_like_headerless(head) or path.suffix.lower() in (".dcm", ".dicom")
-    )
+    # a file named .dcm that cannot be read is a bad DICOM file (skipped by name), not "other"
+    named_dicom = path.suffix.lower() in (".dcm", ".dicom", ".dic")
+    headerless = not magic and (_looks_like_headerless(head) or named_dicom)
     if not magic and not headerless:
         return None, "not a DICOM file", False
     try:
@@ -146,8 +146,8 @@ def _read_header(path: Path):
         reason = (
             f"unreadable DICOM header ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
         )
-        return None, reason, magic
-    if not magic and not (path.suffix.lower() in (".dcm", ".dicom") and len(ds) > 0):
+        return None, reason, magic or named_dicom
+    if not magic and not (named_dicom and len(ds) > 0):
         known = (
             "SOPClassUID",
             "SOPInstanceUID",
@@ -161,13 +161,21 @@ def _read_header(path: Path):
         except Exception:  # noqa: BLE001
             ok = False
         if not ok:
+            if named_dicom:
+                return None, f"not a DICOM file (named {path.suffix} but holds no DICOM data)", True
             return None, "not a DICOM file", False
     return ds, None, True
 
 
 def _get(ds, keyword: str) -> str:
+    from pydicom.config import disable_value_validation
+
     try:
-        value = ds.get(keyword, "")
+        # no validation: pydicom's "Invalid value for VR DA: '<the value>'" warnings would
+        # print a malformed birth date or name (PHI) on stderr
+        with disable_value_validation(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = ds.get(keyword, "")
     except Exception:  # noqa: BLE001 - a malformed element is just missing to us
         return ""
     if value is None:
@@ -338,6 +346,52 @@ def _walk(root: Path, exclude: set[Path]) -> list[Path]:
     return files
 
 
+def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir: Path):
+    """The manifest row for one file: ``(row, None, True)`` or ``(None, reason, is_dicom)``.
+
+    Shared by ``ingest-dicom`` and ``ingest-dicomweb`` so both write identical
+    rows. ``label_for(path, rel, ds)`` gives the label; ``used_ids`` keeps
+    case ids unique across calls.
+    """
+    from retrieval.imageio import read_image
+    from retrieval.privacy import hash_patient_id
+
+    ds, reason, is_dicom = _read_header(path)
+    if ds is None and not is_dicom:
+        return None, reason or "not a DICOM file", False
+    loaded = None
+    if ds is not None:
+        try:
+            loaded = read_image(path)
+        except ImageReadError as err:
+            reason = err.reason
+        except Exception as err:  # noqa: BLE001 - never a traceback for one bad file
+            reason = f"cannot decode ({type(err).__name__}: {err})"
+    if loaded is None:
+        reason = reason or "cannot decode"
+        if ds is not None and reason.startswith("no pixel data"):
+            kind = _sop_class_name(ds)
+            if kind:
+                reason = f"no pixel data ({kind})"
+        return None, reason, True
+    raw_pid = _get(ds, "PatientID")
+    basis = raw_pid or _get(ds, "StudyInstanceUID") or ("file:" + rel)
+    pid = hash_patient_id(basis)
+    try:
+        image_rel = os.path.relpath(path.resolve(), out_dir)
+    except ValueError:  # another drive on Windows
+        image_rel = str(path.resolve())
+    row = {
+        "case_id": _case_id(ds, rel, used_ids),
+        "image": Path(image_rel).as_posix(),
+        "label": label_for(path, rel, ds),
+        "split": split_for_patient(pid),
+        "patient_id": pid,
+    }
+    row.update(_attributes(ds, loaded))
+    return row, None, True
+
+
 def ingest_dicom(
     dicom_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -349,9 +403,7 @@ def ingest_dicom(
     """Walk ``dicom_dir`` and write a PHI-free manifest at ``out``; see the module doc."""
     from tqdm import tqdm
 
-    from retrieval.imageio import read_image
     from retrieval.manifest import write_manifest
-    from retrieval.privacy import hash_patient_id
 
     root = Path(dicom_dir).expanduser()
     if not root.exists():
@@ -378,24 +430,11 @@ def ingest_dicom(
     bar = tqdm(files, desc="ingesting DICOM", unit="file", disable=not progress, leave=False)
     for path in bar:
         rel = path.relative_to(root).as_posix()
-        ds, reason, is_dicom = _read_header(path)
-        if ds is None and not is_dicom:
-            report.ignored.append((str(path), reason or "not a DICOM file"))
+        row, reason, is_dicom = record_for_file(path, rel, labeler.label, used_ids, out_dir)
+        if row is None and not is_dicom:
+            report.ignored.append((str(path), reason))
             continue
-        loaded = None
-        if ds is not None:
-            try:
-                loaded = read_image(path)
-            except ImageReadError as err:
-                reason = err.reason
-            except Exception as err:  # noqa: BLE001 - never a traceback for one bad file
-                reason = f"cannot decode ({type(err).__name__}: {err})"
-        if loaded is None:
-            reason = reason or "cannot decode"
-            if ds is not None and reason.startswith("no pixel data"):
-                kind = _sop_class_name(ds)
-                if kind:
-                    reason = f"no pixel data ({kind})"
+        if row is None:
             if strict:
                 bar.close()
                 raise CasebaseError(
@@ -404,21 +443,6 @@ def ingest_dicom(
             report.skipped.append((str(path), reason))
             say(f"skipped: {path}: {reason}")
             continue
-        raw_pid = _get(ds, "PatientID")
-        basis = raw_pid or _get(ds, "StudyInstanceUID") or ("file:" + rel)
-        pid = hash_patient_id(basis)
-        try:
-            image_rel = os.path.relpath(path.resolve(), out_dir)
-        except ValueError:  # another drive on Windows
-            image_rel = str(path.resolve())
-        row = {
-            "case_id": _case_id(ds, rel, used_ids),
-            "image": Path(image_rel).as_posix(),
-            "label": labeler.label(path, rel, ds),
-            "split": split_for_patient(pid),
-            "patient_id": pid,
-        }
-        row.update(_attributes(ds, loaded))
         rows.append(row)
     bar.close()
 

@@ -706,58 +706,14 @@ class DicomWebReport:
 def _record(
     path: Path, rel: str, labeler, uid_labels, ref: InstanceRef, used_ids: set[str], out_dir: Path
 ):
-    """The manifest row ``ingest-dicom`` writes for ``path`` (or ``(None, reason)``).
+    """The manifest row ``ingest-dicom`` writes for ``path`` (or ``(None, reason)``)."""
+    from retrieval.dicom_ingest import record_for_file
 
-    Mirrors the per-file body of :func:`retrieval.dicom_ingest.ingest_dicom`
-    with its own helpers, so both commands write identical rows.
-    """
-    from retrieval.dicom_ingest import (
-        _attributes,
-        _case_id,
-        _get,
-        _read_header,
-        _sop_class_name,
-        split_for_patient,
-    )
-    from retrieval.errors import ImageReadError
-    from retrieval.imageio import read_image
-    from retrieval.privacy import hash_patient_id
+    def label_for(p, r, ds):
+        return uid_labels.label(ref) if uid_labels is not None else labeler.label(p, r, ds)
 
-    ds, reason, is_dicom = _read_header(path)
-    if ds is None and not is_dicom:
-        return None, reason or "not a DICOM file"
-    loaded = None
-    if ds is not None:
-        try:
-            loaded = read_image(path)
-        except ImageReadError as err:
-            reason = err.reason
-        except Exception as err:  # noqa: BLE001 - never a traceback for one bad file
-            reason = f"cannot decode ({type(err).__name__}: {err})"
-    if loaded is None:
-        reason = reason or "cannot decode"
-        if ds is not None and reason.startswith("no pixel data"):
-            kind = _sop_class_name(ds)
-            if kind:
-                reason = f"no pixel data ({kind})"
-        return None, reason
-    raw_pid = _get(ds, "PatientID")
-    basis = raw_pid or _get(ds, "StudyInstanceUID") or ("file:" + rel)
-    pid = hash_patient_id(basis)
-    try:
-        image_rel = os.path.relpath(path.resolve(), out_dir)
-    except ValueError:  # another drive on Windows
-        image_rel = str(path.resolve())
-    label = uid_labels.label(ref) if uid_labels is not None else labeler.label(path, rel, ds)
-    row = {
-        "case_id": _case_id(ds, rel, used_ids),
-        "image": Path(image_rel).as_posix(),
-        "label": label,
-        "split": split_for_patient(pid),
-        "patient_id": pid,
-    }
-    row.update(_attributes(ds, loaded))
-    return row, None
+    row, reason, _ = record_for_file(path, rel, label_for, used_ids, out_dir)
+    return row, reason
 
 
 def _gather(
