@@ -25,6 +25,12 @@ import numpy as np
 from retrieval.errors import BundleError, CasebaseError
 
 EXACT_LIMIT = 50_000
+# k-means points per IVF list when training (FAISS warns below 39 and samples 256 itself);
+# bench/search_scale.py: 64 gives the same recall as 256 at a quarter of the k-means time.
+TRAIN_PER_LIST = 64
+MIN_TRAIN = 16_384  # PQ codebooks want ~40 x 256 points whatever the list count
+REFINE_K_FACTOR = 4  # "...,RFlat": re-rank 4k approximate candidates exactly
+GPU_MAX_K = 2048  # faiss-gpu's largest k (GPU_MAX_SELECTION_K)
 ONDISK = "OnDisk:"  # prefix: IVF whose inverted lists live in a memory-mapped file
 IVFDATA = "vectors.ivfdata"
 SHARD_SIZE = 1_000_000
@@ -66,22 +72,17 @@ def _in_dir(path: Path):
             os.chdir(old)
 
 
-def _build_ondisk(vectors: np.ndarray, inner: str, workdir: Path) -> faiss.Index:
+def _build_ondisk(
+    vectors: np.ndarray, inner: str, workdir: Path, train_per_list: int = TRAIN_PER_LIST
+) -> faiss.Index:
     d = vectors.shape[1]
     trained = faiss.index_factory(d, inner, faiss.METRIC_INNER_PRODUCT)
     if faiss.try_extract_index_ivf(trained) is None:
         raise CasebaseError(
             f"{ONDISK}{inner}: on-disk lists need an IVF factory (e.g. IVF4096,Flat)"
         )
-    rng = np.random.default_rng(0)
-    sample = vectors[
-        rng.choice(
-            len(vectors),
-            min(len(vectors), 256 * faiss.extract_index_ivf(trained).nlist),
-            replace=False,
-        )
-    ]
-    trained.train(sample)
+    _skip_polysemous(trained)
+    trained.train(_training_sample(trained, vectors, train_per_list))
     from faiss.contrib.ondisk import merge_ondisk
 
     names = []
@@ -108,6 +109,30 @@ def _gpu_available() -> bool:
         return False
 
 
+def _skip_polysemous(index: faiss.Index) -> None:
+    """IVF-PQ factories train polysemous codes by default; search never uses them here
+    (polysemous_ht stays 0) and they cost ~8x the rest of the training (bench/search_scale.py)."""
+    ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+    if ivf is not None and hasattr(faiss, "IndexIVFPQ"):
+        ivfpq = faiss.downcast_index(ivf)
+        if isinstance(ivfpq, faiss.IndexIVFPQ):
+            ivfpq.do_polysemous_training = False
+
+
+def _training_sample(
+    index: faiss.Index, vectors: np.ndarray, per_list: int, seed: int = 0
+) -> np.ndarray:
+    """A fixed-seed sample of at most per_list x nlist vectors for IVF k-means (all if fewer)."""
+    ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+    if ivf is None:
+        return vectors
+    cap = max(per_list * int(ivf.nlist), MIN_TRAIN)
+    if len(vectors) <= cap:
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), cap, replace=False))
+    return vectors[rows]
+
+
 class VectorIndex:
     """A FAISS index over (N, D) float32 unit vectors, searched by inner product."""
 
@@ -121,7 +146,11 @@ class VectorIndex:
 
     @classmethod
     def build(
-        cls, vectors: np.ndarray, factory: str = "auto", nprobe: int | None = None
+        cls,
+        vectors: np.ndarray,
+        factory: str = "auto",
+        nprobe: int | None = None,
+        train_per_list: int = TRAIN_PER_LIST,
     ) -> VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
@@ -135,7 +164,7 @@ class VectorIndex:
                 )
             workdir = Path(tempfile.mkdtemp(prefix="casebase-ondisk-"))
             try:
-                index = _build_ondisk(vectors, spec[len(ONDISK) :], workdir)
+                index = _build_ondisk(vectors, spec[len(ONDISK) :], workdir, train_per_list)
             except RuntimeError as err:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise CasebaseError(f"cannot build {spec!r}: {err}") from None
@@ -154,8 +183,9 @@ class VectorIndex:
                 raise CasebaseError(
                     f"factory {spec!r} needs training data; {n} vectors are too few"
                 )
+            _skip_polysemous(index)
             try:
-                index.train(vectors)
+                index.train(_training_sample(index, vectors, train_per_list))
             except RuntimeError as err:
                 raise CasebaseError(
                     f"cannot train FAISS index {spec!r} on {n} vectors: {err}"
@@ -166,7 +196,8 @@ class VectorIndex:
         return out
 
     def tune(self, nprobe: int | None = None) -> None:
-        """Search-time knobs: nprobe for IVF (default 32), efSearch for HNSW (default 128)."""
+        """Search-time knobs: nprobe for IVF (default 32), efSearch for HNSW (default 128),
+        k_factor for a refined index (default 4)."""
         ivf = (
             faiss.try_extract_index_ivf(self.index)
             if hasattr(faiss, "try_extract_index_ivf")
@@ -177,6 +208,9 @@ class VectorIndex:
         hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None)
         if hnsw is not None:
             hnsw.efSearch = max(hnsw.efSearch, 128)
+        top = faiss.downcast_index(self.index)
+        if isinstance(top, faiss.IndexRefine):
+            top.k_factor = max(float(top.k_factor), float(REFINE_K_FACTOR))
 
     @property
     def ntotal(self) -> int:
@@ -216,8 +250,10 @@ class VectorIndex:
             sims = torch.from_numpy(q).to(self._torch_matrix.device) @ self._torch_matrix.T
             top = torch.topk(sims, k, dim=1)
             return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
-        index = self._gpu_index if self._gpu_index is not None else self.index
-        return index.search(q, k)
+        # FAISS's GPU indexes select at most GPU_MAX_K neighbours; the service widens k
+        # past that when filters reject many hits, so such searches run on the CPU copy.
+        gpu = self._gpu_index is not None and k <= GPU_MAX_K
+        return (self._gpu_index if gpu else self.index).search(q, k)
 
     def reconstruct_all(self) -> np.ndarray:
         """All stored vectors in id order (exact for Flat/HNSW-Flat/IVF-Flat)."""

@@ -154,13 +154,21 @@ def read_table(path: str | os.PathLike, *, keep_ragged: bool = False) -> pd.Data
         raise ManifestError(f"{p}: manifest is empty")
     if head[:4] == b"PAR1" or p.suffix.lower() in (".parquet", ".pq"):
         return _read_parquet(p)
-    if b"\x00" in head:
+    # a byte-order mark proves the encoding (Excel's "Unicode text" is UTF-16 with one)
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        encoding = "utf-32"
+    elif head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"
+    elif b"\x00" in head:
         raise ManifestError(f"{p}: not a CSV or Parquet file (binary content)")
+    else:
+        encoding = "utf-8-sig"
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = p.read_text(encoding=encoding)
     except UnicodeDecodeError as err:
         raise ManifestError(
-            f"{p}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            f"{p}: not {'UTF-8' if encoding == 'utf-8-sig' else encoding.upper()} text "
+            f"(byte 0x{err.object[err.start]:02x} at offset {err.start}); "
             "save the manifest as UTF-8"
         ) from None
     except OSError as err:

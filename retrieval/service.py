@@ -74,7 +74,10 @@ class CaseRetriever:
         if (index_dir / TRUST_FILE).is_file():
             import json
 
-            trust = json.loads((index_dir / TRUST_FILE).read_text())
+            try:
+                trust = json.loads((index_dir / TRUST_FILE).read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise BundleError(f"{index_dir / TRUST_FILE}: not valid JSON ({err})") from None
         return cls(index_dir, meta, model, cases, vindex, dev, trust)
 
     # ------------------------------------------------------------- embedding

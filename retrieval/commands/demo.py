@@ -106,8 +106,15 @@ def _methods() -> list[str]:
 
         return list(registry.METHODS)
     except ImportError:
-        return ["gradcam", "gradient", "smoothgrad", "integrated_gradients", "occlusion", "lime",
-                "similarity"]
+        return [
+            "gradcam",
+            "gradient",
+            "smoothgrad",
+            "integrated_gradients",
+            "occlusion",
+            "lime",
+            "similarity",
+        ]
 
 
 def _trust_missing(index_dir: Path) -> list[str]:
@@ -129,21 +136,39 @@ def _explain_eval(index_dir: Path, manifest: Path, methods: list[str]) -> bool:
         from retrieval.commands import explain_eval
         from retrieval.explain import trust  # noqa: F401 - the measuring code itself
     except ImportError as err:
-        _say(f"           explain-eval is not available in this installation ({err}); skipped: "
-             "the app will say 'not measured yet' under every map")
+        _say(
+            f"           explain-eval is not available in this installation ({err}); skipped: "
+            "the app will say 'not measured yet' under every map"
+        )
         return False
-    import argparse
+    from retrieval.cli import build_parser
 
-    args = argparse.Namespace(index_dir=str(index_dir), manifest=str(manifest), split="test",
-                              methods=methods, max_cases=EXPLAIN_CASES, no_store=False, json=False,
-                              device="auto")
+    # the real parser, so every option the command grows gets its default
+    args = build_parser().parse_args(
+        [
+            "explain-eval",
+            str(index_dir),
+            str(manifest),
+            "--split",
+            "test",
+            "--methods",
+            ",".join(methods),
+            "--max-cases",
+            str(EXPLAIN_CASES),
+        ]
+    )
     explain_eval.run(args)
     return True
 
 
 def _write_stamp(out: Path, timings: dict) -> None:
-    stamp = {"phantom": PHANTOM, "epochs": EPOCHS, "explain_cases": EXPLAIN_CASES,
-             "timings_s": timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    stamp = {
+        "phantom": PHANTOM,
+        "epochs": EPOCHS,
+        "explain_cases": EXPLAIN_CASES,
+        "timings_s": timings,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     (out / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
@@ -159,12 +184,20 @@ def build(out: Path) -> dict:
     problem = _index_problem(index_dir)
     missing = _trust_missing(index_dir) if problem is None else _methods()
     if problem is None and not missing and _phantom_ok(phantom_dir):
-        _say(f"reusing {index_dir} (bundle verified, trust measured for every method): "
-             "nothing to build")
+        _say(
+            f"reusing {index_dir} (bundle verified, trust measured for every method): "
+            "nothing to build"
+        )
         return timings
 
-    with _Stage(timings, 1, n, "phantom", f"{PHANTOM['n']} synthetic chest films "
-                f"({PHANTOM['size']} px, seed {PHANTOM['seed']}) -> {phantom_dir}") as st:
+    with _Stage(
+        timings,
+        1,
+        n,
+        "phantom",
+        f"{PHANTOM['n']} synthetic chest films "
+        f"({PHANTOM['size']} px, seed {PHANTOM['seed']}) -> {phantom_dir}",
+    ) as st:
         if _phantom_ok(phantom_dir):
             _say(f"{st.head} reusing {manifest}")
         else:
@@ -184,20 +217,29 @@ def build(out: Path) -> dict:
 
                 report = train_model(manifest, model_dir, TrainOptions(epochs=EPOCHS))
                 best = report.best_val or {}
-                _say(f"{st.head} {report.epochs_run} epochs on {report.n_train} cases; "
-                     f"val precision@1 {best.get('precision_at_1', float('nan')):.3f}")
+                _say(
+                    f"{st.head} {report.epochs_run} epochs on {report.n_train} cases; "
+                    f"val precision@1 {best.get('precision_at_1', float('nan')):.3f}"
+                )
         with _Stage(timings, 3, n, "index", f"embed train+val cases -> {index_dir}") as st:
             if problem != "not built yet":
                 _say(f"{st.head} rebuilding: {problem}")
             from index.builder import build_index
 
             rep = build_index(model_dir, manifest, index_dir)
-            _say(f"{st.head} {rep.n_indexed} cases ({rep.factory}), {rep.images_per_second:.0f} img/s")
+            _say(
+                f"{st.head} {rep.n_indexed} cases ({rep.factory}), {rep.images_per_second:.0f} img/s"
+            )
         missing = _methods()
 
     if missing:
-        with _Stage(timings, 4, n, "trust", f"explain-eval of {', '.join(missing)} on "
-                    f"{EXPLAIN_CASES} test cases with lesion masks"):
+        with _Stage(
+            timings,
+            4,
+            n,
+            "trust",
+            f"explain-eval of {', '.join(missing)} on {EXPLAIN_CASES} test cases with lesion masks",
+        ):
             _explain_eval(index_dir, manifest, missing)
     else:
         _say(f"[4/{n}] trust    reusing {index_dir / 'trust.json'} (every method measured)")
@@ -211,12 +253,30 @@ def build(out: Path) -> dict:
 def launch_app(out: Path, port: int) -> int:
     app = app_path()
     if not app.is_file():
-        raise CasebaseError(f"{app}: the Streamlit app is missing (casebase demo runs app.py from the "
-                            "repository root; run it from a source checkout, or pass --no-app)")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
-           "--server.port", str(port), "--browser.gatherUsageStats", "false", "--",
-           "--index", str((out / "index").resolve()),
-           "--manifest", str((out / "phantom" / "manifest.csv").resolve())]
+        raise CasebaseError(
+            f"{app}: the Streamlit app is missing (casebase demo runs app.py from the "
+            "repository root; run it from a source checkout, or pass --no-app)"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "localhost",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--index",
+        str((out / "index").resolve()),
+        "--manifest",
+        str((out / "phantom" / "manifest.csv").resolve()),
+    ]
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     _say(f"app: http://localhost:{port}  (Ctrl+C to stop)")
     try:
@@ -228,13 +288,17 @@ def launch_app(out: Path, port: int) -> int:
 def run(args) -> int:
     out = Path(args.out)
     if not args.no_app and not app_path().is_file():
-        raise CasebaseError(f"{app_path()}: the Streamlit app is missing; pass --no-app to build "
-                            "the demo without it")
+        raise CasebaseError(
+            f"{app_path()}: the Streamlit app is missing; pass --no-app to build "
+            "the demo without it"
+        )
     if not 1 <= args.port <= 65535:
         raise CasebaseError(f"--port {args.port}: not a TCP port")
     build(out)
     if args.no_app:
-        _say(f"open it with: streamlit run {app_path()} -- --index {out / 'index'} "
-             f"--manifest {out / 'phantom' / 'manifest.csv'}")
+        _say(
+            f"open it with: streamlit run {app_path()} -- --index {out / 'index'} "
+            f"--manifest {out / 'phantom' / 'manifest.csv'}"
+        )
         return 0
     return launch_app(out, args.port)

@@ -79,7 +79,9 @@ under a fixed seed (``SEED``) so the same query gives the same map.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -186,6 +188,113 @@ class Explainer(Protocol):
         ...
 
 
+# ---------------------------------------------------------------- speed
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters()) + tuple(
+        (b.data_ptr(), b._version) for b in model.buffers())
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every Conv2d + BatchNorm2d pair folded into one conv.
+
+    Same function (to float rounding, ~1e-8), a third less CPU time per forward;
+    cached per model and rebuilt when its weights change. A model in training
+    mode, or one without such pairs, is returned as is.
+    """
+    if model.training:
+        return model
+    key = _weights_key(model)
+    hit = _FUSED.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model)
+    changed = False
+    for mod in fused.modules():
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                    mod[i + 1] = nn.Identity()
+                    changed = True
+    if not changed:
+        return model
+    fused.eval()
+    for p in fused.parameters():
+        p.requires_grad_(False)  # input attributions only: no parameter gradients
+    _FUSED[model] = (key, fused)
+    return fused
+
+
+class SharedForward:
+    """Every target of one image from one forward per perturbed batch.
+
+    Perturbation methods explain each target in a separate captum call; when the
+    perturbations repeat exactly (occlusion always; LIME under the same seed),
+    the outputs recorded on the first call are replayed for the other targets
+    (checked with torch.equal on the inputs), so an image costs its forwards once
+    however many scores (class logit, similarity to each neighbour) it explains.
+    """
+
+    def __init__(self, model: nn.Module, weighting: str, classes: Tensor, others: Tensor):
+        self.model, self.weighting = model, weighting
+        self.classes, self.others = classes, others.float()
+        self.records: list[tuple[Tensor, Tensor]] = []
+        self.column, self.calls = 0, 0
+
+    def select(self, column: int) -> SharedForward:
+        self.column, self.calls = column, 0
+        return self
+
+    def scores(self, x: Tensor) -> Tensor:
+        out = self.model.run(x, self.weighting)
+        logits = out.logits[:, self.classes.clamp_min(0)]
+        sims = out.embedding @ self.others.T.to(out.embedding.dtype)
+        return torch.where((self.classes >= 0)[None], logits, sims)  # (P, T)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        i = self.calls
+        self.calls += 1
+        if i < len(self.records) and self.records[i][0].shape == x.shape and torch.equal(self.records[i][0], x):
+            return self.records[i][1][:, self.column]
+        out = self.scores(x)
+        if i == len(self.records):
+            self.records.append((x.detach().clone(), out.detach()))
+        return out[:, self.column]
+
+
+def _image_groups(inputs: Tensor) -> list[list[int]]:
+    """Rows grouped by identical input image (the query appears once per target)."""
+    groups: list[list[int]] = []
+    for i in range(len(inputs)):
+        for g in groups:
+            if torch.equal(inputs[g[0]], inputs[i]):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _per_image(model: nn.Module, inputs: Tensor, target: Target, run_one: Callable) -> Tensor:
+    """Run ``run_one(forward, x_row, row)`` per row, sharing forwards among rows of one image."""
+    p = _prepare(model, inputs, target)
+    out: list[Tensor | None] = [None] * len(inputs)
+    if p.target is None:
+        for i in range(len(inputs)):
+            out[i] = run_one(p.forward, inputs[i:i + 1], i)
+    else:
+        for g in _image_groups(inputs):
+            shared = SharedForward(model, p.target.weighting, p.target.classes[g], p.target.others[g])
+            for k, row in enumerate(g):
+                out[row] = run_one(shared.select(k), inputs[row:row + 1], row)
+    return torch.cat(out)
+
+
 @contextlib.contextmanager
 def _grad_mode():
     """Gradients on (the service may call us under no_grad); captum's notice that it set
@@ -220,6 +329,7 @@ class GradCAM:
     def attribute(self, model, inputs, target):
         from captum.attr import LayerAttribution, LayerGradCam
 
+        model = inference_model(model)
         p = _prepare(model, inputs, target)
         with _grad_mode():
             cam = LayerGradCam(p.forward, model.target_layer).attribute(
@@ -236,6 +346,7 @@ class Gradient:
     def attribute(self, model, inputs, target):
         from captum.attr import Saliency
 
+        model = inference_model(model)
         p = _prepare(model, inputs, target)
         with _grad_mode():
             attr = Saliency(p.forward).attribute(inputs, additional_forward_args=p.args, abs=True)
@@ -252,6 +363,7 @@ class SmoothGrad:
     def attribute(self, model, inputs, target):
         from captum.attr import NoiseTunnel, Saliency
 
+        model = inference_model(model)
         p = _prepare(model, inputs, target)
         stdev = self.noise * float(inputs.max() - inputs.min())
         batch = max(1, FORWARD_BATCH // len(inputs))
@@ -271,6 +383,7 @@ class IntegratedGradients:
     def attribute(self, model, inputs, target):
         from captum.attr import IntegratedGradients as IG
 
+        model = inference_model(model)
         p = _prepare(model, inputs, target)
         with _grad_mode():
             attr = IG(p.forward).attribute(
@@ -295,14 +408,17 @@ class Occlusion:
     def attribute(self, model, inputs, target):
         from captum.attr import Occlusion as Occ
 
-        p = _prepare(model, inputs, target)
+        model = inference_model(model)
         c, h, w = inputs.shape[1:]
         wh, sh = occlusion_window(h, self.fraction)
         ww, sw = occlusion_window(w, self.fraction)
+
+        def one(forward, x, _row):
+            return Occ(forward).attribute(x, sliding_window_shapes=(c, wh, ww), strides=(c, sh, sw),
+                                          baselines=0.0, perturbations_per_eval=FORWARD_BATCH)
+
         with torch.no_grad():
-            attr = Occ(p.forward).attribute(
-                inputs, sliding_window_shapes=(c, wh, ww), strides=(c, sh, sw), baselines=0.0,
-                additional_forward_args=p.args, perturbations_per_eval=max(1, FORWARD_BATCH // len(inputs)))
+            attr = _per_image(model, inputs, target, one)
         return attr.detach().mean(dim=1)  # the window spans every channel: equal across channels
 
 
@@ -334,23 +450,24 @@ class Lime:
         masks = [superpixels(img, self.segments) for img in pix]
         return torch.from_numpy(np.stack(masks))[:, None].to(inputs.device)
 
-    @_seeded
     def attribute(self, model, inputs, target):
         from captum._utils.models.linear_model import SkLearnRidge
         from captum.attr import Lime as CaptumLime
 
-        p = _prepare(model, inputs, target)
+        model = inference_model(model)
         fmask = self.feature_mask(model, inputs)
-        lime = CaptumLime(p.forward, interpretable_model=SkLearnRidge(alpha=1.0))
-        rows = []
-        with torch.no_grad():
-            for i in range(len(inputs)):  # one surrogate per image (LIME is per-example)
-                args = None if p.args is None else tuple(a[i:i + 1] for a in p.args)
-                attr = lime.attribute(inputs[i:i + 1], baselines=0.0, additional_forward_args=args,
-                                      feature_mask=fmask[i:i + 1], n_samples=self.samples,
+
+        def one(forward, x, row):  # one surrogate per image and target (LIME is per-example)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # the same samples for every target of an image
+                lime = CaptumLime(forward, interpretable_model=SkLearnRidge(alpha=1.0))
+                attr = lime.attribute(x, baselines=0.0, feature_mask=fmask[row:row + 1],
+                                      n_samples=self.samples,
                                       perturbations_per_eval=min(self.samples, FORWARD_BATCH))
-                rows.append(attr.detach()[:, 0])
-        return torch.cat(rows)
+            return attr[:, 0]
+
+        with torch.no_grad():
+            return _per_image(model, inputs, target, one).detach()
 
 
 class Similarity:

@@ -1,0 +1,156 @@
+"""Cost of each explanation method for one query with 5 neighbours, at 224 px.
+
+``CaseRetriever.query(img, k=5, explain=(m,))`` for each of the seven
+methods, interleaved round-robin over a few real held-out query images;
+reported: the method's own time (``result.timings["explain"]``, the query's
+encode/search/regions excluded), the whole query's time, how many image
+forwards the method ran (``CaseNet.run`` calls counted, rows summed; with
+gradient = forward + backward), how many neighbour pairs it explained and its
+sample counts (from the registry's explainer objects).
+
+The index is a 224-px bundle (``--index``; built from ``--model`` over the
+manifest's train+val cases into a temporary folder if it does not exist).
+
+    .venv/bin/python bench/explain_cost.py              # 3 rounds over 3 query images
+    .venv/bin/python bench/explain_cost.py --quick      # 1 round, 1 image
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DEFAULT_MANIFEST, finish, machine, table
+
+
+class RunCounter:
+    """Counts images through CaseNet.run (any instance, fused copies included)."""
+
+    def __init__(self):
+        import torch
+
+        from retrieval.model import CaseNet
+
+        self.cls, self.orig = CaseNet, CaseNet.run
+        self.images = self.with_grad = self.calls = 0
+        counter = self
+
+        def run(model_self, x, *a, **kw):
+            counter.calls += 1
+            counter.images += int(x.shape[0])
+            if torch.is_grad_enabled():
+                counter.with_grad += int(x.shape[0])
+            return counter.orig(model_self, x, *a, **kw)
+
+        CaseNet.run = run
+
+    def reset(self):
+        self.images = self.with_grad = self.calls = 0
+
+    def close(self):
+        self.cls.run = self.orig
+
+
+def sample_counts(name: str, image_size: int) -> str:
+    from retrieval.explain import registry
+
+    e = registry.get(name)
+    bits = []
+    for attr in ("samples", "steps", "segments", "noise"):
+        if hasattr(e, attr):
+            bits.append(f"{attr}={getattr(e, attr)}")
+    if name == "occlusion":
+        win, stride = registry.occlusion_window(image_size, getattr(e, "fraction", registry.OCCLUSION_WINDOW))
+        pos = (image_size - win) // stride + 1
+        bits.append(f"window={win}px stride={stride}px ({pos}x{pos} positions)")
+    return ", ".join(bits) or "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--index", default="/tmp/i224")
+    ap.add_argument("--model", default="/tmp/m224", help="224-px model (to build --index if missing)")
+    ap.add_argument("--manifest", default=DEFAULT_MANIFEST)
+    ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--images", type=int, default=3, help="distinct query images")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the query images")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.rounds = 1, 1
+
+    from retrieval.explain import registry
+    from retrieval.explain.pipeline import EXPENSIVE_NEIGHBORS
+    from retrieval.manifest import load_manifest
+    from retrieval.service import CaseRetriever
+
+    started = time.time()
+    info = machine()
+    index = Path(args.index)
+    if not (index / "bundle.json").is_file():
+        from index.builder import build_index
+
+        index = Path(tempfile.mkdtemp(prefix="bench_explain_")) / "index"
+        print(f"{args.index} missing: building a bundle from {args.model} into {index}")
+        build_index(args.model, args.manifest, index, progress=False)
+    r = CaseRetriever.load(index, device="cpu")
+    size = r.model.config.image_size
+    man = load_manifest(args.manifest)
+    images = [str(man.resolve(p)) for p in man.select(["test"])["image"]][: args.images]
+    methods = list(registry.METHODS)
+    print(f"index {index}: {r.index.ntotal} cases, {r.model.config.backbone} at {size} px; "
+          f"k={args.k}; methods: {', '.join(methods)}")
+
+    for m in methods:  # warm-up (imports, fused-model cache, allocator)
+        r.query(images[0], k=args.k, explain=(m,))
+    counter = RunCounter()
+    explain_s = {m: [] for m in methods}
+    total_s = {m: [] for m in methods}
+    forwards = {}
+    try:
+        step = 0
+        for _ in range(args.rounds):
+            for img in images:
+                order = methods[step % len(methods):] + methods[: step % len(methods)]
+                step += 1
+                for m in order:
+                    counter.reset()
+                    t0 = time.perf_counter()
+                    res = r.query(img, k=args.k, explain=(m,))
+                    total_s[m].append(time.perf_counter() - t0)
+                    explain_s[m].append(res.timings.get("explain", float("nan")))
+                    # the query itself runs 1 + k images (encode + neighbour regions), no gradient
+                    forwards[m] = (counter.images - 1 - len(res.neighbors), counter.with_grad)
+    finally:
+        counter.close()
+    rows, out = [], {}
+    for m in methods:
+        e = registry.get(m)
+        pairs = min(args.k, EXPENSIVE_NEIGHBORS) if e.expensive else args.k
+        med_e, med_t = statistics.median(explain_s[m]), statistics.median(total_s[m])
+        fw, fw_grad = forwards[m]
+        counts = sample_counts(m, size)
+        rows.append([m, med_e, med_t, pairs, fw, fw_grad, counts])
+        out[m] = {"explain_s_median": med_e, "query_total_s_median": med_t, "explain_s_all": explain_s[m],
+                  "neighbor_pairs_explained": pairs, "expensive": e.expensive, "image_forwards": fw,
+                  "image_forwards_with_gradient": fw_grad, "sample_counts": counts}
+    print()
+    table(["method", "explain s", "query total s", "pairs", "image fwd", "of which w/ grad", "sample counts"],
+          rows, title=f"Explanation cost at {size} px, k={args.k}, median of {len(explain_s[methods[0]])} "
+                      "queries, methods interleaved")
+    all_s = sum(v["explain_s_median"] for v in out.values())
+    print(f"\nall seven together (sum of medians): {all_s:.1f} s")
+    finish("explain_cost", info, {
+        "config": {"index": str(index), "image_size": size, "backbone": r.model.config.backbone, "k": args.k,
+                   "images": args.images, "rounds": args.rounds, "expensive_neighbors": EXPENSIVE_NEIGHBORS},
+        "methods": out,
+        "all_methods_explain_s": all_s,
+    }, started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The flag rule: when does the audit call an attribute a retrieval shortcut?
+
+An attribute is **flagged** (a shortcut) when all four hold:
+
+1. Holm-corrected concordance p-value < ``ALPHA`` (0.01): neighbours share
+   the attribute more than the label-preserving null allows;
+2. concordance lift ≥ ``MIN_LIFT`` (1.15): the excess is large enough to
+   matter, not just detectable (with hundreds of queries tiny lifts become
+   "significant", and the case-level permutation null is somewhat optimistic
+   for patient-level attributes; see ``concordance``);
+3. within-label probe balanced accuracy ≥ chance + ``MIN_PROBE_MARGIN``
+   (0.10): the embedding itself encodes the attribute beyond what the label
+   explains. When the probe cannot be run (e.g. the attribute is constant
+   within every label in the index) the rule falls back on 1 and 2 and says so;
+4. the attribute is associated with the label among the indexed cases
+   (chi-squared test p < ``ASSOC_ALPHA`` and Cramér's V ≥ ``MIN_ASSOCIATION``):
+   a shortcut is a *spurious correlate of the label* the model can use as
+   label evidence, as a site marker tied to a class is.
+
+An attribute meeting 1–3 but not 4 is reported as **retrieval_bias**, not
+flagged: neighbours do cluster by it (e.g. a scanner's noise and contrast
+that the embedding keeps), but since it says nothing about the label in the
+index it cannot be what the model relies on for the label; the per-group
+precision shows whether it costs any group accuracy. An attribute so tied to
+the label that the index cannot tell them apart (V ≥ 0.95) gets a note: the
+label-preserving null then has nothing to permute.
+
+The thresholds were chosen on phantoms where the truth is known (a burned-in
+site marker tied to the label, and random sex, age and scanner attributes; see
+bench/audit_seeds.py for the seed sweep and its false-flag counts): random
+attributes stay well below each threshold while the site shortcut exceeds
+all three by a wide margin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import chi2 as chi2_dist
+
+ALPHA = 0.01
+MIN_LIFT = 1.15
+MIN_PROBE_MARGIN = 0.10
+ASSOC_ALPHA = 0.001
+MIN_ASSOCIATION = 0.10
+CONFOUNDED = 0.95
+
+RULE = (f"flagged (shortcut) = Holm-corrected concordance p < {ALPHA} AND lift >= {MIN_LIFT} AND "
+        f"within-label probe balanced accuracy >= chance + {MIN_PROBE_MARGIN} AND the attribute is "
+        f"associated with the label in the index (chi-squared p < {ASSOC_ALPHA}, Cramér's V >= "
+        f"{MIN_ASSOCIATION}); the first three without the last = retrieval_bias")
+
+
+def decide(p_holm: float | None, lift: float | None, probe_ba: float | None,
+           chance: float | None, association: tuple[float | None, float | None] = (None, None)
+           ) -> tuple[bool, bool, list[str]]:
+    """(flagged, retrieval_bias, reasons): each criterion as met / not met, in words."""
+    reasons = []
+    c1 = p_holm is not None and p_holm < ALPHA
+    reasons.append(f"p_holm {_f(p_holm)} {'<' if c1 else '>='} {ALPHA}")
+    c2 = lift is not None and lift >= MIN_LIFT
+    reasons.append(f"lift {_f(lift)} {'>=' if c2 else '<'} {MIN_LIFT}")
+    if probe_ba is None or chance is None:
+        reasons.append("probe not available (decided on concordance alone)")
+        c3 = True
+    else:
+        margin = probe_ba - chance
+        c3 = margin >= MIN_PROBE_MARGIN
+        reasons.append(f"probe margin {margin:+.3f} {'>=' if c3 else '<'} {MIN_PROBE_MARGIN}")
+    v, p = association
+    c4 = v is not None and p is not None and p < ASSOC_ALPHA and v >= MIN_ASSOCIATION
+    reasons.append(f"label association V {_f(v)} (p {_f(p)}) {'is' if c4 else 'is not'} above "
+                   f"V {MIN_ASSOCIATION} / p {ASSOC_ALPHA}")
+    if v is not None and v >= CONFOUNDED:
+        reasons.append("the attribute nearly determines the label in the index: the concordance null "
+                       "cannot separate them; judge by the per-group precision and the examples")
+    concordant = bool(c1 and c2 and c3)
+    return bool(concordant and c4), bool(concordant and not c4), reasons
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3g}"
+
+
+def label_association(codes: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """(Cramér's V, chi-squared p) of attribute vs label among the indexed cases (V: 0 none .. 1 determined)."""
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    ok = codes >= 0
+    if ok.sum() < 2:
+        return None, None
+    _, ci = np.unique(codes[ok], return_inverse=True)
+    _, li = np.unique(labels[ok], return_inverse=True)
+    table = np.zeros((ci.max() + 1, li.max() + 1))
+    np.add.at(table, (ci, li), 1.0)
+    if min(table.shape) < 2:
+        return None, None
+    n = table.sum()
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / n
+    chi2 = float(((table - expected) ** 2 / np.maximum(expected, 1e-12)).sum())
+    dof = (table.shape[0] - 1) * (table.shape[1] - 1)
+    return float(np.sqrt(chi2 / (n * (min(table.shape) - 1)))), float(chi2_dist.sf(chi2, dof))

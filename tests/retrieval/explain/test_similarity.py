@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from retrieval.explain import registry
+from retrieval.explain.registry import ScoreTarget
+from retrieval.explain.similarity import decompose
+from retrieval.preprocess import Geometry
+
+from .conftest import tiny_model
+
+
+@pytest.mark.parametrize("weighting", ["saliency", "uniform"])
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_completeness_for_random_pairs(weighting, image_size):
+    model = tiny_model(image_size=image_size)
+    gen = torch.Generator().manual_seed(image_size)
+    x = torch.randn(8, 1, image_size, image_size, generator=gen)
+    with torch.no_grad():
+        out = model.run(x, weighting)
+    for i, j in [(0, 1), (2, 3), (4, 5), (6, 7), (1, 6), (3, 3)]:
+        dec = decompose(model, out.features[i], out.weights[i], out.features[j], out.weights[j])
+        assert dec.completeness_error < 1e-4
+        assert abs(dec.similarity - float(out.embedding[i] @ out.embedding[j])) < 1e-5
+        # row / column sums are the query / case maps, each summing to the similarity as well
+        assert abs(dec.query_map().sum() - dec.similarity) < 1e-4
+        assert abs(dec.case_map().sum() - dec.similarity) < 1e-4
+
+
+@pytest.mark.parametrize("weighting", ["saliency", "uniform"])
+def test_registry_similarity_equals_the_decomposition_on_both_sides(weighting):
+    model = tiny_model(image_size=64)
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model.run(x, weighting)
+    dec = decompose(model, out.features[0], out.weights[0], out.features[1], out.weights[1])
+    # query side: query image with the case embedding fixed; case side: the reverse
+    inputs = torch.stack([x[0], x[1]])
+    target = ScoreTarget(torch.tensor([-1, -1]), torch.stack([out.embedding[1], out.embedding[0]]), weighting)
+    maps = registry.get("similarity").attribute(model, inputs, target).numpy()
+    np.testing.assert_allclose(maps[0], dec.query_map(), atol=1e-5)
+    np.testing.assert_allclose(maps[1], dec.case_map(), atol=1e-5)
+    # on a class row it is the class activation map: sums to the logit minus the bias
+    c = int(out.predicted[0])
+    cam = registry.get("similarity").attribute(model, x[:1], c)[0]
+    expected = float(out.logits[0, c] - model.classifier.bias[c].detach())
+    assert abs(float(cam.sum()) - expected) < 1e-4
+
+
+@pytest.mark.parametrize("size", [(100, 160), (300, 200)])
+def test_geometry_cells_tile_non_square_images(size):
+    geo = Geometry(size, 64)
+    grid = (4, 4)
+    h, w = size
+    cover = np.zeros(size, int)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            x0, y0, x1, y1 = geo.cell_box(r, c, grid)
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            # the box is the cell's share of the original image
+            assert abs(x0 - c * w / grid[1]) <= 1 and abs(x1 - (c + 1) * w / grid[1]) <= 1
+            assert abs(y0 - r * h / grid[0]) <= 1 and abs(y1 - (r + 1) * h / grid[0]) <= 1
+            cover[y0:y1, x0:x1] += 1
+    assert cover.min() >= 1  # every original pixel belongs to some cell
+
+
+def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_images):
+    q = retriever.encode(odd_images[(100, 160)])
+    c = retriever.encode(odd_images[(300, 200)])
+    nb = retriever.neighbor(float(q.embedding @ c.embedding), 0)
+    retriever.match_regions(q, c, nb, n_regions=3)
+    assert nb.completeness_error < 1e-4
+    dec = decompose(retriever.model, q.features, q.weights, c.features, c.weights)
+    pairs = dec.top_pairs(3)
+    assert len(nb.matched_regions) == len(pairs) >= 1
+    for region, (qcell, ccell, val) in zip(nb.matched_regions, pairs, strict=True):
+        for box, (row, col), (h, w), grid in ((region.query_box, qcell, (100, 160), q.grid),
+                                              (region.case_box, ccell, (300, 200), c.grid)):
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            # the box is exactly the original-pixel footprint of the decomposition's cell
+            assert abs(x0 - col * w / grid[1]) <= 1 and abs(x1 - (col + 1) * w / grid[1]) <= 1
+            assert abs(y0 - row * h / grid[0]) <= 1 and abs(y1 - (row + 1) * h / grid[0]) <= 1
+        assert region.contribution == pytest.approx(val)
+    assert nb.maps["similarity"]["query"].shape == (100, 160)
+    assert nb.maps["similarity"]["case"].shape == (300, 200)
+    # the maps' peaks sit in the cells of the largest row / column sums
+    qmap = dec.query_map()
+    r, col = np.unravel_index(np.argmax(qmap), qmap.shape)
+    full = nb.maps["similarity"]["query"]
+    y, x = np.unravel_index(np.argmax(full), full.shape)
+    assert int(y * q.grid[0] / 100) == r and int(x * q.grid[1] / 160) == col
