@@ -67,12 +67,23 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
            "n_queries": d["n_queries"], "n_indexed": d["n_indexed"], "precision_at_5": d["precision_at_5"],
            "attributes": {n: {k: v[k] for k in ("concordance", "expected", "lift", "p_value", "p_value_holm",
                                                 "probe_balanced_accuracy", "chance", "label_association",
-                                                "flagged", "retrieval_bias")}
+                                                "label_association_p", "flagged", "retrieval_bias")}
                           for n, v in d["attributes"].items()},
            "counterfactual": {k: d["counterfactual"].get(k) for k in ("similarity_in_lesion", "masked_retrieval")},
            "seconds": {k: round(v, 1) for k, v in t.items()}}
     done.write_text(json.dumps(out, indent=1))
     return out
+
+
+def rejudge(runs: list[dict]) -> None:
+    """Re-apply the current flag rule to the stored statistics (cached runs follow rule changes)."""
+    from retrieval.audit import verdict
+
+    for r in runs:
+        for v in r["attributes"].values():
+            v["flagged"], v["retrieval_bias"], _ = verdict.decide(
+                v["p_value_holm"], v["lift"], v["probe_balanced_accuracy"], v["chance"],
+                (v["label_association"], v["label_association_p"]))
 
 
 def main() -> None:
@@ -95,6 +106,7 @@ def main() -> None:
         for conf in args.confounders.split(","):
             runs.append(run_one(work, seed, conf, args))
             print(f"done: {conf} seed {seed}", flush=True)
+    rejudge(runs)
 
     rows = []
     for r in runs:

@@ -119,7 +119,8 @@ def build_index(model_dir, manifest_path, out_dir, weighting="saliency", factory
     if not emb.ok:
         raise CasebaseError("no image could be embedded; nothing to index")
     embed_s = time.time() - t0
-    meta = write_bundle(out_dir, model_dir, model, cases, emb, weighting, factory, splits)
+    meta = write_bundle(out_dir, model_dir, model, cases, emb, weighting, factory, splits,
+                        {"manifest": str(Path(manifest_path).resolve())})
     return BuildReport(str(out_dir), len(emb.ok), meta["faiss"]["factory"], skipped, time.time() - t0,
                        len(cases) / max(embed_s, 1e-9))
 

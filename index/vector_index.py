@@ -109,6 +109,26 @@ def _gpu_available() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _omp_threads(n: int):
+    """Run FAISS with n OpenMP threads in this thread, then restore.
+
+    A single query on a Flat index is split over every core; on a busy machine
+    the threads' barrier waits then dominate (bench/search_scale.py, 2 shared
+    cores: 100k Flat, one query 5.6 ms on 1 thread vs 36 ms on 2). libgomp keeps
+    the thread count per calling thread, so concurrent callers do not interfere.
+    """
+    old = faiss.omp_get_max_threads()
+    if old == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
 def _skip_polysemous(index: faiss.Index) -> None:
     """IVF-PQ factories train polysemous codes by default; search never uses them here
     (polysemous_ht stays 0) and they cost ~8x the rest of the training (bench/search_scale.py)."""
@@ -253,7 +273,10 @@ class VectorIndex:
         # FAISS's GPU indexes select at most GPU_MAX_K neighbours; the service widens k
         # past that when filters reject many hits, so such searches run on the CPU copy.
         gpu = self._gpu_index is not None and k <= GPU_MAX_K
-        return (self._gpu_index if gpu else self.index).search(q, k)
+        if gpu or len(q) > 1:
+            return (self._gpu_index if gpu else self.index).search(q, k)
+        with _omp_threads(1):
+            return self.index.search(q, k)
 
     def reconstruct_all(self) -> np.ndarray:
         """All stored vectors in id order (exact for Flat/HNSW-Flat/IVF-Flat)."""

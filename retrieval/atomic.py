@@ -86,9 +86,11 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
+    _recover(final)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = None
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -106,5 +108,17 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             os.rename(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():
+            os.rename(old, final)  # failed between the two renames: put the previous back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover(final: Path) -> None:
+    """A run killed between the fallback's two renames left `final` missing and the previous
+    content in `.NAME.old-*`: put it back (and drop older leftovers)."""
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        os.rename(olds.pop(), final)
+    for stale in olds:
+        shutil.rmtree(stale, ignore_errors=True)

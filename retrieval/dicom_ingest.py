@@ -171,8 +171,8 @@ def _get(ds, keyword: str) -> str:
     from pydicom.config import disable_value_validation
 
     try:
-        # no validation: pydicom's "Invalid value for VR DA: '<the value>'" warnings would
-        # print a malformed birth date or name (PHI) on stderr
+        # no validation: pydicom's reading warnings ("Invalid value for VR UI: '<the value>'")
+        # would put header values on stderr and in logs
         with disable_value_validation(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             value = ds.get(keyword, "")
@@ -193,12 +193,17 @@ def _sop_class_name(ds) -> str:
     if not uid:
         return ""
     try:
+        from pydicom.config import disable_value_validation
         from pydicom.uid import UID
 
-        name = UID(uid).name
-        return name if name != uid else uid
+        with disable_value_validation(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            u = UID(uid)
+            # a corrupted header can make this "UID" swallow the bytes after it (names, ids):
+            # never echo one that is not a well-formed UID
+            return u.name if u.is_valid else ""
     except Exception:  # noqa: BLE001
-        return uid
+        return ""
 
 
 class _LabelSource:

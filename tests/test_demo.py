@@ -41,13 +41,15 @@ def built(tmp_path_factory, _casebase_home):
 
 def test_demo_builds_then_reuses(small_demo, built, capsys):
     out, err = built
-    for stage in ("[1/4] phantom", "[2/4] train", "[3/4] index", "[4/4] trust"):
+    for stage in ("[1/5] phantom", "[2/5] train", "[3/5] index", "[4/5] trust", "[5/5] audit"):
         assert f"{stage}" in err and "done in" in err
     from index import bundle
 
     bundle.verify(out / "index")
     trust = json.loads((out / "index" / "trust.json").read_text())
     assert set(trust) == {"gradcam", "similarity"} and trust["gradcam"]["summary"]
+    if demo._audit_available():
+        assert (out / "index" / "audit" / "report.html").is_file()
     stamp = json.loads((out / demo.STAMP).read_text())
     assert stamp["timings_s"]["total"] > 0
     assert "streamlit run" in err  # --no-app says how to open it
@@ -70,7 +72,8 @@ def test_demo_repairs_a_missing_trust_table(small_demo, built, tmp_path, capsys,
     demo.build(out)
     err = capsys.readouterr().err
     assert calls == [["gradient"]]  # only the method not measured yet
-    assert "reusing the model" in err and "[3/4] index    reusing" in err
+    assert "reusing the model" in err and "[3/5] index    reusing" in err
+    assert "[5/5] audit    reusing" in err
 
 
 def test_demo_needs_the_app_unless_no_app(tmp_path, monkeypatch):

@@ -64,7 +64,10 @@ def _variants(root: Path):
     """(description, file the message must name, apply(), restore()) for every tampering."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     assert {p.relative_to(root).as_posix() for p in files} >= {
-        "bundle.json", "vectors.faiss", "cases.parquet", "model/weights.safetensors",
+        "bundle.json",
+        "vectors.faiss",
+        "cases.parquet",
+        "model/weights.safetensors",
         "model/config.json",
     }
     for f in files:
@@ -75,6 +78,7 @@ def _variants(root: Path):
             f.write_bytes(original)
 
         for pos in sorted({0, 1, n // 4, n // 2, (3 * n) // 4, n - 2, n - 1}):
+
             def flip(f=f, original=original, pos=pos):
                 b = bytearray(original)
                 b[pos] ^= 0x20 if original[pos : pos + 1].isalpha() else 0x01
@@ -82,7 +86,12 @@ def _variants(root: Path):
 
             yield f"byte {pos} of {n} changed", f, flip, restore
         for keep in (n // 2, 0):
-            yield f"truncated to {keep} bytes", f, (lambda f=f, o=original, k=keep: f.write_bytes(o[:k])), restore
+            yield (
+                f"truncated to {keep} bytes",
+                f,
+                (lambda f=f, o=original, k=keep: f.write_bytes(o[:k])),
+                restore,
+            )
         yield "one byte appended", f, (lambda f=f, o=original: f.write_bytes(o + b"\n")), restore
         yield "deleted", f, f.unlink, restore
     for rel in ("notes.txt", "model/extra.bin", ".hidden", "audit/report.html"):
@@ -94,7 +103,11 @@ def _variants(root: Path):
 
         def remove(extra=extra, root=root):
             extra.unlink()
-            if extra.parent != root and not any(extra.parent.iterdir()) and extra.parent.name == "audit":
+            if (
+                extra.parent != root
+                and not any(extra.parent.iterdir())
+                and extra.parent.name == "audit"
+            ):
                 extra.parent.rmdir()
 
         yield "extra file", extra, add, remove
@@ -125,15 +138,22 @@ def test_every_tampered_file_is_refused_naming_it(copy, query_image):
                 rc, out, err = _cli(argv)
                 if rc != 2 or str(f) not in err or err.count("\n") != 1 or "internal error" in err:
                     ok = False
-                    failures.append(f"{rel} {what}: casebase {argv[0]} exit {rc}: {err.strip()[:300]}")
+                    failures.append(
+                        f"{rel} {what}: casebase {argv[0]} exit {rc}: {err.strip()[:300]}"
+                    )
             refused[rel] += ok
         finally:
             restore()
     bundle.verify(copy)  # restored intact
     total, n_refused = sum(tried.values()), sum(refused.values())
-    _record({"tampered_bundles_tried": total, "tampered_bundles_refused": n_refused,
-             "refused_percent": round(100.0 * n_refused / max(total, 1), 2),
-             "by_file": {k: f"{refused[k]}/{tried[k]}" for k in sorted(tried)}})
+    _record(
+        {
+            "tampered_bundles_tried": total,
+            "tampered_bundles_refused": n_refused,
+            "refused_percent": round(100.0 * n_refused / max(total, 1), 2),
+            "by_file": {k: f"{refused[k]}/{tried[k]}" for k in sorted(tried)},
+        }
+    )
     print(f"\ntampered bundles refused: {n_refused}/{total}")
     assert total >= 60
     assert not failures, "\n".join(failures[:30])
@@ -154,8 +174,11 @@ def test_newer_format_version_is_refused_with_the_version(copy, query_image, ver
     try:
         meta = json.loads(original)
         _reseal(copy, dict(meta, format_version=version))
-        with pytest.raises(BundleError, match=rf"format version {version} is newer.*version "
-                                             rf"{bundle.FORMAT_VERSION}\)"):
+        with pytest.raises(
+            BundleError,
+            match=rf"format version {version} is newer.*version "
+            rf"{bundle.FORMAT_VERSION}\)",
+        ):
             CaseRetriever.load(copy, device="cpu")
         rc, _, err = _cli(["query", copy, query_image, "--device", "cpu"])
         assert rc == 2 and f"format version {version} is newer" in err and str(path) in err

@@ -37,3 +37,27 @@ def test_ivfpq_skips_polysemous_training_and_refine_reranks(tmp_path):
     idx.save(tmp_path / "x.faiss")
     back = VectorIndex.load(tmp_path / "x.faiss", "IVF16,PQ4,RFlat")
     assert faiss.downcast_index(back.index).k_factor == vi.REFINE_K_FACTOR
+
+
+def test_single_query_search_runs_on_one_thread_and_restores_the_count():
+    v = _unit(3000, 16, seed=2)
+    idx = VectorIndex.build(v, "Flat")
+    batch = idx.search(v[:4], 5)
+    real, seen = idx.index, []
+
+    class Spy:  # records the OpenMP thread count FAISS would use for each search
+        ntotal = real.ntotal
+
+        def search(self, q, k):
+            seen.append((len(q), faiss.omp_get_max_threads()))
+            return real.search(q, k)
+
+    before = faiss.omp_get_max_threads()
+    idx.index = Spy()
+    for i in range(4):
+        s, ids = idx.search(v[i], 5)
+        np.testing.assert_array_equal(ids[0], batch[1][i])
+    idx.search(v[:4], 5)
+    assert faiss.omp_get_max_threads() == before
+    assert seen[:4] == [(1, 1)] * 4
+    assert seen[4] == (4, before)

@@ -66,7 +66,7 @@ def test_decide():
     # same evidence, but the attribute says nothing about the label: retrieval bias, not a shortcut
     flagged, bias, _ = verdict.decide(0.001, 1.5, 0.7, 1 / 3, (0.03, 0.6))
     assert not flagged and bias
-    for args in [(0.02, 1.5, 0.7, 1 / 3), (0.001, 1.1, 0.7, 1 / 3), (0.001, 1.5, 0.4, 1 / 3)]:
+    for args in [(0.02, 1.5, 0.7, 1 / 3), (0.001, 1.02, 0.7, 1 / 3), (0.001, 1.5, 0.4, 1 / 3)]:
         assert verdict.decide(*args, (0.8, 1e-30))[:2] == (False, False)
     flagged, _, reasons = verdict.decide(0.001, 1.5, None, None, (0.8, 1e-30))
     assert flagged and any("probe not available" in r for r in reasons)

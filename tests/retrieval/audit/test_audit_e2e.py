@@ -128,3 +128,17 @@ def test_cli_table_and_errors(tiny_index, phantom_dir, tmp_path, capsys):
     assert main(["audit", str(idx), manifest, "--attributes", "scanner", "--permutations", "19"]) == 0
     text = capsys.readouterr().out
     assert "concord." in text and "scanner" in text and "rule:" in text
+
+
+def test_rgb_photo_index(tiny_photo_index, photo_phantom_dir):
+    """RGB images: masks, lesion removal, overlays and the report work on three channels too."""
+    from retrieval.audit import run_audit
+    from retrieval.audit.report import render_html
+
+    r = CaseRetriever.load(tiny_photo_index, device="cpu")
+    res = run_audit(r, photo_phantom_dir / "manifest.csv", permutations=19, progress=False,
+                    max_counterfactual=4)
+    assert "device" in res.data["attributes"]
+    assert res.data["counterfactual"]["n_queries"] == 4
+    html = render_html(res.data, res.examples)
+    assert html.count("data:image/png;base64,") >= 4
