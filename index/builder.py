@@ -62,6 +62,10 @@ def embed_manifest(model_dir, manifest_path, splits, weighting="saliency", batch
     if df.empty:
         raise CasebaseError(f"{manifest_path}: no cases in split(s) {', '.join(splits)}")
     cases = case_table(manifest, df)
+    dup = cases["case_id"][cases["case_id"].duplicated()].unique().tolist()
+    if dup:
+        raise CasebaseError(f"{manifest_path}: duplicate case_id {', '.join(map(str, dup[:5]))}"
+                            f"{' …' if len(dup) > 5 else ''} (run casebase validate)")
     if engine == "ray":
         from index.ray_engine import embed_with_ray
 

@@ -82,3 +82,17 @@ def test_auto_goes_on_disk_only_beyond_a_quarter_of_ram(monkeypatch):
     monkeypatch.setattr(vi, "_ram_bytes", lambda: 4 * 128 * 4 * 1_000_000)
     assert vi.auto_factory(900_000, 128).startswith("IVF")
     assert vi.auto_factory(1_100_000, 128).startswith(vi.ONDISK)
+
+
+def test_index_build_refuses_duplicate_case_ids(tiny_index, phantom_dir, tmp_path):
+    import pandas as pd
+
+    from index.builder import build_index
+
+    df = pd.read_csv(phantom_dir / "manifest.csv", dtype=str).fillna("")
+    df["image"] = [str(phantom_dir / p) for p in df["image"]]
+    df.loc[1, "case_id"] = df.loc[0, "case_id"]
+    df.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(CasebaseError, match=f"duplicate case_id {df.loc[0, 'case_id']}"):
+        build_index(tiny_index.parent / "model", tmp_path / "m.csv", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
