@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--hnsw-ef", default="32,64,128")
     ap.add_argument("--train-compare", action="store_true",
                     help="also build IVF1024 trained on 256/list (FAISS's own cap) vs the default 64/list")
+    ap.add_argument("--name", default="search_scale", help="results file name (bench/results/NAME.json)")
+    ap.add_argument("--no-hnsw", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -129,9 +131,10 @@ def main() -> int:
             ivf_plan.append((name, "nprobe,k_factor", pairs))
         else:
             ivf_plan.append((name, "nprobe", [int(p) for p in probes.split(",")]))
-    hnsw_name = "HNSW32" + (f"@{args.hnsw_n // 1000}k" if sub else "")
-    build(hnsw_name, hnsw_data, "HNSW32", flat_small)
-    ivf_plan.append((hnsw_name, "efSearch", [int(e) for e in args.hnsw_ef.split(",")]))
+    if not args.no_hnsw:
+        hnsw_name = "HNSW32" + (f"@{args.hnsw_n // 1000}k" if sub else "")
+        build(hnsw_name, hnsw_data, "HNSW32", flat_small)
+        ivf_plan.append((hnsw_name, "efSearch", [int(e) for e in args.hnsw_ef.split(",")]))
 
     # ---------------------------------------------------------------- recall
     truth = {}
@@ -209,7 +212,7 @@ def main() -> int:
     rule = {n: auto_factory(n, args.dim) for n in (10_000, 50_000, 100_000, 200_000, 1_000_000, 5_000_000)}
     print("\nauto_factory now: " + ", ".join(f"{n:,} -> {f}" for n, f in rule.items()))
     print(f"IVF training sample: {TRAIN_PER_LIST} vectors per list (VectorIndex.build default)")
-    finish("search_scale", info, {
+    finish(args.name, info, {
         "config": {"n": args.n, "dim": args.dim, "hnsw_n": args.hnsw_n, "queries_recall": args.queries,
                    "single_queries_per_round": args.single, "rounds": args.rounds,
                    "clusters": max(16, args.n // 250), "generation_s": gen_s,

@@ -67,8 +67,10 @@ def _bin(name: str, index_vals: np.ndarray, query_vals: np.ndarray) -> CodedAttr
         c[~np.isfinite(v)] = -1
         return c
 
-    binning = (f"quartiles of the indexed cases ({len(groups)} equal-count bins; values outside "
-               f"the indexed range go to the end bins): " + ", ".join(groups))
+    binning = (
+        f"quartiles of the indexed cases ({len(groups)} equal-count bins; values outside "
+        f"the indexed range go to the end bins): " + ", ".join(groups)
+    )
     return CodedAttribute(name, "binned", binning, groups, code(index_vals), code(query_vals))
 
 
@@ -92,8 +94,11 @@ def code_attribute(name: str, index_vals: pd.Series, query_vals: pd.Series) -> C
     if distinct < 2:
         return f"{distinct} distinct value(s); nothing to compare"
     inum, qnum = _numeric(index_vals), _numeric(query_vals)
-    if (inum is not None and (qnum is not None or query_vals.str.strip().eq("").all())
-            and distinct > CONTINUOUS_MIN_DISTINCT):
+    if (
+        inum is not None
+        and (qnum is not None or query_vals.str.strip().eq("").all())
+        and distinct > CONTINUOUS_MIN_DISTINCT
+    ):
         if qnum is None:
             qnum = np.full(len(query_vals), np.nan)
         if np.isfinite(inum).sum() < 2 * N_QUANTILE_BINS:
@@ -104,14 +109,20 @@ def code_attribute(name: str, index_vals: pd.Series, query_vals: pd.Series) -> C
     return _categorical(name, index_vals, query_vals)
 
 
-def select_attributes(index_cases: pd.DataFrame, query_cases: pd.DataFrame, known: list[str],
-                      requested: list[str] | None) -> tuple[list[CodedAttribute], dict[str, str]]:
+def select_attributes(
+    index_cases: pd.DataFrame,
+    query_cases: pd.DataFrame,
+    known: list[str],
+    requested: list[str] | None,
+) -> tuple[list[CodedAttribute], dict[str, str]]:
     """(coded attributes, {skipped name: reason}); unknown requested names raise CasebaseError."""
     if requested:
         unknown = [a for a in requested if a not in known]
         if unknown:
-            raise CasebaseError(f"unknown attribute(s) {', '.join(unknown)}; the index has: "
-                                f"{', '.join(known) or '(no attribute columns)'}")
+            raise CasebaseError(
+                f"unknown attribute(s) {', '.join(unknown)}; the index has: "
+                f"{', '.join(known) or '(no attribute columns)'}"
+            )
         missing = [a for a in requested if a not in query_cases.columns]
         if missing:
             raise CasebaseError(f"attribute(s) {', '.join(missing)} not in the query manifest")

@@ -23,7 +23,14 @@ concordance, resampling query *patients* (queries of one patient share their
 attributes and look alike, so they are not independent); ``null_interval`` is
 the central 95 % of the permutation null.
 
-The null permutes single cases. When an attribute is constant within a
+A second, **query-side** null (`query_permutation_test`) permutes the
+*queries'* values among queries of the same label instead. It also sees a
+shortcut that acts as a label proxy: a site marker pulling neighbours to the
+class that site stands for gives neighbours whose site is just what their
+(wrong) label predicts, invisible to the index-side null, but it makes the
+query's site change which labels it retrieves. The audit reports both tests.
+
+The nulls permute single cases. When an attribute is constant within a
 patient and one index patient fills several neighbour slots, the true null
 varies more than the case-level one and p-values are somewhat optimistic;
 the audit therefore never flags on a p-value alone (see ``verdict``).
@@ -63,8 +70,9 @@ class ConcordanceResult:
         }
 
 
-def permute_within(codes: np.ndarray, strata: np.ndarray, n_perm: int,
-                   rng: np.random.Generator) -> np.ndarray:
+def permute_within(
+    codes: np.ndarray, strata: np.ndarray, n_perm: int, rng: np.random.Generator
+) -> np.ndarray:
     """(n_perm, n) copies of ``codes``, each shuffled independently within every stratum."""
     out = np.tile(codes, (n_perm, 1))
     for s in np.unique(strata):
@@ -74,12 +82,16 @@ def permute_within(codes: np.ndarray, strata: np.ndarray, n_perm: int,
     return out
 
 
-def _shares(nbr_codes: np.ndarray, qcodes: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _shares(
+    nbr_codes: np.ndarray, qcodes: np.ndarray, valid: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
     """Per-query share of neighbours with the query's code; works on (..., nq, k) codes."""
     return ((nbr_codes == qcodes[:, None]) & valid).sum(-1) / counts
 
 
-def _stratum_frequencies(codes: np.ndarray, strata: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratum_frequencies(
+    codes: np.ndarray, strata: np.ndarray, n_codes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(stratum ids, (n_strata, n_codes) P(code | stratum)) over all cases of each stratum."""
     ids, inv = np.unique(strata, return_inverse=True)
     freq = np.zeros((len(ids), n_codes))
@@ -89,8 +101,9 @@ def _stratum_frequencies(codes: np.ndarray, strata: np.ndarray, n_codes: int) ->
     return inv, freq / np.maximum(sizes, 1.0)[:, None]
 
 
-def cluster_bootstrap(shares: np.ndarray, clusters: np.ndarray | None, n_boot: int,
-                      rng: np.random.Generator) -> tuple[float, float]:
+def cluster_bootstrap(
+    shares: np.ndarray, clusters: np.ndarray | None, n_boot: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """95 % percentile interval of mean(shares), resampling clusters (or single queries)."""
     if len(shares) == 0:
         return (float("nan"), float("nan"))
@@ -105,10 +118,16 @@ def cluster_bootstrap(shares: np.ndarray, clusters: np.ndarray | None, n_boot: i
     return (float(lo), float(hi))
 
 
-def concordance_test(neighbors: np.ndarray, valid: np.ndarray, query_codes: np.ndarray,
-                     index_codes: np.ndarray, strata: np.ndarray, n_perm: int = 1000,
-                     rng: np.random.Generator | None = None,
-                     query_clusters: np.ndarray | None = None) -> ConcordanceResult:
+def concordance_test(
+    neighbors: np.ndarray,
+    valid: np.ndarray,
+    query_codes: np.ndarray,
+    index_codes: np.ndarray,
+    strata: np.ndarray,
+    n_perm: int = 1000,
+    rng: np.random.Generator | None = None,
+    query_clusters: np.ndarray | None = None,
+) -> ConcordanceResult:
     """Concordance, exact expected, lift, permutation p-value and intervals.
 
     neighbors: (nq, k) index rows (any value where ``valid`` is False);
@@ -142,15 +161,86 @@ def concordance_test(neighbors: np.ndarray, valid: np.ndarray, query_codes: np.n
     while done < n_perm:
         b = min(block, n_perm - done)
         perm = permute_within(icodes, np.asarray(strata), b, rng)
-        null[done:done + b] = _shares(perm[:, nb], q, v, cnt).mean(1)
+        null[done : done + b] = _shares(perm[:, nb], q, v, cnt).mean(1)
         done += b
     tol = 1e-12
     p_value = float((1 + np.sum(null >= observed - tol)) / (1 + n_perm)) if n_perm > 0 else 1.0
-    null_iv = tuple(float(x) for x in np.percentile(null, [2.5, 97.5])) if n_perm > 0 else (nan, nan)
+    null_iv = (
+        tuple(float(x) for x in np.percentile(null, [2.5, 97.5])) if n_perm > 0 else (nan, nan)
+    )
     clusters = None if query_clusters is None else np.asarray(query_clusters)[use]
     interval = cluster_bootstrap(obs_shares, clusters, N_BOOTSTRAP, rng)
     lift = observed / expected if expected > 0 else None
-    return ConcordanceResult(observed, expected, lift, p_value, int(use.sum()), interval, null_iv, n_perm)
+    return ConcordanceResult(
+        observed, expected, lift, p_value, int(use.sum()), interval, null_iv, n_perm
+    )
+
+
+@dataclass
+class QueryNullResult:
+    expected: float
+    lift: float | None
+    p_value: float
+    null_interval: tuple[float, float]
+    permutations: int
+
+    def to_json(self) -> dict:
+        return {
+            "expected": self.expected,
+            "lift": self.lift,
+            "p_value": self.p_value,
+            "null_interval": list(self.null_interval),
+            "permutations": self.permutations,
+        }
+
+
+def query_permutation_test(
+    neighbors: np.ndarray,
+    valid: np.ndarray,
+    query_codes: np.ndarray,
+    index_codes: np.ndarray,
+    query_strata: np.ndarray,
+    n_perm: int = 1000,
+    rng: np.random.Generator | None = None,
+) -> QueryNullResult:
+    """The same concordance against a *query-side* null: the queries' attribute values are
+    permuted among queries of the same label, neighbour lists and the index kept as they are.
+
+    It asks whether a query's attribute changes *which* cases it retrieves, beyond what its
+    label explains, and so also sees a shortcut that works as a label proxy (a site marker
+    pulling neighbours towards the class that site stands for), which the index-side null
+    cannot: those neighbours carry the site their label predicts. It needs queries whose
+    attribute varies within a label, as in a test split where site and label are independent.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    neighbors = np.asarray(neighbors, dtype=np.int64)
+    valid = np.asarray(valid, dtype=bool)
+    qcodes = np.asarray(query_codes, dtype=np.int64)
+    icodes = np.asarray(index_codes, dtype=np.int64)
+    counts = valid.sum(1)
+    use = (qcodes >= 0) & (counts > 0)
+    nan = float("nan")
+    if not use.any() or n_perm <= 0:
+        return QueryNullResult(nan, None, 1.0, (nan, nan), 0)
+    nb_codes = icodes[np.where(valid, neighbors, 0)][use]
+    v, q, cnt = valid[use], qcodes[use], counts[use].astype(float)
+    observed = float(_shares(nb_codes, q, v, cnt).mean())
+    # the share of each query's neighbours holding each value: (nq, n_codes); a permuted
+    # assignment just reads other columns of it
+    n_codes = int(max(icodes.max(initial=-1), q.max(initial=-1))) + 1
+    table = np.stack([((nb_codes == c) & v).sum(1) / cnt for c in range(n_codes)], axis=1)
+    strata = np.asarray(query_strata)[use]
+    inv, freq = _stratum_frequencies(q, strata, n_codes)
+    expected = float(
+        (table * freq[inv]).sum(1).mean()
+    )  # exact: each query's value drawn from its label's
+    perms = permute_within(q, strata, n_perm, rng)
+    null = table[np.arange(len(q))[None, :], perms].mean(1)
+    p_value = float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm))
+    iv = tuple(float(x) for x in np.percentile(null, [2.5, 97.5]))
+    return QueryNullResult(
+        expected, observed / expected if expected > 0 else None, p_value, iv, n_perm
+    )
 
 
 def holm(p_values: list[float]) -> list[float]:

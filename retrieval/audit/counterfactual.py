@@ -97,7 +97,11 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the audit
 def _pick(query_cases, max_queries: int, seed: int) -> np.ndarray:
-    has = query_cases["mask"].astype(str).str.strip().ne("").to_numpy() if "mask" in query_cases else None
+    has = (
+        query_cases["mask"].astype(str).str.strip().ne("").to_numpy()
+        if "mask" in query_cases
+        else None
+    )
     if has is None:
         return np.zeros(0, dtype=int)
     rows = np.flatnonzero(has)
@@ -116,7 +120,7 @@ class _Encoder:
     def ensure(self, rows: list[int]) -> None:
         todo = [row for row in dict.fromkeys(rows) if row not in self.cache]
         for start in range(0, len(todo), BATCH):
-            chunk = todo[start:start + BATCH]
+            chunk = todo[start : start + BATCH]
             try:
                 ctxs = self.r.encode_many([self.r.cases.at[row, "image"] for row in chunk])
             except CasebaseError:
@@ -141,7 +145,9 @@ class _Encoder:
                 self.cache[row] = (c.features, c.weights, frac)
 
 
-def _attribute_share(attrs: list[CodedAttribute], qrows: np.ndarray, hits, index_codes_by_attr) -> dict:
+def _attribute_share(
+    attrs: list[CodedAttribute], qrows: np.ndarray, hits, index_codes_by_attr
+) -> dict:
     out = {}
     for a in attrs:
         qc = a.query_codes[qrows]
@@ -166,22 +172,43 @@ def _precision(r, hits, qlabels) -> float | None:
     return float(np.nanmean(p)) if np.isfinite(p).any() else None
 
 
-def audit_counterfactual(r, query_cases, hits, attrs: list[CodedAttribute], k: int = 5,
-                         max_queries: int = MAX_QUERIES, seed: int = 0, progress: bool = False) -> dict:
+def audit_counterfactual(
+    r,
+    query_cases,
+    hits,
+    attrs: list[CodedAttribute],
+    k: int = 5,
+    max_queries: int = MAX_QUERIES,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """See the module docstring; ``hits`` are the audit's patient-excluded neighbours per query."""
     picked = _pick(query_cases, max_queries, seed)
-    n_masked = int(query_cases["mask"].astype(str).str.strip().ne("").sum()) if "mask" in query_cases else 0
+    n_masked = (
+        int(query_cases["mask"].astype(str).str.strip().ne("").sum())
+        if "mask" in query_cases
+        else 0
+    )
     base = {"max_queries": max_queries, "n_with_mask": n_masked, "k": k}
     if not len(picked):
         return {**base, "n_queries": 0, "note": "no query in the split has a lesion mask"}
     enc = _Encoder(r)
     pre = r.preprocessor
-    rec = {"qrows": [], "q_share": [], "c_share": [], "q_area": [], "c_area": [],
-           "lesion_removed": [], "background_removed": []}
+    rec = {
+        "qrows": [],
+        "q_share": [],
+        "c_share": [],
+        "q_area": [],
+        "c_area": [],
+        "lesion_removed": [],
+        "background_removed": [],
+    }
     skipped = 0
-    bar = tqdm(total=len(picked), desc="counterfactual", unit="query", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(picked), desc="counterfactual", unit="query", disable=not progress, leave=False
+    )
     for start in range(0, len(picked), BATCH):
-        chunk = picked[start:start + BATCH]
+        chunk = picked[start : start + BATCH]
         loaded, tensors = [], []
         for qi in chunk:
             try:
@@ -232,17 +259,34 @@ def audit_counterfactual(r, query_cases, hits, attrs: list[CodedAttribute], k: i
     bar.close()
     qrows = np.array(rec["qrows"], dtype=int)
     if not len(qrows):
-        return {**base, "n_queries": 0, "skipped": skipped, "note": "no readable, non-empty query mask"}
+        return {
+            **base,
+            "n_queries": 0,
+            "skipped": skipped,
+            "note": "no readable, non-empty query mask",
+        }
     q_share, c_share = np.array(rec["q_share"]), np.array(rec["c_share"])
     q_area, c_area = np.array(rec["q_area"]), np.array(rec["c_area"])
 
     def _mean(x):
         return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
-    sim = {"query": _mean(q_share), "case": _mean(c_share), "lesion_area_query": _mean(q_area),
-           "lesion_area_case": _mean(c_area)}
-    sim["enrichment_query"] = sim["query"] / sim["lesion_area_query"] if sim["query"] is not None and sim["lesion_area_query"] else None
-    sim["enrichment_case"] = sim["case"] / sim["lesion_area_case"] if sim["case"] is not None and sim["lesion_area_case"] else None
+    sim = {
+        "query": _mean(q_share),
+        "case": _mean(c_share),
+        "lesion_area_query": _mean(q_area),
+        "lesion_area_case": _mean(c_area),
+    }
+    sim["enrichment_query"] = (
+        sim["query"] / sim["lesion_area_query"]
+        if sim["query"] is not None and sim["lesion_area_query"]
+        else None
+    )
+    sim["enrichment_case"] = (
+        sim["case"] / sim["lesion_area_case"]
+        if sim["case"] is not None and sim["lesion_area_case"]
+        else None
+    )
 
     by_group: dict[str, dict] = {}
     for a in attrs:
@@ -251,12 +295,21 @@ def audit_counterfactual(r, query_cases, hits, attrs: list[CodedAttribute], k: i
         for code, name in enumerate(a.groups):
             m = codes == code
             if m.any():
-                by_group[a.name][name] = {"n": int(m.sum()), "query": _mean(q_share[m]),
-                                          "case": _mean(c_share[m])}
+                by_group[a.name][name] = {
+                    "n": int(m.sum()),
+                    "query": _mean(q_share[m]),
+                    "case": _mean(c_share[m]),
+                }
 
     masked = _masked_retrieval(r, query_cases, qrows, hits, attrs, k, rec)
-    result = {**base, "n_queries": int(len(qrows)), "skipped": skipped,
-              "similarity_in_lesion": sim, "by_group": by_group, "masked_retrieval": masked}
+    result = {
+        **base,
+        "n_queries": int(len(qrows)),
+        "skipped": skipped,
+        "similarity_in_lesion": sim,
+        "by_group": by_group,
+        "masked_retrieval": masked,
+    }
     result["interpretation"] = interpret(sim, masked)
     return result
 
@@ -265,7 +318,9 @@ def _embed_images(r, images: list[LoadedImage]) -> np.ndarray:
     pre = r.preprocessor
     vecs = []
     for start in range(0, len(images), BATCH):
-        batch = torch.stack([pre.normalize(pre.resized(im)[None])[0] for im in images[start:start + BATCH]])
+        batch = torch.stack(
+            [pre.normalize(pre.resized(im)[None])[0] for im in images[start : start + BATCH]]
+        )
         vecs.append(r.embed(batch).float().cpu().numpy())
     return np.concatenate(vecs)
 
@@ -276,13 +331,19 @@ def _masked_retrieval(r, query_cases, qrows, hits, attrs, k, rec) -> dict:
     excl = [patients[i] for i in qrows]
     index_codes = {a.name: a.index_codes for a in attrs}
     orig_hits = [hits[i][:k] for i in qrows]
-    out = {"original": {"precision_at_5": _precision(r, orig_hits, qlabels),
-                        "attribute_concordance": _attribute_share(attrs, qrows, orig_hits, index_codes)}}
+    out = {
+        "original": {
+            "precision_at_5": _precision(r, orig_hits, qlabels),
+            "attribute_concordance": _attribute_share(attrs, qrows, orig_hits, index_codes),
+        }
+    }
     for name in ("lesion_removed", "background_removed"):
         vecs = np.concatenate(rec[name])
         h = r.search(vecs, k, exclude_patients=excl)
-        out[name] = {"precision_at_5": _precision(r, h, qlabels),
-                     "attribute_concordance": _attribute_share(attrs, qrows, h, index_codes)}
+        out[name] = {
+            "precision_at_5": _precision(r, h, qlabels),
+            "attribute_concordance": _attribute_share(attrs, qrows, h, index_codes),
+        }
     index_labels = r.cases["label"].astype(str)
     prevalence = index_labels.value_counts(normalize=True)
     out["chance_precision_at_5"] = float(np.mean([prevalence.get(lab, 0.0) for lab in qlabels]))
@@ -296,14 +357,20 @@ def interpret(sim: dict, masked: dict) -> str:
     bg = masked["background_removed"]["precision_at_5"]
     parts = []
     if sim.get("enrichment_query") is not None:
-        parts.append(f"{100 * sim['query']:.0f}% of the positive similarity lies inside the query's lesion "
-                     f"({100 * sim['lesion_area_query']:.0f}% of the image area)")
+        parts.append(
+            f"{100 * sim['query']:.0f}% of the positive similarity lies inside the query's lesion "
+            f"({100 * sim['lesion_area_query']:.0f}% of the image area)"
+        )
     if None not in (orig, les, bg):
         gain = orig - chance
         if gain > 0.05 and les - chance > 0.5 * gain:
-            parts.append(f"labels survive removing the lesion (precision@5 {les:.2f} vs {orig:.2f}, chance "
-                         f"{chance:.2f}): retrieval matches on context")
+            parts.append(
+                f"labels survive removing the lesion (precision@5 {les:.2f} vs {orig:.2f}, chance "
+                f"{chance:.2f}): retrieval matches on context"
+            )
         else:
-            parts.append(f"removing the lesion drops precision@5 to {les:.2f} (from {orig:.2f}, chance "
-                         f"{chance:.2f}); with the background removed it is {bg:.2f}")
+            parts.append(
+                f"removing the lesion drops precision@5 to {les:.2f} (from {orig:.2f}, chance "
+                f"{chance:.2f}); with the background removed it is {bg:.2f}"
+            )
     return "; ".join(parts) + "." if parts else ""

@@ -41,20 +41,31 @@ class Example:
     neighbors: list[Panel] = field(default_factory=list)
 
 
-def render(pixels: np.ndarray, heat: np.ndarray | None, boxes: list[list[int]],
-           max_side: int = MAX_SIDE) -> bytes:
+def render(
+    pixels: np.ndarray, heat: np.ndarray | None, boxes: list[list[int]], max_side: int = MAX_SIDE
+) -> bytes:
     """PNG of the image (+ map) with boxes, downscaled to ``max_side`` (boxes scaled along)."""
     h, w = pixels.shape[:2]
     s = min(1.0, max_side / max(h, w))
     if s < 1.0:
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        chans = [np.asarray(Image.fromarray(pixels[:, :, c].astype(np.float32)).resize((nw, nh), Image.BILINEAR))
-                 for c in range(pixels.shape[2])]
+        chans = [
+            np.asarray(
+                Image.fromarray(pixels[:, :, c].astype(np.float32)).resize((nw, nh), Image.BILINEAR)
+            )
+            for c in range(pixels.shape[2])
+        ]
         pixels = np.stack(chans, axis=2)
         if heat is not None:
-            heat = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((nw, nh), Image.BILINEAR))
+            heat = np.asarray(
+                Image.fromarray(np.asarray(heat, np.float32)).resize((nw, nh), Image.BILINEAR)
+            )
         boxes = [[int(round(v * s)) for v in b] for b in boxes]
-    rgb = overlay(pixels, heat, alpha=0.35) if heat is not None else overlay(pixels, np.zeros(pixels.shape[:2]), 0)
+    rgb = (
+        overlay(pixels, heat, alpha=0.35)
+        if heat is not None
+        else overlay(pixels, np.zeros(pixels.shape[:2]), 0)
+    )
     return png_bytes(draw_boxes(rgb, boxes))
 
 
@@ -66,23 +77,33 @@ def pick_attribute(attributes: dict[str, dict]) -> str | None:
     return max(lifts)[1] if lifts else None
 
 
-def rank_queries(query_codes: np.ndarray, query_labels: np.ndarray, hits, index_codes: np.ndarray,
-                 index_labels: np.ndarray, k: int = 5) -> list[tuple[int, list[tuple[float, int]]]]:
+def rank_queries(
+    query_codes: np.ndarray,
+    query_labels: np.ndarray,
+    hits,
+    index_codes: np.ndarray,
+    index_labels: np.ndarray,
+    k: int = 5,
+) -> list[tuple[int, list[tuple[float, int]]]]:
     """[(query row, [(sim, index row) sharing the value but not the label])], worst first."""
     scored = []
     for qi, hs in enumerate(hits):
         if query_codes[qi] < 0:
             continue
-        bad = [(s, row) for s, row in hs[:k]
-               if index_codes[row] == query_codes[qi] and index_labels[row] != query_labels[qi]]
+        bad = [
+            (s, row)
+            for s, row in hs[:k]
+            if index_codes[row] == query_codes[qi] and index_labels[row] != query_labels[qi]
+        ]
         if bad:
             scored.append((len(bad), float(np.mean([s for s, _ in bad])), qi, bad))
     scored.sort(key=lambda t: (-t[0], -t[1], t[2]))
     return [(qi, bad) for _, _, qi, bad in scored]
 
 
-def build_examples(r, query_cases, hits, attr, n_examples: int = 4, per_query: int = 3,
-                   k: int = 5) -> list[Example]:
+def build_examples(
+    r, query_cases, hits, attr, n_examples: int = 4, per_query: int = 3, k: int = 5
+) -> list[Example]:
     """Render the worst examples for one coded attribute (see the module docstring)."""
     index_labels = r.cases["label"].astype(str).to_numpy()
     qlabels = query_cases["label"].astype(str).to_numpy()
@@ -103,18 +124,30 @@ def build_examples(r, query_cases, hits, attr, n_examples: int = 4, per_query: i
                 continue
             r.match_regions(q, c, nb)
             top = nb.matched_regions[0] if nb.matched_regions else None
-            panels.append(Panel(
-                nb.case_id, nb.label, attr.groups[int(attr.index_codes[nb.row])],
-                render(c.image.pixels, nb.maps["similarity"]["case"], [m.case_box for m in nb.matched_regions]),
-                similarity=float(nb.similarity),
-                contribution=float(top.share) if top is not None else None,
-            ))
+            panels.append(
+                Panel(
+                    nb.case_id,
+                    nb.label,
+                    attr.groups[int(attr.index_codes[nb.row])],
+                    render(
+                        c.image.pixels,
+                        nb.maps["similarity"]["case"],
+                        [m.case_box for m in nb.matched_regions],
+                    ),
+                    similarity=float(nb.similarity),
+                    contribution=float(top.share) if top is not None else None,
+                )
+            )
             q_boxes += [m.query_box for m in nb.matched_regions[:1]]
             q_maps.append(nb.maps["similarity"]["query"])
         if not panels:
             continue
         qmap = np.mean(q_maps, axis=0) if q_maps else None
-        qpanel = Panel(str(query_cases.at[qi, "case_id"]), str(qlabels[qi]),
-                       attr.groups[int(attr.query_codes[qi])], render(q.image.pixels, qmap, q_boxes))
+        qpanel = Panel(
+            str(query_cases.at[qi, "case_id"]),
+            str(qlabels[qi]),
+            attr.groups[int(attr.query_codes[qi])],
+            render(q.image.pixels, qmap, q_boxes),
+        )
         out.append(Example(attr.name, qpanel, panels))
     return out

@@ -16,7 +16,9 @@ from retrieval.audit.attributes import CodedAttribute
 N_BOOTSTRAP = 500
 
 
-def label_precision(neighbor_labels: np.ndarray, valid: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
+def label_precision(
+    neighbor_labels: np.ndarray, valid: np.ndarray, query_labels: np.ndarray
+) -> np.ndarray:
     """(nq,) share of each query's valid neighbours that carry its label (NaN if it has none)."""
     hit = (neighbor_labels == np.asarray(query_labels)[:, None]) & valid
     cnt = valid.sum(1)
@@ -49,5 +51,9 @@ def group_precision(attr: CodedAttribute, precision: np.ndarray, seed: int = 0) 
 
 def spread(groups: dict[str, dict], min_n: int = 5) -> float | None:
     """Best minus worst group precision@5 among groups with at least ``min_n`` queries."""
-    vals = [g["precision_at_5"] for g in groups.values() if g["n"] >= min_n and g["precision_at_5"] is not None]
+    vals = [
+        g["precision_at_5"]
+        for g in groups.values()
+        if g["n"] >= min_n and g["precision_at_5"] is not None
+    ]
     return float(max(vals) - min(vals)) if len(vals) >= 2 else None

@@ -48,7 +48,9 @@ def fingerprint(pixels: np.ndarray) -> tuple[str, np.ndarray]:
     h = hashlib.sha256(repr(q.shape).encode())
     h.update(np.ascontiguousarray(q).tobytes())
     grey = np.asarray(pixels, np.float32).mean(axis=2)
-    t = np.asarray(Image.fromarray(grey).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX), np.float64).ravel()
+    t = np.asarray(
+        Image.fromarray(grey).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX), np.float64
+    ).ravel()
     t -= t.mean()
     return h.hexdigest(), t / max(float(np.linalg.norm(t)), 1e-12)
 
@@ -57,7 +59,9 @@ def fingerprint_all(paths, progress: bool = False, desc: str = "fingerprinting p
     """([hash or None], (n, THUMB_SIDE²) thumbnails, zero rows where unreadable)."""
     hashes: list[str | None] = []
     thumbs = np.zeros((len(paths), THUMB_SIDE * THUMB_SIDE))
-    for i, p in enumerate(tqdm(list(paths), desc=desc, unit="img", disable=not progress, leave=False)):
+    for i, p in enumerate(
+        tqdm(list(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    ):
         try:
             h, t = fingerprint(read_image(p).pixels)
         except CasebaseError:
@@ -68,8 +72,13 @@ def fingerprint_all(paths, progress: bool = False, desc: str = "fingerprinting p
     return hashes, thumbs
 
 
-def thumbnail_duplicates(q_thumbs: np.ndarray, i_thumbs: np.ndarray, query_ids, index_ids,
-                         threshold: float = THUMB_THRESHOLD) -> list[dict]:
+def thumbnail_duplicates(
+    q_thumbs: np.ndarray,
+    i_thumbs: np.ndarray,
+    query_ids,
+    index_ids,
+    threshold: float = THUMB_THRESHOLD,
+) -> list[dict]:
     """Pairs whose thumbnails, minus the index's mean thumbnail, correlate >= threshold."""
     ok_i = np.abs(i_thumbs).sum(1) > 0
     if not ok_i.any():
@@ -86,21 +95,32 @@ def thumbnail_duplicates(q_thumbs: np.ndarray, i_thumbs: np.ndarray, query_ids, 
     rq[np.abs(q_thumbs).sum(1) == 0] = 0.0
     out = []
     for start in range(0, len(rq), 512):
-        sims = rq[start:start + 512] @ ri.T
+        sims = rq[start : start + 512] @ ri.T
         for a, b in zip(*np.nonzero(sims >= threshold), strict=True):
-            out.append({"query_case": str(query_ids[start + a]), "index_case": str(index_ids[b]),
-                        "correlation": round(float(sims[a, b]), 6)})
+            out.append(
+                {
+                    "query_case": str(query_ids[start + a]),
+                    "index_case": str(index_ids[b]),
+                    "correlation": round(float(sims[a, b]), 6),
+                }
+            )
     return out
 
 
-def near_duplicates(hits: list[list[tuple[float, int]]], query_ids, index_ids,
-                    threshold: float = COSINE_THRESHOLD) -> list[dict]:
+def near_duplicates(
+    hits: list[list[tuple[float, int]]], query_ids, index_ids, threshold: float = COSINE_THRESHOLD
+) -> list[dict]:
     out = []
     for qi, hs in enumerate(hits):
         for sim, row in hs:
             if sim >= threshold:
-                out.append({"query_case": str(query_ids[qi]), "index_case": str(index_ids[row]),
-                            "cosine": round(float(sim), 6)})
+                out.append(
+                    {
+                        "query_case": str(query_ids[qi]),
+                        "index_case": str(index_ids[row]),
+                        "cosine": round(float(sim), 6),
+                    }
+                )
     return out
 
 
@@ -116,8 +136,14 @@ def identical_pixels(query_hashes, index_hashes, query_ids, index_ids) -> list[d
     return out
 
 
-def own_patient_neighbors(hits: list[list[tuple[float, int]]], query_patients, index_patients,
-                          query_ids, index_ids, k: int = 5) -> list[dict]:
+def own_patient_neighbors(
+    hits: list[list[tuple[float, int]]],
+    query_patients,
+    index_patients,
+    query_ids,
+    index_ids,
+    k: int = 5,
+) -> list[dict]:
     out = []
     for qi, hs in enumerate(hits):
         p = str(query_patients[qi])
@@ -125,13 +151,20 @@ def own_patient_neighbors(hits: list[list[tuple[float, int]]], query_patients, i
             continue
         for rank, (sim, row) in enumerate(hs[:k]):
             if str(index_patients[row]) == p:
-                out.append({"query_case": str(query_ids[qi]), "index_case": str(index_ids[row]),
-                            "rank": rank + 1, "cosine": round(float(sim), 6)})
+                out.append(
+                    {
+                        "query_case": str(query_ids[qi]),
+                        "index_case": str(index_ids[row]),
+                        "rank": rank + 1,
+                        "cosine": round(float(sim), 6),
+                    }
+                )
     return out
 
 
-def index_self_search(vindex, patients: np.ndarray, k: int = 5, sample: int = SELF_SAMPLE,
-                      seed: int = 0) -> tuple[dict | None, np.ndarray]:
+def index_self_search(
+    vindex, patients: np.ndarray, k: int = 5, sample: int = SELF_SAMPLE, seed: int = 0
+) -> tuple[dict | None, np.ndarray]:
     """Indexed cases searched against the index (self excluded), up to ``sample`` of them.
 
     Returns (same-patient statistics or None, cosine of each sampled case's nearest
@@ -148,7 +181,9 @@ def index_self_search(vindex, patients: np.ndarray, k: int = 5, sample: int = SE
     _, inv, sizes = np.unique(patients, return_inverse=True, return_counts=True)
     shares, expect, cross = [], [], []
     for j, row in enumerate(rows):
-        hits = [(float(s), int(i)) for s, i in zip(sims[j], ids[j], strict=True) if i >= 0 and i != row]
+        hits = [
+            (float(s), int(i)) for s, i in zip(sims[j], ids[j], strict=True) if i >= 0 and i != row
+        ]
         other = [s for s, i in hits if not patients[row] or patients[i] != patients[row]]
         if other:
             cross.append(other[0])
@@ -159,8 +194,12 @@ def index_self_search(vindex, patients: np.ndarray, k: int = 5, sample: int = SE
     stats = None
     if shares:
         share, expected = float(np.mean(shares)), float(np.mean(expect))
-        stats = {"n_queries": len(shares), "share_at_5": share, "expected": expected,
-                 "lift": share / expected if expected > 0 else None}
+        stats = {
+            "n_queries": len(shares),
+            "share_at_5": share,
+            "expected": expected,
+            "lift": share / expected if expected > 0 else None,
+        }
     return stats, np.asarray(cross)
 
 
@@ -168,8 +207,15 @@ def _listing(items: list[dict]) -> dict:
     return {"n": len(items), "pairs": items[:MAX_LISTED], "truncated": len(items) > MAX_LISTED}
 
 
-def audit_leakage(r, query_cases, query_vectors: np.ndarray, k: int = 5, progress: bool = False,
-                  seed: int = 0, hash_pixels: bool = True) -> dict:
+def audit_leakage(
+    r,
+    query_cases,
+    query_vectors: np.ndarray,
+    k: int = 5,
+    progress: bool = False,
+    seed: int = 0,
+    hash_pixels: bool = True,
+) -> dict:
     """Every leakage check on the embedded query split against the retriever's index."""
     qids = query_cases["case_id"].astype(str).to_numpy()
     iids = r.cases["case_id"].astype(str).to_numpy()
@@ -184,24 +230,43 @@ def audit_leakage(r, query_cases, query_vectors: np.ndarray, k: int = 5, progres
     own = own_patient_neighbors(open_hits, qpat, ipat, qids, iids, k)
     shared = sorted(set(qids) & set(iids))
     out = {
-        "near_duplicates": {"threshold": threshold, "base_threshold": COSINE_THRESHOLD,
-                            "index_cross_patient_share_above_base":
-                                float(np.mean(cross >= COSINE_THRESHOLD)) if len(cross) else None,
-                            **_listing(dups)},
-        "own_patient_neighbors": {**_listing(own),
-                                  "n_queries_affected": len({d["query_case"] for d in own})},
-        "shared_case_ids": {"n": len(shared), "case_ids": shared[:MAX_LISTED],
-                            "truncated": len(shared) > MAX_LISTED},
+        "near_duplicates": {
+            "threshold": threshold,
+            "base_threshold": COSINE_THRESHOLD,
+            "index_cross_patient_share_above_base": float(np.mean(cross >= COSINE_THRESHOLD))
+            if len(cross)
+            else None,
+            **_listing(dups),
+        },
+        "own_patient_neighbors": {
+            **_listing(own),
+            "n_queries_affected": len({d["query_case"] for d in own}),
+        },
+        "shared_case_ids": {
+            "n": len(shared),
+            "case_ids": shared[:MAX_LISTED],
+            "truncated": len(shared) > MAX_LISTED,
+        },
     }
     if hash_pixels:
-        qh, qt = fingerprint_all(query_cases["image"].tolist(), progress, "fingerprinting query pixels")
+        qh, qt = fingerprint_all(
+            query_cases["image"].tolist(), progress, "fingerprinting query pixels"
+        )
         ih, it = fingerprint_all(r.cases["image"].tolist(), progress, "fingerprinting index pixels")
-        out["identical_pixels"] = {**_listing(identical_pixels(qh, ih, qids, iids)),
-                                   "unreadable": int(sum(h is None for h in qh + ih))}
-        out["near_duplicate_pixels"] = {"threshold": THUMB_THRESHOLD,
-                                        **_listing(thumbnail_duplicates(qt, it, qids, iids))}
+        out["identical_pixels"] = {
+            **_listing(identical_pixels(qh, ih, qids, iids)),
+            "unreadable": int(sum(h is None for h in qh + ih)),
+        }
+        out["near_duplicate_pixels"] = {
+            "threshold": THUMB_THRESHOLD,
+            **_listing(thumbnail_duplicates(qt, it, qids, iids)),
+        }
     out["index_same_patient"] = same_patient
-    out["n_flags"] = int(out["near_duplicates"]["n"] + out["own_patient_neighbors"]["n"]
-                         + out["shared_case_ids"]["n"] + out.get("identical_pixels", {}).get("n", 0)
-                         + out.get("near_duplicate_pixels", {}).get("n", 0))
+    out["n_flags"] = int(
+        out["near_duplicates"]["n"]
+        + out["own_patient_neighbors"]["n"]
+        + out["shared_case_ids"]["n"]
+        + out.get("identical_pixels", {}).get("n", 0)
+        + out.get("near_duplicate_pixels", {}).get("n", 0)
+    )
     return out

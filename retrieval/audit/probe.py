@@ -53,19 +53,27 @@ class ProbeResult:
         return self.balanced_accuracy - self.chance
 
     def to_json(self) -> dict:
-        return {"balanced_accuracy": self.balanced_accuracy, "chance": self.chance,
-                "chance_permuted": self.chance_permuted, "margin": self.margin,
-                "n_cases": self.n_cases, "per_label": self.per_label,
-                "method": "logistic regression within each label, StratifiedGroupKFold by patient"}
+        return {
+            "balanced_accuracy": self.balanced_accuracy,
+            "chance": self.chance,
+            "chance_permuted": self.chance_permuted,
+            "margin": self.margin,
+            "n_cases": self.n_cases,
+            "per_label": self.per_label,
+            "method": "logistic regression within each label, StratifiedGroupKFold by patient",
+        }
 
 
 def _classifier(seed: int):
-    return make_pipeline(StandardScaler(),
-                         LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced",
-                                            random_state=seed))
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced", random_state=seed),
+    )
 
 
-def cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int = 0) -> float | None:
+def cv_balanced_accuracy(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int = 0
+) -> float | None:
     """Out-of-fold balanced accuracy of the probe on (x, y); None if it cannot be cross-validated."""
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2 or counts.min() < 2:
@@ -92,9 +100,14 @@ def cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None
     return float(balanced_accuracy_score(y, pred))
 
 
-def probe_attribute(vectors: np.ndarray, codes: np.ndarray, labels: np.ndarray,
-                    patients: np.ndarray | None = None, seed: int = 0,
-                    shuffles: int = N_SHUFFLES) -> ProbeResult:
+def probe_attribute(
+    vectors: np.ndarray,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    patients: np.ndarray | None = None,
+    seed: int = 0,
+    shuffles: int = N_SHUFFLES,
+) -> ProbeResult:
     """Within-label probe of ``codes`` (-1 = missing) from ``vectors``; see the module docstring."""
     rng = np.random.default_rng(seed)
     codes = np.asarray(codes)
@@ -117,7 +130,10 @@ def probe_attribute(vectors: np.ndarray, codes: np.ndarray, labels: np.ndarray,
         idx, y = idx[keep], y[keep]
         k = len(np.unique(y))
         if k < 2:
-            per_label[str(lab)] = {"n": int(len(idx)), "skipped": "fewer than 2 groups with 2+ cases"}
+            per_label[str(lab)] = {
+                "n": int(len(idx)),
+                "skipped": "fewer than 2 groups with 2+ cases",
+            }
             continue
         g = patients[idx] if patients is not None else None
         ba = cv_balanced_accuracy(vectors[idx], y, g, seed)
@@ -129,9 +145,13 @@ def probe_attribute(vectors: np.ndarray, codes: np.ndarray, labels: np.ndarray,
             s = cv_balanced_accuracy(vectors[idx], rng.permutation(y), g, seed)
             if s is not None:
                 shuffled.append(s)
-        per_label[str(lab)] = {"n": int(len(idx)), "n_groups": int(k), "balanced_accuracy": ba,
-                               "chance": 1.0 / k,
-                               "chance_permuted": float(np.mean(shuffled)) if shuffled else None}
+        per_label[str(lab)] = {
+            "n": int(len(idx)),
+            "n_groups": int(k),
+            "balanced_accuracy": ba,
+            "chance": 1.0 / k,
+            "chance_permuted": float(np.mean(shuffled)) if shuffled else None,
+        }
         acc_w += ba * len(idx)
         chance_w += len(idx) / k
         total += len(idx)
@@ -140,5 +160,10 @@ def probe_attribute(vectors: np.ndarray, codes: np.ndarray, labels: np.ndarray,
             perm_total += len(idx)
     if total == 0:
         return ProbeResult(None, None, None, 0, per_label)
-    return ProbeResult(acc_w / total, chance_w / total, perm_w / perm_total if perm_total else None,
-                       total, per_label)
+    return ProbeResult(
+        acc_w / total,
+        chance_w / total,
+        perm_w / perm_total if perm_total else None,
+        total,
+        per_label,
+    )

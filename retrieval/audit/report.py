@@ -74,16 +74,50 @@ def fig_concordance(attrs: dict[str, dict]) -> str | None:
     oerr = np.array([_err(attrs[n]["concordance"], attrs[n].get("interval")) for n in names]).T
     nerr = np.array([_err(attrs[n]["expected"], attrs[n].get("null_interval")) for n in names]).T
     colors = [FLAG if attrs[n]["flagged"] else OK for n in names]
-    ax.bar(x - 0.18, obs, 0.36, yerr=oerr, color=colors, capsize=3, label="observed (95% bootstrap)")
-    ax.bar(x + 0.18, exp, 0.36, yerr=nerr, color=GREY, alpha=0.6, capsize=3,
-           label="expected under label-preserving null (95%)")
+    qexp = [(attrs[n].get("query_null") or {}).get("expected") or 0 for n in names]
+    qerr = np.array(
+        [
+            _err(
+                (attrs[n].get("query_null") or {}).get("expected"),
+                (attrs[n].get("query_null") or {}).get("null_interval"),
+            )
+            for n in names
+        ]
+    ).T
+    w = 0.26
+    ax.bar(x - w, obs, w, yerr=oerr, color=colors, capsize=3, label="observed (95% bootstrap)")
+    ax.bar(
+        x,
+        exp,
+        w,
+        yerr=nerr,
+        color=GREY,
+        alpha=0.6,
+        capsize=3,
+        label="expected: index-side null (95%)",
+    )
+    ax.bar(
+        x + w,
+        qexp,
+        w,
+        yerr=qerr,
+        color="#a569bd",
+        alpha=0.6,
+        capsize=3,
+        label="expected: query-side null (95%)",
+    )
     for xi, n in zip(x, names, strict=True):
         lift = attrs[n].get("lift")
-        ax.text(xi - 0.18, (attrs[n]["interval"][1] or obs[xi]) + 0.02, f"×{_n(lift, '.2f')}",
-                ha="center", fontsize=8)
+        ax.text(
+            xi - w,
+            (attrs[n]["interval"][1] or obs[xi]) + 0.02,
+            f"×{_n(lift, '.2f')}",
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xticks(x, names)
     ax.set_ylabel("share of top-5 neighbours\nsharing the query's value")
-    ax.set_ylim(0, min(1.1, max(max(obs), max(exp)) + 0.2))
+    ax.set_ylim(0, min(1.15, max(max(obs), max(exp), max(qexp)) + 0.25))
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Attribute concordance of retrieval (red: flagged)", fontsize=10)
     return _png(fig)
@@ -98,12 +132,24 @@ def fig_probe(attrs: dict[str, dict]) -> str | None:
     x = np.arange(len(names))
     ba = [attrs[n]["probe_balanced_accuracy"] for n in names]
     ch = [attrs[n]["chance"] for n in names]
-    ax.bar(x, ba, 0.55, color=[FLAG if attrs[n]["flagged"] else OK for n in names],
-           label="within-label probe (balanced accuracy)")
+    ax.bar(
+        x,
+        ba,
+        0.55,
+        color=[FLAG if attrs[n]["flagged"] else OK for n in names],
+        label="within-label probe (balanced accuracy)",
+    )
     for xi, c in zip(x, ch, strict=True):
         ax.hlines(c, xi - 0.35, xi + 0.35, color="k", lw=2, label="chance" if xi == 0 else None)
-        ax.hlines(c + verdict.MIN_PROBE_MARGIN, xi - 0.35, xi + 0.35, color="k", lw=1, ls="--",
-                  label=f"chance + {verdict.MIN_PROBE_MARGIN}" if xi == 0 else None)
+        ax.hlines(
+            c + verdict.MIN_PROBE_MARGIN,
+            xi - 0.35,
+            xi + 0.35,
+            color="k",
+            lw=1,
+            ls="--",
+            label=f"chance + {verdict.MIN_PROBE_MARGIN}" if xi == 0 else None,
+        )
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("balanced accuracy")
@@ -131,7 +177,7 @@ def fig_groups(groups: dict[str, dict], overall: float | None) -> str | None:
         ax.set_xticks(range(len(keys)), [f"{k}\n(n={g[k]['n']})" for k in keys], fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_title(n, fontsize=9)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("precision@5")
     fig.suptitle("Retrieval precision@5 per group (dashed: all queries)", fontsize=10)
@@ -179,20 +225,30 @@ def fig_counterfactual(cf: dict) -> str | None:
 
 # --------------------------------------------------------------------------- html
 def _attr_table(attrs: dict[str, dict]) -> str:
-    head = ("<tr><th class=l>attribute</th><th class=l>kind</th><th>concordance</th><th>expected</th>"
-            "<th>lift</th><th>p</th><th>p (Holm)</th><th>probe bal. acc.</th><th>chance</th>"
-            "<th>label assoc. (V)</th><th class=l>flagged</th></tr>")
+    head = (
+        "<tr><th class=l>attribute</th><th class=l>kind</th><th>concordance</th><th>expected</th>"
+        "<th>lift</th><th>p</th><th>p (Holm)</th><th>lift (query null)</th><th>p (Holm, query null)</th>"
+        "<th>probe bal. acc.</th><th>chance</th>"
+        "<th>label assoc. (V)</th><th class=l>flagged</th></tr>"
+    )
     rows = []
     for n, v in attrs.items():
-        flag = ('<span class="flag">FLAGGED (shortcut)</span>' if v["flagged"] else
-                '<span class="bias">retrieval bias</span>' if v.get("retrieval_bias") else
-                '<span class="ok">no</span>')
+        qn = v.get("query_null") or {}
+        flag = (
+            '<span class="flag">FLAGGED (shortcut)</span>'
+            if v["flagged"]
+            else '<span class="bias">retrieval bias</span>'
+            if v.get("retrieval_bias")
+            else '<span class="ok">no</span>'
+        )
         rows.append(
             f"<tr><td class=l>{html.escape(n)}</td><td class=l>{html.escape(v['kind'])}</td>"
             f"<td>{_n(v['concordance'])}</td><td>{_n(v['expected'])}</td><td>{_n(v['lift'], '.2f')}</td>"
             f"<td>{_n(v['p_value'], '.4f')}</td><td>{_n(v['p_value_holm'], '.4f')}</td>"
+            f"<td>{_n(qn.get('lift'), '.2f')}</td><td>{_n(qn.get('p_value_holm'), '.4f')}</td>"
             f"<td>{_n(v['probe_balanced_accuracy'])}</td><td>{_n(v['chance'])}</td>"
-            f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td></tr>")
+            f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td></tr>"
+        )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -200,19 +256,26 @@ def _groups_table(groups: dict[str, dict]) -> str:
     rows = []
     for a, g in groups.items():
         for k, v in g.items():
-            rows.append(f"<tr><td class=l>{html.escape(a)}</td><td class=l>{html.escape(k)}</td>"
-                        f"<td>{v['n']}</td><td>{_n(v['precision_at_5'])}</td></tr>")
-    return ("<table><tr><th class=l>attribute</th><th class=l>group</th><th>n</th><th>precision@5</th></tr>"
-            + "".join(rows) + "</table>")
+            rows.append(
+                f"<tr><td class=l>{html.escape(a)}</td><td class=l>{html.escape(k)}</td>"
+                f"<td>{v['n']}</td><td>{_n(v['precision_at_5'])}</td></tr>"
+            )
+    return (
+        "<table><tr><th class=l>attribute</th><th class=l>group</th><th>n</th><th>precision@5</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _cf_section(cf: dict) -> str:
     if not cf.get("n_queries"):
         return f"<p class=muted>{html.escape(cf.get('note', 'not run'))}</p>"
     sim, masked = cf["similarity_in_lesion"], cf["masked_retrieval"]
-    parts = [f"<p>{html.escape(cf.get('interpretation', ''))}</p>",
-             f"<p class=muted>{cf['n_queries']} queries with lesion masks (at most {cf['max_queries']}, "
-             f"of {cf['n_with_mask']} in the split), top-{cf['k']} neighbours each.</p>"]
+    parts = [
+        f"<p>{html.escape(cf.get('interpretation', ''))}</p>",
+        f"<p class=muted>{cf['n_queries']} queries with lesion masks (at most {cf['max_queries']}, "
+        f"of {cf['n_with_mask']} in the split), top-{cf['k']} neighbours each.</p>",
+    ]
     fig = fig_counterfactual(cf)
     if fig:
         parts.append(_img(fig, "counterfactual"))
@@ -226,7 +289,8 @@ def _cf_section(cf: dict) -> str:
         f"<tr><td class=l>precision@5 lesion removed</td><td>{_n(masked['lesion_removed']['precision_at_5'])}</td></tr>"
         f"<tr><td class=l>precision@5 background removed</td>"
         f"<td>{_n(masked['background_removed']['precision_at_5'])}</td></tr>"
-        f"<tr><td class=l>chance precision@5</td><td>{_n(masked['chance_precision_at_5'])}</td></tr></table>")
+        f"<tr><td class=l>chance precision@5</td><td>{_n(masked['chance_precision_at_5'])}</td></tr></table>"
+    )
     return "".join(parts)
 
 
@@ -240,43 +304,62 @@ def _leak_section(lk: dict) -> str:
 
     nd, own = lk["near_duplicates"], lk["own_patient_neighbors"]
     px = lk.get("identical_pixels")
-    rows = [f"<tr><td class=l>embedding near-duplicates (cosine ≥ {nd['threshold']:.6g})</td>"
-            f"<td>{nd['n']}{ids(nd['pairs'])}</td></tr>"]
+    rows = [
+        f"<tr><td class=l>embedding near-duplicates (cosine ≥ {nd['threshold']:.6g})</td>"
+        f"<td>{nd['n']}{ids(nd['pairs'])}</td></tr>"
+    ]
     npx = lk.get("near_duplicate_pixels")
     if npx is not None:
-        rows.append(f"<tr><td class=l>pixel near-duplicates (thumbnail correlation ≥ {npx['threshold']})</td>"
-                    f"<td>{npx['n']}{ids(npx['pairs'])}</td></tr>")
+        rows.append(
+            f"<tr><td class=l>pixel near-duplicates (thumbnail correlation ≥ {npx['threshold']})</td>"
+            f"<td>{npx['n']}{ids(npx['pairs'])}</td></tr>"
+        )
     if px is not None:
-        rows.append(f"<tr><td class=l>identical pixels</td><td>{px['n']}{ids(px['pairs'])}</td></tr>")
-    rows.append(f"<tr><td class=l>case ids in both the split and the index</td><td>{lk['shared_case_ids']['n']}</td></tr>")
-    rows.append(f"<tr><td class=l>top-5 neighbours from the query's own patient (exclusion off)</td>"
-                f"<td>{own['n']} in {own['n_queries_affected']} queries{ids(own['pairs'])}</td></tr>")
+        rows.append(
+            f"<tr><td class=l>identical pixels</td><td>{px['n']}{ids(px['pairs'])}</td></tr>"
+        )
+    rows.append(
+        f"<tr><td class=l>case ids in both the split and the index</td><td>{lk['shared_case_ids']['n']}</td></tr>"
+    )
+    rows.append(
+        f"<tr><td class=l>top-5 neighbours from the query's own patient (exclusion off)</td>"
+        f"<td>{own['n']} in {own['n_queries_affected']} queries{ids(own['pairs'])}</td></tr>"
+    )
     isp = lk.get("index_same_patient")
     if isp:
-        rows.append(f"<tr><td class=l>indexed cases: top-5 neighbours from the same patient</td>"
-                    f"<td>{_n(isp['share_at_5'])} (random: {_n(isp['expected'])}, lift "
-                    f"{_n(isp['lift'], '.1f')})</td></tr>")
-    return "<table><tr><th class=l>check</th><th class=l>count</th></tr>" + "".join(rows) + "</table>"
+        rows.append(
+            f"<tr><td class=l>indexed cases: top-5 neighbours from the same patient</td>"
+            f"<td>{_n(isp['share_at_5'])} (random: {_n(isp['expected'])}, lift "
+            f"{_n(isp['lift'], '.1f')})</td></tr>"
+        )
+    return (
+        "<table><tr><th class=l>check</th><th class=l>count</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _examples_section(examples: list[Example]) -> str:
     if not examples:
         return "<p class=muted>No query had neighbours sharing its attribute value but not its label.</p>"
     a = html.escape(examples[0].attribute)
-    out = [f"<p>Queries whose top-5 neighbours share their <b>{a}</b> but not their label. Boxes: the "
-           "matched regions of the similarity decomposition (green: strongest pair); heat: where the "
-           "similarity comes from.</p>"]
+    out = [
+        f"<p>Queries whose top-5 neighbours share their <b>{a}</b> but not their label. Boxes: the "
+        "matched regions of the similarity decomposition (green: strongest pair); heat: where the "
+        "similarity comes from.</p>"
+    ]
     for ex in examples:
         q = ex.query
-        panels = [f'<div class="panel q">{_img(base64.b64encode(q.png).decode(), q.case_id, "")}'
-                  f"<b>query {html.escape(q.case_id)}</b><br>label {html.escape(q.label)}<br>"
-                  f"{a} {html.escape(q.value)}</div>"]
+        panels = [
+            f'<div class="panel q">{_img(base64.b64encode(q.png).decode(), q.case_id, "")}'
+            f"<b>query {html.escape(q.case_id)}</b><br>label {html.escape(q.label)}<br>"
+            f"{a} {html.escape(q.value)}</div>"
+        ]
         for p in ex.neighbors:
             panels.append(
                 f'<div class="panel">{_img(base64.b64encode(p.png).decode(), p.case_id, "")}'
                 f"<b>{html.escape(p.case_id)}</b> (sim {_n(p.similarity)})<br>label {html.escape(p.label)}<br>"
                 f"{a} {html.escape(p.value)}<br>top pair carries {_n(p.contribution and 100 * p.contribution, '.0f')}%"
-                "</div>")
+                "</div>"
+            )
         out.append(f'<div class="ex">{"".join(panels)}</div>')
     return "".join(out)
 
@@ -285,20 +368,35 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
     attrs = data.get("attributes", {})
     flagged = data.get("flagged", [])
     if flagged:
-        summary = (f'<div class="summary"><b>Flagged as retrieval shortcuts: {html.escape(", ".join(flagged))}.</b> '
-                   "Neighbours share these attributes more than their labels explain, and the embedding "
-                   "encodes them within each label.</div>")
+        summary = (
+            f'<div class="summary"><b>Flagged as retrieval shortcuts: {html.escape(", ".join(flagged))}.</b> '
+            "Neighbours share these attributes more than their labels explain, and the embedding "
+            "encodes them within each label.</div>"
+        )
     else:
         summary = '<div class="clean"><b>No attribute flagged as a shortcut.</b></div>'
     bias = data.get("retrieval_bias", [])
     if bias:
-        summary += (f'<div class="summary"><b>Retrieval bias: {html.escape(", ".join(bias))}.</b> Neighbours '
-                    "cluster by these attributes beyond their labels and the embedding encodes them, but "
-                    "they are not associated with the label in the index (see the per-group precision).</div>")
+        summary += (
+            f'<div class="summary"><b>Retrieval bias: {html.escape(", ".join(bias))}.</b> Neighbours '
+            "cluster by these attributes beyond their labels and the embedding encodes them, but "
+            "they are not associated with the label in the index (see the per-group precision).</div>"
+        )
     skipped = data.get("skipped_attributes") or {}
-    skipped_html = ("<p class=muted>Not audited: " + "; ".join(
-        f"{html.escape(k)} ({html.escape(v)})" for k, v in skipped.items()) + "</p>") if skipped else ""
-    binned = [f"{html.escape(n)}: {html.escape(v['binning'])}" for n, v in attrs.items() if v.get("binning")]
+    skipped_html = (
+        (
+            "<p class=muted>Not audited: "
+            + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in skipped.items())
+            + "</p>"
+        )
+        if skipped
+        else ""
+    )
+    binned = [
+        f"{html.escape(n)}: {html.escape(v['binning'])}"
+        for n, v in attrs.items()
+        if v.get("binning")
+    ]
     figs = [(fig_concordance(attrs), "concordance"), (fig_probe(attrs), "probe")]
     gfig = fig_groups(data.get("groups", {}), data.get("precision_at_5"))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -310,20 +408,31 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
         f"permutations, seed {data.get('seed')}; overall precision@5 {_n(data.get('precision_at_5'))}. "
         f"Generated {when}.</p>",
         summary,
-        "<h2>Attributes</h2>", _attr_table(attrs), skipped_html,
+        "<h2>Attributes</h2>",
+        _attr_table(attrs),
+        skipped_html,
         f"<p class=muted>Rule: {html.escape(data.get('flag_rule', ''))}.</p>",
     ]
     body += [_img(f, alt) for f, alt in figs if f]
     if binned:
         body.append("<p class=muted>Binning: " + "<br>".join(binned) + "</p>")
-    body += ["<h2>Per-group retrieval quality</h2>", _img(gfig, "groups") if gfig else "",
-             _groups_table(data.get("groups", {})),
-             "<h2>Lesion or context? (counterfactual)</h2>", _cf_section(data.get("counterfactual", {})),
-             "<h2>Leakage</h2>", _leak_section(data.get("leakage", {})) if data.get("leakage") else "",
-             "<h2>Worst examples</h2>", _examples_section(examples or []),
-             "<h2>Method</h2>", METHOD_HTML]
-    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>casebase audit</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    body += [
+        "<h2>Per-group retrieval quality</h2>",
+        _img(gfig, "groups") if gfig else "",
+        _groups_table(data.get("groups", {})),
+        "<h2>Lesion or context? (counterfactual)</h2>",
+        _cf_section(data.get("counterfactual", {})),
+        "<h2>Leakage</h2>",
+        _leak_section(data.get("leakage", {})) if data.get("leakage") else "",
+        "<h2>Worst examples</h2>",
+        _examples_section(examples or []),
+        "<h2>Method</h2>",
+        METHOD_HTML,
+    ]
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>casebase audit</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 METHOD_HTML = """
@@ -331,7 +440,9 @@ METHOD_HTML = """
 averaged over queries. <b>Expected</b>: the same under a null that keeps every indexed case's label and
 every neighbour list fixed and permutes the attribute among indexed cases of the same label, so that
 retrieval by label is never counted as a shortcut (exact expectation; p-value from the permutations,
-Holm-corrected over attributes; intervals: bootstrap over query patients for the observed value, the
+Holm-corrected over attributes and both tests). The <b>query-side null</b> permutes the queries' values
+among queries of the same label instead: it also catches a shortcut that works as a label proxy, pulling
+neighbours towards the class an attribute stands for (intervals: bootstrap over query patients for the observed value, the
 central 95% of the null for the expected one). <b>Probe</b>: logistic regression from the indexed
 embeddings to the attribute, fitted and cross-validated (folds grouped by patient) within each label,
 balanced accuracy averaged over labels; chance is 1/number of groups. <b>Counterfactual</b>: positive

@@ -17,8 +17,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from retrieval.audit import verdict
-from retrieval.audit.attributes import select_attributes
-from retrieval.audit.concordance import concordance_test, holm
+from retrieval.audit.attributes import CodedAttribute, select_attributes
+from retrieval.audit.concordance import concordance_test, holm, query_permutation_test
 from retrieval.audit.counterfactual import MAX_QUERIES, audit_counterfactual
 from retrieval.audit.examples import Example, build_examples, pick_attribute
 from retrieval.audit.groups import group_precision, label_precision, spread
@@ -36,7 +36,9 @@ class AuditResult:
     examples: list[Example] = field(default_factory=list)
 
 
-def neighbor_matrix(hits: list[list[tuple[float, int]]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbor_matrix(
+    hits: list[list[tuple[float, int]]], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows (nq, k), similarities (nq, k), valid (nq, k)) from per-query hit lists."""
     nq = len(hits)
     rows = np.zeros((nq, k), dtype=np.int64)
@@ -48,10 +50,96 @@ def neighbor_matrix(hits: list[list[tuple[float, int]]], k: int) -> tuple[np.nda
     return rows, sims, valid
 
 
-def run_audit(r, manifest, split: str = "test", attributes: list[str] | None = None,
-              permutations: int = 1000, seed: int = 0, progress: bool = True,
-              max_counterfactual: int = MAX_QUERIES, examples: bool = True,
-              hash_pixels: bool = True) -> AuditResult:
+def judge_attributes(
+    attrs: list[CodedAttribute],
+    rows: np.ndarray,
+    valid: np.ndarray,
+    index_labels: np.ndarray,
+    index_patients: np.ndarray,
+    index_vectors: np.ndarray,
+    query_labels: np.ndarray,
+    query_patients: np.ndarray,
+    permutations: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Both concordance tests, the probe and the verdict for every attribute (JSON-ready dicts).
+
+    rows / valid: the (queries × k) neighbour rows into the index and which are real.
+    """
+    qlabels, qpatients = query_labels, query_patients
+    # the smallest permutation p is 1/(B+1); Holm multiplies it by up to 2·len(attrs): make sure a
+    # clear signal can still reach the flag level
+    n_perm = permutations
+    if permutations > 0 and attrs:
+        n_perm = max(permutations, math.ceil(4 * len(attrs) / verdict.ALPHA) - 1)
+    per_attr: dict[str, dict] = {}
+    conc, qnull = {}, {}
+    for i, a in enumerate(
+        tqdm(attrs, desc="concordance + probe", unit="attr", disable=not progress, leave=False)
+    ):
+        rng = np.random.default_rng([seed, i])
+        clusters = qpatients if (np.asarray(qpatients) != "").any() else None
+        conc[a.name] = concordance_test(
+            rows, valid, a.query_codes, a.index_codes, index_labels, n_perm, rng, clusters
+        )
+        qnull[a.name] = query_permutation_test(
+            rows, valid, a.query_codes, a.index_codes, qlabels, n_perm, rng
+        )
+        with threadpool_limits(1):  # BLAS threads only oversubscribe small probe fits
+            pr = probe_attribute(index_vectors, a.index_codes, index_labels, index_patients, seed)
+        per_attr[a.name] = {"probe": pr}
+    names = [a.name for a in attrs]
+    # Holm over both tests of every attribute
+    adjusted = (
+        holm([conc[n].p_value for n in names] + [qnull[n].p_value for n in names]) if names else []
+    )
+    p_holm, p_holm_q = adjusted[: len(names)], adjusted[len(names) :]
+    out_attrs: dict[str, dict] = {}
+    for a, ph, phq in zip(attrs, p_holm, p_holm_q, strict=True):
+        c, pr, cq = conc[a.name], per_attr[a.name]["probe"], qnull[a.name]
+        assoc = verdict.label_association(a.index_codes, index_labels)
+        flagged, bias, reasons = verdict.decide(
+            ph, c.lift, pr.balanced_accuracy, pr.chance, assoc, phq, cq.lift
+        )
+        out_attrs[a.name] = {
+            "kind": a.kind,
+            "binning": a.binning,
+            "groups": a.groups,
+            "concordance": c.concordance,
+            "expected": c.expected,
+            "lift": c.lift,
+            "p_value": c.p_value,
+            "p_value_holm": ph,
+            "interval": list(c.interval),
+            "null_interval": list(c.null_interval),
+            "n_queries": c.n_queries,
+            "permutations": c.permutations,
+            "query_null": {**cq.to_json(), "p_value_holm": phq},
+            "probe_balanced_accuracy": pr.balanced_accuracy,
+            "chance": pr.chance,
+            "probe": pr.to_json(),
+            "label_association": assoc[0],
+            "label_association_p": assoc[1],
+            "flagged": flagged,
+            "retrieval_bias": bias,
+            "reasons": reasons,
+        }
+    return out_attrs
+
+
+def run_audit(
+    r,
+    manifest,
+    split: str = "test",
+    attributes: list[str] | None = None,
+    permutations: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    max_counterfactual: int = MAX_QUERIES,
+    examples: bool = True,
+    hash_pixels: bool = True,
+) -> AuditResult:
     if permutations < 0:
         raise CasebaseError("--permutations must be 0 or more")
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -80,41 +168,20 @@ def run_audit(r, manifest, split: str = "test", attributes: list[str] | None = N
     rows, _, valid = neighbor_matrix(qs.hits, K)
     index_vectors = r.index.reconstruct_all()
 
-    # the smallest permutation p is 1/(B+1); Holm multiplies it by up to len(attrs): make sure a
-    # clear signal can still reach the flag level
-    n_perm = permutations
-    if permutations > 0 and attrs:
-        n_perm = max(permutations, math.ceil(2 * len(attrs) / verdict.ALPHA) - 1)
-    per_attr: dict[str, dict] = {}
-    conc = {}
-    for i, a in enumerate(tqdm(attrs, desc="concordance + probe", unit="attr", disable=not progress,
-                               leave=False)):
-        rng = np.random.default_rng([seed, i])
-        clusters = qpatients if (qpatients != "").any() else None
-        conc[a.name] = concordance_test(rows, valid, a.query_codes, a.index_codes, index_labels,
-                                        n_perm, rng, clusters)
-        with threadpool_limits(1):  # BLAS threads only oversubscribe small probe fits
-            pr = probe_attribute(index_vectors, a.index_codes, index_labels, index_patients, seed)
-        per_attr[a.name] = {"probe": pr}
+    out_attrs = judge_attributes(
+        attrs,
+        rows,
+        valid,
+        index_labels,
+        index_patients,
+        index_vectors,
+        qlabels,
+        qpatients,
+        permutations,
+        seed,
+        progress,
+    )
     t = lap("concordance_probe", t)
-    names = [a.name for a in attrs]
-    p_holm = holm([conc[n].p_value for n in names]) if names else []
-    out_attrs: dict[str, dict] = {}
-    for a, ph in zip(attrs, p_holm, strict=True):
-        c, pr = conc[a.name], per_attr[a.name]["probe"]
-        assoc = verdict.label_association(a.index_codes, index_labels)
-        flagged, bias, reasons = verdict.decide(ph, c.lift, pr.balanced_accuracy, pr.chance, assoc)
-        out_attrs[a.name] = {
-            "kind": a.kind, "binning": a.binning, "groups": a.groups,
-            "concordance": c.concordance, "expected": c.expected, "lift": c.lift,
-            "p_value": c.p_value, "p_value_holm": ph, "interval": list(c.interval),
-            "null_interval": list(c.null_interval), "n_queries": c.n_queries,
-            "permutations": c.permutations,
-            "probe_balanced_accuracy": pr.balanced_accuracy, "chance": pr.chance,
-            "probe": pr.to_json(),
-            "label_association": assoc[0], "label_association_p": assoc[1],
-            "flagged": flagged, "retrieval_bias": bias, "reasons": reasons,
-        }
 
     precision = label_precision(index_labels[rows], valid, qlabels)
     groups = {a.name: group_precision(a, precision, seed) for a in attrs}
@@ -122,7 +189,9 @@ def run_audit(r, manifest, split: str = "test", attributes: list[str] | None = N
         out_attrs[a.name]["group_precision_spread"] = spread(groups[a.name])
     t = lap("groups", t)
 
-    counterfactual = audit_counterfactual(r, qs.cases, qs.hits, attrs, K, max_counterfactual, seed, progress)
+    counterfactual = audit_counterfactual(
+        r, qs.cases, qs.hits, attrs, K, max_counterfactual, seed, progress
+    )
     t = lap("counterfactual", t)
     leakage = audit_leakage(r, qs.cases, qs.vectors, K, progress, seed, hash_pixels)
     t = lap("leakage", t)
@@ -153,7 +222,7 @@ def run_audit(r, manifest, split: str = "test", attributes: list[str] | None = N
         "leakage": leakage,
         "examples_attribute": suspect if ex else None,
         "skipped_queries": qs.skipped,
-        "permutations": n_perm,
+        "permutations": max((v["permutations"] for v in out_attrs.values()), default=permutations),
         "permutations_requested": permutations,
         "seed": seed,
         "timings": timings,

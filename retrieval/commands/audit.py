@@ -27,10 +27,15 @@ JSON_FILE = "audit/audit.json"
 def _store(index_dir: str, html_text: str, data: dict) -> str | None:
     """Put the report into the bundle; a warning (not a failure) when the bundle is read-only."""
     try:
-        bundle.update(index_dir, files={REPORT_FILE: html_text.encode("utf-8"),
-                                        JSON_FILE: bundle.canonical_json(data)})
+        bundle.update(
+            index_dir,
+            files={REPORT_FILE: html_text.encode("utf-8"), JSON_FILE: bundle.canonical_json(data)},
+        )
     except (OSError, CasebaseError) as err:
-        print(f"casebase audit: warning: could not store the report in the bundle ({err})", file=sys.stderr)
+        print(
+            f"casebase audit: warning: could not store the report in the bundle ({err})",
+            file=sys.stderr,
+        )
         return None
     return str(Path(index_dir) / REPORT_FILE)
 
@@ -40,22 +45,31 @@ def _f(x, fmt=".3f") -> str:
 
 
 def print_table(data: dict, stored: str | None, out: str | None) -> None:
-    print(f"{data['n_queries']} {data['split']} queries against {data['n_indexed']} indexed cases "
-          f"({data['weighting']} weighting, top-{data['k']}, own patient excluded); "
-          f"precision@5 {_f(data['precision_at_5'])}")
-    head = (f"  {'attribute':<14}{'kind':<12}{'concord.':>9}{'expected':>9}{'lift':>7}{'p':>8}{'p_holm':>8}"
-            f"{'probe':>7}{'chance':>7}  flagged")
+    print(
+        f"{data['n_queries']} {data['split']} queries against {data['n_indexed']} indexed cases "
+        f"({data['weighting']} weighting, top-{data['k']}, own patient excluded); "
+        f"precision@5 {_f(data['precision_at_5'])}"
+    )
+    head = (
+        f"  {'attribute':<14}{'kind':<12}{'concord.':>9}{'expected':>9}{'lift':>7}{'p':>8}{'p_holm':>8}"
+        f"{'lift_q':>8}{'p_holm_q':>9}{'probe':>7}{'chance':>7}  flagged"
+    )
     print(head)
     for name, v in data["attributes"].items():
-        print(f"  {name:<14}{v['kind']:<12}{_f(v['concordance']):>9}{_f(v['expected']):>9}"
-              f"{_f(v['lift'], '.2f'):>7}{_f(v['p_value'], '.4f'):>8}{_f(v['p_value_holm'], '.4f'):>8}"
-              f"{_f(v['probe_balanced_accuracy'], '.2f'):>7}{_f(v['chance'], '.2f'):>7}  "
-              f"{'FLAGGED' if v['flagged'] else 'bias' if v.get('retrieval_bias') else 'no'}")
+        q = v.get("query_null") or {}
+        print(
+            f"  {name:<14}{v['kind']:<12}{_f(v['concordance']):>9}{_f(v['expected']):>9}"
+            f"{_f(v['lift'], '.2f'):>7}{_f(v['p_value'], '.4f'):>8}{_f(v['p_value_holm'], '.4f'):>8}"
+            f"{_f(q.get('lift'), '.2f'):>8}{_f(q.get('p_value_holm'), '.4f'):>9}"
+            f"{_f(v['probe_balanced_accuracy'], '.2f'):>7}{_f(v['chance'], '.2f'):>7}  "
+            f"{'FLAGGED' if v['flagged'] else 'bias' if v.get('retrieval_bias') else 'no'}"
+        )
     for name, reason in (data.get("skipped_attributes") or {}).items():
         print(f"  {name:<14}not audited: {reason}")
     for name, v in data["attributes"].items():
         if v.get("binning"):
             print(f"  {name}: {v['binning']}")
+    print("  (expected / lift / p: index-side null; lift_q / p_holm_q: query-side null)")
     print(f"  rule: {data['flag_rule']}")
     if data.get("flagged"):
         print(f"  SHORTCUT(S): {', '.join(data['flagged'])}")
@@ -63,16 +77,20 @@ def print_table(data: dict, stored: str | None, out: str | None) -> None:
         print(f"  retrieval bias (not label-associated): {', '.join(data['retrieval_bias'])}")
     print("  precision@5 per group:")
     for name, g in data["groups"].items():
-        cells = ", ".join(f"{k} {_f(v['precision_at_5'], '.2f')} (n={v['n']})" for k, v in g.items())
+        cells = ", ".join(
+            f"{k} {_f(v['precision_at_5'], '.2f')} (n={v['n']})" for k, v in g.items()
+        )
         print(f"    {name}: {cells}")
     cf = data["counterfactual"]
     if cf.get("n_queries"):
         m = cf["masked_retrieval"]
-        print(f"  counterfactual ({cf['n_queries']} queries with masks): similarity inside lesion "
-              f"{_f(cf['similarity_in_lesion']['query'])} (lesion area {_f(cf['similarity_in_lesion']['lesion_area_query'])}); "
-              f"precision@5 original {_f(m['original']['precision_at_5'])}, lesion removed "
-              f"{_f(m['lesion_removed']['precision_at_5'])}, background removed "
-              f"{_f(m['background_removed']['precision_at_5'])}, chance {_f(m['chance_precision_at_5'])}")
+        print(
+            f"  counterfactual ({cf['n_queries']} queries with masks): similarity inside lesion "
+            f"{_f(cf['similarity_in_lesion']['query'])} (lesion area {_f(cf['similarity_in_lesion']['lesion_area_query'])}); "
+            f"precision@5 original {_f(m['original']['precision_at_5'])}, lesion removed "
+            f"{_f(m['lesion_removed']['precision_at_5'])}, background removed "
+            f"{_f(m['background_removed']['precision_at_5'])}, chance {_f(m['chance_precision_at_5'])}"
+        )
         if cf.get("interpretation"):
             print(f"    {cf['interpretation']}")
     else:
@@ -80,11 +98,16 @@ def print_table(data: dict, stored: str | None, out: str | None) -> None:
     lk = data["leakage"]
     px = lk.get("identical_pixels", {}).get("n", "–")
     npx = lk.get("near_duplicate_pixels", {}).get("n", "–")
-    print(f"  leakage: {lk['near_duplicates']['n']} embedding near-duplicates (cosine >= "
-          f"{lk['near_duplicates']['threshold']:.4f}), {npx} pixel near-duplicates, {px} identical-pixel pairs, "
-          f"{lk['shared_case_ids']['n']} shared case ids, {lk['own_patient_neighbors']['n']} own-patient "
-          "neighbours (exclusion off)")
-    print(f"  report: {out or stored or '(not written)'}" + (f" (also {stored})" if out and stored else ""))
+    print(
+        f"  leakage: {lk['near_duplicates']['n']} embedding near-duplicates (cosine >= "
+        f"{lk['near_duplicates']['threshold']:.4f}), {npx} pixel near-duplicates, {px} identical-pixel pairs, "
+        f"{lk['shared_case_ids']['n']} shared case ids, {lk['own_patient_neighbors']['n']} own-patient "
+        "neighbours (exclusion off)"
+    )
+    print(
+        f"  report: {out or stored or '(not written)'}"
+        + (f" (also {stored})" if out and stored else "")
+    )
 
 
 def run(args) -> int:
@@ -92,10 +115,19 @@ def run(args) -> int:
         raise CasebaseError("--permutations must be 0 or more")
     out_path = Path(args.out) if args.out else None
     if out_path is not None and out_path.is_dir():
-        raise CasebaseError(f"--out {out_path}: is a directory; give a file name such as report.html")
+        raise CasebaseError(
+            f"--out {out_path}: is a directory; give a file name such as report.html"
+        )
     r = CaseRetriever.load(args.index_dir, device=getattr(args, "device", "auto"))
-    result = run_audit(r, args.manifest, args.split, args.attributes, args.permutations, args.seed,
-                       progress=sys.stderr.isatty() or not args.json)
+    result = run_audit(
+        r,
+        args.manifest,
+        args.split,
+        args.attributes,
+        args.permutations,
+        args.seed,
+        progress=sys.stderr.isatty() or not args.json,
+    )
     html_text = render_html(result.data, result.examples)
     if out_path is not None:
         try:

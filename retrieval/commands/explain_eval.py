@@ -30,8 +30,14 @@ def run(args) -> int:
     if args.max_cases is not None and args.max_cases < 1:
         raise CasebaseError("--max-cases must be at least 1")
     r = CaseRetriever.load(args.index_dir, device=getattr(args, "device", "auto"))
-    report = trust.evaluate(r, args.manifest, args.split, args.methods, args.max_cases,
-                            progress=sys.stderr.isatty() or not args.json)
+    report = trust.evaluate(
+        r,
+        args.manifest,
+        args.split,
+        args.methods,
+        args.max_cases,
+        progress=sys.stderr.isatty() or not args.json,
+    )
     if not args.no_store:
         _store(args.index_dir, r.trust, report)
         report["stored"] = f"{args.index_dir}/{TRUST_FILE}"

@@ -48,13 +48,24 @@ def pair_batch(q, cases: Sequence, weighting: str, predicted: int | None = None)
     inputs = torch.stack([q.tensor] * (1 + n) + [c.tensor for c in cases])
     cls = [q.predicted if predicted is None else predicted] + [-1] * (2 * n)
     d = q.embedding.shape[-1]
-    others = torch.stack([torch.zeros(d, dtype=q.embedding.dtype, device=q.embedding.device)]
-                         + [c.embedding for c in cases] + [q.embedding] * n)
+    others = torch.stack(
+        [torch.zeros(d, dtype=q.embedding.dtype, device=q.embedding.device)]
+        + [c.embedding for c in cases]
+        + [q.embedding] * n
+    )
     return inputs, ScoreTarget(torch.tensor(cls, dtype=torch.long), others.float(), weighting)
 
 
-def explain_query(retriever, q_ctx, neighbors, ctxs, methods, result, *,
-                  expensive_neighbors: int = EXPENSIVE_NEIGHBORS) -> None:
+def explain_query(
+    retriever,
+    q_ctx,
+    neighbors,
+    ctxs,
+    methods,
+    result,
+    *,
+    expensive_neighbors: int = EXPENSIVE_NEIGHBORS,
+) -> None:
     """Fill ``result.maps[m]`` and ``neighbor.maps[m]`` for each method (see the module doc)."""
     methods = registry.check_names(methods)
     model, device, weighting = retriever.model, retriever.device, retriever.weighting
@@ -71,8 +82,10 @@ def explain_query(retriever, q_ctx, neighbors, ctxs, methods, result, *,
         maps = finite(explainer.attribute(model, inputs.to(device), target.to(device)))
         result.maps[m] = q_ctx.geometry.map_to_original(maps[0])
         for j, (nb, c) in enumerate(sel):
-            nb.maps[m] = {"query": q_ctx.geometry.map_to_original(maps[1 + j]),
-                          "case": c.geometry.map_to_original(maps[1 + n + j])}
+            nb.maps[m] = {
+                "query": q_ctx.geometry.map_to_original(maps[1 + j]),
+                "case": c.geometry.map_to_original(maps[1 + n + j]),
+            }
 
 
 def _similarity(retriever, q_ctx, pairs, result) -> None:
@@ -81,10 +94,12 @@ def _similarity(retriever, q_ctx, pairs, result) -> None:
             retriever.match_regions(q_ctx, c, nb)
     if pairs:
         result.maps["similarity"] = weighted_query_map(
-            [nb.maps["similarity"]["query"] for nb, _ in pairs], [nb.similarity for nb, _ in pairs])
+            [nb.maps["similarity"]["query"] for nb, _ in pairs], [nb.similarity for nb, _ in pairs]
+        )
     else:  # no readable neighbour: fall back to the class activation map's decomposition
         inputs = q_ctx.tensor[None].to(retriever.device)
-        target = ScoreTarget.for_classes([q_ctx.predicted], q_ctx.embedding.shape[-1],
-                                         retriever.weighting, device=inputs.device)
+        target = ScoreTarget.for_classes(
+            [q_ctx.predicted], q_ctx.embedding.shape[-1], retriever.weighting, device=inputs.device
+        )
         cam = finite(registry.get("similarity").attribute(retriever.model, inputs, target))
         result.maps["similarity"] = q_ctx.geometry.map_to_original(cam[0])

@@ -115,8 +115,9 @@ class ScoreTarget:
     weighting: str = "saliency"
 
     @classmethod
-    def for_classes(cls, classes, embedding_dim: int, weighting: str = "saliency",
-                    device=None) -> ScoreTarget:
+    def for_classes(
+        cls, classes, embedding_dim: int, weighting: str = "saliency", device=None
+    ) -> ScoreTarget:
         c = torch.as_tensor(classes, dtype=torch.long, device=device).reshape(-1)
         return cls(c, torch.zeros(len(c), embedding_dim, device=device), weighting)
 
@@ -125,8 +126,11 @@ class ScoreTarget:
         others = torch.as_tensor(others).float()
         if others.ndim == 1:
             others = others[None]
-        return cls(torch.full((len(others),), -1, dtype=torch.long, device=others.device),
-                   others, weighting)
+        return cls(
+            torch.full((len(others),), -1, dtype=torch.long, device=others.device),
+            others,
+            weighting,
+        )
 
     def to(self, device) -> ScoreTarget:
         return ScoreTarget(self.classes.to(device), self.others.to(device), self.weighting)
@@ -137,8 +141,9 @@ class ScoreTarget:
             return self
         if len(self.classes) != 1:
             raise ValueError(f"target has {len(self.classes)} rows for {n} inputs")
-        return ScoreTarget(self.classes.expand(n).clone(), self.others.expand(n, -1).clone(),
-                           self.weighting)
+        return ScoreTarget(
+            self.classes.expand(n).clone(), self.others.expand(n, -1).clone(), self.weighting
+        )
 
 
 class ScoreHead(nn.Module):
@@ -195,7 +200,8 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _weights_key(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters()) + tuple(
-        (b.data_ptr(), b._version) for b in model.buffers())
+        (b.data_ptr(), b._version) for b in model.buffers()
+    )
 
 
 def inference_model(model: nn.Module) -> nn.Module:
@@ -260,7 +266,11 @@ class SharedForward:
     def __call__(self, x: Tensor) -> Tensor:
         i = self.calls
         self.calls += 1
-        if i < len(self.records) and self.records[i][0].shape == x.shape and torch.equal(self.records[i][0], x):
+        if (
+            i < len(self.records)
+            and self.records[i][0].shape == x.shape
+            and torch.equal(self.records[i][0], x)
+        ):
             return self.records[i][1][:, self.column]
         out = self.scores(x)
         if i == len(self.records):
@@ -287,12 +297,14 @@ def _per_image(model: nn.Module, inputs: Tensor, target: Target, run_one: Callab
     out: list[Tensor | None] = [None] * len(inputs)
     if p.target is None:
         for i in range(len(inputs)):
-            out[i] = run_one(p.forward, inputs[i:i + 1], i)
+            out[i] = run_one(p.forward, inputs[i : i + 1], i)
     else:
         for g in _image_groups(inputs):
-            shared = SharedForward(model, p.target.weighting, p.target.classes[g], p.target.others[g])
+            shared = SharedForward(
+                model, p.target.weighting, p.target.classes[g], p.target.others[g]
+            )
             for k, row in enumerate(g):
-                out[row] = run_one(shared.select(k), inputs[row:row + 1], row)
+                out[row] = run_one(shared.select(k), inputs[row : row + 1], row)
     return torch.cat(out)
 
 
@@ -334,10 +346,13 @@ class GradCAM:
         p = _prepare(model, inputs, target)
         with _grad_mode():
             cam = LayerGradCam(p.forward, model.target_layer).attribute(
-                inputs, additional_forward_args=p.args, relu_attributions=True)
+                inputs, additional_forward_args=p.args, relu_attributions=True
+            )
         cam = cam.detach()
         if self.upsample:
-            cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
+            cam = LayerAttribution.interpolate(
+                cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
+            )
         return cam[:, 0]
 
 
@@ -357,7 +372,9 @@ class Gradient:
 class SmoothGrad:
     name, expensive = "smoothgrad", True
 
-    def __init__(self, samples: int = SMOOTHGRAD_SAMPLES, noise: float = SMOOTHGRAD_NOISE, seed: int = SEED):
+    def __init__(
+        self, samples: int = SMOOTHGRAD_SAMPLES, noise: float = SMOOTHGRAD_NOISE, seed: int = SEED
+    ):
         self.samples, self.noise, self.seed = samples, noise, seed
 
     @_seeded
@@ -370,8 +387,14 @@ class SmoothGrad:
         batch = max(1, FORWARD_BATCH // len(inputs))
         with _grad_mode():
             attr = NoiseTunnel(Saliency(p.forward)).attribute(
-                inputs, nt_type="smoothgrad", nt_samples=self.samples, nt_samples_batch_size=batch,
-                stdevs=max(stdev, 1e-6), additional_forward_args=p.args, abs=True)
+                inputs,
+                nt_type="smoothgrad",
+                nt_samples=self.samples,
+                nt_samples_batch_size=batch,
+                stdevs=max(stdev, 1e-6),
+                additional_forward_args=p.args,
+                abs=True,
+            )
         return _channel_max_abs(attr)
 
 
@@ -388,9 +411,13 @@ class IntegratedGradients:
         p = _prepare(model, inputs, target)
         with _grad_mode():
             attr = IG(p.forward).attribute(
-                inputs, baselines=torch.zeros_like(inputs), additional_forward_args=p.args,
-                n_steps=self.steps, method="gausslegendre",
-                internal_batch_size=max(FORWARD_BATCH, len(inputs)))
+                inputs,
+                baselines=torch.zeros_like(inputs),
+                additional_forward_args=p.args,
+                n_steps=self.steps,
+                method="gausslegendre",
+                internal_batch_size=max(FORWARD_BATCH, len(inputs)),
+            )
         return _channel_max_abs(attr)
 
 
@@ -415,8 +442,13 @@ class Occlusion:
         ww, sw = occlusion_window(w, self.fraction)
 
         def one(forward, x, _row):
-            return Occ(forward).attribute(x, sliding_window_shapes=(c, wh, ww), strides=(c, sh, sw),
-                                          baselines=0.0, perturbations_per_eval=FORWARD_BATCH)
+            return Occ(forward).attribute(
+                x,
+                sliding_window_shapes=(c, wh, ww),
+                strides=(c, sh, sw),
+                baselines=0.0,
+                perturbations_per_eval=FORWARD_BATCH,
+            )
 
         with torch.no_grad():
             attr = _per_image(model, inputs, target, one)
@@ -433,8 +465,14 @@ def superpixels(image: np.ndarray, n_segments: int = LIME_SEGMENTS) -> np.ndarra
     gray = img.ndim == 2
     # compactness on the [0, 1] intensity scale: 0.1 follows intensity edges for
     # grayscale films; colour (Lab) distances are ~100× larger, hence 10.
-    labels = slic(img, n_segments=n_segments, compactness=0.1 if gray else 10.0,
-                  channel_axis=None if gray else -1, start_label=0, sigma=1.0)
+    labels = slic(
+        img,
+        n_segments=n_segments,
+        compactness=0.1 if gray else 10.0,
+        channel_axis=None if gray else -1,
+        start_label=0,
+        sigma=1.0,
+    )
     return np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int64)
 
 
@@ -453,12 +491,18 @@ def lime_kernel(original, perturbed, interpretable, **kwargs) -> Tensor:
 class Lime:
     name, expensive = "lime", True
 
-    def __init__(self, samples: int = LIME_SAMPLES, segments: int = LIME_SEGMENTS, seed: int = SEED):
+    def __init__(
+        self, samples: int = LIME_SAMPLES, segments: int = LIME_SEGMENTS, seed: int = SEED
+    ):
         self.samples, self.segments, self.seed = samples, segments, seed
 
     def feature_mask(self, model, inputs: Tensor) -> Tensor:
-        mean = torch.tensor(model.config.mean, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(model.config.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        mean = torch.tensor(model.config.mean, dtype=inputs.dtype, device=inputs.device).view(
+            1, -1, 1, 1
+        )
+        std = torch.tensor(model.config.std, dtype=inputs.dtype, device=inputs.device).view(
+            1, -1, 1, 1
+        )
         pix = (inputs.detach() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         masks = [superpixels(img, self.segments) for img in pix]
         return torch.from_numpy(np.stack(masks))[:, None].to(inputs.device)
@@ -473,11 +517,18 @@ class Lime:
         def one(forward, x, row):  # one surrogate per image and target (LIME is per-example)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)  # the same samples for every target of an image
-                lime = CaptumLime(forward, interpretable_model=SkLearnRidge(alpha=1.0),
-                                  similarity_func=lime_kernel)
-                attr = lime.attribute(x, baselines=0.0, feature_mask=fmask[row:row + 1],
-                                      n_samples=self.samples,
-                                      perturbations_per_eval=min(self.samples, FORWARD_BATCH))
+                lime = CaptumLime(
+                    forward,
+                    interpretable_model=SkLearnRidge(alpha=1.0),
+                    similarity_func=lime_kernel,
+                )
+                attr = lime.attribute(
+                    x,
+                    baselines=0.0,
+                    feature_mask=fmask[row : row + 1],
+                    n_samples=self.samples,
+                    perturbations_per_eval=min(self.samples, FORWARD_BATCH),
+                )
             return attr[:, 0]
 
         with torch.no_grad():
@@ -491,8 +542,10 @@ class Similarity:
 
     def attribute(self, model, inputs, target):
         if callable(target) and not isinstance(target, ScoreTarget | Tensor):
-            raise CasebaseError("the similarity decomposition explains a class logit or a similarity, "
-                                "not an arbitrary score function")
+            raise CasebaseError(
+                "the similarity decomposition explains a class logit or a similarity, "
+                "not an arbitrary score function"
+            )
         p = _prepare(model, inputs, target)
         t = p.target
         with torch.no_grad():
@@ -500,7 +553,10 @@ class Similarity:
             f, w = out.features, out.weights
             hw = f.shape[-2] * f.shape[-1]
             # class rows: class activation map, W_c · F_ij / hw (sums to logit - bias)
-            cam = torch.einsum("bc,bchw->bhw", model.classifier.weight[t.classes.clamp_min(0)], f) / hw
+            cam = (
+                torch.einsum("bc,bchw->bhw", model.classifier.weight[t.classes.clamp_min(0)], f)
+                / hw
+            )
             # similarity rows: w_ij (P F_ij) · e_other / ‖P p‖ (sums to the cosine similarity)
             z = torch.einsum("dc,bchw->bdhw", model.projection.weight, f)
             pooled = torch.einsum("bhw,bdhw->bd", w, z)
@@ -511,7 +567,15 @@ class Similarity:
 
 REGISTRY: dict[str, Explainer] = {
     e.name: e
-    for e in (GradCAM(), Gradient(), SmoothGrad(), IntegratedGradients(), Occlusion(), Lime(), Similarity())
+    for e in (
+        GradCAM(),
+        Gradient(),
+        SmoothGrad(),
+        IntegratedGradients(),
+        Occlusion(),
+        Lime(),
+        Similarity(),
+    )
 }
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 EXPENSIVE: frozenset[str] = frozenset(n for n, e in REGISTRY.items() if e.expensive)
@@ -524,7 +588,8 @@ def check_names(methods: Iterable[str]) -> list[str]:
     if bad:
         raise CasebaseError(
             f"unknown explanation method{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; "
-            f"choose from: {', '.join(METHODS)}")
+            f"choose from: {', '.join(METHODS)}"
+        )
     return methods
 
 
@@ -542,4 +607,6 @@ def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, h, w) -> (B, *size), bilinear (how coarse maps reach the input grid)."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]

@@ -66,7 +66,9 @@ SIMILARITY_NEIGHBORS = 5
 
 
 # ---------------------------------------------------------------- map scores
-def pointing_game(heat: np.ndarray, mask: np.ndarray, tolerance: int | tuple[int, int] = 0) -> float:
+def pointing_game(
+    heat: np.ndarray, mask: np.ndarray, tolerance: int | tuple[int, int] = 0
+) -> float:
     """1 if the map's maximum lies in the mask dilated by ``tolerance`` (rows, cols) px.
 
     Tied maxima score the share of them that hit (a random tie-break's expected score).
@@ -134,8 +136,14 @@ def pixel_order_ranks(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 @torch.no_grad()
-def perturbation_curves(model, x: torch.Tensor, cls: int, ranks: np.ndarray, baseline: torch.Tensor,
-                        steps: int = CURVE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+def perturbation_curves(
+    model,
+    x: torch.Tensor,
+    cls: int,
+    ranks: np.ndarray,
+    baseline: torch.Tensor,
+    steps: int = CURVE_STEPS,
+) -> tuple[np.ndarray, np.ndarray]:
     """(deletion, insertion) probabilities of class ``cls`` at steps+1 removed fractions 0..1."""
     n = ranks.size
     counts = torch.from_numpy(np.round(np.linspace(0, n, steps + 1)).astype(np.int64))
@@ -147,7 +155,7 @@ def perturbation_curves(model, x: torch.Tensor, cls: int, ranks: np.ndarray, bas
     for chunk in torch.cat([deletion, insertion]).split(registry.FORWARD_BATCH):
         probs.append(model(chunk).float().softmax(1)[:, cls])
     p = torch.cat(probs).cpu().numpy()
-    return p[: steps + 1], p[steps + 1:]
+    return p[: steps + 1], p[steps + 1 :]
 
 
 # ---------------------------------------------------------------- maps
@@ -162,15 +170,23 @@ def randomized_copy(model, seed: int = RANDOM_SEED):
     return rnd.eval()
 
 
-def query_map(model, name: str, explainer, x: torch.Tensor, cls: int, weighting: str,
-              neighbours: torch.Tensor | None = None) -> torch.Tensor:
+def query_map(
+    model,
+    name: str,
+    explainer,
+    x: torch.Tensor,
+    cls: int,
+    weighting: str,
+    neighbours: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The query-level map a query shows: (h, w) or (S, S) for input x (1, C, S, S)."""
     if name == "similarity" and neighbours is not None and len(neighbours):
         with torch.no_grad():
             eq = model.run(x, weighting).embedding[0]
             ec = model.run(neighbours, weighting).embedding
-        maps = explainer.attribute(model, x.expand(len(ec), -1, -1, -1),
-                                   ScoreTarget.for_similarity(ec, weighting))
+        maps = explainer.attribute(
+            model, x.expand(len(ec), -1, -1, -1), ScoreTarget.for_similarity(ec, weighting)
+        )
         return torch.from_numpy(weighted_query_map(registry.finite(maps), (ec @ eq).tolist()))
     target = ScoreTarget.for_classes([cls], model.config.embedding_dim, weighting, device=x.device)
     return torch.from_numpy(registry.finite(explainer.attribute(model, x, target))[0])
@@ -201,14 +217,24 @@ def _mean(v: list) -> float:
 
 
 def summary_line(m: dict) -> str:
-    sanity = ("passes" if m["sanity_check"] == "pass" else "FAILS") + " the randomisation sanity check"
-    return (f"on the lesion {m['pointing_game']:.0%} of the time (pointing game), "
-            f"{m['mask_energy']:.0%} of its energy inside the lesion (which is {m['mask_area']:.0%} "
-            f"of the image), {sanity}")
+    sanity = (
+        "passes" if m["sanity_check"] == "pass" else "FAILS"
+    ) + " the randomisation sanity check"
+    return (
+        f"on the lesion {m['pointing_game']:.0%} of the time (pointing game), "
+        f"{m['mask_energy']:.0%} of its energy inside the lesion (which is {m['mask_area']:.0%} "
+        f"of the image), {sanity}"
+    )
 
 
-def evaluate_cases(model, cases: list[dict], explainers: dict, weighting: str = "saliency",
-                   progress: bool = True, seed: int = RANDOM_SEED) -> dict:
+def evaluate_cases(
+    model,
+    cases: list[dict],
+    explainers: dict,
+    weighting: str = "saliency",
+    progress: bool = True,
+    seed: int = RANDOM_SEED,
+) -> dict:
     """Score explainers on prepared cases.
 
     Each case: ``{"x": (C, S, S) normalised tensor, "mask": (H, W) bool, "geometry": Geometry,
@@ -234,8 +260,9 @@ def evaluate_cases(model, cases: list[dict], explainers: dict, weighting: str = 
             cls = int(model(x).argmax(1)[0])
         base = blurred(x[0])
         rng = np.random.default_rng(seed + i)
-        rand_del, rand_ins = perturbation_curves(model, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng),
-                                                 base)
+        rand_del, rand_ins = perturbation_curves(
+            model, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng), base
+        )
         for name, explainer in explainers.items():
             a = acc[name]
             t0 = time.perf_counter()
@@ -292,8 +319,14 @@ def _pick(n: int, k: int | None) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
 
 
-def load_cases(retriever, manifest_path, split: str = "test", max_cases: int | None = 40,
-               with_neighbours: bool = True, k: int = SIMILARITY_NEIGHBORS) -> tuple[list[dict], list[str]]:
+def load_cases(
+    retriever,
+    manifest_path,
+    split: str = "test",
+    max_cases: int | None = 40,
+    with_neighbours: bool = True,
+    k: int = SIMILARITY_NEIGHBORS,
+) -> tuple[list[dict], list[str]]:
     """The split's cases with a non-empty mask, preprocessed, with their top-k index neighbours."""
     from index.builder import case_table
     from retrieval.imageio import read_mask
@@ -306,8 +339,10 @@ def load_cases(retriever, manifest_path, split: str = "test", max_cases: int | N
     table = case_table(manifest, df)
     table = table[table["mask"].str.len() > 0].reset_index(drop=True)
     if table.empty:
-        raise CasebaseError(f"{manifest_path}: no case in split {split!r} has a mask "
-                            "(the manifest's `mask` column); explain-eval needs lesion masks")
+        raise CasebaseError(
+            f"{manifest_path}: no case in split {split!r} has a mask "
+            "(the manifest's `mask` column); explain-eval needs lesion masks"
+        )
     skipped: list[str] = []
     cases: list[dict] = []
     for pos in _pick(len(table), max_cases):
@@ -323,25 +358,53 @@ def load_cases(retriever, manifest_path, split: str = "test", max_cases: int | N
             continue
         nbrs = None
         if with_neighbours:
-            hits = retriever.search(ctx.embedding.float().cpu().numpy(), k,
-                                    exclude_patient=row.get("patient_id") or None)[0]
-            ok = [c for c in retriever._neighbor_contexts([retriever.neighbor(s, r) for s, r in hits])
-                  if c is not None]
+            hits = retriever.search(
+                ctx.embedding.float().cpu().numpy(),
+                k,
+                exclude_patient=row.get("patient_id") or None,
+            )[0]
+            ok = [
+                c
+                for c in retriever._neighbor_contexts([retriever.neighbor(s, r) for s, r in hits])
+                if c is not None
+            ]
             nbrs = torch.stack([c.tensor for c in ok]) if ok else None
-        cases.append({"case_id": row["case_id"], "x": ctx.tensor, "mask": mask,
-                      "geometry": ctx.geometry, "neighbours": nbrs})
+        cases.append(
+            {
+                "case_id": row["case_id"],
+                "x": ctx.tensor,
+                "mask": mask,
+                "geometry": ctx.geometry,
+                "neighbours": nbrs,
+            }
+        )
     return cases, skipped
 
 
-def evaluate(retriever, manifest_path, split: str = "test", methods: Sequence[str] | None = None,
-             max_cases: int | None = 40, progress: bool = True, seed: int = RANDOM_SEED) -> dict:
+def evaluate(
+    retriever,
+    manifest_path,
+    split: str = "test",
+    methods: Sequence[str] | None = None,
+    max_cases: int | None = 40,
+    progress: bool = True,
+    seed: int = RANDOM_SEED,
+) -> dict:
     """The explain-eval report: ``{"methods": {name: metrics}, "split", "n_cases", ...}``."""
     names = registry.check_names(list(methods) if methods else list(registry.METHODS))
     cases, skipped = load_cases(retriever, manifest_path, split, max_cases, "similarity" in names)
     if not cases:
-        raise CasebaseError("no case with a readable image and a non-empty mask: " + "; ".join(skipped[:5]))
-    results = evaluate_cases(retriever.model, cases, {n: registry.get(n) for n in names},
-                             retriever.weighting, progress, seed)
+        raise CasebaseError(
+            "no case with a readable image and a non-empty mask: " + "; ".join(skipped[:5])
+        )
+    results = evaluate_cases(
+        retriever.model,
+        cases,
+        {n: registry.get(n) for n in names},
+        retriever.weighting,
+        progress,
+        seed,
+    )
     for m in results.values():
         m["split"] = split
     return {
@@ -357,9 +420,13 @@ def evaluate(retriever, manifest_path, split: str = "test", methods: Sequence[st
             "sanity_threshold_abs_spearman": SANITY_THRESHOLD,
             "random_seed": seed,
             "weighting": retriever.weighting,
-            "samples": {"smoothgrad": registry.SMOOTHGRAD_SAMPLES, "integrated_gradients_steps": registry.IG_STEPS,
-                        "lime": registry.LIME_SAMPLES, "lime_segments": registry.LIME_SEGMENTS,
-                        "occlusion_window": f"{registry.OCCLUSION_WINDOW:g} x side, stride half"},
+            "samples": {
+                "smoothgrad": registry.SMOOTHGRAD_SAMPLES,
+                "integrated_gradients_steps": registry.IG_STEPS,
+                "lime": registry.LIME_SAMPLES,
+                "lime_segments": registry.LIME_SEGMENTS,
+                "occlusion_window": f"{registry.OCCLUSION_WINDOW:g} x side, stride half",
+            },
         },
     }
 
@@ -383,16 +450,23 @@ COLUMNS = [
 def format_table(report: dict) -> str:
     """A human-readable table of the report (one row per method) plus each summary line."""
     head = f"{'method':<22}" + "".join(f"{label:>10}" for _, label, _ in COLUMNS)
-    lines = [f"explanation trust on {report['n_cases']} {report['split']} cases with lesion masks", head,
-             "-" * len(head)]
+    lines = [
+        f"explanation trust on {report['n_cases']} {report['split']} cases with lesion masks",
+        head,
+        "-" * len(head),
+    ]
     for name, m in report["methods"].items():
-        lines.append(f"{name:<22}" + "".join(f"{fmt.format(m[key]):>10}" for key, _, fmt in COLUMNS))
+        lines.append(
+            f"{name:<22}" + "".join(f"{fmt.format(m[key]):>10}" for key, _, fmt in COLUMNS)
+        )
     lines.append("")
-    lines.append("point: pointing game (tolerance half a feature-map cell); strict: no tolerance; energy: "
-                 "share of positive map mass on the lesion (area: chance level); del/ins: deletion / "
-                 "insertion AUC of the predicted-class probability (rnd: random pixel order; lower del and "
-                 f"higher ins are better); rand rho/ssim: trained vs re-initialised model maps (pass: "
-                 f"mean |rho| < {SANITY_THRESHOLD:g}).")
+    lines.append(
+        "point: pointing game (tolerance half a feature-map cell); strict: no tolerance; energy: "
+        "share of positive map mass on the lesion (area: chance level); del/ins: deletion / "
+        "insertion AUC of the predicted-class probability (rnd: random pixel order; lower del and "
+        f"higher ins are better); rand rho/ssim: trained vs re-initialised model maps (pass: "
+        f"mean |rho| < {SANITY_THRESHOLD:g})."
+    )
     for name, m in report["methods"].items():
         lines.append(f"  {name}: {m['summary']}")
     for msg in report.get("skipped", []):

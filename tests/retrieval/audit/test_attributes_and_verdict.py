@@ -15,13 +15,15 @@ from retrieval.errors import CasebaseError
 def _frames():
     rng = np.random.default_rng(0)
     n, m = 200, 40
-    index = pd.DataFrame({
-        "site": rng.choice(["A", "B", "C"], n),
-        "age": rng.integers(20, 90, n).astype(str),
-        "const": ["x"] * n,
-        "accession": [f"acc{i}" for i in range(n)],
-        "grade": rng.choice(["1", "2", "3"], n),  # numeric but few values: categorical
-    })
+    index = pd.DataFrame(
+        {
+            "site": rng.choice(["A", "B", "C"], n),
+            "age": rng.integers(20, 90, n).astype(str),
+            "const": ["x"] * n,
+            "accession": [f"acc{i}" for i in range(n)],
+            "grade": rng.choice(["1", "2", "3"], n),  # numeric but few values: categorical
+        }
+    )
     query = pd.DataFrame({c: index[c].iloc[:m].to_numpy() for c in index})
     query.loc[0, "site"] = ""  # missing
     query.loc[1, "age"] = "150"  # outside the indexed range -> last bin
@@ -62,7 +64,11 @@ def test_code_attribute_reasons():
 
 def test_decide():
     flagged, bias, reasons = verdict.decide(0.001, 1.5, 0.7, 1 / 3, (0.8, 1e-30))
-    assert flagged and not bias and len(reasons) == 4
+    assert flagged and not bias and len(reasons) == 3
+    # the query-side test alone is enough (a label-proxy shortcut)
+    flagged, _, reasons = verdict.decide(0.5, 1.0, 0.7, 1 / 3, (0.8, 1e-30), 0.001, 1.3)
+    assert flagged and len(reasons) == 4 and "query-side null" in reasons[1]
+    assert not verdict.decide(0.5, 1.0, 0.7, 1 / 3, (0.8, 1e-30), 0.02, 1.3)[0]
     # same evidence, but the attribute says nothing about the label: retrieval bias, not a shortcut
     flagged, bias, _ = verdict.decide(0.001, 1.5, 0.7, 1 / 3, (0.03, 0.6))
     assert not flagged and bias
@@ -91,11 +97,21 @@ def test_group_precision():
     valid = np.ones((4, 5), bool)
     prec = label_precision(nb_labels, valid, np.array(["a", "a", "a", "b"]))
     assert prec.tolist() == [1.0, 0.4, 0.0, 0.0]
-    attr = CodedAttribute("site", "categorical", None, ["A", "B", "C"], np.zeros(1, np.int16),
-                          np.array([0, 0, 1, -1], np.int16))
+    attr = CodedAttribute(
+        "site",
+        "categorical",
+        None,
+        ["A", "B", "C"],
+        np.zeros(1, np.int16),
+        np.array([0, 0, 1, -1], np.int16),
+    )
     g = group_precision(attr, prec)
     assert g["A"]["n"] == 2 and g["A"]["precision_at_5"] == pytest.approx(0.7)
-    assert g["B"] == {"n": 1, "precision_at_5": 0.0, "interval": [pytest.approx(np.nan, nan_ok=True)] * 2}
+    assert g["B"] == {
+        "n": 1,
+        "precision_at_5": 0.0,
+        "interval": [pytest.approx(np.nan, nan_ok=True)] * 2,
+    }
     assert g["C"]["n"] == 0 and g["C"]["precision_at_5"] is None
     assert spread(g, min_n=1) == pytest.approx(0.7)
     assert spread(g, min_n=5) is None

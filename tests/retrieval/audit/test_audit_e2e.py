@@ -14,10 +14,24 @@ from retrieval.cli import main
 from retrieval.service import CaseRetriever
 
 ROOT = Path(__file__).resolve().parents[3]
-ATTR_KEYS = {"concordance", "expected", "lift", "p_value", "probe_balanced_accuracy", "chance", "flagged"}
+ATTR_KEYS = {
+    "concordance",
+    "expected",
+    "lift",
+    "p_value",
+    "probe_balanced_accuracy",
+    "chance",
+    "flagged",
+}
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +39,9 @@ def audit(tiny_index, phantom_dir):
     from retrieval.audit import run_audit
 
     r = CaseRetriever.load(tiny_index, device="cpu")
-    return run_audit(r, phantom_dir / "manifest.csv", "test", None, permutations=99, seed=0, progress=False)
+    return run_audit(
+        r, phantom_dir / "manifest.csv", "test", None, permutations=99, seed=0, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +59,14 @@ def test_json_contract(audit, phantom_dir):
         assert ATTR_KEYS <= set(v), name
         assert isinstance(v["flagged"], bool)
         assert 0 < v["p_value"] <= 1 and v["p_value"] <= v["p_value_holm"] <= 1
-        assert v["permutations"] == 799  # raised so that Holm over 4 attributes can reach p < 0.01
-    assert d["attributes"]["age"]["kind"] == "binned" and "quartiles" in d["attributes"]["age"]["binning"]
+        assert (
+            v["permutations"] == 1599
+        )  # raised: Holm over 2 tests x 4 attributes can reach p < 0.01
+        assert v["query_null"]["permutations"] == 1599 and 0 < v["query_null"]["p_value"] <= 1
+    assert (
+        d["attributes"]["age"]["kind"] == "binned"
+        and "quartiles" in d["attributes"]["age"]["binning"]
+    )
     assert d["n_queries"] == 9  # the phantom's test split
     for groups in d["groups"].values():
         assert sum(g["n"] for g in groups.values()) <= d["n_queries"]
@@ -55,7 +77,12 @@ def test_json_contract(audit, phantom_dir):
     for cond in ("original", "lesion_removed", "background_removed"):
         assert 0 <= cf["masked_retrieval"][cond]["precision_at_5"] <= 1
     assert 0 <= cf["similarity_in_lesion"]["query"] <= 1
-    assert {"near_duplicates", "identical_pixels", "own_patient_neighbors", "shared_case_ids"} <= set(d["leakage"])
+    assert {
+        "near_duplicates",
+        "identical_pixels",
+        "own_patient_neighbors",
+        "shared_case_ids",
+    } <= set(d["leakage"])
     assert "flag_rule" in d
 
 
@@ -88,7 +115,9 @@ def test_screenshot(report_html, tmp_path):
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(page_file.as_uri())
             page.wait_for_load_state("load")
-            widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            widths = page.evaluate(
+                "Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)"
+            )
             page.screenshot(path=str(artifacts / "audit_report.png"), full_page=True)
         finally:
             browser.close()
@@ -100,8 +129,20 @@ def test_cli_json_stores_report_in_bundle(tiny_index, phantom_dir, tmp_path, cap
     idx = tmp_path / "index"
     shutil.copytree(tiny_index, idx)
     out = tmp_path / "report.html"
-    rc = main(["audit", str(idx), str(phantom_dir / "manifest.csv"), "--json", "--permutations", "49",
-               "--attributes", "site,sex", "--out", str(out)])
+    rc = main(
+        [
+            "audit",
+            str(idx),
+            str(phantom_dir / "manifest.csv"),
+            "--json",
+            "--permutations",
+            "49",
+            "--attributes",
+            "site,sex",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert set(d["attributes"]) == {"site", "sex"}
@@ -120,12 +161,18 @@ def test_cli_table_and_errors(tiny_index, phantom_dir, tmp_path, capsys):
     manifest = str(phantom_dir / "manifest.csv")
     assert main(["audit", str(idx), manifest, "--attributes", "site,shoe_size"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1  # fails before embedding: no progress bar
-    assert err == ("casebase audit: error: unknown attribute(s) shoe_size; the index has: site, sex, age, "
-                   "scanner")
+    assert (
+        "Traceback" not in err and len(err.splitlines()) == 1
+    )  # fails before embedding: no progress bar
+    assert err == (
+        "casebase audit: error: unknown attribute(s) shoe_size; the index has: site, sex, age, "
+        "scanner"
+    )
     assert main(["audit", str(idx), manifest, "--split", "nosuch"]) == 2
     assert "no cases in split" in capsys.readouterr().err
-    assert main(["audit", str(idx), manifest, "--attributes", "scanner", "--permutations", "19"]) == 0
+    assert (
+        main(["audit", str(idx), manifest, "--attributes", "scanner", "--permutations", "19"]) == 0
+    )
     text = capsys.readouterr().out
     assert "concord." in text and "scanner" in text and "rule:" in text
 
@@ -136,8 +183,9 @@ def test_rgb_photo_index(tiny_photo_index, photo_phantom_dir):
     from retrieval.audit.report import render_html
 
     r = CaseRetriever.load(tiny_photo_index, device="cpu")
-    res = run_audit(r, photo_phantom_dir / "manifest.csv", permutations=19, progress=False,
-                    max_counterfactual=4)
+    res = run_audit(
+        r, photo_phantom_dir / "manifest.csv", permutations=19, progress=False, max_counterfactual=4
+    )
     assert "device" in res.data["attributes"]
     assert res.data["counterfactual"]["n_queries"] == 4
     html = render_html(res.data, res.examples)

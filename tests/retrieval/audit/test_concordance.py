@@ -63,7 +63,9 @@ def test_random_neighbours_are_not_significant():
 def test_label_driven_retrieval_is_not_counted_as_attribute_matching():
     """Attribute tied to the label in the index, retrieval purely by label: the null expects it."""
     rng, labels, attr, q_labels, q_attr = _world(seed=3, tie=0.9)
-    q_attr = q_labels.copy()  # queries whose attribute happens to equal the label -> high raw sharing
+    q_attr = (
+        q_labels.copy()
+    )  # queries whose attribute happens to equal the label -> high raw sharing
     rows = _neighbours_by(rng, labels, q_labels)
     res = concordance_test(rows, np.ones_like(rows, bool), q_attr, attr, labels, 499, rng)
     assert res.concordance > 0.8  # the raw sharing is high...
@@ -108,8 +110,14 @@ def test_missing_values_and_empty_neighbour_lists_are_left_out():
 
 
 def test_no_usable_query():
-    res = concordance_test(np.zeros((2, 3), int), np.ones((2, 3), bool), np.array([-1, -1]),
-                           np.zeros(4, np.int16), np.zeros(4), 10)
+    res = concordance_test(
+        np.zeros((2, 3), int),
+        np.ones((2, 3), bool),
+        np.array([-1, -1]),
+        np.zeros(4, np.int16),
+        np.zeros(4),
+        10,
+    )
     assert res.n_queries == 0 and res.p_value == 1.0 and res.lift is None
 
 
@@ -126,3 +134,50 @@ def test_cluster_bootstrap_interval():
     assert lo < shares.mean() < hi
     lo1, hi1 = cluster_bootstrap(shares, None, 500, rng)
     assert lo1 < shares.mean() < hi1
+
+
+def test_query_side_null_sees_a_label_proxy_shortcut_the_index_side_cannot():
+    """Index: site == label (fully tied). A third of the queries retrieve by their site marker
+    (neighbours of the class that site stands for), the rest by label. The neighbours' sites are
+    exactly what their labels predict, so the index-side null sees nothing; the query-side null
+    sees that a query's site decides which labels it gets."""
+    from retrieval.audit.concordance import query_permutation_test
+
+    rng, labels, _, q_labels, q_attr = _world(seed=7)
+    attr = labels.copy()
+    proxy = rng.random(N_QUERY) < 0.33
+    key = np.where(proxy, q_attr, q_labels)
+    rows = _neighbours_by(rng, labels, key)
+    valid = np.ones_like(rows, dtype=bool)
+    idx_side = concordance_test(rows, valid, q_attr, attr, labels, 499, rng)
+    assert idx_side.lift == pytest.approx(1.0) and idx_side.p_value > 0.5
+    q_side = query_permutation_test(rows, valid, q_attr, attr, q_labels, 499, rng)
+    assert q_side.lift > 1.5 and q_side.p_value == pytest.approx(1 / 500)
+    lo, hi = q_side.null_interval
+    assert lo <= q_side.expected <= hi
+
+
+def test_query_side_null_is_quiet_for_label_driven_and_random_retrieval():
+    from retrieval.audit.concordance import query_permutation_test
+
+    ps = []
+    for seed in range(6):
+        rng, labels, attr, q_labels, q_attr = _world(seed, tie=0.9)
+        rows = _neighbours_by(rng, labels, q_labels)  # retrieval purely by label
+        res = query_permutation_test(
+            rows, np.ones_like(rows, bool), q_attr, attr, q_labels, 199, rng
+        )
+        assert res.lift == pytest.approx(1.0, abs=0.15)
+        ps.append(res.p_value)
+    assert min(ps) > 0.01
+
+
+def test_query_side_expected_is_exact():
+    from retrieval.audit.concordance import query_permutation_test
+
+    rng, labels, attr, q_labels, q_attr = _world(seed=11, tie=0.5)
+    rows = rng.integers(0, N_INDEX, size=(N_QUERY, K))
+    res = query_permutation_test(rows, np.ones_like(rows, bool), q_attr, attr, q_labels, 4000, rng)
+    perms = permute_within(q_attr, q_labels, 4000, np.random.default_rng(3))
+    mc = ((attr[rows][None] == perms[:, :, None]).mean(-1)).mean()
+    assert res.expected == pytest.approx(mc, abs=0.003)

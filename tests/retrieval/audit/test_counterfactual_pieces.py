@@ -63,8 +63,12 @@ def test_remove_background_keeps_only_the_lesion():
 
 def test_interpret():
     sim = {"query": 0.4, "lesion_area_query": 0.05, "enrichment_query": 8.0}
-    masked = {"chance_precision_at_5": 0.33, "original": {"precision_at_5": 0.9},
-              "lesion_removed": {"precision_at_5": 0.85}, "background_removed": {"precision_at_5": 0.5}}
+    masked = {
+        "chance_precision_at_5": 0.33,
+        "original": {"precision_at_5": 0.9},
+        "lesion_removed": {"precision_at_5": 0.85},
+        "background_removed": {"precision_at_5": 0.5},
+    }
     assert "matches on context" in interpret(sim, masked)
     masked["lesion_removed"]["precision_at_5"] = 0.35
     assert "drops precision@5" in interpret(sim, masked)

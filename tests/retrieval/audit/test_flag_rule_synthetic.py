@@ -1,4 +1,5 @@
-"""The whole verdict on a synthetic world where the truth is known.
+"""The whole verdict (`judge_attributes`: both concordance tests, probe, rule) on a synthetic
+world where the truth is known.
 
 Embeddings = label (strong) + site (a shortcut: tied to the label in the index) +
 scanner (encoded, but independent of the label) + noise; sex is not in the
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.audit import verdict
-from retrieval.audit.concordance import concordance_test, holm
-from retrieval.audit.probe import probe_attribute
+from retrieval.audit.attributes import CodedAttribute
+from retrieval.audit.runner import judge_attributes
 
 N_INDEX, N_QUERY, D, K = 450, 150, 24, 5
 
@@ -33,22 +33,41 @@ def _verdicts(seed):
     sex = rng.integers(0, 2, N_INDEX)
     patients = np.array([f"p{i // 3}" for i in range(N_INDEX)])
     x = _embed(rng, labels, site, scanner, N_INDEX)
-    ql, qs, qsc, qsex = (rng.integers(0, 3, N_QUERY), rng.integers(0, 3, N_QUERY),
-                         rng.integers(0, 3, N_QUERY), rng.integers(0, 2, N_QUERY))
+    ql, qs, qsc, qsex = (
+        rng.integers(0, 3, N_QUERY),
+        rng.integers(0, 3, N_QUERY),
+        rng.integers(0, 3, N_QUERY),
+        rng.integers(0, 2, N_QUERY),
+    )
     q = _embed(rng, ql, qs, qsc, N_QUERY)
     rows = np.argsort(-(q @ x.T), axis=1)[:, :K]
-    valid = np.ones_like(rows, dtype=bool)
-    attrs = {"site": (site, qs), "scanner": (scanner, qsc), "sex": (sex, qsex)}
-    conc = {n: concordance_test(rows, valid, qa, ia.astype(np.int16), labels, 999, rng)
-            for n, (ia, qa) in attrs.items()}
-    p_holm = dict(zip(attrs, holm([conc[n].p_value for n in attrs]), strict=True))
-    out = {}
-    for n, (ia, _) in attrs.items():
-        pr = probe_attribute(x, ia, labels, patients, seed=0, shuffles=0)
-        flagged, bias, _ = verdict.decide(p_holm[n], conc[n].lift, pr.balanced_accuracy, pr.chance,
-                                          verdict.label_association(ia, labels))
-        out[n] = "flagged" if flagged else "bias" if bias else "no"
-    return out
+    attrs = [
+        CodedAttribute(
+            n,
+            "categorical",
+            None,
+            [str(g) for g in range(3)],
+            ia.astype(np.int16),
+            qa.astype(np.int16),
+        )
+        for n, ia, qa in [("site", site, qs), ("scanner", scanner, qsc), ("sex", sex, qsex)]
+    ]
+    out = judge_attributes(
+        attrs,
+        rows,
+        np.ones_like(rows, bool),
+        labels.astype(str),
+        patients,
+        x,
+        ql.astype(str),
+        np.array([f"q{i}" for i in range(N_QUERY)]),
+        1000,
+        seed,
+    )
+    return {
+        n: "flagged" if v["flagged"] else "bias" if v["retrieval_bias"] else "no"
+        for n, v in out.items()
+    }
 
 
 def test_shortcut_flagged_encoded_independent_attribute_is_bias_random_attribute_is_not():

@@ -36,10 +36,24 @@ def planted(tmp_path_factory, phantom_dir):
     noisy = np.clip(px * 0.97 + 0.02 + np.random.default_rng(0).normal(0, 0.005, px.shape), 0, 1)
     reenc = root / "reencoded.png"
     Image.fromarray((noisy * 255).round().astype(np.uint8)).save(reenc)  # re-windowed, re-encoded
-    extra = pd.DataFrame([
-        {**a.to_dict(), "case_id": "planted_exact", "image": str(exact), "split": "test", "patient_id": "p_planted1"},
-        {**b.to_dict(), "case_id": "planted_reenc", "image": str(reenc), "split": "test", "patient_id": "p_planted2"},
-    ])
+    extra = pd.DataFrame(
+        [
+            {
+                **a.to_dict(),
+                "case_id": "planted_exact",
+                "image": str(exact),
+                "split": "test",
+                "patient_id": "p_planted1",
+            },
+            {
+                **b.to_dict(),
+                "case_id": "planted_reenc",
+                "image": str(reenc),
+                "split": "test",
+                "patient_id": "p_planted2",
+            },
+        ]
+    )
     out = root / "manifest.csv"
     pd.concat([m, extra]).to_csv(out, index=False)
     return out, a["case_id"], b["case_id"]
@@ -67,8 +81,13 @@ def test_planted_duplicates_are_found(tiny_index, planted):
 
 def test_own_patient_neighbors():
     hits = [[(0.9, 0), (0.8, 1)], [(0.7, 2)], []]
-    found = own_patient_neighbors(hits, ["p1", "", "p3"], np.array(["p1", "p2", "p3"]),
-                                  ["q0", "q1", "q2"], np.array(["c0", "c1", "c2"]))
+    found = own_patient_neighbors(
+        hits,
+        ["p1", "", "p3"],
+        np.array(["p1", "p2", "p3"]),
+        ["q0", "q1", "q2"],
+        np.array(["c0", "c1", "c2"]),
+    )
     assert found == [{"query_case": "q0", "index_case": "c0", "rank": 1, "cosine": 0.9}]
 
 

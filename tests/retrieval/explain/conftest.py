@@ -38,7 +38,11 @@ def write_png(path: Path, height: int, width: int, seed: int = 0) -> Path:
     """A smooth random grayscale PNG of the given (non-square) size."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    img = 0.5 + 0.3 * np.sin(xx / (5 + seed)) * np.cos(yy / 7) + 0.1 * rng.standard_normal((height, width))
+    img = (
+        0.5
+        + 0.3 * np.sin(xx / (5 + seed)) * np.cos(yy / 7)
+        + 0.1 * rng.standard_normal((height, width))
+    )
     cy, cx = rng.integers(height // 4, 3 * height // 4), rng.integers(width // 4, 3 * width // 4)
     img += 0.4 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (min(height, width) / 10) ** 2))
     Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
@@ -51,8 +55,14 @@ def tiny_index(tmp_path_factory, phantom_dir) -> Path:
 
     root = tmp_path_factory.mktemp("explain_index")
     save_model(tiny_model(), root / "model")
-    build_index(root / "model", phantom_dir / "manifest.csv", root / "index", device="cpu",
-                progress=False, num_workers=0)
+    build_index(
+        root / "model",
+        phantom_dir / "manifest.csv",
+        root / "index",
+        device="cpu",
+        progress=False,
+        num_workers=0,
+    )
     return root / "index"
 
 
@@ -67,5 +77,7 @@ def retriever(tiny_index):
 def odd_images(tmp_path_factory) -> dict[tuple[int, int], Path]:
     """Non-square query images (H, W) = (100, 160) and (300, 200)."""
     root = tmp_path_factory.mktemp("odd_images")
-    return {(100, 160): write_png(root / "wide.png", 100, 160, seed=1),
-            (300, 200): write_png(root / "tall.png", 300, 200, seed=2)}
+    return {
+        (100, 160): write_png(root / "wide.png", 100, 160, seed=1),
+        (300, 200): write_png(root / "tall.png", 300, 200, seed=2),
+    }

@@ -24,7 +24,9 @@ def _their_postprocessing(raw: np.ndarray, size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("channels,size", [(1, 64), (3, 32)])
 def test_gradcam_matches_pytorch_grad_cam(channels, size):
-    model = tiny_model(image_size=size, in_channels=channels, mean=[0.5] * channels, std=[0.25] * channels)
+    model = tiny_model(
+        image_size=size, in_channels=channels, mean=[0.5] * channels, std=[0.25] * channels
+    )
     x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(channels))
     with torch.no_grad():
         out = model.run(x)
@@ -44,5 +46,7 @@ def test_gradcam_matches_pytorch_grad_cam(channels, size):
     from captum.attr import LayerAttribution
 
     full = registry.get("gradcam").attribute(model, x, classes)
-    up = LayerAttribution.interpolate(torch.from_numpy(closed)[:, None], (size, size), interpolate_mode="bilinear")
+    up = LayerAttribution.interpolate(
+        torch.from_numpy(closed)[:, None], (size, size), interpolate_mode="bilinear"
+    )
     torch.testing.assert_close(full, up[:, 0], atol=1e-5, rtol=1e-4)

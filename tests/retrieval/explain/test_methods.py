@@ -15,8 +15,12 @@ ALL = list(registry.METHODS)
 @pytest.fixture
 def cheap(monkeypatch):
     """Fewer samples / windows: the same code paths at a fraction of the cost."""
-    for e in (registry.Occlusion(fraction=0.25), registry.Lime(samples=16, segments=8),
-              registry.SmoothGrad(samples=3), registry.IntegratedGradients(steps=4)):
+    for e in (
+        registry.Occlusion(fraction=0.25),
+        registry.Lime(samples=16, segments=8),
+        registry.SmoothGrad(samples=3),
+        registry.IntegratedGradients(steps=4),
+    ):
         monkeypatch.setitem(registry.REGISTRY, e.name, e)
 
 
@@ -66,7 +70,10 @@ def test_similarity_query_map_is_the_weighted_mean_of_neighbour_maps(retriever, 
     maps = [n.maps["similarity"]["query"] for n in res.neighbors]
     expected = weighted_query_map(maps, [n.similarity for n in res.neighbors])
     np.testing.assert_allclose(res.maps["similarity"], expected, rtol=1e-5, atol=1e-7)
-    assert weighted_query_map([np.ones((2, 2)), np.zeros((2, 2))], [-1.0, -2.0]).tolist() == [[0.5, 0.5]] * 2
+    assert (
+        weighted_query_map([np.ones((2, 2)), np.zeros((2, 2))], [-1.0, -2.0]).tolist()
+        == [[0.5, 0.5]] * 2
+    )
 
 
 def test_stochastic_methods_are_reproducible(retriever, odd_images, cheap):
@@ -74,10 +81,14 @@ def test_stochastic_methods_are_reproducible(retriever, odd_images, cheap):
     b = retriever.query(odd_images[(100, 160)], k=1, explain=["smoothgrad", "lime"])
     for m in ("smoothgrad", "lime"):
         np.testing.assert_array_equal(a.maps[m], b.maps[m])
-        np.testing.assert_array_equal(a.neighbors[0].maps[m]["case"], b.neighbors[0].maps[m]["case"])
+        np.testing.assert_array_equal(
+            a.neighbors[0].maps[m]["case"], b.neighbors[0].maps[m]["case"]
+        )
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradient", "integrated_gradients", "occlusion", "lime"])
+@pytest.mark.parametrize(
+    "method", ["gradcam", "gradient", "integrated_gradients", "occlusion", "lime"]
+)
 def test_batched_pair_explanation_equals_one_row_at_a_time(retriever, odd_images, method, cheap):
     """One call for [query (class), query (sim), case (sim)] = three separate calls."""
     q = retriever.encode(odd_images[(100, 160)])
@@ -86,9 +97,9 @@ def test_batched_pair_explanation_equals_one_row_at_a_time(retriever, odd_images
     e = registry.get(method)
     together = e.attribute(retriever.model, inputs, target)
     for i in range(3):
-        row = ScoreTarget(target.classes[i:i + 1], target.others[i:i + 1], target.weighting)
-        alone = e.attribute(retriever.model, inputs[i:i + 1], row)
-        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+        row = ScoreTarget(target.classes[i : i + 1], target.others[i : i + 1], target.weighting)
+        alone = e.attribute(retriever.model, inputs[i : i + 1], row)
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_similarity_target_explains_the_similarity_score():

@@ -9,7 +9,15 @@ from retrieval.explain.registry import Explainer, ScoreTarget
 
 from .conftest import tiny_model
 
-CONTRACT = ["gradcam", "gradient", "smoothgrad", "integrated_gradients", "occlusion", "lime", "similarity"]
+CONTRACT = [
+    "gradcam",
+    "gradient",
+    "smoothgrad",
+    "integrated_gradients",
+    "occlusion",
+    "lime",
+    "similarity",
+]
 
 
 def test_registry_holds_exactly_the_contract_names():

@@ -36,7 +36,9 @@ def test_registry_similarity_equals_the_decomposition_on_both_sides(weighting):
     dec = decompose(model, out.features[0], out.weights[0], out.features[1], out.weights[1])
     # query side: query image with the case embedding fixed; case side: the reverse
     inputs = torch.stack([x[0], x[1]])
-    target = ScoreTarget(torch.tensor([-1, -1]), torch.stack([out.embedding[1], out.embedding[0]]), weighting)
+    target = ScoreTarget(
+        torch.tensor([-1, -1]), torch.stack([out.embedding[1], out.embedding[0]]), weighting
+    )
     maps = registry.get("similarity").attribute(model, inputs, target).numpy()
     np.testing.assert_allclose(maps[0], dec.query_map(), atol=1e-5)
     np.testing.assert_allclose(maps[1], dec.case_map(), atol=1e-5)
@@ -74,8 +76,10 @@ def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_i
     pairs = dec.top_pairs(3)
     assert len(nb.matched_regions) == len(pairs) >= 1
     for region, (qcell, ccell, val) in zip(nb.matched_regions, pairs, strict=True):
-        for box, (row, col), (h, w), grid in ((region.query_box, qcell, (100, 160), q.grid),
-                                              (region.case_box, ccell, (300, 200), c.grid)):
+        for box, (row, col), (h, w), grid in (
+            (region.query_box, qcell, (100, 160), q.grid),
+            (region.case_box, ccell, (300, 200), c.grid),
+        ):
             x0, y0, x1, y1 = box
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
             # the box is exactly the original-pixel footprint of the decomposition's cell

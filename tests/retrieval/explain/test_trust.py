@@ -25,8 +25,12 @@ def blob_images(n: int, seed: int = 0):
         label = i % 2
         cx, cy = rng.integers(5, 27, size=2)
         r = rng.uniform(2.5, 4.0)
-        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) <= r ** 2
-        img = 0.5 + 0.15 * ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 1.5) + (0.35 - 0.7 * label) * blob
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2) <= r**2
+        img = (
+            0.5
+            + 0.15 * ndimage.gaussian_filter(rng.standard_normal((SIZE, SIZE)), 1.5)
+            + (0.35 - 0.7 * label) * blob
+        )
         xs.append((np.clip(img, 0, 1) - 0.5) / 0.25)
         ys.append(label)
         masks.append(blob)
@@ -40,7 +44,9 @@ class MiniBackbone(torch.nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.features = torch.nn.Sequential(_conv_bn(in_channels, 8, 2), _conv_bn(8, 16, 2), _conv_bn(16, 16))
+        self.features = torch.nn.Sequential(
+            _conv_bn(in_channels, 8, 2), _conv_bn(8, 16, 2), _conv_bn(16, 16)
+        )
 
     def forward(self, x):
         return self.features(x)
@@ -52,8 +58,11 @@ def trained():
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(BACKBONES, "mini", MiniBackbone)
-        model = CaseNet(ModelConfig(classes=["bright", "dark"], backbone="mini", image_size=SIZE,
-                                    embedding_dim=16))
+        model = CaseNet(
+            ModelConfig(
+                classes=["bright", "dark"], backbone="mini", image_size=SIZE, embedding_dim=16
+            )
+        )
     x, y, _ = blob_images(256, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
@@ -68,8 +77,10 @@ def trained():
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     assert acc > 0.9, f"the tiny model did not learn the task (accuracy {acc:.2f})"
-    cases = [{"x": xt[i], "mask": masks[i], "geometry": Geometry((SIZE, SIZE), SIZE), "neighbours": None}
-             for i in range(12)]
+    cases = [
+        {"x": xt[i], "mask": masks[i], "geometry": Geometry((SIZE, SIZE), SIZE), "neighbours": None}
+        for i in range(12)
+    ]
     return model, cases
 
 
@@ -80,7 +91,9 @@ class EdgeDetector:
 
     def attribute(self, model, inputs, target):
         img = inputs.detach().numpy()[:, 0]
-        return torch.tensor(np.stack([np.hypot(ndimage.sobel(i, 0), ndimage.sobel(i, 1)) for i in img]))
+        return torch.tensor(
+            np.stack([np.hypot(ndimage.sobel(i, 0), ndimage.sobel(i, 1)) for i in img])
+        )
 
 
 # ---------------------------------------------------------------- scores
@@ -123,12 +136,15 @@ def test_deletion_and_insertion_reward_the_true_evidence():
     truth[:16, :16] = 1.0
     rng = np.random.default_rng(0)
     d, i = trust.perturbation_curves(Quadrant(), x, 0, trust.pixel_order_ranks(truth, rng), base)
-    dr, ir = trust.perturbation_curves(Quadrant(), x, 0, trust.pixel_order_ranks(rng.random((SIZE, SIZE)), rng),
-                                       base)
+    dr, ir = trust.perturbation_curves(
+        Quadrant(), x, 0, trust.pixel_order_ranks(rng.random((SIZE, SIZE)), rng), base
+    )
     assert len(d) == trust.CURVE_STEPS + 1 and d[0] == pytest.approx(i[-1])
     assert trust.auc(d) < trust.auc(dr) - 0.1
     assert trust.auc(i) > trust.auc(ir) + 0.1
-    assert trust.auc([1.0] * 17) == pytest.approx(1.0) and trust.auc(np.linspace(1, 0, 17)) == pytest.approx(0.5)
+    assert trust.auc([1.0] * 17) == pytest.approx(1.0) and trust.auc(
+        np.linspace(1, 0, 17)
+    ) == pytest.approx(0.5)
 
 
 def test_randomized_copy_reinitialises_every_layer_and_leaves_the_model_alone():
@@ -137,7 +153,11 @@ def test_randomized_copy_reinitialises_every_layer_and_leaves_the_model_alone():
     rnd = trust.randomized_copy(model, seed=3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    changed = [k for k, v in rnd.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    changed = [
+        k
+        for k, v in rnd.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
     weights = [k for k in before if k.endswith("weight")]
     assert set(weights) <= set(changed)
     again = trust.randomized_copy(model, seed=3)
@@ -154,7 +174,10 @@ def test_sanity_check_fails_a_model_blind_method_and_passes_gradcam(trained):
     assert edges["randomization_ssim"] == pytest.approx(1.0)
     assert edges["sanity_check"] == "fail" and "FAILS" in edges["summary"]
     assert cam["sanity_check"] == "pass", cam
-    assert abs(cam["randomization_spearman"]) < 0.5 and cam["randomization_ssim"] < edges["randomization_ssim"]
+    assert (
+        abs(cam["randomization_spearman"]) < 0.5
+        and cam["randomization_ssim"] < edges["randomization_ssim"]
+    )
     # the trained model's Grad-CAM finds the blob and beats random deletion / insertion
     assert cam["pointing_game"] >= 0.6 and cam["mask_energy"] > 3 * cam["mask_area"]
     assert cam["deletion_auc"] < cam["deletion_auc_random"]
@@ -165,12 +188,31 @@ def test_sanity_check_fails_a_model_blind_method_and_passes_gradcam(trained):
 
 
 def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_dir):
-    report = trust.evaluate(retriever, phantom_dir / "manifest.csv", "test", ["gradcam", "similarity"],
-                            max_cases=3, progress=False)
+    report = trust.evaluate(
+        retriever,
+        phantom_dir / "manifest.csv",
+        "test",
+        ["gradcam", "similarity"],
+        max_cases=3,
+        progress=False,
+    )
     assert report["split"] == "test" and report["n_cases"] == 3
-    keys = {"pointing_game", "pointing_game_strict", "mask_energy", "mask_area", "deletion_auc",
-            "deletion_auc_random", "insertion_auc", "insertion_auc_random", "randomization_spearman",
-            "randomization_ssim", "sanity_check", "n_cases", "seconds_per_map", "summary"}
+    keys = {
+        "pointing_game",
+        "pointing_game_strict",
+        "mask_energy",
+        "mask_area",
+        "deletion_auc",
+        "deletion_auc_random",
+        "insertion_auc",
+        "insertion_auc_random",
+        "randomization_spearman",
+        "randomization_ssim",
+        "sanity_check",
+        "n_cases",
+        "seconds_per_map",
+        "summary",
+    }
     assert set(report["methods"]) == {"gradcam", "similarity"}
     for m in report["methods"].values():
         assert keys <= set(m)
