@@ -68,7 +68,9 @@ def machine() -> dict:
     return info
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each fn, `reps` rounds; each round runs every fn once, order rotated."""
     names = list(fns)
     for _ in range(warmup):
@@ -76,7 +78,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
             fns[n]()
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         if r % 2:
             order = order[::-1]
         for n in order:
@@ -97,8 +99,13 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def summary(xs: list[float]) -> dict:
-    return {"n": len(xs), "median": statistics.median(xs), "p95": percentile(xs, 95), "min": min(xs),
-            "max": max(xs)}
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "p95": percentile(xs, 95),
+        "min": min(xs),
+        "max": max(xs),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -124,12 +131,18 @@ def rss_mb() -> float:
 
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [title] if title else []
     out += [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in cells]
+    out += [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
     text = "\n".join(out)
     print(text, flush=True)
     return text
@@ -156,12 +169,18 @@ def finish(name: str, info: dict, payload: dict, started: float) -> Path:
     info["wall_s"] = round(time.time() - started, 1)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    doc = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": info,
-           **payload}
+    doc = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": info,
+        **payload,
+    }
     path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    print(f"\nmachine: {info['cpu_model']}, {info['cpus_usable']} usable cores, torch {info['torch']}, "
-          f"faiss {info.get('faiss')}, CUDA {info['cuda_device'] or 'none'}; load average "
-          f"{_load(info['loadavg_start'])} at start, {_load(info['loadavg_end'])} at end; {info['wall_s']} s")
+    print(
+        f"\nmachine: {info['cpu_model']}, {info['cpus_usable']} usable cores, torch {info['torch']}, "
+        f"faiss {info.get('faiss')}, CUDA {info['cuda_device'] or 'none'}; load average "
+        f"{_load(info['loadavg_start'])} at start, {_load(info['loadavg_end'])} at end; {info['wall_s']} s"
+    )
     print(f"wrote {path}")
     return path
 
@@ -182,8 +201,9 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-def clustered_unit_vectors(n: int, d: int, n_clusters: int | None = None, seed: int = 0,
-                           chunk: int = 100_000):
+def clustered_unit_vectors(
+    n: int, d: int, n_clusters: int | None = None, seed: int = 0, chunk: int = 100_000
+):
     """(n, d) float32 unit vectors from a mixture of Gaussian clusters on the sphere.
 
     Not uniform noise (on which every ANN index looks bad and no neighbour is

@@ -63,7 +63,9 @@ def sample_counts(name: str, image_size: int) -> str:
         if hasattr(e, attr):
             bits.append(f"{attr}={getattr(e, attr)}")
     if name == "occlusion":
-        win, stride = registry.occlusion_window(image_size, getattr(e, "fraction", registry.OCCLUSION_WINDOW))
+        win, stride = registry.occlusion_window(
+            image_size, getattr(e, "fraction", registry.OCCLUSION_WINDOW)
+        )
         pos = (image_size - win) // stride + 1
         bits.append(f"window={win}px stride={stride}px ({pos}x{pos} positions)")
     return ", ".join(bits) or "-"
@@ -72,7 +74,9 @@ def sample_counts(name: str, image_size: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", default="/tmp/i224")
-    ap.add_argument("--model", default="/tmp/m224", help="224-px model (to build --index if missing)")
+    ap.add_argument(
+        "--model", default="/tmp/m224", help="224-px model (to build --index if missing)"
+    )
     ap.add_argument("--manifest", default=DEFAULT_MANIFEST)
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--images", type=int, default=3, help="distinct query images")
@@ -101,8 +105,10 @@ def main() -> int:
     man = load_manifest(args.manifest)
     images = [str(man.resolve(p)) for p in man.select(["test"])["image"]][: args.images]
     methods = list(registry.METHODS)
-    print(f"index {index}: {r.index.ntotal} cases, {r.model.config.backbone} at {size} px; "
-          f"k={args.k}; methods: {', '.join(methods)}")
+    print(
+        f"index {index}: {r.index.ntotal} cases, {r.model.config.backbone} at {size} px; "
+        f"k={args.k}; methods: {', '.join(methods)}"
+    )
 
     for m in methods:  # warm-up (imports, fused-model cache, allocator)
         r.query(images[0], k=args.k, explain=(m,))
@@ -114,7 +120,7 @@ def main() -> int:
         step = 0
         for _ in range(args.rounds):
             for img in images:
-                order = methods[step % len(methods):] + methods[: step % len(methods)]
+                order = methods[step % len(methods) :] + methods[: step % len(methods)]
                 step += 1
                 for m in order:
                     counter.reset()
@@ -134,21 +140,51 @@ def main() -> int:
         fw, fw_grad = forwards[m]
         counts = sample_counts(m, size)
         rows.append([m, med_e, med_t, pairs, fw, fw_grad, counts])
-        out[m] = {"explain_s_median": med_e, "query_total_s_median": med_t, "explain_s_all": explain_s[m],
-                  "neighbor_pairs_explained": pairs, "expensive": e.expensive, "image_forwards": fw,
-                  "image_forwards_with_gradient": fw_grad, "sample_counts": counts}
+        out[m] = {
+            "explain_s_median": med_e,
+            "query_total_s_median": med_t,
+            "explain_s_all": explain_s[m],
+            "neighbor_pairs_explained": pairs,
+            "expensive": e.expensive,
+            "image_forwards": fw,
+            "image_forwards_with_gradient": fw_grad,
+            "sample_counts": counts,
+        }
     print()
-    table(["method", "explain s", "query total s", "pairs", "image fwd", "of which w/ grad", "sample counts"],
-          rows, title=f"Explanation cost at {size} px, k={args.k}, median of {len(explain_s[methods[0]])} "
-                      "queries, methods interleaved")
+    table(
+        [
+            "method",
+            "explain s",
+            "query total s",
+            "pairs",
+            "image fwd",
+            "of which w/ grad",
+            "sample counts",
+        ],
+        rows,
+        title=f"Explanation cost at {size} px, k={args.k}, median of {len(explain_s[methods[0]])} "
+        "queries, methods interleaved",
+    )
     all_s = sum(v["explain_s_median"] for v in out.values())
     print(f"\nall seven together (sum of medians): {all_s:.1f} s")
-    finish("explain_cost", info, {
-        "config": {"index": str(index), "image_size": size, "backbone": r.model.config.backbone, "k": args.k,
-                   "images": args.images, "rounds": args.rounds, "expensive_neighbors": EXPENSIVE_NEIGHBORS},
-        "methods": out,
-        "all_methods_explain_s": all_s,
-    }, started)
+    finish(
+        "explain_cost" + ("_quick" if args.quick else ""),
+        info,
+        {
+            "config": {
+                "index": str(index),
+                "image_size": size,
+                "backbone": r.model.config.backbone,
+                "k": args.k,
+                "images": args.images,
+                "rounds": args.rounds,
+                "expensive_neighbors": EXPENSIVE_NEIGHBORS,
+            },
+            "methods": out,
+            "all_methods_explain_s": all_s,
+        },
+        started,
+    )
     return 0
 
 

@@ -79,15 +79,24 @@ def check_training_amp(manifest, device, n_cases):
         pd.DataFrame(df).to_csv(tmp / "manifest.csv", index=False)
         torch.autocast, torch.amp.GradScaler = autocast, scaler
         t0 = time.perf_counter()
-        train.train_model(tmp / "manifest.csv", tmp / "model",
-                          train.TrainOptions(epochs=1, progress=False, device=device.type))
+        train.train_model(
+            tmp / "manifest.csv",
+            tmp / "model",
+            train.TrainOptions(epochs=1, progress=False, device=device.type),
+        )
         secs = time.perf_counter() - t0
     finally:
         torch.autocast, torch.amp.GradScaler = real_autocast, real_scaler
         shutil.rmtree(tmp, ignore_errors=True)
     amp = bool(calls) and all(d == "cuda" and e for d, e in calls) and scalers == [True]
-    return {"seconds": secs, "autocast_calls": len(calls), "autocast_devices": sorted({d for d, _ in calls}),
-            "autocast_enabled": sorted({e for _, e in calls}), "grad_scaler_enabled": scalers, "amp": amp}
+    return {
+        "seconds": secs,
+        "autocast_calls": len(calls),
+        "autocast_devices": sorted({d for d, _ in calls}),
+        "autocast_enabled": sorted({e for _, e in calls}),
+        "grad_scaler_enabled": scalers,
+        "amp": amp,
+    }
 
 
 def embedding_and_gradcam(model_dir, manifest, device, n, reps):
@@ -141,8 +150,13 @@ def embedding_and_gradcam(model_dir, manifest, device, n, reps):
 
     g = interleaved({"closed form": closed, "registry gradcam": reg}, reps=reps)
     cam = {k: summary(v)["median"] * 1000 / len(x) for k, v in g.items()}
-    return {"model_on_device": on_device, "images": len(ok), "images_per_s": emb,
-            "saliency_vs_plain": emb["saliency"] / emb["plain"], "gradcam_ms_per_map": cam}
+    return {
+        "model_on_device": on_device,
+        "images": len(ok),
+        "images_per_s": emb,
+        "saliency_vs_plain": emb["saliency"] / emb["plain"],
+        "gradcam_ms_per_map": cam,
+    }
 
 
 def build_and_query(model_dir, manifest, index_dir, device, n_queries, k):
@@ -159,21 +173,28 @@ def build_and_query(model_dir, manifest, index_dir, device, n_queries, k):
     r = CaseRetriever.load(index_dir, device=device.type)
     man = load_manifest(manifest)
     imgs = [str(man.resolve(p)) for p in man.select(["test"])["image"]][:n_queries]
-    variants = {"retrieval": {"regions": False}, "regions": {},
-                "gradcam+similarity": {"explain": ("gradcam", "similarity")}}
+    variants = {
+        "retrieval": {"regions": False},
+        "regions": {},
+        "gradcam+similarity": {"explain": ("gradcam", "similarity")},
+    }
     for v in variants.values():
         r.query(imgs[0], k=k, **v)
     times = {v: [] for v in variants}
     for i, img in enumerate(imgs):
         names = list(variants)
-        for v in names[i % 3:] + names[: i % 3]:
+        for v in names[i % 3 :] + names[: i % 3]:
             t0 = time.perf_counter()
             r.query(img, k=k, **variants[v])
             times[v].append((time.perf_counter() - t0) * 1000)
-    return build, {"backend": r.index.backend, "device": str(r.device),
-                   "model_on_device": all(p.device.type == device.type for p in r.model.parameters()),
-                   "latency_ms": {v: {"p50": percentile(t, 50), "p95": percentile(t, 95)}
-                                  for v, t in times.items()}}
+    return build, {
+        "backend": r.index.backend,
+        "device": str(r.device),
+        "model_on_device": all(p.device.type == device.type for p in r.model.parameters()),
+        "latency_ms": {
+            v: {"p50": percentile(t, 50), "p95": percentile(t, 95)} for v, t in times.items()
+        },
+    }
 
 
 def search(n, device, reps):
@@ -200,11 +221,18 @@ def search(n, device, reps):
         return run
 
     t1 = interleaved({"cpu": one(cpu), "gpu": one(gpu)}, reps=reps)
-    t100 = interleaved({"cpu": lambda: cpu.search(q, 10), "gpu": lambda: gpu.search(q, 10)}, reps=reps)
-    return {"n": n, "backend": backend, "to_device_s": move_s, "top10_agreement": agree,
-            "faiss_gpu_installed": hasattr(faiss, "StandardGpuResources"),
-            "qps_batch1": {k: 20 / statistics.median(v) for k, v in t1.items()},
-            "qps_batch100": {k: 100 / statistics.median(v) for k, v in t100.items()}}
+    t100 = interleaved(
+        {"cpu": lambda: cpu.search(q, 10), "gpu": lambda: gpu.search(q, 10)}, reps=reps
+    )
+    return {
+        "n": n,
+        "backend": backend,
+        "to_device_s": move_s,
+        "top10_agreement": agree,
+        "faiss_gpu_installed": hasattr(faiss, "StandardGpuResources"),
+        "qps_batch1": {k: 20 / statistics.median(v) for k, v in t1.items()},
+        "qps_batch100": {k: 100 / statistics.median(v) for k, v in t100.items()},
+    }
 
 
 def main() -> int:
@@ -217,7 +245,9 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--force-cpu", action="store_true", help="run the GPU code paths on the CPU (smoke test)")
+    ap.add_argument(
+        "--force-cpu", action="store_true", help="run the GPU code paths on the CPU (smoke test)"
+    )
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     import torch
@@ -232,31 +262,73 @@ def main() -> int:
     info = machine()
     train = check_training_amp(args.manifest, device, 120 if args.quick else 400)
     emb = embedding_and_gradcam(args.model, args.manifest, device, args.images, args.reps)
-    build, query = build_and_query(args.model, args.manifest, args.index, device, args.queries, args.k)
+    build, query = build_and_query(
+        args.model, args.manifest, args.index, device, args.queries, args.k
+    )
     srch = search(args.n, device, args.reps)
     rows = [
-        ["training AMP (autocast on cuda + GradScaler)", "yes" if train["amp"] else "NO",
-         f"{train['autocast_calls']} autocast calls, devices {train['autocast_devices']}, "
-         f"enabled {train['autocast_enabled']}, scaler {train['grad_scaler_enabled']}"],
+        [
+            "training AMP (autocast on cuda + GradScaler)",
+            "yes" if train["amp"] else "NO",
+            f"{train['autocast_calls']} autocast calls, devices {train['autocast_devices']}, "
+            f"enabled {train['autocast_enabled']}, scaler {train['grad_scaler_enabled']}",
+        ],
         ["model on device (embedding, Grad-CAM)", "yes" if emb["model_on_device"] else "NO", ""],
-        ["embedding images/s: saliency | plain", f"{emb['images_per_s']['saliency']:.0f} | "
-         f"{emb['images_per_s']['plain']:.0f}", f"ratio {emb['saliency_vs_plain']:.3f}"],
-        ["Grad-CAM ms/map: closed form | registry", f"{emb['gradcam_ms_per_map']['closed form']:.3f} | "
-         f"{emb['gradcam_ms_per_map']['registry gradcam']:.3f}", "batch of 16"],
-        ["index build images/s (end to end)", f"{build['images_per_s']:.0f}", f"{build['n']} cases"],
+        [
+            "embedding images/s: saliency | plain",
+            f"{emb['images_per_s']['saliency']:.0f} | {emb['images_per_s']['plain']:.0f}",
+            f"ratio {emb['saliency_vs_plain']:.3f}",
+        ],
+        [
+            "Grad-CAM ms/map: closed form | registry",
+            f"{emb['gradcam_ms_per_map']['closed form']:.3f} | "
+            f"{emb['gradcam_ms_per_map']['registry gradcam']:.3f}",
+            "batch of 16",
+        ],
+        [
+            "index build images/s (end to end)",
+            f"{build['images_per_s']:.0f}",
+            f"{build['n']} cases",
+        ],
         ["query backend", query["backend"], f"model on device: {query['model_on_device']}"],
     ]
     for v, s in query["latency_ms"].items():
         rows.append([f"query p50/p95 ms: {v}", f"{s['p50']:.1f} / {s['p95']:.1f}", f"k={args.k}"])
-    rows.append([f"search {srch['n']:,} Flat: backend", srch["backend"],
-                 f"top-10 agreement with CPU {srch['top10_agreement']:.4f}"])
+    rows.append(
+        [
+            f"search {srch['n']:,} Flat: backend",
+            srch["backend"],
+            f"top-10 agreement with CPU {srch['top10_agreement']:.4f}",
+        ]
+    )
     for b in ("qps_batch1", "qps_batch100"):
-        rows.append([f"search q/s {b[4:]}: device | CPU", f"{srch[b]['gpu']:.0f} | {srch[b]['cpu']:.0f}",
-                     f"x{srch[b]['gpu'] / srch[b]['cpu']:.1f}"])
+        rows.append(
+            [
+                f"search q/s {b[4:]}: device | CPU",
+                f"{srch[b]['gpu']:.0f} | {srch[b]['cpu']:.0f}",
+                f"x{srch[b]['gpu'] / srch[b]['cpu']:.1f}",
+            ]
+        )
     print()
-    table(["check", "result", "detail"], rows, title=f"GPU path on {info['cuda_device'] or 'CPU (forced)'}")
-    finish("gpu_path" if device.type == "cuda" else "gpu_path_forced_cpu", info, {"device": str(device), "training": train, "embedding": emb, "build": build,
-                              "query": query, "search": srch}, started)
+    table(
+        ["check", "result", "detail"],
+        rows,
+        title=f"GPU path on {info['cuda_device'] or 'CPU (forced)'}",
+    )
+    finish(
+        ("gpu_path" if device.type == "cuda" else "gpu_path_forced_cpu")
+        + ("_quick" if args.quick else ""),
+        info,
+        {
+            "device": str(device),
+            "training": train,
+            "embedding": emb,
+            "build": build,
+            "query": query,
+            "search": srch,
+        },
+        started,
+    )
     return 0
 
 

@@ -93,7 +93,12 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
     with torch.no_grad():
         e_all = model.run(x_all).embedding
     size = model.config.image_size
-    out = {"model": str(model_dir), "backbone": model.config.backbone, "image_size": size, "batches": {}}
+    out = {
+        "model": str(model_dir),
+        "backbone": model.config.backbone,
+        "image_size": size,
+        "batches": {},
+    }
 
     for bs in batch_sizes:
         x = x_all[:bs].contiguous()
@@ -104,7 +109,9 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
             with torch.no_grad():
                 o = model.run(x)
                 cam = model.gradcam(o.features, o.predicted)
-                up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                up = F.interpolate(
+                    cam[:, None], size=(size, size), mode="bilinear", align_corners=False
+                )[:, 0]
                 return minmax_torch(up)
 
         def reg(x=x, pred=pred):
@@ -114,18 +121,25 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
             with GradCAM(model=model, target_layers=[model.target_layer]) as cam:
                 return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in pred])
 
-        maps = {"closed form": closed().numpy(), "registry gradcam": reg().numpy(), "pytorch-grad-cam": ref()}
+        maps = {
+            "closed form": closed().numpy(),
+            "registry gradcam": reg().numpy(),
+            "pytorch-grad-cam": ref(),
+        }
         with torch.no_grad():
             o = model.run(x)
             raw = model.gradcam(o.features, o.predicted).numpy()
         same_pipeline = scale_cam_image(scale_cam_image(raw, (size, size)))
         diffs = {
             "closed form, pytorch-grad-cam's normalise+cv2 resize": float(
-                np.abs(same_pipeline - maps["pytorch-grad-cam"]).max()),
+                np.abs(same_pipeline - maps["pytorch-grad-cam"]).max()
+            ),
             "closed form, torch resize (as timed)": float(
-                np.abs(maps["closed form"] - maps["pytorch-grad-cam"]).max()),
+                np.abs(maps["closed form"] - maps["pytorch-grad-cam"]).max()
+            ),
             "registry gradcam, torch resize (as timed)": float(
-                np.abs(maps["registry gradcam"] - maps["pytorch-grad-cam"]).max()),
+                np.abs(maps["registry gradcam"] - maps["pytorch-grad-cam"]).max()
+            ),
         }
         with torch.no_grad():
             done = model.run(x)  # the query's own forward, already paid for by the query
@@ -133,13 +147,25 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
         def marginal(done=done):
             with torch.no_grad():
                 cam = model.gradcam(done.features, done.predicted)
-                up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                up = F.interpolate(
+                    cam[:, None], size=(size, size), mode="bilinear", align_corners=False
+                )[:, 0]
                 return minmax_torch(up)
 
-        times = interleaved({"closed form": closed, "closed form, given the forward": marginal,
-                             "registry gradcam": reg, "pytorch-grad-cam": ref},
-                            reps=reps, warmup=1)
-        per_map = {k: {**summary(v), "ms_per_map": summary(v)["median"] * 1000 / bs} for k, v in times.items()}
+        times = interleaved(
+            {
+                "closed form": closed,
+                "closed form, given the forward": marginal,
+                "registry gradcam": reg,
+                "pytorch-grad-cam": ref,
+            },
+            reps=reps,
+            warmup=1,
+        )
+        per_map = {
+            k: {**summary(v), "ms_per_map": summary(v)["median"] * 1000 / bs}
+            for k, v in times.items()
+        }
         base = per_map["pytorch-grad-cam"]["ms_per_map"]
         for v in per_map.values():
             v["ratio_vs_reference"] = v["ms_per_map"] / base
@@ -150,17 +176,25 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
         sim_cap = registry.GradCAM(upsample=False).attribute(model, x, tgt)
         sim_cf = similarity_cam_closed_form(model, x, others)
         scale = float(sim_cap.abs().max()) or 1.0
-        sim_times = interleaved({"closed": lambda x=x, o=others: similarity_cam_closed_form(model, x, o),
-                                 "captum": lambda x=x, t=tgt: registry.GradCAM(upsample=False).attribute(
-                                     model, x, t)},
-                                reps=reps, warmup=1)
+        sim_times = interleaved(
+            {
+                "closed": lambda x=x, o=others: similarity_cam_closed_form(model, x, o),
+                "captum": lambda x=x, t=tgt: registry.GradCAM(upsample=False).attribute(
+                    model, x, t
+                ),
+            },
+            reps=reps,
+            warmup=1,
+        )
         out["batches"][bs] = {
-            "per_map": per_map, "max_abs_diff": diffs,
+            "per_map": per_map,
+            "max_abs_diff": diffs,
             "similarity_rows": {
                 "max_abs_diff": float((sim_cf - sim_cap).abs().max()),
                 "max_abs_diff_relative": float((sim_cf - sim_cap).abs().max()) / scale,
                 "ms_per_map_closed_form": summary(sim_times["closed"])["median"] * 1000 / bs,
-                "ms_per_map_registry": summary(sim_times["captum"])["median"] * 1000 / bs},
+                "ms_per_map_registry": summary(sim_times["captum"])["median"] * 1000 / bs,
+            },
         }
     return out
 
@@ -168,7 +202,9 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--model224", default="/tmp/m224", help="a second (224-px) model; skipped if absent")
+    ap.add_argument(
+        "--model224", default="/tmp/m224", help="a second (224-px) model; skipped if absent"
+    )
     ap.add_argument("--manifest", default=DEFAULT_MANIFEST)
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--reps", type=int, default=7)
@@ -180,40 +216,76 @@ def main() -> int:
     started = time.time()
     info = machine()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    models = [args.model] + ([args.model224] if args.model224 and Path(args.model224).is_dir() else [])
+    models = [args.model] + (
+        [args.model224] if args.model224 and Path(args.model224).is_dir() else []
+    )
     results = [bench_model(m, args.manifest, sizes, args.reps) for m in models]
     rows, drows = [], []
     for r in results:
         for bs, b in r["batches"].items():
             for k, v in b["per_map"].items():
-                rows.append([f"{r['image_size']} px", bs, k, v["ms_per_map"], v["ratio_vs_reference"]])
-            rows.append([f"{r['image_size']} px", bs, "similarity row, closed form",
-                         b["similarity_rows"]["ms_per_map_closed_form"],
-                         b["similarity_rows"]["ms_per_map_closed_form"] / b["similarity_rows"]["ms_per_map_registry"]])
+                rows.append(
+                    [f"{r['image_size']} px", bs, k, v["ms_per_map"], v["ratio_vs_reference"]]
+                )
+            rows.append(
+                [
+                    f"{r['image_size']} px",
+                    bs,
+                    "similarity row, closed form",
+                    b["similarity_rows"]["ms_per_map_closed_form"],
+                    b["similarity_rows"]["ms_per_map_closed_form"]
+                    / b["similarity_rows"]["ms_per_map_registry"],
+                ]
+            )
             for k, v in b["max_abs_diff"].items():
                 drows.append([f"{r['image_size']} px", bs, k, v])
-            drows.append([f"{r['image_size']} px", bs, "similarity row: closed form vs registry (relative)",
-                          b["similarity_rows"]["max_abs_diff_relative"]])
+            drows.append(
+                [
+                    f"{r['image_size']} px",
+                    bs,
+                    "similarity row: closed form vs registry (relative)",
+                    b["similarity_rows"]["max_abs_diff_relative"],
+                ]
+            )
     print()
-    table(["model", "batch", "variant", "ms/map", "vs reference"], rows,
-          title=f"Grad-CAM time per map ({args.reps} interleaved rounds, medians; similarity row: vs registry)")
+    table(
+        ["model", "batch", "variant", "ms/map", "vs reference"],
+        rows,
+        title=f"Grad-CAM time per map ({args.reps} interleaved rounds, medians; similarity row: vs registry)",
+    )
     print()
-    table(["model", "batch", "maps compared with pytorch-grad-cam", "max |diff|"], drows,
-          title="Agreement after the same normalisation (min-max per image, input size)")
-    worst_ratio = max(b["per_map"]["closed form"]["ratio_vs_reference"] for r in results
-                      for b in r["batches"].values())
-    worst_diff = max(b["max_abs_diff"]["closed form, pytorch-grad-cam's normalise+cv2 resize"] for r in results
-                     for b in r["batches"].values())
-    print(f"\nclosed form / pytorch-grad-cam: worst ratio {worst_ratio:.3f} (target <= 0.8: "
-          f"{'met' if worst_ratio <= 0.8 else 'MISSED'}); worst max|diff| {worst_diff:.2e} (target <= 1e-5: "
-          f"{'met' if worst_diff <= 1e-5 else 'MISSED'})")
-    finish("gradcam_vs_reference", info, {
-        "config": {"batch_sizes": sizes, "reps": args.reps, "models": models},
-        "results": results,
-        "worst_ratio_closed_form_vs_reference": worst_ratio,
-        "worst_max_abs_diff": worst_diff,
-        "targets": {"ratio": 0.8, "max_abs_diff": 1e-5},
-    }, started)
+    table(
+        ["model", "batch", "maps compared with pytorch-grad-cam", "max |diff|"],
+        drows,
+        title="Agreement after the same normalisation (min-max per image, input size)",
+    )
+    worst_ratio = max(
+        b["per_map"]["closed form"]["ratio_vs_reference"]
+        for r in results
+        for b in r["batches"].values()
+    )
+    worst_diff = max(
+        b["max_abs_diff"]["closed form, pytorch-grad-cam's normalise+cv2 resize"]
+        for r in results
+        for b in r["batches"].values()
+    )
+    print(
+        f"\nclosed form / pytorch-grad-cam: worst ratio {worst_ratio:.3f} (target <= 0.8: "
+        f"{'met' if worst_ratio <= 0.8 else 'MISSED'}); worst max|diff| {worst_diff:.2e} (target <= 1e-5: "
+        f"{'met' if worst_diff <= 1e-5 else 'MISSED'})"
+    )
+    finish(
+        "gradcam_vs_reference" + ("_quick" if args.quick else ""),
+        info,
+        {
+            "config": {"batch_sizes": sizes, "reps": args.reps, "models": models},
+            "results": results,
+            "worst_ratio_closed_form_vs_reference": worst_ratio,
+            "worst_max_abs_diff": worst_diff,
+            "targets": {"ratio": 0.8, "max_abs_diff": 1e-5},
+        },
+        started,
+    )
     return 0
 
 

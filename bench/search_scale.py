@@ -33,7 +33,9 @@ from _common import clustered_unit_vectors, finish, machine, summary, table
 
 
 def recall_at(ids: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, truth, strict=True)]))
+    return float(
+        np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, truth, strict=True)])
+    )
 
 
 def index_bytes(index) -> int:
@@ -62,21 +64,36 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=500, help="queries for recall (batch search)")
     ap.add_argument("--single", type=int, default=100, help="single queries per timing round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ivf", default="1024:4,8,16,32;4096:8,16,32",
-                    help="IVF-Flat lists:nprobes;... (each lists value is one build)")
-    ap.add_argument("--pq", default="1024:PQ32:16;1024:PQ32,RFlat:16x4,16x16",
-                    help="IVF-PQ builds lists:code:settings;... settings are nprobes, or nprobe x k_factor "
-                         "pairs when the code ends in RFlat (exact re-ranking of k_factor*k candidates)")
+    ap.add_argument(
+        "--ivf",
+        default="1024:4,8,16,32;4096:8,16,32",
+        help="IVF-Flat lists:nprobes;... (each lists value is one build)",
+    )
+    ap.add_argument(
+        "--pq",
+        default="1024:PQ32:16;1024:PQ32,RFlat:16x4,16x16",
+        help="IVF-PQ builds lists:code:settings;... settings are nprobes, or nprobe x k_factor "
+        "pairs when the code ends in RFlat (exact re-ranking of k_factor*k candidates)",
+    )
     ap.add_argument("--hnsw-ef", default="32,64,128")
-    ap.add_argument("--train-compare", action="store_true",
-                    help="also build IVF1024 trained on 256/list (FAISS's own cap) vs the default 64/list")
-    ap.add_argument("--name", default="search_scale", help="results file name (bench/results/NAME.json)")
+    ap.add_argument(
+        "--train-compare",
+        action="store_true",
+        help="also build IVF1024 trained on 256/list (FAISS's own cap) vs the default 64/list",
+    )
+    ap.add_argument(
+        "--name", default="search_scale", help="results file name (bench/results/NAME.json)"
+    )
     ap.add_argument("--no-hnsw", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.n, args.hnsw_n, args.queries, args.single, args.rounds = 50_000, 50_000, 200, 30, 2
-        args.ivf, args.pq, args.hnsw_ef = "256:4,8,16", "256:PQ32:8;256:PQ32,RFlat:8x4,8x16", "32,64"
+        args.ivf, args.pq, args.hnsw_ef = (
+            "256:4,8,16",
+            "256:PQ32:8;256:PQ32,RFlat:8x4,8x16",
+            "32,64",
+        )
 
     import faiss
 
@@ -89,9 +106,11 @@ def main() -> int:
     data, sample = clustered_unit_vectors(args.n, args.dim, seed=0)
     queries = sample(max(args.queries, 100), 12345)
     gen_s = time.perf_counter() - t0
-    print(f"{args.n:,} clustered {args.dim}-d unit vectors ({max(16, args.n // 250)} clusters) "
-          f"generated in {gen_s:.1f} s; {len(queries)} held-out queries; faiss {faiss.__version__}, "
-          f"{default_threads} OpenMP threads")
+    print(
+        f"{args.n:,} clustered {args.dim}-d unit vectors ({max(16, args.n // 250)} clusters) "
+        f"generated in {gen_s:.1f} s; {len(queries)} held-out queries; faiss {faiss.__version__}, "
+        f"{default_threads} OpenMP threads"
+    )
 
     # ---------------------------------------------------------------- builds
     builds: dict[str, dict] = {}  # name -> {vindex, n, build_s, bytes, ref}
@@ -101,9 +120,18 @@ def main() -> int:
         t = time.perf_counter()
         v = VectorIndex.build(vectors, spec, **kw)
         dt = time.perf_counter() - t
-        builds[name] = {"vindex": v, "n": len(vectors), "build_s": dt, "factory": spec, "ref": ref,
-                        "bytes_per_vector": index_bytes(v.index) / len(vectors)}
-        print(f"  built {name:<28} {dt:7.1f} s  {builds[name]['bytes_per_vector']:7.1f} B/vector", flush=True)
+        builds[name] = {
+            "vindex": v,
+            "n": len(vectors),
+            "build_s": dt,
+            "factory": spec,
+            "ref": ref,
+            "bytes_per_vector": index_bytes(v.index) / len(vectors),
+        }
+        print(
+            f"  built {name:<28} {dt:7.1f} s  {builds[name]['bytes_per_vector']:7.1f} B/vector",
+            flush=True,
+        )
 
     print("building:")
     build("Flat", data, "Flat", None)
@@ -121,7 +149,9 @@ def main() -> int:
     if args.train_compare:
         name = "IVF1024,Flat"
         build(name + " (train 256/list)", data, name, "Flat", train_per_list=256)
-        ivf_plan.append((name + " (train 256/list)", "nprobe", ivf_plan[0][2] if ivf_plan else [16]))
+        ivf_plan.append(
+            (name + " (train 256/list)", "nprobe", ivf_plan[0][2] if ivf_plan else [16])
+        )
     for part in filter(None, args.pq.split(";")):
         lists, code, probes = part.split(":")
         name = f"IVF{lists},{code}"
@@ -158,8 +188,8 @@ def main() -> int:
     t1_one: dict = {s: [] for s in settings}
     t100: dict = {s: [] for s in settings}
     for r in range(args.rounds):
-        order = settings[r % len(settings):] + settings[: r % len(settings)]
-        for s in (order if r % 2 == 0 else order[::-1]):
+        order = settings[r % len(settings) :] + settings[: r % len(settings)]
+        for s in order if r % 2 == 0 else order[::-1]:
             name, knob, val = s
             v = builds[name]["vindex"]
             if knob:
@@ -195,32 +225,91 @@ def main() -> int:
             label = f"{name} nprobe={val[0]} k_factor={val[1]}"
         else:
             label = name + (f" {knob}={val}" if knob else "")
-        rows.append([label, b["n"], rec, q1, q1o, q100, x1, x1o, x100, b["build_s"], b["bytes_per_vector"],
-                     "yes" if meets else ("-" if not knob else "no")])
-        out.append({"index": name, "knob": knob, "value": val, "n": b["n"], "recall_at_10": rec,
-                    "qps_batch1": q1, "qps_batch1_1thread": q1o, "qps_batch100": q100,
-                    "speedup_vs_exact_batch1": x1, "speedup_vs_exact_batch1_1thread": x1o,
-                    "speedup_vs_exact_batch100": x100, "exact_reference": ref, "build_s": b["build_s"],
-                    "bytes_per_vector": b["bytes_per_vector"], "meets_target": meets,
-                    "ms_per_query_batch1": 1000 / q1, "ms_per_query_batch1_1thread": 1000 / q1o})
+        rows.append(
+            [
+                label,
+                b["n"],
+                rec,
+                q1,
+                q1o,
+                q100,
+                x1,
+                x1o,
+                x100,
+                b["build_s"],
+                b["bytes_per_vector"],
+                "yes" if meets else ("-" if not knob else "no"),
+            ]
+        )
+        out.append(
+            {
+                "index": name,
+                "knob": knob,
+                "value": val,
+                "n": b["n"],
+                "recall_at_10": rec,
+                "qps_batch1": q1,
+                "qps_batch1_1thread": q1o,
+                "qps_batch100": q100,
+                "speedup_vs_exact_batch1": x1,
+                "speedup_vs_exact_batch1_1thread": x1o,
+                "speedup_vs_exact_batch100": x100,
+                "exact_reference": ref,
+                "build_s": b["build_s"],
+                "bytes_per_vector": b["bytes_per_vector"],
+                "meets_target": meets,
+                "ms_per_query_batch1": 1000 / q1,
+                "ms_per_query_batch1_1thread": 1000 / q1o,
+            }
+        )
     print()
-    table(["index / setting", "n", "recall@10", f"q/s b1 ({default_threads}thr)", "q/s b1 (1thr)",
-           "q/s b100", f"x exact b1 ({default_threads}thr)", "x exact b1 (1thr)", "x exact b100",
-           "build s", "B/vec", "target"], rows,
-          title=f"Search at scale ({args.rounds} interleaved rounds; medians; speedups against the exact "
-                "Flat over the same vectors)")
-    rule = {n: auto_factory(n, args.dim) for n in (10_000, 50_000, 100_000, 200_000, 1_000_000, 5_000_000)}
+    table(
+        [
+            "index / setting",
+            "n",
+            "recall@10",
+            f"q/s b1 ({default_threads}thr)",
+            "q/s b1 (1thr)",
+            "q/s b100",
+            f"x exact b1 ({default_threads}thr)",
+            "x exact b1 (1thr)",
+            "x exact b100",
+            "build s",
+            "B/vec",
+            "target",
+        ],
+        rows,
+        title=f"Search at scale ({args.rounds} interleaved rounds; medians; speedups against the exact "
+        "Flat over the same vectors)",
+    )
+    rule = {
+        n: auto_factory(n, args.dim)
+        for n in (10_000, 50_000, 100_000, 200_000, 1_000_000, 5_000_000)
+    }
     print("\nauto_factory now: " + ", ".join(f"{n:,} -> {f}" for n, f in rule.items()))
     print(f"IVF training sample: {TRAIN_PER_LIST} vectors per list (VectorIndex.build default)")
-    finish(args.name, info, {
-        "config": {"n": args.n, "dim": args.dim, "hnsw_n": args.hnsw_n, "queries_recall": args.queries,
-                   "single_queries_per_round": args.single, "rounds": args.rounds,
-                   "clusters": max(16, args.n // 250), "generation_s": gen_s,
-                   "omp_threads_default": default_threads, "train_per_list": TRAIN_PER_LIST},
-        "results": out,
-        "auto_factory": rule,
-        "target": "recall@10 >= 0.95 at >= 10x exact throughput (batch 1)",
-    }, started)
+    finish(
+        args.name + ("_quick" if args.quick else ""),
+        info,
+        {
+            "config": {
+                "n": args.n,
+                "dim": args.dim,
+                "hnsw_n": args.hnsw_n,
+                "queries_recall": args.queries,
+                "single_queries_per_round": args.single,
+                "rounds": args.rounds,
+                "clusters": max(16, args.n // 250),
+                "generation_s": gen_s,
+                "omp_threads_default": default_threads,
+                "train_per_list": TRAIN_PER_LIST,
+            },
+            "results": out,
+            "auto_factory": rule,
+            "target": "recall@10 >= 0.95 at >= 10x exact throughput (batch 1)",
+        },
+        started,
+    )
     return 0
 
 

@@ -21,6 +21,12 @@ from retrieval.audit.examples import Example
 FLAG = "#c0392b"
 OK = "#2e86c1"
 GREY = "#7f8c8d"
+BIAS = "#e67e22"
+
+
+def _color(attr: dict) -> str:
+    return FLAG if attr.get("flagged") else BIAS if attr.get("retrieval_bias") else OK
+
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;
@@ -73,7 +79,7 @@ def fig_concordance(attrs: dict[str, dict]) -> str | None:
     exp = [attrs[n]["expected"] for n in names]
     oerr = np.array([_err(attrs[n]["concordance"], attrs[n].get("interval")) for n in names]).T
     nerr = np.array([_err(attrs[n]["expected"], attrs[n].get("null_interval")) for n in names]).T
-    colors = [FLAG if attrs[n]["flagged"] else OK for n in names]
+    colors = [_color(attrs[n]) for n in names]
     qexp = [(attrs[n].get("query_null") or {}).get("expected") or 0 for n in names]
     qerr = np.array(
         [
@@ -119,7 +125,9 @@ def fig_concordance(attrs: dict[str, dict]) -> str | None:
     ax.set_ylabel("share of top-5 neighbours\nsharing the query's value")
     ax.set_ylim(0, min(1.15, max(max(obs), max(exp), max(qexp)) + 0.25))
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_title("Attribute concordance of retrieval (red: flagged)", fontsize=10)
+    ax.set_title(
+        "Attribute concordance of retrieval (red: flagged, orange: retrieval bias)", fontsize=10
+    )
     return _png(fig)
 
 
@@ -136,7 +144,7 @@ def fig_probe(attrs: dict[str, dict]) -> str | None:
         x,
         ba,
         0.55,
-        color=[FLAG if attrs[n]["flagged"] else OK for n in names],
+        color=[_color(attrs[n]) for n in names],
         label="within-label probe (balanced accuracy)",
     )
     for xi, c in zip(x, ch, strict=True):

@@ -100,7 +100,7 @@ def print_table(data: dict, stored: str | None, out: str | None) -> None:
     npx = lk.get("near_duplicate_pixels", {}).get("n", "–")
     print(
         f"  leakage: {lk['near_duplicates']['n']} embedding near-duplicates (cosine >= "
-        f"{lk['near_duplicates']['threshold']:.4f}), {npx} pixel near-duplicates, {px} identical-pixel pairs, "
+        f"{lk['near_duplicates']['threshold']:.6g}), {npx} pixel near-duplicates, {px} identical-pixel pairs, "
         f"{lk['shared_case_ids']['n']} shared case ids, {lk['own_patient_neighbors']['n']} own-patient "
         "neighbours (exclusion off)"
     )
