@@ -22,7 +22,7 @@ Per query image the variants run back to back, order rotated:
 Targets (2 cores): p50 ≤ 30 ms at 100k (retrieval); gradcam+similarity ≤ 150 ms.
 Peak RSS is the child's VmHWM (one process per size, so sizes do not mix).
 
-    .venv/bin/python bench/query_latency.py                   # 10k, 100k, 1M; 60 queries per variant
+    .venv/bin/python bench/query_latency.py                   # 10k, 100k, 1M; 40 queries per variant, torch 1 and 2 threads
     .venv/bin/python bench/query_latency.py --quick           # 5k, 20k; 8 queries
 """
 
@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--factory", default="auto")
     ap.add_argument("-k", type=int, default=5, help="neighbours (casebase query's default: 5)")
-    ap.add_argument("--queries", type=int, default=60, help="distinct query images")
+    ap.add_argument("--queries", type=int, default=40, help="distinct query images")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the query images")
     ap.add_argument(
         "--threads",
