@@ -264,7 +264,7 @@ class VectorIndex:
         if self.factory == "Flat":
             import torch
 
-            mat = self.index.reconstruct_n(0, self.ntotal)
+            mat = self.reconstruct_all()
             self._torch_matrix = torch.from_numpy(mat).cuda()
             self.backend = "torch-cuda"
         return self.backend
@@ -296,7 +296,10 @@ class VectorIndex:
         )
         if ivf is not None:
             ivf.make_direct_map()
-        return self.index.reconstruct_n(0, self.ntotal)
+        out = self.index.reconstruct_n(0, self.ntotal)
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) makes this return a
+        # torch tensor once anything has imported it: always hand back numpy.
+        return np.ascontiguousarray(out.cpu().numpy() if hasattr(out, "cpu") else out, dtype=np.float32)
 
     def save(self, path: str | Path) -> None:
         """Write the index; an on-disk index also moves its lists file beside it."""

@@ -36,6 +36,11 @@ neighbours' decomposition maps) is scored by:
   report rank correlations of roughly 0.1–0.4 for methods that respond to
   the randomisation and > 0.6 for those that do not, e.g. Guided Backprop.)
 
+Each method's entry also carries ``by_label`` (pointing game and mask energy
+per class): a model can be right for the right reason on one class and not on
+another (on the phantom, nodules are recognised partly by the absence of mass
+and cavity features, and every faithful method then points off the nodule).
+
 Maps come from the registry's explainers with the same sample counts a query
 uses, so the numbers describe what users see; ``seconds_per_map`` is the
 wall time of one query map from the trained model.
@@ -206,10 +211,11 @@ class _Acc:
     spearman: list
     ssim: list
     seconds: list
+    labels: list
 
     @classmethod
     def new(cls) -> _Acc:
-        return cls(*([] for _ in range(11)))
+        return cls(*([] for _ in range(12)))
 
 
 def _mean(v: list) -> float:
@@ -274,6 +280,7 @@ def evaluate_cases(
             a.strict.append(pointing_game(full, mask, 0))
             a.energy.append(mask_energy(full, mask))
             a.area.append(float(mask.mean()))
+            a.labels.append(str(case.get("label", "")))
             h_in = resize_maps(heat[None], (s, s))[0].numpy()
             h_r = resize_maps(heat_r[None], (s, s))[0].numpy()
             d, ins = perturbation_curves(model, x[0], cls, pixel_order_ranks(h_in, rng), base)
@@ -302,6 +309,19 @@ def evaluate_cases(
             "sanity_check": "pass" if spearman_abs < SANITY_THRESHOLD else "fail",
             "n_cases": len(a.pointing),
             "seconds_per_map": _mean(a.seconds),
+        }
+        m["by_label"] = {
+            lab: {
+                "n": sum(1 for v in a.labels if v == lab),
+                "pointing_game": _mean(
+                    [p for p, v in zip(a.pointing, a.labels, strict=True) if v == lab]
+                ),
+                "mask_energy": _mean(
+                    [e for e, v in zip(a.energy, a.labels, strict=True) if v == lab]
+                ),
+            }
+            for lab in sorted(set(a.labels))
+            if lab
         }
         m["deletion_gain"] = m["deletion_auc_random"] - m["deletion_auc"]
         m["insertion_gain"] = m["insertion_auc"] - m["insertion_auc_random"]
@@ -372,6 +392,7 @@ def load_cases(
         cases.append(
             {
                 "case_id": row["case_id"],
+                "label": row["label"],
                 "x": ctx.tensor,
                 "mask": mask,
                 "geometry": ctx.geometry,
@@ -455,7 +476,11 @@ def format_table(report: dict) -> str:
         head,
         "-" * len(head),
     ]
-    for name, m in report["methods"].items():
+    methods = report["methods"]
+    order = [n for n in registry.METHODS if n in methods]
+    order += [n for n in methods if n not in order]
+    for name in order:
+        m = methods[name]
         lines.append(
             f"{name:<22}" + "".join(f"{fmt.format(m[key]):>10}" for key, _, fmt in COLUMNS)
         )
@@ -467,8 +492,14 @@ def format_table(report: dict) -> str:
         f"higher ins are better); rand rho/ssim: trained vs re-initialised model maps (pass: "
         f"mean |rho| < {SANITY_THRESHOLD:g})."
     )
-    for name, m in report["methods"].items():
-        lines.append(f"  {name}: {m['summary']}")
+    for name in order:
+        lines.append(f"  {name}: {methods[name]['summary']}")
+        by = methods[name].get("by_label") or {}
+        if len(by) > 1:
+            parts = ", ".join(
+                f"{lab} {v['pointing_game']:.2f} (n={v['n']})" for lab, v in by.items()
+            )
+            lines.append(f"    pointing game by label: {parts}")
     for msg in report.get("skipped", []):
         lines.append(f"  skipped: {msg}")
     return "\n".join(lines)

@@ -96,3 +96,11 @@ def test_index_build_refuses_duplicate_case_ids(tiny_index, phantom_dir, tmp_pat
     with pytest.raises(CasebaseError, match=f"duplicate case_id {df.loc[0, 'case_id']}"):
         build_index(tiny_index.parent / "model", tmp_path / "m.csv", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_reconstruct_is_numpy_even_after_faiss_torch_utils_import():
+    import faiss.contrib.torch_utils  # noqa: F401 - patches faiss methods process-wide
+
+    v = _unit(30, 8)
+    out = VectorIndex.build(v, "Flat").reconstruct_all()
+    assert isinstance(out, np.ndarray) and np.allclose(out, v, atol=1e-6)

@@ -212,10 +212,12 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
         "n_cases",
         "seconds_per_map",
         "summary",
+        "by_label",
     }
     assert set(report["methods"]) == {"gradcam", "similarity"}
     for m in report["methods"].values():
         assert keys <= set(m)
+        assert sum(v["n"] for v in m["by_label"].values()) == 3
         assert 0 <= m["pointing_game_strict"] <= m["pointing_game"] <= 1
         assert 0 < m["mask_area"] < 1 and m["sanity_check"] in ("pass", "fail")
     table = trust.format_table(report)
