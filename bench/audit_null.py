@@ -4,7 +4,7 @@ For each index: embed the split once, then give every case R random
 attributes (half constant per patient like sex, half drawn per case like a
 scanner; 2-4 groups, independent of everything in the images) and run each
 through the audit's own concordance test, probe and flag rule, with the Holm
-correction for both tests of the audit's usual 4 attributes. Reports how often each
+correction for the audit's usual 4 attributes (per test family). Reports how often each
 criterion is met and how often the attribute would have been flagged, plus the
 p-value calibration of both tests (share of raw p < 0.05 / 0.01). Writes
 bench/results/audit_null.json.
@@ -39,7 +39,7 @@ def calibrate(index_dir: str, manifest: str, n_attr: int, permutations: int, see
     qpat = qs.cases["patient_id"].astype(str).to_numpy()
     vectors = r.index.reconstruct_all()
     rng = np.random.default_rng(seed)
-    m = 8  # Holm over both tests of the audit's usual four attributes: p * 8 bounds the adjusted p
+    m = 4  # Holm over the audit's usual four attributes (per test family): p * 4 bounds the adjusted p
     recs = []
     for j in range(n_attr):
         levels = int(rng.integers(2, 5))

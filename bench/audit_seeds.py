@@ -135,7 +135,13 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
         train_model(
             root / "data" / "manifest.csv",
             root / "model",
-            TrainOptions(epochs=args.epochs, seed=seed, progress=False, image_size=args.image_size),
+            TrainOptions(
+                epochs=args.epochs,
+                seed=seed,
+                progress=False,
+                image_size=args.image_size,
+                patience=args.patience,
+            ),
         )
     t["train"] = time.time() - t0
     t0 = time.time()
@@ -168,6 +174,7 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
         "size": args.size,
         "epochs": args.epochs,
         "image_size": args.image_size,
+        "patience": args.patience,
         "n_queries": d["n_queries"],
         "n_indexed": d["n_indexed"],
         "precision_at_5": d["precision_at_5"],
@@ -205,19 +212,27 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
 
 
 def rejudge(runs: list[dict]) -> None:
-    """Re-apply the current flag rule to the stored statistics (cached runs follow rule changes)."""
+    """Re-apply the current flag rule (Holm per test family, thresholds) to the stored raw
+    statistics, so cached runs follow rule changes."""
     from retrieval.audit import verdict
+    from retrieval.audit.concordance import holm
 
     for r in runs:
-        for v in r["attributes"].values():
+        attrs = r["attributes"]
+        names = list(attrs)
+        ph = holm([attrs[n]["p_value"] for n in names])
+        phq = holm([attrs[n]["p_value_query"] for n in names])
+        for n, a, b in zip(names, ph, phq, strict=True):
+            v = attrs[n]
+            v["p_value_holm"], v["p_value_holm_query"] = a, b
             v["flagged"], v["retrieval_bias"], _ = verdict.decide(
-                v["p_value_holm"],
+                a,
                 v["lift"],
                 v["probe_balanced_accuracy"],
                 v["chance"],
                 (v["label_association"], v["label_association_p"]),
-                v.get("p_value_holm_query"),
-                v.get("lift_query"),
+                b,
+                v["lift_query"],
             )
 
 
@@ -242,6 +257,13 @@ def main() -> None:
         "at 128 px, which 64-px phantoms lack)",
     )
     ap.add_argument("--strength", type=float, default=0.9)
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=24,
+        help="early-stopping patience in epochs (default 24: train every epoch; the trainer's own "
+        "patience of 6 stopped some clean 600-case phantoms on a plateau at chance)",
+    )
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument(
         "--counterfactual", type=int, default=60, help="counterfactual query cap (speed)"
@@ -295,6 +317,13 @@ def main() -> None:
             held.setdefault("none: nothing flagged", []).append(
                 not any(v["flagged"] for v in r["attributes"].values())
             )
+        pull = r.get("marker_pull")
+        if pull and "site" in r["attributes"]:
+            used = (
+                pull["site_pull"] >= 0.05
+            )  # ground truth: swapping the letter moves >= 5% of neighbours
+            key = "site-marker: site flagged iff the model uses the marker (swap moves >= 5% of neighbours)"
+            held.setdefault(key, []).append(bool(r["attributes"]["site"]["flagged"]) == used)
     vrows = [[k, f"{sum(v)}/{len(v)}"] for k, v in held.items()]
     print()
     table(["verdict", "held"], vrows)

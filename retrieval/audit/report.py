@@ -448,7 +448,7 @@ METHOD_HTML = """
 averaged over queries. <b>Expected</b>: the same under a null that keeps every indexed case's label and
 every neighbour list fixed and permutes the attribute among indexed cases of the same label, so that
 retrieval by label is never counted as a shortcut (exact expectation; p-value from the permutations,
-Holm-corrected over attributes and both tests). The <b>query-side null</b> permutes the queries' values
+Holm-corrected over attributes). The <b>query-side null</b> permutes the queries' values
 among queries of the same label instead: it also catches a shortcut that works as a label proxy, pulling
 neighbours towards the class an attribute stands for (intervals: bootstrap over query patients for the observed value, the
 central 95% of the null for the expected one). <b>Probe</b>: logistic regression from the indexed

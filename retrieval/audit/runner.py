@@ -68,8 +68,8 @@ def judge_attributes(
     rows / valid: the (queries × k) neighbour rows into the index and which are real.
     """
     qlabels, qpatients = query_labels, query_patients
-    # the smallest permutation p is 1/(B+1); Holm multiplies it by up to 2·len(attrs): make sure a
-    # clear signal can still reach the flag level
+    # the smallest permutation p is 1/(B+1); Holm multiplies it by up to len(attrs): make sure a
+    # clear signal can still reach the flag level (with room to spare)
     n_perm = permutations
     if permutations > 0 and attrs:
         n_perm = max(permutations, math.ceil(4 * len(attrs) / verdict.ALPHA) - 1)
@@ -90,11 +90,10 @@ def judge_attributes(
             pr = probe_attribute(index_vectors, a.index_codes, index_labels, index_patients, seed)
         per_attr[a.name] = {"probe": pr}
     names = [a.name for a in attrs]
-    # Holm over both tests of every attribute
-    adjusted = (
-        holm([conc[n].p_value for n in names] + [qnull[n].p_value for n in names]) if names else []
-    )
-    p_holm, p_holm_q = adjusted[: len(names)], adjusted[len(names) :]
+    # two families, each Holm-corrected over the attributes: the index-side test (the primary one)
+    # and the query-side test (catches label-proxy shortcuts); see verdict
+    p_holm = holm([conc[n].p_value for n in names])
+    p_holm_q = holm([qnull[n].p_value for n in names])
     out_attrs: dict[str, dict] = {}
     for a, ph, phq in zip(attrs, p_holm, p_holm_q, strict=True):
         c, pr, cq = conc[a.name], per_attr[a.name]["probe"], qnull[a.name]

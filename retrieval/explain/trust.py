@@ -251,6 +251,7 @@ def evaluate_cases(
     model.eval()
     device = next(model.parameters()).device
     rnd = randomized_copy(model, seed)
+    fast = registry.inference_model(model)  # same function, Conv+BN folded: for the curves
     stride = getattr(model.backbone, "stride", 16)
     acc = {name: _Acc.new() for name in explainers}
     for i, case in enumerate(tqdm(cases, desc="explain-eval", unit="case", disable=not progress)):
@@ -263,11 +264,11 @@ def evaluate_cases(
         sx, sy = geo.scale
         tol = (math.ceil(stride / 2 * sy), math.ceil(stride / 2 * sx))
         with torch.no_grad():
-            cls = int(model(x).argmax(1)[0])
+            cls = int(fast(x).argmax(1)[0])
         base = blurred(x[0])
         rng = np.random.default_rng(seed + i)
         rand_del, rand_ins = perturbation_curves(
-            model, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng), base
+            fast, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng), base
         )
         for name, explainer in explainers.items():
             a = acc[name]
@@ -283,7 +284,7 @@ def evaluate_cases(
             a.labels.append(str(case.get("label", "")))
             h_in = resize_maps(heat[None], (s, s))[0].numpy()
             h_r = resize_maps(heat_r[None], (s, s))[0].numpy()
-            d, ins = perturbation_curves(model, x[0], cls, pixel_order_ranks(h_in, rng), base)
+            d, ins = perturbation_curves(fast, x[0], cls, pixel_order_ranks(h_in, rng), base)
             a.deletion.append(auc(d))
             a.insertion.append(auc(ins))
             a.deletion_random.append(auc(rand_del))

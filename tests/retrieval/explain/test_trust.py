@@ -193,10 +193,10 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
         phantom_dir / "manifest.csv",
         "test",
         ["gradcam", "similarity"],
-        max_cases=3,
+        max_cases=2,
         progress=False,
     )
-    assert report["split"] == "test" and report["n_cases"] == 3
+    assert report["split"] == "test" and report["n_cases"] == 2
     keys = {
         "pointing_game",
         "pointing_game_strict",
@@ -217,7 +217,7 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
     assert set(report["methods"]) == {"gradcam", "similarity"}
     for m in report["methods"].values():
         assert keys <= set(m)
-        assert sum(v["n"] for v in m["by_label"].values()) == 3
+        assert sum(v["n"] for v in m["by_label"].values()) == 2
         assert 0 <= m["pointing_game_strict"] <= m["pointing_game"] <= 1
         assert 0 < m["mask_area"] < 1 and m["sanity_check"] in ("pass", "fail")
     table = trust.format_table(report)
