@@ -6,8 +6,16 @@ Both pooled embeddings are trained from the same feature map (one forward), so
 one model serves `--weighting saliency` and `--weighting uniform` index
 builds. Semi-hard triplets are mined in each batch (TripletMarginMiner);
 batches come from MPerClassSampler so every class has positives. Early
-stopping watches validation precision@1 + accuracy; the best epoch's weights
-are kept. Seeded; AMP on CUDA.
+stopping watches validation precision@1 + accuracy (never before half the
+one-cycle schedule); the best epoch's weights are kept. Seeded; AMP on CUDA.
+
+Small lesions on a varied background give a plateau at chance that a run can
+stay on for its whole schedule (seen at the former default lr 2e-3 on the
+600-case phantom: one seed never left it, another left it at epoch 5, a
+third variant at epoch 21). Hence lr 1e-3 (AdamW, one-cycle) and a stall
+guard: a schedule still at chance after 30 % of its epochs restarts from a new
+initialisation at half the rate (at most 3 schedules; ``TrainReport.attempts``
+and the model's config record each).
 """
 
 from __future__ import annotations
@@ -41,9 +49,10 @@ class TrainOptions:
     image_size: int | None = None
     embedding_dim: int = 128
     batch_size: int | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     margin: float = 0.2
     patience: int = 6
+    head: str = "linear"  # experiment: linear | nonneg | nonneg-nobias
     seed: int = 0
     device: str = "auto"
     strict: bool = False
@@ -62,6 +71,19 @@ class TrainReport:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)  # one per training schedule started
+
+
+# Stall guard (see _fit): a schedule whose val balanced accuracy is still within STALL_MARGIN of
+# chance after STALL_FRACTION of its epochs is restarted from a new initialisation at half the
+# learning rate, at most MAX_ATTEMPTS schedules in all (the last one always runs to the end).
+MAX_ATTEMPTS = 3
+STALL_MIN_EPOCHS = 10  # shorter schedules (smoke tests) are never judged
+STALL_FRACTION = 0.3
+STALL_MARGIN = 0.1
+# Early stopping never ends a schedule before this share of its epochs (the one-cycle rate is
+# still high before then, and a plateau there is not convergence).
+MIN_EPOCH_FRACTION = 0.5
 
 
 def seed_everything(seed: int) -> None:
@@ -118,9 +140,12 @@ def _validate(model, pre, train_x, train_y, val_x, val_y, device) -> dict:
     va_e, va_logits = _embed_all(model, pre, val_x, device)
     nn_idx = (va_e @ tr_e.T).argmax(dim=1)
     p1 = float((train_y[nn_idx] == val_y).float().mean())
-    acc = float((va_logits.argmax(1) == val_y).float().mean())
+    pred = va_logits.argmax(1)
+    acc = float((pred == val_y).float().mean())
+    recalls = [float((pred[val_y == c] == c).float().mean()) for c in val_y.unique()]
     ce = float(F.cross_entropy(va_logits, val_y))
-    return {"precision_at_1": p1, "accuracy": acc, "val_ce": ce, "score": (p1 + acc) / 2 - 0.01 * ce}
+    return {"precision_at_1": p1, "accuracy": acc, "balanced_accuracy": float(np.mean(recalls)),
+            "val_ce": ce, "score": (p1 + acc) / 2 - 0.01 * ce}
 
 
 def _split_val(df, seed: int):
@@ -181,35 +206,122 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     train_x, train_y = images[tr_idx], y_all[tr_idx]
     val_x, val_y = images[va_idx], y_all[va_idx]
 
-    model = CaseNet(cfg).to(device)
     m, batch = _batch_plan(len(classes), opts.batch_size)
     steps_per_epoch = max(1, len(train_x) // batch)
     epochs = opts.epochs or int(np.clip(math.ceil(25000 / max(1, len(train_x))), 6, 40))
-    sampler = samplers.MPerClassSampler(train_y.tolist(), m=m, batch_size=batch,
-                                        length_before_new_iter=steps_per_epoch * batch)
+    data = _Data(pre, train_x, train_y, val_x, val_y, m, batch, steps_per_epoch, epochs)
+    # chance level of balanced accuracy: a model stuck on a plateau predicts one class
+    chance = 1.0 / max(1, len(val_y.unique()))
+    attempts: list[dict] = []
+    lr, seed = opts.lr, opts.seed
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", disable=not opts.progress)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        last = attempt == MAX_ATTEMPTS
+        judge = not last and epochs >= STALL_MIN_EPOCHS and len(val_y) > 0
+        model, fit = _fit(cfg, data, opts, device, seed, lr, chance if judge else None, bar)
+        attempts.append({"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled})
+        if not fit.stalled:
+            break
+        tqdm.write(
+            f"training stalled at chance (val balanced accuracy {fit.last_accuracy:.2f}, chance {chance:.2f} "
+            f"after {fit.epochs_run} epochs): restarting from a new initialisation at half the "
+            f"learning rate ({lr / 2:g})"
+        )
+        bar.reset(total=epochs * steps_per_epoch)
+        lr, seed = lr / 2, seed + 1
+    bar.close()
+    if len(val_y) and fit.best_accuracy <= chance + STALL_MARGIN:
+        tqdm.write(
+            f"warning: the model does not beat chance on the val split (balanced accuracy "
+            f"{fit.best_accuracy:.2f}, chance {chance:.2f}); check the labels, or train longer"
+        )
+    cfg.training = {
+        "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch, "max_epochs": epochs,
+        "batch_size": batch, "m_per_class": m, "lr": lr, "margin": opts.margin, "seed": seed,
+        "n_train": len(train_x), "n_val": len(val_x), "best_val": fit.best, "attempts": attempts,
+        "val_chance": chance,
+        "loss": "cross_entropy + triplet(saliency) + triplet(uniform), semihard miner",
+    }
+    model.config = cfg
+    save_model(model.cpu(), out_dir)
+    return TrainReport(str(out_dir), fit.epochs_run, fit.best_epoch, fit.best, len(train_x), len(val_x),
+                       skipped, time.time() - t0, fit.history, attempts)
+
+
+@dataclass
+class _Data:
+    pre: Preprocessor
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    m: int
+    batch: int
+    steps_per_epoch: int
+    epochs: int
+
+
+@dataclass
+class _Fit:
+    best: dict
+    best_epoch: int
+    epochs_run: int
+    history: list[dict]
+    stalled: bool
+
+    @property
+    def last_accuracy(self) -> float:
+        """Balanced val accuracy of the last epoch run (the state the stall check judges)."""
+        return self.history[-1].get("balanced_accuracy", 0.0) if self.history else 0.0
+
+    @property
+    def best_accuracy(self) -> float:
+        return max((h.get("balanced_accuracy", 0.0) for h in self.history), default=0.0)
+
+
+def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, chance, bar):
+    """One training schedule from a fresh initialisation; keeps the best val epoch's weights.
+
+    ``chance`` (or None): give up as *stalled* when the val accuracy is still within
+    ``STALL_MARGIN`` of it after ``STALL_FRACTION`` of the epochs. Small lesions on a varied
+    background leave a plateau at chance that a run may never leave (seen at lr 2e-3 on the
+    600-case phantom); a new initialisation at half the rate gets out of it.
+    """
+    seed_everything(seed)
+    model = CaseNet(cfg).to(device)
+    if opts.head.startswith("nonneg"):
+        with torch.no_grad():
+            model.classifier.weight.abs_()
+            if opts.head == "nonneg-nobias":
+                model.classifier.bias.zero_()
+                model.classifier.bias.requires_grad_(False)
+    d = data
+    sampler = samplers.MPerClassSampler(d.train_y.tolist(), m=d.m, batch_size=d.batch,
+                                        length_before_new_iter=d.steps_per_epoch * d.batch)
     dist = distances.CosineSimilarity()
     triplet = losses.TripletMarginLoss(margin=opts.margin, distance=dist)
     miner = miners.TripletMarginMiner(margin=opts.margin, distance=dist, type_of_triplets="semihard")
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=epochs * steps_per_epoch,
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch,
                                                 pct_start=0.15)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    gen = torch.Generator().manual_seed(opts.seed)
-
+    gen = torch.Generator().manual_seed(seed)
+    # early stopping waits until the one-cycle rate has come down (half the schedule)
+    min_epochs = math.ceil(MIN_EPOCH_FRACTION * d.epochs)
+    stall_epoch = max(2, math.ceil(STALL_FRACTION * d.epochs))
     best, best_state, best_epoch, history, stale = None, None, 0, [], 0
-    bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", disable=not opts.progress)
     epoch = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, d.epochs + 1):
         model.train()
         order = list(iter(sampler))
         running = 0.0
-        for s in range(steps_per_epoch):
-            idx = torch.tensor(order[s * batch : (s + 1) * batch])
-            xb = augment_batch(train_x[idx].to(device).float() / 255.0, generator=gen)
-            yb = train_y[idx].to(device)
+        for s in range(d.steps_per_epoch):
+            idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
+            xb = augment_batch(d.train_x[idx].to(device).float() / 255.0, generator=gen)
+            yb = d.train_y[idx].to(device)
             with torch.autocast(device.type, enabled=use_amp):
-                feats = model.backbone(pre.normalize(xb))
+                feats = model.backbone(d.pre.normalize(xb))
                 logits = model.classifier(feats.mean(dim=(2, 3)))
                 h, w = feats.shape[-2:]
                 sal = model.saliency_weights(model.gradcam(feats.float(), logits.argmax(1)).detach())
@@ -222,13 +334,18 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             scaler.scale(loss).backward()
             scaler.step(optim)
             scaler.update()
+            if opts.head.startswith("nonneg"):
+                with torch.no_grad():
+                    model.classifier.weight.clamp_(min=0)
             sched.step()
             running += float(loss.detach())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{running / (s + 1):.3f}")
-        metrics = _validate(model, pre, train_x, train_y, val_x, val_y, device) if len(val_x) else {
-            "score": -running}
-        metrics.update(epoch=epoch, loss=running / steps_per_epoch)
+        if len(d.val_x):
+            metrics = _validate(model, d.pre, d.train_x, d.train_y, d.val_x, d.val_y, device)
+        else:
+            metrics = {"score": -running}
+        metrics.update(epoch=epoch, loss=running / d.steps_per_epoch)
         history.append(metrics)
         bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.3f}",
                         val_p1=f"{metrics.get('precision_at_1', float('nan')):.3f}")
@@ -237,17 +354,11 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= opts.patience:
-                break
-    bar.close()
+        fit = _Fit(best, best_epoch, epoch, history, False)
+        if chance is not None and epoch == stall_epoch and fit.last_accuracy <= chance + STALL_MARGIN:
+            fit.stalled = True
+            break
+        if stale >= opts.patience and epoch >= min_epochs:
+            break
     model.load_state_dict(best_state)
-    cfg.training = {
-        "epochs_run": epoch, "best_epoch": best_epoch, "max_epochs": epochs, "batch_size": batch,
-        "m_per_class": m, "lr": opts.lr, "margin": opts.margin, "seed": opts.seed,
-        "n_train": len(train_x), "n_val": len(val_x), "best_val": best,
-        "loss": "cross_entropy + triplet(saliency) + triplet(uniform), semihard miner",
-    }
-    model.config = cfg
-    save_model(model.cpu(), out_dir)
-    return TrainReport(str(out_dir), epoch, best_epoch, best, len(train_x), len(val_x), skipped,
-                       time.time() - t0, history)
+    return model, _Fit(best, best_epoch, epoch, history, fit.stalled)

@@ -14,6 +14,9 @@ def run(args) -> int:
     print(f"trained {report.epochs_run} epochs (best {report.best_epoch}) on {report.n_train} cases, "
           f"validated on {report.n_val}: val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
           f"accuracy {best.get('accuracy', float('nan')):.3f}; {report.seconds:.0f} s -> {args.out}")
+    if len(report.attempts) > 1:
+        print(f"{len(report.attempts) - 1} restart(s) after training stalled at chance "
+              f"(final learning rate {report.attempts[-1]['lr']:g})")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s)")
     return 0
