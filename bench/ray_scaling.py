@@ -27,7 +27,16 @@ def _reexec_in_netns() -> None:
     if os.environ.get("CASEBASE_BENCH_NETNS") or not shutil.which("unshare"):
         return
     env = {**os.environ, "CASEBASE_BENCH_NETNS": "1"}
-    cmd = ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$@"', "_", sys.executable, *sys.argv]
+    cmd = [
+        "unshare",
+        "-n",
+        "bash",
+        "-c",
+        'ip link set lo up && exec "$@"',
+        "_",
+        sys.executable,
+        *sys.argv,
+    ]
     sys.exit(subprocess.run(cmd, env=env).returncode)
 
 
@@ -50,7 +59,12 @@ def main() -> int:
     m = load_manifest(args.manifest)
     paths = case_table(m, m.select(["train", "val"]))["image"].tolist()
     model = load_model(args.model_dir)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     runs: dict[str, list[float]] = {"local": [], "ray-1-actor": [], "ray-2-actors": []}
     for _ in range(args.repeats):  # interleaved repetitions
         t = time.perf_counter()
@@ -64,9 +78,14 @@ def main() -> int:
     med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     per_image_s = 1.0 / med["ray-1-actor"]
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "loadavg": os.getloadavg()},
-        "n_images": len(paths), "images_per_second_median": med, "runs": runs,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+        },
+        "n_images": len(paths),
+        "images_per_second_median": med,
+        "runs": runs,
         "ratio_2_vs_1_actor": med["ray-2-actors"] / med["ray-1-actor"],
         "plan_10M_hours_per_cpu_actor": 10_000_000 * per_image_s / 3600,
     }
@@ -74,7 +93,9 @@ def main() -> int:
     for k, v in med.items():
         print(f"{k:<16}{v:>16.1f}")
     print(f"2 vs 1 actor: x{result['ratio_2_vs_1_actor']:.2f}; load {result['machine']['loadavg']}")
-    print(f"10M images at the 1-actor rate: {result['plan_10M_hours_per_cpu_actor']:.0f} actor-hours")
+    print(
+        f"10M images at the 1-actor rate: {result['plan_10M_hours_per_cpu_actor']:.0f} actor-hours"
+    )
     out = HERE / "results" / "ray_scaling.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -52,8 +52,19 @@ def case_table(manifest, df: pd.DataFrame) -> pd.DataFrame:
     return cases.fillna("").astype(str).reset_index(drop=True)
 
 
-def embed_manifest(model_dir, manifest_path, splits, weighting="saliency", batch_size=64, device="auto",
-                   strict=False, progress=True, engine="local", address=None, num_workers=None):
+def embed_manifest(
+    model_dir,
+    manifest_path,
+    splits,
+    weighting="saliency",
+    batch_size=64,
+    device="auto",
+    strict=False,
+    progress=True,
+    engine="local",
+    address=None,
+    num_workers=None,
+):
     """Embed the manifest's cases in the given splits -> (model, case table of the embedded, EmbeddedSet)."""
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
@@ -64,20 +75,40 @@ def embed_manifest(model_dir, manifest_path, splits, weighting="saliency", batch
     cases = case_table(manifest, df)
     dup = cases["case_id"][cases["case_id"].duplicated()].unique().tolist()
     if dup:
-        raise CasebaseError(f"{manifest_path}: duplicate case_id {', '.join(map(str, dup[:5]))}"
-                            f"{' …' if len(dup) > 5 else ''} (run casebase validate)")
+        raise CasebaseError(
+            f"{manifest_path}: duplicate case_id {', '.join(map(str, dup[:5]))}"
+            f"{' …' if len(dup) > 5 else ''} (run casebase validate)"
+        )
     if engine == "ray":
         from index.ray_engine import embed_with_ray
 
         emb = embed_with_ray(model_dir, cases["image"].tolist(), weighting, batch_size, address)
     else:
-        emb = embed_paths(model, Preprocessor(model.config), cases["image"].tolist(), weighting,
-                          batch_size, dev, strict, progress, num_workers=num_workers)
+        emb = embed_paths(
+            model,
+            Preprocessor(model.config),
+            cases["image"].tolist(),
+            weighting,
+            batch_size,
+            dev,
+            strict,
+            progress,
+            num_workers=num_workers,
+        )
     return model, cases, emb
 
 
-def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSet, weighting, factory,
-                 splits, extra_meta: dict | None = None) -> dict:
+def write_bundle(
+    out_dir,
+    model_dir,
+    model,
+    cases: pd.DataFrame,
+    emb: EmbeddedSet,
+    weighting,
+    factory,
+    splits,
+    extra_meta: dict | None = None,
+) -> dict:
     kept = cases.iloc[emb.ok].reset_index(drop=True)
     vindex = VectorIndex.build(emb.vectors, factory)
     calib = calibrate(emb.ood_features, kept["split"].to_numpy(), kept["patient_id"].to_numpy())
@@ -86,14 +117,26 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
         "casebase_bundle": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_fingerprint": weights_fingerprint(model_dir),
-        "model": {"backbone": model.config.backbone, "classes": model.config.classes,
-                  "image_size": model.config.image_size, "in_channels": model.config.in_channels},
-        "embedding": {"weighting": weighting, "dim": int(emb.vectors.shape[1]), "normalized": True,
-                      "metric": "inner_product (cosine)", "formula": WEIGHTING_FORMULA[weighting]},
+        "model": {
+            "backbone": model.config.backbone,
+            "classes": model.config.classes,
+            "image_size": model.config.image_size,
+            "in_channels": model.config.in_channels,
+        },
+        "embedding": {
+            "weighting": weighting,
+            "dim": int(emb.vectors.shape[1]),
+            "normalized": True,
+            "metric": "inner_product (cosine)",
+            "formula": WEIGHTING_FORMULA[weighting],
+        },
         "faiss": {"factory": vindex.factory, "requested": factory, "ntotal": vindex.ntotal},
-        "counts": {"cases": len(kept), "skipped": len(emb.failures),
-                   "by_label": kept["label"].value_counts().sort_index().to_dict(),
-                   "by_split": kept["split"].value_counts().sort_index().to_dict()},
+        "counts": {
+            "cases": len(kept),
+            "skipped": len(emb.failures),
+            "by_label": kept["label"].value_counts().sort_index().to_dict(),
+            "by_split": kept["split"].value_counts().sort_index().to_dict(),
+        },
         "splits": list(splits),
         "ood": calib.to_dict(),
     }
@@ -101,8 +144,11 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
     with atomic.atomic_dir(out_dir) as tmp:
         vindex.save(tmp / "vectors.faiss")
         write_cases(kept, tmp / "cases.parquet")
-        np.save(tmp / OOD_REFERENCE, emb.ood_features[calib.reference_rows].astype(np.float32),
-                allow_pickle=False)
+        np.save(
+            tmp / OOD_REFERENCE,
+            emb.ood_features[calib.reference_rows].astype(np.float32),
+            allow_pickle=False,
+        )
         (tmp / "model").mkdir()
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(model_dir / name, tmp / "model" / name)
@@ -110,22 +156,58 @@ def write_bundle(out_dir, model_dir, model, cases: pd.DataFrame, emb: EmbeddedSe
     return meta
 
 
-def build_index(model_dir, manifest_path, out_dir, weighting="saliency", factory="auto",
-                splits=("train", "val"), batch_size=64, device="auto", strict=False, progress=True,
-                engine="local", address=None, num_workers=None) -> BuildReport:
+def build_index(
+    model_dir,
+    manifest_path,
+    out_dir,
+    weighting="saliency",
+    factory="auto",
+    splits=("train", "val"),
+    batch_size=64,
+    device="auto",
+    strict=False,
+    progress=True,
+    engine="local",
+    address=None,
+    num_workers=None,
+) -> BuildReport:
     """num_workers: DataLoader decoding processes (None: retrieval.dataset.default_workers())."""
     t0 = time.time()
-    model, cases, emb = embed_manifest(model_dir, manifest_path, list(splits), weighting, batch_size,
-                                       device, strict, progress, engine, address, num_workers)
+    model, cases, emb = embed_manifest(
+        model_dir,
+        manifest_path,
+        list(splits),
+        weighting,
+        batch_size,
+        device,
+        strict,
+        progress,
+        engine,
+        address,
+        num_workers,
+    )
     skipped = [f.message for f in emb.failures]
     for msg in skipped:
         tqdm.write(f"skipped: {msg}")
     if not emb.ok:
         raise CasebaseError("no image could be embedded; nothing to index")
     embed_s = time.time() - t0
-    meta = write_bundle(out_dir, model_dir, model, cases, emb, weighting, factory, splits,
-                        {"manifest": str(Path(manifest_path).resolve())})
-    return BuildReport(str(out_dir), len(emb.ok), meta["faiss"]["factory"], skipped, time.time() - t0,
-                       len(cases) / max(embed_s, 1e-9))
-
-
+    meta = write_bundle(
+        out_dir,
+        model_dir,
+        model,
+        cases,
+        emb,
+        weighting,
+        factory,
+        splits,
+        {"manifest": str(Path(manifest_path).resolve())},
+    )
+    return BuildReport(
+        str(out_dir),
+        len(emb.ok),
+        meta["faiss"]["factory"],
+        skipped,
+        time.time() - t0,
+        len(cases) / max(embed_s, 1e-9),
+    )

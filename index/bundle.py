@@ -39,7 +39,9 @@ def sha256_file(path: Path) -> str:
 
 
 def canonical_json(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n").encode()
+    return (
+        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
+    ).encode()
 
 
 def _files(root: Path) -> list[str]:
@@ -93,11 +95,12 @@ def verify(root: str | Path) -> dict:
         expected_raw = canonical_json(meta)
     except ValueError:
         expected_raw = b""
-    if (
-        path.read_bytes() != expected_raw
-        or hashlib.sha256(canonical_json(body)).hexdigest() != meta.get("bundle_sha256")
-    ):
-        raise BundleError(f"{path}: checksum mismatch (bundle.json was changed after it was written)")
+    if path.read_bytes() != expected_raw or hashlib.sha256(
+        canonical_json(body)
+    ).hexdigest() != meta.get("bundle_sha256"):
+        raise BundleError(
+            f"{path}: checksum mismatch (bundle.json was changed after it was written)"
+        )
     listed = meta.get("files")
     if not isinstance(listed, dict) or not listed:
         raise BundleError(f"{path}: lists no files; the bundle is corrupted")
@@ -109,11 +112,15 @@ def verify(root: str | Path) -> dict:
             raise BundleError(f"{f}: checksum mismatch (file changed since the bundle was built)")
     extra = sorted(set(_files(root)) - set(listed))
     if extra:
-        raise BundleError(f"{root / extra[0]}: unexpected file in the bundle (not listed in bundle.json)")
+        raise BundleError(
+            f"{root / extra[0]}: unexpected file in the bundle (not listed in bundle.json)"
+        )
     return meta
 
 
-def update(root: str | Path, files: dict[str, bytes] | None = None, meta_updates: dict | None = None) -> dict:
+def update(
+    root: str | Path, files: dict[str, bytes] | None = None, meta_updates: dict | None = None
+) -> dict:
     """Add or replace files and metadata, atomically (hard-linked copy, then swap)."""
     root = Path(root)
     meta = verify(root)

@@ -299,7 +299,9 @@ class VectorIndex:
         out = self.index.reconstruct_n(0, self.ntotal)
         # faiss.contrib.torch_utils (imported by pytorch-metric-learning) makes this return a
         # torch tensor once anything has imported it: always hand back numpy.
-        return np.ascontiguousarray(out.cpu().numpy() if hasattr(out, "cpu") else out, dtype=np.float32)
+        return np.ascontiguousarray(
+            out.cpu().numpy() if hasattr(out, "cpu") else out, dtype=np.float32
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the index; an on-disk index also moves its lists file beside it."""

@@ -25,23 +25,39 @@ def _csv_list(text: str) -> list[str]:
 
 
 def _add_phantom(sub) -> None:
-    p = sub.add_parser("phantom", help="write a synthetic chest-radiograph-like data set (DICOM + masks)")
+    p = sub.add_parser(
+        "phantom", help="write a synthetic chest-radiograph-like data set (DICOM + masks)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=600, help="number of cases (default 600)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confounder", choices=["none", "site-marker", "ruler"], default="none",
-                   help="site-marker: burned-in site letter tied to the label in train/val; "
-                        "ruler (photo only): a ruler tied to one class in train/val")
-    p.add_argument("--strength", type=float, default=0.9,
-                   help="P(site tied to label) in the train split with --confounder site-marker")
-    p.add_argument("--modality", choices=["xray", "photo"], default="xray",
-                   help="xray: grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs")
+    p.add_argument(
+        "--confounder",
+        choices=["none", "site-marker", "ruler"],
+        default="none",
+        help="site-marker: burned-in site letter tied to the label in train/val; "
+        "ruler (photo only): a ruler tied to one class in train/val",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.9,
+        help="P(site tied to label) in the train split with --confounder site-marker",
+    )
+    p.add_argument(
+        "--modality",
+        choices=["xray", "photo"],
+        default="xray",
+        help="xray: grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs",
+    )
     p.set_defaults(_module="phantom")
 
 
 def _add_validate(sub) -> None:
-    p = sub.add_parser("validate", help="check a manifest; report every problem with row and column")
+    p = sub.add_parser(
+        "validate", help="check a manifest; report every problem with row and column"
+    )
     p.add_argument("manifest")
     p.add_argument("--json", action="store_true")
     p.set_defaults(_module="validate")
@@ -51,11 +67,16 @@ def _add_ingest_dicom(sub) -> None:
     p = sub.add_parser("ingest-dicom", help="walk a DICOM folder tree and write a manifest")
     p.add_argument("dicom_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--label-from", default=None,
-                   help="where the label comes from: a DICOM keyword (e.g. SeriesDescription), "
-                        "'folder' (parent folder name) or a CSV mapping file (column file,label); "
-                        "default: 'folder'")
-    p.add_argument("--strict", action="store_true", help="fail the run on the first unreadable file")
+    p.add_argument(
+        "--label-from",
+        default=None,
+        help="where the label comes from: a DICOM keyword (e.g. SeriesDescription), "
+        "'folder' (parent folder name) or a CSV mapping file (column file,label); "
+        "default: 'folder'",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="fail the run on the first unreadable file"
+    )
     p.set_defaults(_module="ingest_dicom")
 
 
@@ -63,10 +84,16 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the embedding + classifier model on a manifest")
     p.add_argument("manifest")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: sized to the data)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs (default: sized to the data)"
+    )
     p.add_argument("--backbone", default="compact", help="compact (default) | resnet18")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="network input side in pixels (default: 128, or the images' size if smaller)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="network input side in pixels (default: 128, or the images' size if smaller)",
+    )
     p.add_argument("--embedding-dim", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +111,9 @@ def _add_index(sub) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--weighting", choices=["saliency", "uniform"], default="saliency")
     b.add_argument("--factory", default="auto", help="auto | any FAISS index-factory string")
-    b.add_argument("--splits", default="train,val", help="splits the index holds (default train,val)")
+    b.add_argument(
+        "--splits", default="train,val", help="splits the index holds (default train,val)"
+    )
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--engine", choices=["local", "ray"], default="local")
@@ -112,7 +141,9 @@ def _add_query(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="retrieval quality on a split (neighbours of the same patient excluded)")
+    p = sub.add_parser(
+        "eval", help="retrieval quality on a split (neighbours of the same patient excluded)"
+    )
     p.add_argument("index_dir")
     p.add_argument("manifest")
     p.add_argument("--split", default="test")
@@ -122,7 +153,9 @@ def _add_eval(sub) -> None:
 
 
 def _add_audit(sub) -> None:
-    p = sub.add_parser("audit", help="is retrieval matching on the lesion or on site/scanner/patient?")
+    p = sub.add_parser(
+        "audit", help="is retrieval matching on the lesion or on site/scanner/patient?"
+    )
     p.add_argument("index_dir")
     p.add_argument("manifest")
     p.add_argument("--split", default="test")
@@ -142,7 +175,9 @@ def _add_explain_eval(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--methods", type=_csv_list, default=None)
     p.add_argument("--max-cases", type=int, default=40)
-    p.add_argument("--no-store", action="store_true", help="do not write the results into the bundle")
+    p.add_argument(
+        "--no-store", action="store_true", help="do not write the results into the bundle"
+    )
     p.set_defaults(_module="explain_eval")
 
 
@@ -150,18 +185,32 @@ def _add_ingest_dicomweb(sub) -> None:
     p = sub.add_parser("ingest-dicomweb", help="ingest instances from a DICOMweb server (PACS)")
     p.add_argument("url")
     p.add_argument("--out", required=True)
-    p.add_argument("--study", action="append", default=[], metavar="UID",
-                   help="only this StudyInstanceUID (repeatable; default: every study)")
-    p.add_argument("--label-from", default=None,
-                   help="a DICOM keyword (default StudyDescription) or csv:PATH with columns "
-                        "label and sop_instance_uid / series_instance_uid / study_instance_uid")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="where retrieved instances are kept (default: dicomweb-cache/ beside --out)")
+    p.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="only this StudyInstanceUID (repeatable; default: every study)",
+    )
+    p.add_argument(
+        "--label-from",
+        default=None,
+        help="a DICOM keyword (default StudyDescription) or csv:PATH with columns "
+        "label and sop_instance_uid / series_instance_uid / study_instance_uid",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="where retrieved instances are kept (default: dicomweb-cache/ beside --out)",
+    )
     p.add_argument("--username", default=None)
     p.add_argument("--password-env", default=None, help="environment variable holding the password")
     p.add_argument("--token-env", default=None, help="environment variable holding a bearer token")
     p.add_argument("--strict", action="store_true")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)"
+    )
     p.add_argument("--workers", type=int, default=4, help="parallel downloads (default 4)")
     p.set_defaults(_module="ingest_dicomweb")
 
@@ -169,35 +218,66 @@ def _add_ingest_dicomweb(sub) -> None:
 def _add_manifest(sub) -> None:
     p = sub.add_parser("manifest", help="convert a public data set's metadata into a manifest")
     msub = p.add_subparsers(dest="manifest_command", required=True)
-    for name in ("from-ham10000", "from-isic", "from-chexpert", "from-nih-cxr14", "from-rsna-pneumonia"):
+    for name in (
+        "from-ham10000",
+        "from-isic",
+        "from-chexpert",
+        "from-nih-cxr14",
+        "from-rsna-pneumonia",
+    ):
         m = msub.add_parser(name)
         m.add_argument("metadata")
         m.add_argument("--images", required=True)
         m.add_argument("--out", required=True)
         m.add_argument("--seed", type=int, default=0)
-        m.add_argument("--extra", action="append", default=[], metavar="FILE",
-                       help="companion metadata (ISIC 2019 metadata CSV, RSNA detailed class info, "
-                            "NIH train_val_list.txt / test_list.txt); found beside METADATA when omitted")
+        m.add_argument(
+            "--extra",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="companion metadata (ISIC 2019 metadata CSV, RSNA detailed class info, "
+            "NIH train_val_list.txt / test_list.txt); found beside METADATA when omitted",
+        )
         m.add_argument("--val-fraction", type=float, default=0.15)
         m.add_argument("--test-fraction", type=float, default=0.15)
-        m.add_argument("--ignore-official-split", action="store_true",
-                       help="split every patient by seed even where the data set defines a test set")
-        m.add_argument("--label-policy", choices=["single", "priority"], default="single",
-                       help="multi-label sources (CheXpert, NIH): single = keep images with exactly one "
-                            "finding (or none: 'No Finding'); priority = the first finding in a fixed order")
-        m.add_argument("--uncertain", choices=["ignore", "positive", "negative"], default="ignore",
-                       help="CheXpert uncertain (-1) labels (U-Ignore / U-Ones / U-Zeros)")
-        m.add_argument("--label-field", default=None,
-                       help="ISIC 2020: benign_malignant (default) | diagnosis; "
-                            "RSNA: class (default when the class file is found) | target")
-        m.add_argument("--masks", default=None, metavar="DIR",
-                       help="RSNA: where box masks are written (default: masks/ beside --out)")
+        m.add_argument(
+            "--ignore-official-split",
+            action="store_true",
+            help="split every patient by seed even where the data set defines a test set",
+        )
+        m.add_argument(
+            "--label-policy",
+            choices=["single", "priority"],
+            default="single",
+            help="multi-label sources (CheXpert, NIH): single = keep images with exactly one "
+            "finding (or none: 'No Finding'); priority = the first finding in a fixed order",
+        )
+        m.add_argument(
+            "--uncertain",
+            choices=["ignore", "positive", "negative"],
+            default="ignore",
+            help="CheXpert uncertain (-1) labels (U-Ignore / U-Ones / U-Zeros)",
+        )
+        m.add_argument(
+            "--label-field",
+            default=None,
+            help="ISIC 2020: benign_malignant (default) | diagnosis; "
+            "RSNA: class (default when the class file is found) | target",
+        )
+        m.add_argument(
+            "--masks",
+            default=None,
+            metavar="DIR",
+            help="RSNA: where box masks are written (default: masks/ beside --out)",
+        )
         m.add_argument("--strict", action="store_true", help="fail when any image is missing")
-        m.set_defaults(_module="manifest_convert", source=name[len("from-"):])
+        m.set_defaults(_module="manifest_convert", source=name[len("from-") :])
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="phantom → train → index → explain-eval → app, on an embedded default")
+    p = sub.add_parser(
+        "demo", help="phantom → train → index → explain-eval → app, on an embedded default"
+    )
     p.add_argument("--out", default="casebase-demo")
     p.add_argument("--no-app", action="store_true")
     p.add_argument("--port", type=int, default=8501)
@@ -207,9 +287,20 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casebase", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom, _add_validate, _add_ingest_dicom, _add_train, _add_index, _add_query,
-                _add_eval, _add_audit, _add_explain_eval, _add_ingest_dicomweb, _add_manifest,
-                _add_demo):
+    for add in (
+        _add_phantom,
+        _add_validate,
+        _add_ingest_dicom,
+        _add_train,
+        _add_index,
+        _add_query,
+        _add_eval,
+        _add_audit,
+        _add_explain_eval,
+        _add_ingest_dicomweb,
+        _add_manifest,
+        _add_demo,
+    ):
         add(sub)
     return parser
 
@@ -228,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("CASEBASE_DEBUG"):
             raise
-        print(f"casebase {args.command}: internal error: {type(err).__name__}: {err} "
-              "(set CASEBASE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"casebase {args.command}: internal error: {type(err).__name__}: {err} "
+            "(set CASEBASE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

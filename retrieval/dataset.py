@@ -76,7 +76,9 @@ def iter_decoded(
             good = [(i, t) for i, t, _ in items if t is not None]
             fails = [Failure(i, msg) for i, _, msg in items if msg is not None]
             if strict and fails:
-                raise CasebaseError(f"{fails[0].message} (--strict: stopping at the first bad file)")
+                raise CasebaseError(
+                    f"{fails[0].message} (--strict: stopping at the first bad file)"
+                )
             bar.update(len(items))
             batch = torch.stack([t for _, t in good]) if good else None
             yield [i for i, _ in good], batch, fails

@@ -23,7 +23,9 @@ class EmbeddedSet:
     vectors: np.ndarray  # (N_ok, D) float32, unit norm
     probabilities: np.ndarray  # (N_ok, K) float32
     ok: list[int]  # positions in the input list that were embedded
-    ood_features: np.ndarray | None = None  # (N_ok, C) unit-norm average-pooled features (OOD score)
+    ood_features: np.ndarray | None = (
+        None  # (N_ok, C) unit-norm average-pooled features (OOD score)
+    )
     failures: list[Failure] = field(default_factory=list)
 
 
@@ -31,8 +33,11 @@ class EmbeddedSet:
 def embed_tensor(model: CaseNet, batch: torch.Tensor, weighting: str):
     """(embeddings, probabilities, OOD features) of one normalised batch, one forward."""
     out = model.run(batch, weighting)
-    return (out.embedding.float().cpu().numpy(), out.logits.float().softmax(1).cpu().numpy(),
-            ood_features(out.features).cpu().numpy())
+    return (
+        out.embedding.float().cpu().numpy(),
+        out.logits.float().softmax(1).cpu().numpy(),
+        ood_features(out.features).cpu().numpy(),
+    )
 
 
 def ood_features(features: torch.Tensor) -> torch.Tensor:
@@ -54,8 +59,15 @@ def embed_paths(
 ) -> EmbeddedSet:
     model.eval()
     vecs, probs, oods, ok, failures = [], [], [], [], []
-    for idx, batch, fails in iter_decoded(paths, pre, batch_size=batch_size, strict=strict,
-                                          progress=progress, desc=desc, num_workers=num_workers):
+    for idx, batch, fails in iter_decoded(
+        paths,
+        pre,
+        batch_size=batch_size,
+        strict=strict,
+        progress=progress,
+        desc=desc,
+        num_workers=num_workers,
+    ):
         failures += fails
         if batch is None:
             continue

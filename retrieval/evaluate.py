@@ -58,7 +58,9 @@ class QuerySet:
     ood_features: np.ndarray | None = None
 
 
-def embed_split(r: CaseRetriever, manifest_path, split: str, k: int, progress: bool = True) -> QuerySet:
+def embed_split(
+    r: CaseRetriever, manifest_path, split: str, k: int, progress: bool = True
+) -> QuerySet:
     from index.builder import case_table
 
     manifest = load_manifest(manifest_path)
@@ -66,12 +68,25 @@ def embed_split(r: CaseRetriever, manifest_path, split: str, k: int, progress: b
     if df.empty:
         raise CasebaseError(f"{manifest_path}: no cases in split {split!r}")
     cases = case_table(manifest, df)
-    emb = embed_paths(r.model, r.preprocessor, cases["image"].tolist(), r.weighting, device=r.device,
-                      progress=progress, desc=f"embedding {split}")
+    emb = embed_paths(
+        r.model,
+        r.preprocessor,
+        cases["image"].tolist(),
+        r.weighting,
+        device=r.device,
+        progress=progress,
+        desc=f"embedding {split}",
+    )
     kept = cases.iloc[emb.ok].reset_index(drop=True)
     hits = r.search(emb.vectors, k, exclude_patients=kept["patient_id"].tolist())
-    return QuerySet(kept, emb.vectors, emb.probabilities, hits, [f.message for f in emb.failures],
-                    emb.ood_features)
+    return QuerySet(
+        kept,
+        emb.vectors,
+        emb.probabilities,
+        hits,
+        [f.message for f in emb.failures],
+        emb.ood_features,
+    )
 
 
 def _ood_rate(r: CaseRetriever, qs: QuerySet) -> float:
@@ -84,7 +99,9 @@ def _ood_rate(r: CaseRetriever, qs: QuerySet) -> float:
     return float((scores > float(cal.get("threshold", 1.0))).mean())
 
 
-def evaluate(r: CaseRetriever, manifest_path, split: str = "test", progress: bool = True) -> EvalReport:
+def evaluate(
+    r: CaseRetriever, manifest_path, split: str = "test", progress: bool = True
+) -> EvalReport:
     index_labels = r.cases["label"].to_numpy()
     classes = sorted(set(index_labels) | set(r.classes))
     code = {c: i for i, c in enumerate(classes)}
@@ -94,14 +111,22 @@ def evaluate(r: CaseRetriever, manifest_path, split: str = "test", progress: boo
     if not len(qs.cases):
         raise CasebaseError("no query image could be read")
     qlab = qs.cases["label"].to_numpy()
-    knn = np.array([[row for _, row in h] + [h[-1][1]] * (k - len(h)) for h in qs.hits], dtype=np.int64)
-    sims = np.array([[s for s, _ in h] + [h[-1][0]] * (k - len(h)) for h in qs.hits], dtype=np.float32)
+    knn = np.array(
+        [[row for _, row in h] + [h[-1][1]] * (k - len(h)) for h in qs.hits], dtype=np.int64
+    )
+    sims = np.array(
+        [[s for s, _ in h] + [h[-1][0]] * (k - len(h)) for h in qs.hits], dtype=np.float32
+    )
 
     def precomputed(query, num_k, reference, ref_includes_query):
         return torch.from_numpy(sims[:, :num_k]), torch.from_numpy(knn[:, :num_k])
 
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k=k,
-                              knn_func=precomputed, device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k=k,
+        knn_func=precomputed,
+        device=torch.device("cpu"),
+    )
     q_codes = np.array([code.get(v, -1) for v in qlab], dtype=np.float32)
     ref_codes = np.array([code[v] for v in index_labels], dtype=np.float32)
     acc = calc.get_accuracy(qs.vectors, q_codes, r.index.reconstruct_all(), ref_codes)
@@ -113,12 +138,17 @@ def evaluate(r: CaseRetriever, manifest_path, split: str = "test", progress: boo
     per_class = {}
     for c in sorted(set(qlab)):
         m = qlab == c
-        per_class[c] = {"n": int(m.sum()), "precision_at_5": float(match[m, :5].mean()),
-                        "knn_accuracy": float((knn_pred[m] == c).mean())}
+        per_class[c] = {
+            "n": int(m.sum()),
+            "precision_at_5": float(match[m, :5].mean()),
+            "knn_accuracy": float((knn_pred[m] == c).mean()),
+        }
     agreement = {}
     for a in r.attribute_names:
         if a in qs.cases and qs.cases[a].nunique() <= 50:
-            agreement[a] = float((r.cases[a].to_numpy()[knn[:, :5]] == qs.cases[a].to_numpy()[:, None]).mean())
+            agreement[a] = float(
+                (r.cases[a].to_numpy()[knn[:, :5]] == qs.cases[a].to_numpy()[:, None]).mean()
+            )
     return EvalReport(
         n_queries=len(qlab),
         precision_at_1=float(acc["precision_at_1"]),

@@ -122,7 +122,14 @@ class ResNet18Backbone(nn.Module):
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.features = nn.Sequential(
-            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
         )
 
     def forward(self, x):
@@ -194,7 +201,9 @@ class CaseNet(nn.Module):
             weights = features.new_full((features.shape[0], h, w), 1.0 / (h * w))
         else:
             raise ValueError(f"unknown weighting {weighting!r}")
-        return EmbeddingOutput(self.embed_features(features, weights), logits, features, weights, predicted)
+        return EmbeddingOutput(
+            self.embed_features(features, weights), logits, features, weights, predicted
+        )
 
 
 def save_model(model: CaseNet, out_dir: str | Path) -> None:

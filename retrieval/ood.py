@@ -90,7 +90,9 @@ def calibrate(
         held = np.sort(rng.choice(held, max_cases, replace=False))
     scores = _topk_excluding(vectors, held, ref, patients, k)
     threshold = float(np.quantile(scores, 1.0 - false_flag_rate)) if len(scores) else 1.0
-    return OODCalibration(min(k, len(ref)), threshold, false_flag_rate, int(len(scores)), method, ref)
+    return OODCalibration(
+        min(k, len(ref)), threshold, false_flag_rate, int(len(scores)), method, ref
+    )
 
 
 def score(query_features: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:

@@ -22,7 +22,9 @@ def normalize_map(heat: np.ndarray, signed: bool = False) -> np.ndarray:
     return np.clip((h - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
+def overlay(
+    pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str = "jet"
+) -> np.ndarray:
     """(H, W, 3) uint8: the image with the map blended on top (map resized to the image if needed)."""
     base = to_uint8_rgb(pixels).astype(np.float32)
     h = normalize_map(heat)
@@ -33,12 +35,16 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str
     return (base * (1 - a) + colored * a).clip(0, 255).astype(np.uint8)
 
 
-def draw_boxes(rgb: np.ndarray, boxes: list[list[int]], color=(0, 255, 0), width: int | None = None) -> np.ndarray:
+def draw_boxes(
+    rgb: np.ndarray, boxes: list[list[int]], color=(0, 255, 0), width: int | None = None
+) -> np.ndarray:
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     w = width or max(1, round(min(rgb.shape[:2]) / 128))
     for i, b in enumerate(boxes):
-        draw.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=color if i == 0 else (255, 200, 0), width=w)
+        draw.rectangle(
+            [b[0], b[1], b[2] - 1, b[3] - 1], outline=color if i == 0 else (255, 200, 0), width=w
+        )
     return np.asarray(img)
 
 

@@ -42,7 +42,9 @@ class Neighbor:
     image: str
     row: int  # position in the index
     matched_regions: list[MatchedRegion] = field(default_factory=list)
-    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> {"query","case"}
+    maps: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # method -> {"query","case"}
     completeness_error: float | None = None
     original_size: tuple[int, int] | None = None
 
@@ -54,18 +56,25 @@ class QueryResult:
     ood: OODResult
     neighbors: list[Neighbor]
     explanation_text: str
-    maps: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (H, W) float32, original size
+    maps: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # method -> (H, W) float32, original size
     trust: dict[str, dict] = field(default_factory=dict)  # method -> measured trust (explain-eval)
     original_size: tuple[int, int] = (0, 0)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self, map_paths: dict[str, str] | None = None) -> dict:
         return {
-            "prediction": {"label": self.prediction.label,
-                           "probabilities": {k: float(v) for k, v in self.prediction.probabilities.items()}},
+            "prediction": {
+                "label": self.prediction.label,
+                "probabilities": {k: float(v) for k, v in self.prediction.probabilities.items()},
+            },
             "knn_vote": {k: float(v) for k, v in self.knn_vote.items()},
-            "ood": {"score": float(self.ood.score), "flag": bool(self.ood.flag),
-                    "threshold": float(self.ood.threshold)},
+            "ood": {
+                "score": float(self.ood.score),
+                "flag": bool(self.ood.flag),
+                "threshold": float(self.ood.threshold),
+            },
             "neighbors": [
                 {
                     "case_id": n.case_id,
@@ -73,8 +82,12 @@ class QueryResult:
                     "similarity": float(n.similarity),
                     "attributes": dict(n.attributes),
                     "matched_regions": [
-                        {"query_box": r.query_box, "case_box": r.case_box,
-                         "contribution": float(r.contribution), "share": float(r.share)}
+                        {
+                            "query_box": r.query_box,
+                            "case_box": r.case_box,
+                            "contribution": float(r.contribution),
+                            "share": float(r.share),
+                        }
                         for r in n.matched_regions
                     ],
                 }

@@ -1,8 +1,8 @@
 """CaseRetriever: the one service the CLI, the app and the audit call.
 
-    r = CaseRetriever.load(INDEX_DIR)              # verifies the bundle's checksums
-    res = r.query("case.dcm", k=5, explain=("gradcam", "similarity"))
-    res.prediction, res.neighbors, res.ood, res.maps, res.to_json()
+r = CaseRetriever.load(INDEX_DIR)              # verifies the bundle's checksums
+res = r.query("case.dcm", k=5, explain=("gradcam", "similarity"))
+res.prediction, res.neighbors, res.ood, res.maps, res.to_json()
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def _where(box: list[int], size: tuple[int, int]) -> str:
 
 
 class CaseRetriever:
-    def __init__(self, index_dir: Path, meta: dict, model: CaseNet, cases, vindex: VectorIndex,
-                 device: torch.device, trust: dict | None = None):
+    def __init__(
+        self,
+        index_dir: Path,
+        meta: dict,
+        model: CaseNet,
+        cases,
+        vindex: VectorIndex,
+        device: torch.device,
+        trust: dict | None = None,
+    ):
         self.index_dir = Path(index_dir)
         self.meta = meta
         self.model = model
@@ -59,7 +67,9 @@ class CaseRetriever:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, index_dir: str | Path, device: str = "auto", verify: bool = True) -> CaseRetriever:
+    def load(
+        cls, index_dir: str | Path, device: str = "auto", verify: bool = True
+    ) -> CaseRetriever:
         index_dir = Path(index_dir)
         meta = bundle.verify(index_dir) if verify else bundle.read_meta(index_dir)
         dev = resolve_device(device)
@@ -67,7 +77,9 @@ class CaseRetriever:
         cases = read_cases(index_dir / "cases.parquet")
         vindex = VectorIndex.load(index_dir / "vectors.faiss", meta["faiss"]["factory"])
         if vindex.ntotal != len(cases):
-            raise BundleError(f"{index_dir}: {vindex.ntotal} vectors but {len(cases)} cases; corrupted bundle")
+            raise BundleError(
+                f"{index_dir}: {vindex.ntotal} vectors but {len(cases)} cases; corrupted bundle"
+            )
         if dev.type == "cuda":
             vindex.use_gpu()
         trust = {}
@@ -93,8 +105,16 @@ class CaseRetriever:
     def encode(self, src) -> ImageContext:
         image, tensor, geometry = self.preprocessor.load(src)
         out = self.model.run(tensor[None].to(self.device), self.weighting)
-        return ImageContext(image, tensor, geometry, out.embedding[0], out.logits[0], out.features[0],
-                            out.weights[0], int(out.predicted[0]))
+        return ImageContext(
+            image,
+            tensor,
+            geometry,
+            out.embedding[0],
+            out.logits[0],
+            out.features[0],
+            out.weights[0],
+            int(out.predicted[0]),
+        )
 
     @torch.no_grad()
     def encode_many(self, sources: Sequence) -> list[ImageContext]:
@@ -103,8 +123,19 @@ class CaseRetriever:
             return []
         batch = torch.stack([t for _, t, _ in loaded]).to(self.device)
         out = self.model.run(batch, self.weighting)
-        return [ImageContext(img, t, g, out.embedding[i], out.logits[i], out.features[i], out.weights[i],
-                             int(out.predicted[i])) for i, (img, t, g) in enumerate(loaded)]
+        return [
+            ImageContext(
+                img,
+                t,
+                g,
+                out.embedding[i],
+                out.logits[i],
+                out.features[i],
+                out.weights[i],
+                int(out.predicted[i]),
+            )
+            for i, (img, t, g) in enumerate(loaded)
+        ]
 
     # ---------------------------------------------------------------- search
     def _allowed(self, exclude_patient: str | None, filters: dict | None) -> np.ndarray | None:
@@ -115,13 +146,23 @@ class CaseRetriever:
             ok &= self._patients != exclude_patient
         for name, wanted in (filters or {}).items():
             if name not in self.cases.columns:
-                raise CasebaseError(f"unknown filter attribute {name!r}; known: {', '.join(self.attribute_names)}")
-            values = {str(wanted)} if isinstance(wanted, str | int | float) else {str(v) for v in wanted}
+                raise CasebaseError(
+                    f"unknown filter attribute {name!r}; known: {', '.join(self.attribute_names)}"
+                )
+            values = (
+                {str(wanted)} if isinstance(wanted, str | int | float) else {str(v) for v in wanted}
+            )
             ok &= self.cases[name].isin(values).to_numpy()
         return ok
 
-    def search(self, vectors: np.ndarray, k: int, exclude_patient: str | None = None,
-               filters: dict | None = None, exclude_patients: Sequence[str] | None = None):
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude_patient: str | None = None,
+        filters: dict | None = None,
+        exclude_patients: Sequence[str] | None = None,
+    ):
         """Top-k (similarity, row) per query after exclusions; widens the search until k survive."""
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
         n = self.index.ntotal
@@ -136,8 +177,11 @@ class CaseRetriever:
             kk = min(n, k if allowed is None else max(2 * k, k + 16))
             while True:
                 sims, ids = self.index.search(vec[None], kk)
-                hits = [(float(s), int(i)) for s, i in zip(sims[0], ids[0], strict=True)
-                        if i >= 0 and (allowed is None or allowed[i])]
+                hits = [
+                    (float(s), int(i))
+                    for s, i in zip(sims[0], ids[0], strict=True)
+                    if i >= 0 and (allowed is None or allowed[i])
+                ]
                 if len(hits) >= want or kk >= n:
                     break
                 kk = min(n, kk * 4)
@@ -147,14 +191,18 @@ class CaseRetriever:
     # ----------------------------------------------------------------- query
     def predict(self, logits: torch.Tensor) -> Prediction:
         probs = logits.float().softmax(-1).cpu().numpy()
-        return Prediction(self.classes[int(probs.argmax())],
-                          {c: float(p) for c, p in zip(self.classes, probs, strict=True)})
+        return Prediction(
+            self.classes[int(probs.argmax())],
+            {c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+        )
 
     def knn_vote(self, hits: list[tuple[float, int]]) -> dict[str, float]:
         """Similarity-weighted label vote of the neighbours (weights clipped at 0)."""
         votes = dict.fromkeys(self.classes, 0.0)
         for sim, row in hits:
-            votes[self.cases.at[row, "label"]] = votes.get(self.cases.at[row, "label"], 0.0) + max(sim, 0.0)
+            votes[self.cases.at[row, "label"]] = votes.get(self.cases.at[row, "label"], 0.0) + max(
+                sim, 0.0
+            )
         total = sum(votes.values())
         if total <= 0:
             return {c: (1.0 / len(votes)) for c in votes}
@@ -172,24 +220,43 @@ class CaseRetriever:
 
     def neighbor(self, sim: float, row: int) -> Neighbor:
         rec = self.cases.iloc[row]
-        return Neighbor(case_id=rec["case_id"], label=rec["label"], similarity=sim,
-                        attributes={a: rec[a] for a in self.attribute_names}, patient_id=rec["patient_id"],
-                        image=rec["image"], row=row)
+        return Neighbor(
+            case_id=rec["case_id"],
+            label=rec["label"],
+            similarity=sim,
+            attributes={a: rec[a] for a in self.attribute_names},
+            patient_id=rec["patient_id"],
+            image=rec["image"],
+            row=row,
+        )
 
-    def match_regions(self, q: ImageContext, c: ImageContext, nb: Neighbor, n_regions: int = 3) -> None:
+    def match_regions(
+        self, q: ImageContext, c: ImageContext, nb: Neighbor, n_regions: int = 3
+    ) -> None:
         dec = decompose(self.model, q.features, q.weights, c.features, c.weights)
         nb.completeness_error = dec.completeness_error
         nb.original_size = tuple(c.geometry.original_size)
         total = dec.similarity if abs(dec.similarity) > 1e-12 else 1.0
         nb.matched_regions = [
-            MatchedRegion(q.geometry.cell_box(*qc, q.grid), c.geometry.cell_box(*cc, c.grid), val, val / total)
+            MatchedRegion(
+                q.geometry.cell_box(*qc, q.grid), c.geometry.cell_box(*cc, c.grid), val, val / total
+            )
             for qc, cc, val in dec.top_pairs(n_regions)
         ]
-        nb.maps["similarity"] = {"query": q.geometry.map_to_original(dec.query_map()),
-                                 "case": c.geometry.map_to_original(dec.case_map())}
+        nb.maps["similarity"] = {
+            "query": q.geometry.map_to_original(dec.query_map()),
+            "case": c.geometry.map_to_original(dec.case_map()),
+        }
 
-    def query(self, image_or_path, k: int = 10, explain: Iterable[str] = (), exclude_patient: str | None = None,
-              filters: dict | None = None, regions: bool = True) -> QueryResult:
+    def query(
+        self,
+        image_or_path,
+        k: int = 10,
+        explain: Iterable[str] = (),
+        exclude_patient: str | None = None,
+        filters: dict | None = None,
+        regions: bool = True,
+    ) -> QueryResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         methods = list(dict.fromkeys(explain))
@@ -202,8 +269,14 @@ class CaseRetriever:
         hits = self.search(q.embedding.float().cpu().numpy(), k, exclude_patient, filters)[0]
         timings["search"] = time.perf_counter() - t0 - timings["encode"]
         neighbors = [self.neighbor(s, r) for s, r in hits]
-        result = QueryResult(self.predict(q.logits), self.knn_vote(hits), self.ood(q.features), neighbors, "",
-                             original_size=tuple(q.image.original_size))
+        result = QueryResult(
+            self.predict(q.logits),
+            self.knn_vote(hits),
+            self.ood(q.features),
+            neighbors,
+            "",
+            original_size=tuple(q.image.original_size),
+        )
         if regions or methods:
             t1 = time.perf_counter()
             ctxs = self._neighbor_contexts(neighbors)
@@ -239,9 +312,11 @@ class CaseRetriever:
         p = res.prediction
         text = f"Predicted {p.label} ({p.confidence:.2f})."
         if res.ood.flag:
-            text = (f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.2f} "
-                    f"above the calibrated {res.ood.threshold:.2f}); the model's guess would be {p.label} "
-                    f"({p.confidence:.2f}).")
+            text = (
+                f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.2f} "
+                f"above the calibrated {res.ood.threshold:.2f}); the model's guess would be {p.label} "
+                f"({p.confidence:.2f})."
+            )
         if res.neighbors:
             counts = Counter(n.label for n in res.neighbors)
             parts = ", ".join(f"{c} {lab}" for lab, c in counts.most_common())
@@ -249,7 +324,9 @@ class CaseRetriever:
             boxes = [n.matched_regions[0].query_box for n in res.neighbors if n.matched_regions]
             if boxes:
                 b = np.median(np.array(boxes), axis=0).astype(int).tolist()
-                text += (f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} in the "
-                         f"{_where(b, res.original_size)} of the image")
+                text += (
+                    f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} in the "
+                    f"{_where(b, res.original_size)} of the image"
+                )
             text += "."
         return text

@@ -102,8 +102,10 @@ def _probe_images(paths: list[str], limit: int = 64) -> tuple[int, int]:
         except CasebaseError:
             continue
         px = img.pixels
-        if px.shape[2] == 3 and not (np.allclose(px[..., 0], px[..., 1], atol=1e-3)
-                                     and np.allclose(px[..., 1], px[..., 2], atol=1e-3)):
+        if px.shape[2] == 3 and not (
+            np.allclose(px[..., 0], px[..., 1], atol=1e-3)
+            and np.allclose(px[..., 1], px[..., 2], atol=1e-3)
+        ):
             channels = 3
         sides.append(min(img.original_size))
     if not sides:
@@ -144,8 +146,13 @@ def _validate(model, pre, train_x, train_y, val_x, val_y, device) -> dict:
     acc = float((pred == val_y).float().mean())
     recalls = [float((pred[val_y == c] == c).float().mean()) for c in val_y.unique()]
     ce = float(F.cross_entropy(va_logits, val_y))
-    return {"precision_at_1": p1, "accuracy": acc, "balanced_accuracy": float(np.mean(recalls)),
-            "val_ce": ce, "score": (p1 + acc) / 2 - 0.01 * ce}
+    return {
+        "precision_at_1": p1,
+        "accuracy": acc,
+        "balanced_accuracy": float(np.mean(recalls)),
+        "val_ce": ce,
+        "score": (p1 + acc) / 2 - 0.01 * ce,
+    }
 
 
 def _split_val(df, seed: int):
@@ -154,7 +161,11 @@ def _split_val(df, seed: int):
     train = df[df["split"] == "train"]
     if len(val) >= max(6, 2 * df["label"].nunique()) or len(train) == 0:
         return train, val
-    groups = train["patient_id"] if "patient_id" in train and (train["patient_id"] != "").all() else train["case_id"]
+    groups = (
+        train["patient_id"]
+        if "patient_id" in train and (train["patient_id"] != "").all()
+        else train["case_id"]
+    )
     uniq = sorted(set(groups))
     rng = np.random.default_rng(seed)
     held = set(rng.choice(uniq, size=max(1, int(round(0.15 * len(uniq)))), replace=False))
@@ -179,12 +190,26 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     size = opts.image_size or default_image_size(median_side)
     if size < 32 or size % 16:
         raise CasebaseError(f"--image-size {size}: use a multiple of 16, at least 32")
-    cfg = ModelConfig(classes=classes, backbone=opts.backbone, in_channels=channels, image_size=size,
-                      embedding_dim=opts.embedding_dim, mean=[0.0] * channels, std=[1.0] * channels)
+    cfg = ModelConfig(
+        classes=classes,
+        backbone=opts.backbone,
+        in_channels=channels,
+        image_size=size,
+        embedding_dim=opts.embedding_dim,
+        mean=[0.0] * channels,
+        std=[1.0] * channels,
+    )
     pre = Preprocessor(cfg)
 
-    images, ok, failures = decode_all(df["path"].tolist(), pre, batch_size=64, strict=opts.strict,
-                                      num_workers=opts.num_workers, desc="decoding", progress=opts.progress)
+    images, ok, failures = decode_all(
+        df["path"].tolist(),
+        pre,
+        batch_size=64,
+        strict=opts.strict,
+        num_workers=opts.num_workers,
+        desc="decoding",
+        progress=opts.progress,
+    )
     skipped = [f.message for f in failures]
     for msg in skipped:
         tqdm.write(f"skipped: {msg}")
@@ -214,12 +239,16 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     chance = 1.0 / max(1, len(val_y.unique()))
     attempts: list[dict] = []
     lr, seed = opts.lr, opts.seed
-    bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", disable=not opts.progress)
+    bar = tqdm(
+        total=epochs * steps_per_epoch, desc="training", unit="step", disable=not opts.progress
+    )
     for attempt in range(1, MAX_ATTEMPTS + 1):
         last = attempt == MAX_ATTEMPTS
         judge = not last and epochs >= STALL_MIN_EPOCHS and len(val_y) > 0
         model, fit = _fit(cfg, data, opts, device, seed, lr, chance if judge else None, bar)
-        attempts.append({"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled})
+        attempts.append(
+            {"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled}
+        )
         if not fit.stalled:
             break
         tqdm.write(
@@ -236,16 +265,35 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             f"{fit.best_accuracy:.2f}, chance {chance:.2f}); check the labels, or train longer"
         )
     cfg.training = {
-        "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch, "max_epochs": epochs,
-        "batch_size": batch, "m_per_class": m, "lr": lr, "margin": opts.margin, "seed": seed,
-        "n_train": len(train_x), "n_val": len(val_x), "best_val": fit.best, "attempts": attempts,
+        "epochs_run": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "max_epochs": epochs,
+        "batch_size": batch,
+        "m_per_class": m,
+        "lr": lr,
+        "margin": opts.margin,
+        "seed": seed,
+        "n_train": len(train_x),
+        "n_val": len(val_x),
+        "best_val": fit.best,
+        "attempts": attempts,
         "val_chance": chance,
         "loss": "cross_entropy + triplet(saliency) + triplet(uniform), semihard miner",
     }
     model.config = cfg
     save_model(model.cpu(), out_dir)
-    return TrainReport(str(out_dir), fit.epochs_run, fit.best_epoch, fit.best, len(train_x), len(val_x),
-                       skipped, time.time() - t0, fit.history, attempts)
+    return TrainReport(
+        str(out_dir),
+        fit.epochs_run,
+        fit.best_epoch,
+        fit.best,
+        len(train_x),
+        len(val_x),
+        skipped,
+        time.time() - t0,
+        fit.history,
+        attempts,
+    )
 
 
 @dataclass
@@ -296,14 +344,21 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
                 model.classifier.bias.zero_()
                 model.classifier.bias.requires_grad_(False)
     d = data
-    sampler = samplers.MPerClassSampler(d.train_y.tolist(), m=d.m, batch_size=d.batch,
-                                        length_before_new_iter=d.steps_per_epoch * d.batch)
+    sampler = samplers.MPerClassSampler(
+        d.train_y.tolist(),
+        m=d.m,
+        batch_size=d.batch,
+        length_before_new_iter=d.steps_per_epoch * d.batch,
+    )
     dist = distances.CosineSimilarity()
     triplet = losses.TripletMarginLoss(margin=opts.margin, distance=dist)
-    miner = miners.TripletMarginMiner(margin=opts.margin, distance=dist, type_of_triplets="semihard")
+    miner = miners.TripletMarginMiner(
+        margin=opts.margin, distance=dist, type_of_triplets="semihard"
+    )
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch, pct_start=0.15
+    )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     gen = torch.Generator().manual_seed(seed)
@@ -324,12 +379,18 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
                 feats = model.backbone(d.pre.normalize(xb))
                 logits = model.classifier(feats.mean(dim=(2, 3)))
                 h, w = feats.shape[-2:]
-                sal = model.saliency_weights(model.gradcam(feats.float(), logits.argmax(1)).detach())
+                sal = model.saliency_weights(
+                    model.gradcam(feats.float(), logits.argmax(1)).detach()
+                )
                 uni = torch.full_like(sal, 1.0 / (h * w))
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
                 loss = F.cross_entropy(logits.float(), yb)
-                loss = loss + triplet(e_sal, yb, miner(e_sal, yb)) + triplet(e_uni, yb, miner(e_uni, yb))
+                loss = (
+                    loss
+                    + triplet(e_sal, yb, miner(e_sal, yb))
+                    + triplet(e_uni, yb, miner(e_uni, yb))
+                )
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optim)
@@ -347,15 +408,22 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
             metrics = {"score": -running}
         metrics.update(epoch=epoch, loss=running / d.steps_per_epoch)
         history.append(metrics)
-        bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.3f}",
-                        val_p1=f"{metrics.get('precision_at_1', float('nan')):.3f}")
+        bar.set_postfix(
+            epoch=epoch,
+            loss=f"{metrics['loss']:.3f}",
+            val_p1=f"{metrics.get('precision_at_1', float('nan')):.3f}",
+        )
         if best is None or metrics["score"] > best["score"] + 1e-4:
             best, best_epoch, stale = metrics, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
         fit = _Fit(best, best_epoch, epoch, history, False)
-        if chance is not None and epoch == stall_epoch and fit.last_accuracy <= chance + STALL_MARGIN:
+        if (
+            chance is not None
+            and epoch == stall_epoch
+            and fit.last_accuracy <= chance + STALL_MARGIN
+        ):
             fit.stalled = True
             break
         if stale >= opts.patience and epoch >= min_epochs:

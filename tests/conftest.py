@@ -76,7 +76,9 @@ def _train_and_index(root: Path, manifest: Path, epochs: int = 3) -> Path:
     from index.builder import build_index
     from retrieval.train import TrainOptions, train_model
 
-    train_model(manifest, root / "model", TrainOptions(epochs=epochs, progress=False, num_workers=0))
+    train_model(
+        manifest, root / "model", TrainOptions(epochs=epochs, progress=False, num_workers=0)
+    )
     build_index(root / "model", manifest, root / "index", progress=False)
     return root / "index"
 
@@ -90,4 +92,6 @@ def tiny_index(tmp_path_factory, phantom_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_photo_index(tmp_path_factory, photo_phantom_dir) -> Path:
     """The same for the RGB photo phantom."""
-    return _train_and_index(tmp_path_factory.mktemp("tiny_photo"), photo_phantom_dir / "manifest.csv")
+    return _train_and_index(
+        tmp_path_factory.mktemp("tiny_photo"), photo_phantom_dir / "manifest.csv"
+    )

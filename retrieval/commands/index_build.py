@@ -7,10 +7,22 @@ from retrieval.cli import _csv_list
 
 
 def run(args) -> int:
-    report = build_index(args.model_dir, args.manifest, args.out, weighting=args.weighting,
-                         factory=args.factory, splits=_csv_list(args.splits), batch_size=args.batch_size,
-                         device=args.device, strict=args.strict, engine=args.engine, address=args.address)
-    print(f"indexed {report.n_indexed} cases ({report.factory}, {args.weighting} weighting) in "
-          f"{report.seconds:.1f} s ({report.images_per_second:.0f} img/s); skipped {len(report.skipped)} "
-          f"-> {args.out}")
+    report = build_index(
+        args.model_dir,
+        args.manifest,
+        args.out,
+        weighting=args.weighting,
+        factory=args.factory,
+        splits=_csv_list(args.splits),
+        batch_size=args.batch_size,
+        device=args.device,
+        strict=args.strict,
+        engine=args.engine,
+        address=args.address,
+    )
+    print(
+        f"indexed {report.n_indexed} cases ({report.factory}, {args.weighting} weighting) in "
+        f"{report.seconds:.1f} s ({report.images_per_second:.0f} img/s); skipped {len(report.skipped)} "
+        f"-> {args.out}"
+    )
     return 0

@@ -52,8 +52,13 @@ def run(args) -> int:
         from retrieval.dicomweb import fetch_instance
 
         src = fetch_instance(src)
-    result = r.query(src, k=args.k, explain=args.explain, exclude_patient=args.exclude_patient,
-                     filters=_filters(args.filter))
+    result = r.query(
+        src,
+        k=args.k,
+        explain=args.explain,
+        exclude_patient=args.exclude_patient,
+        filters=_filters(args.filter),
+    )
     paths = {}
     if args.save_maps:
         from retrieval.imageio import read_image
@@ -65,8 +70,10 @@ def run(args) -> int:
     print(result.explanation_text)
     probs = ", ".join(f"{k} {v:.2f}" for k, v in result.prediction.probabilities.items())
     print(f"probabilities: {probs}")
-    print(f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
-          + ("  -> I DON'T KNOW" if result.ood.flag else ""))
+    print(
+        f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
+        + ("  -> I DON'T KNOW" if result.ood.flag else "")
+    )
     for i, n in enumerate(result.neighbors, 1):
         box = n.matched_regions[0] if n.matched_regions else None
         where = f" matched query {box.query_box} ~ case {box.case_box}" if box else ""

@@ -6,17 +6,28 @@ from retrieval.train import TrainOptions, train_model
 
 
 def run(args) -> int:
-    opts = TrainOptions(epochs=args.epochs, backbone=args.backbone, image_size=args.image_size,
-                        embedding_dim=args.embedding_dim, batch_size=args.batch_size, seed=args.seed,
-                        device=args.device, strict=args.strict)
+    opts = TrainOptions(
+        epochs=args.epochs,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        embedding_dim=args.embedding_dim,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        strict=args.strict,
+    )
     report = train_model(args.manifest, args.out, opts)
     best = report.best_val or {}
-    print(f"trained {report.epochs_run} epochs (best {report.best_epoch}) on {report.n_train} cases, "
-          f"validated on {report.n_val}: val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
-          f"accuracy {best.get('accuracy', float('nan')):.3f}; {report.seconds:.0f} s -> {args.out}")
+    print(
+        f"trained {report.epochs_run} epochs (best {report.best_epoch}) on {report.n_train} cases, "
+        f"validated on {report.n_val}: val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
+        f"accuracy {best.get('accuracy', float('nan')):.3f}; {report.seconds:.0f} s -> {args.out}"
+    )
     if len(report.attempts) > 1:
-        print(f"{len(report.attempts) - 1} restart(s) after training stalled at chance "
-              f"(final learning rate {report.attempts[-1]['lr']:g})")
+        print(
+            f"{len(report.attempts) - 1} restart(s) after training stalled at chance "
+            f"(final learning rate {report.attempts[-1]['lr']:g})"
+        )
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s)")
     return 0

@@ -63,7 +63,9 @@ def test_update_adds_files_atomically_and_keeps_old_ones(tmp_path):
     before = (root / "vectors.faiss").read_bytes()
     meta = bundle.update(root, files={"trust.json": b'{"a": 1}'}, meta_updates={"note": "x"})
     assert meta["note"] == "x" and "trust.json" in meta["files"]
-    assert bundle.verify(root)["files"]["vectors.faiss"] == bundle.sha256_file(root / "vectors.faiss")
+    assert bundle.verify(root)["files"]["vectors.faiss"] == bundle.sha256_file(
+        root / "vectors.faiss"
+    )
     assert (root / "vectors.faiss").read_bytes() == before
     assert not list(tmp_path.glob(".b.*"))
 

@@ -46,8 +46,13 @@ def test_ray_build_equals_local_build(tiny_index, phantom_dir, tmp_path):
         f"sys.exit(main(['index', 'build', {str(model)!r}, {str(manifest)!r}, '--out', "
         f"{str(tmp_path / 'ray')!r}, '--engine', 'ray', '--address', os.environ['RAY_ADDRESS_FOR_TEST']]))"
     )
-    proc = subprocess.run(["unshare", "-n", "bash", str(SCRIPT), str(ray_bin), sys.executable, "-c", driver],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.run(
+        ["unshare", "-n", "bash", str(SCRIPT), str(ray_bin), sys.executable, "-c", driver],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bad.png" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     a, b = CaseRetriever.load(tmp_path / "local"), CaseRetriever.load(tmp_path / "ray")

@@ -94,7 +94,9 @@ def test_index_build_refuses_duplicate_case_ids(tiny_index, phantom_dir, tmp_pat
     df.loc[1, "case_id"] = df.loc[0, "case_id"]
     df.to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(CasebaseError, match=f"duplicate case_id {df.loc[0, 'case_id']}"):
-        build_index(tiny_index.parent / "model", tmp_path / "m.csv", tmp_path / "out", progress=False)
+        build_index(
+            tiny_index.parent / "model", tmp_path / "m.csv", tmp_path / "out", progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 

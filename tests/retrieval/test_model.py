@@ -31,7 +31,9 @@ def test_closed_form_gradcam_equals_autograd_gradcam():
     logits[0, c].backward()
     alpha = feats.grad.mean(dim=(2, 3))  # Grad-CAM channel weights
     ref = torch.relu((alpha[:, :, None, None] * feats).sum(1))
-    torch.testing.assert_close(m.gradcam(feats.detach(), torch.tensor([c])), ref.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        m.gradcam(feats.detach(), torch.tensor([c])), ref.detach(), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_uniform_weighting_is_plain_average_pooling():
@@ -45,10 +47,15 @@ def test_uniform_weighting_is_plain_average_pooling():
 def test_save_load_roundtrip_is_exact_and_pickle_free(tmp_path):
     m = _model()
     save_model(m, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "weights.safetensors",
+    ]
     back = load_model(tmp_path / "m")
     x = torch.randn(1, 1, 64, 64)
-    np.testing.assert_allclose(back.run(x).embedding.detach(), m.run(x).embedding.detach(), atol=1e-6)
+    np.testing.assert_allclose(
+        back.run(x).embedding.detach(), m.run(x).embedding.detach(), atol=1e-6
+    )
 
 
 def test_corrupt_and_newer_models_are_refused(tmp_path):

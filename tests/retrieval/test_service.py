@@ -22,7 +22,9 @@ def _test_cases(phantom):
 @pytest.mark.parametrize("which", ["tiny_index", "tiny_photo_index"])
 def test_query_returns_contract_and_exact_regions(request, which):
     index_dir = request.getfixturevalue(which)
-    phantom = request.getfixturevalue("phantom_dir" if which == "tiny_index" else "photo_phantom_dir")
+    phantom = request.getfixturevalue(
+        "phantom_dir" if which == "tiny_index" else "photo_phantom_dir"
+    )
     r = CaseRetriever.load(index_dir)
     case = _test_cases(phantom).iloc[0]
     res = r.query(phantom / case["image"], k=4)
@@ -82,8 +84,20 @@ def test_embed_matches_stored_vectors(tiny_index):
 
 def test_cli_query_json_and_saved_maps(tiny_index, phantom_dir, tmp_path, capsys):
     case = _test_cases(phantom_dir).iloc[0]
-    rc = main(["query", str(tiny_index), str(phantom_dir / case["image"]), "-k", "3", "--json",
-               "--explain", "similarity", "--save-maps", str(tmp_path / "maps")])
+    rc = main(
+        [
+            "query",
+            str(tiny_index),
+            str(phantom_dir / case["image"]),
+            "-k",
+            "3",
+            "--json",
+            "--explain",
+            "similarity",
+            "--save-maps",
+            str(tmp_path / "maps"),
+        ]
+    )
     assert rc == 0
     js = json.loads(capsys.readouterr().out)
     assert CONTRACT_KEYS <= set(js) and len(js["neighbors"]) == 3
@@ -121,7 +135,14 @@ def test_tampered_bundle_is_refused_at_load(tiny_index, tmp_path):
 def test_eval_reports_contract_keys(tiny_index, phantom_dir, capsys):
     assert main(["eval", str(tiny_index), str(phantom_dir / "manifest.csv"), "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
-    for key in ("n_queries", "precision_at_1", "precision_at_5", "precision_at_10", "map_at_r", "knn_accuracy"):
+    for key in (
+        "n_queries",
+        "precision_at_1",
+        "precision_at_5",
+        "precision_at_10",
+        "map_at_r",
+        "knn_accuracy",
+    ):
         assert 0.0 <= js[key] <= 1.0 or key == "n_queries"
     assert js["n_queries"] == len(_test_cases(phantom_dir))
     meta = bundle.verify(tiny_index)

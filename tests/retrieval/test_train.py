@@ -22,7 +22,13 @@ def _scripted_validation(monkeypatch, balanced: list[float] | float, scores=None
         calls["n"] += 1
         b = balanced if isinstance(balanced, float) else balanced[min(i, len(balanced) - 1)]
         score = scores(i) if scores else b
-        return {"precision_at_1": b, "accuracy": b, "balanced_accuracy": b, "val_ce": 1.0, "score": score}
+        return {
+            "precision_at_1": b,
+            "accuracy": b,
+            "balanced_accuracy": b,
+            "val_ce": 1.0,
+            "score": score,
+        }
 
     monkeypatch.setattr(train, "_validate", fake)
     return calls
