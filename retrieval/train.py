@@ -52,7 +52,6 @@ class TrainOptions:
     lr: float = 1e-3
     margin: float = 0.2
     patience: int = 6
-    head: str = "linear"  # experiment: linear | nonneg | nonneg-nobias
     seed: int = 0
     device: str = "auto"
     strict: bool = False
@@ -337,12 +336,6 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
     """
     seed_everything(seed)
     model = CaseNet(cfg).to(device)
-    if opts.head.startswith("nonneg"):
-        with torch.no_grad():
-            model.classifier.weight.abs_()
-            if opts.head == "nonneg-nobias":
-                model.classifier.bias.zero_()
-                model.classifier.bias.requires_grad_(False)
     d = data
     sampler = samplers.MPerClassSampler(
         d.train_y.tolist(),
@@ -395,9 +388,6 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
             scaler.scale(loss).backward()
             scaler.step(optim)
             scaler.update()
-            if opts.head.startswith("nonneg"):
-                with torch.no_grad():
-                    model.classifier.weight.clamp_(min=0)
             sched.step()
             running += float(loss.detach())
             bar.update(1)
