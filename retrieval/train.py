@@ -243,7 +243,8 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     )
     for attempt in range(1, MAX_ATTEMPTS + 1):
         last = attempt == MAX_ATTEMPTS
-        judge = not last and epochs >= STALL_MIN_EPOCHS and len(val_y) > 0
+        # a val split holding one class has no chance level to compare with
+        judge = not last and epochs >= STALL_MIN_EPOCHS and len(val_y.unique()) >= 2
         model, fit = _fit(cfg, data, opts, device, seed, lr, chance if judge else None, bar)
         attempts.append(
             {"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled}

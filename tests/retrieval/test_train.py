@@ -70,3 +70,17 @@ def test_short_schedules_are_never_judged_stalled(phantom_dir, tmp_path, monkeyp
     opts = train.TrainOptions(epochs=train.STALL_MIN_EPOCHS - 1, progress=False, num_workers=0)
     report = train.train_model(phantom_dir / "manifest.csv", tmp_path / "m", opts)
     assert len(report.attempts) == 1
+
+
+def test_a_val_split_of_one_class_is_never_judged(phantom_dir, tmp_path, monkeypatch):
+    import pandas as pd
+
+    df = pd.read_csv(phantom_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    df.loc[df["split"] == "val", "label"] = df.loc[df["split"] == "train", "label"].iloc[0]
+    for col in ("image", "mask"):  # keep the paths valid from the new folder
+        df[col] = [str(phantom_dir / p) if p else p for p in df[col]]
+    df.to_csv(tmp_path / "one_class_val.csv", index=False)
+    _scripted_validation(monkeypatch, 0.5)
+    opts = train.TrainOptions(epochs=10, progress=False, num_workers=0)
+    report = train.train_model(tmp_path / "one_class_val.csv", tmp_path / "m", opts)
+    assert len(report.attempts) == 1
