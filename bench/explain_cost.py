@@ -66,7 +66,7 @@ def sample_counts(name: str, image_size: int) -> str:
         win, stride = registry.occlusion_window(
             image_size, getattr(e, "fraction", registry.OCCLUSION_WINDOW)
         )
-        pos = (image_size - win) // stride + 1
+        pos = -(-(image_size - win) // stride) + 1  # captum adds a last window flush with the edge
         bits.append(f"window={win}px stride={stride}px ({pos}x{pos} positions)")
     return ", ".join(bits) or "-"
 

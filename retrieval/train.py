@@ -11,8 +11,8 @@ one-cycle schedule); the best epoch's weights are kept. Seeded; AMP on CUDA.
 
 Small lesions on a varied background give a plateau at chance that a run can
 stay on for its whole schedule (seen at the former default lr 2e-3 on the
-600-case phantom: one seed never left it, another left it at epoch 5, a
-third variant at epoch 21). Hence lr 1e-3 (AdamW, one-cycle) and a stall
+600-case phantom: seed 0 on 1 thread never left it in 30 epochs, the same
+seed on 2 threads left it at epoch 5). Hence lr 1e-3 (AdamW, one-cycle) and a stall
 guard: a schedule still at chance after 30 % of its epochs restarts from a new
 initialisation at half the rate (at most 3 schedules; ``TrainReport.attempts``
 and the model's config record each).
@@ -235,7 +235,8 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     epochs = opts.epochs or int(np.clip(math.ceil(25000 / max(1, len(train_x))), 6, 40))
     data = _Data(pre, train_x, train_y, val_x, val_y, m, batch, steps_per_epoch, epochs)
     # chance level of balanced accuracy: a model stuck on a plateau predicts one class
-    chance = 1.0 / max(1, len(val_y.unique()))
+    val_classes = len(val_y.unique())
+    chance = 1.0 / max(1, val_classes)
     attempts: list[dict] = []
     lr, seed = opts.lr, opts.seed
     bar = tqdm(
@@ -244,7 +245,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     for attempt in range(1, MAX_ATTEMPTS + 1):
         last = attempt == MAX_ATTEMPTS
         # a val split holding one class has no chance level to compare with
-        judge = not last and epochs >= STALL_MIN_EPOCHS and len(val_y.unique()) >= 2
+        judge = not last and epochs >= STALL_MIN_EPOCHS and val_classes >= 2
         model, fit = _fit(cfg, data, opts, device, seed, lr, chance if judge else None, bar)
         attempts.append(
             {"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled}
@@ -320,14 +321,18 @@ class _Fit:
     @property
     def last_accuracy(self) -> float:
         """Balanced val accuracy of the last epoch run (the state the stall check judges)."""
-        return self.history[-1].get("balanced_accuracy", 0.0) if self.history else 0.0
+        return _balanced(self.history[-1]) if self.history else 0.0
 
     @property
     def best_accuracy(self) -> float:
-        return max((h.get("balanced_accuracy", 0.0) for h in self.history), default=0.0)
+        return max((_balanced(h) for h in self.history), default=0.0)
 
 
-def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, chance, bar):
+def _balanced(metrics: dict) -> float:
+    return metrics.get("balanced_accuracy", 0.0)
+
+
+def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance, bar):
     """One training schedule from a fresh initialisation; keeps the best val epoch's weights.
 
     ``chance`` (or None): give up as *stalled* when the val accuracy is still within
@@ -337,7 +342,6 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
     """
     seed_everything(seed)
     model = CaseNet(cfg).to(device)
-    d = data
     sampler = samplers.MPerClassSampler(
         d.train_y.tolist(),
         m=d.m,
@@ -359,7 +363,7 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
     # early stopping waits until the one-cycle rate has come down (half the schedule)
     min_epochs = math.ceil(MIN_EPOCH_FRACTION * d.epochs)
     stall_epoch = max(2, math.ceil(STALL_FRACTION * d.epochs))
-    best, best_state, best_epoch, history, stale = None, None, 0, [], 0
+    best, best_state, best_epoch, history, stale, stalled = None, None, 0, [], 0, False
     epoch = 0
     for epoch in range(1, d.epochs + 1):
         model.train()
@@ -409,15 +413,11 @@ def _fit(cfg, data: _Data, opts: TrainOptions, device, seed: int, lr: float, cha
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-        fit = _Fit(best, best_epoch, epoch, history, False)
-        if (
-            chance is not None
-            and epoch == stall_epoch
-            and fit.last_accuracy <= chance + STALL_MARGIN
-        ):
-            fit.stalled = True
-            break
+        if chance is not None and epoch == stall_epoch:
+            stalled = _balanced(metrics) <= chance + STALL_MARGIN
+            if stalled:
+                break
         if stale >= opts.patience and epoch >= min_epochs:
             break
     model.load_state_dict(best_state)
-    return model, _Fit(best, best_epoch, epoch, history, fit.stalled)
+    return model, _Fit(best, best_epoch, epoch, history, stalled)

@@ -39,7 +39,7 @@ integrated_gradients  captum ``IntegratedGradients`` from the dataset-mean
                       image (zeros in normalised space), Gauss–Legendre,
                       ``IG_STEPS`` steps; |attribution|, max over channels.
 occlusion             captum ``Occlusion``: a window of 1/6 of the side slid
-                      with a stride of half the window (11 × 11 positions at
+                      with a stride of half the window (12 × 12 positions at
                       any input size), replaced by the dataset mean; signed
                       (positive = the score drops when the region is hidden).
 lime                  captum ``Lime`` on scikit-image SLIC superpixels
@@ -72,16 +72,17 @@ the query and its top neighbour only) and checked on the trained phantom model
   interpretable feature for the weighted ridge fit. LIME stays noisy at any
   affordable count: the map's Spearman correlation with a 384-sample map is
   0.51 at 96 samples, 0.59 at 192 and 0.40 at 48.
-* occlusion is 121 forwards per image at any input size (11 × 11 windows of
-  side/6). A side/8 window (15 × 15 = 225 forwards) cost 6.2 s of the 11.9 s
-  that all seven methods took on 2 quiet cores at 224 px, and at 1/6 the
-  window still fits inside the phantom's lesions (diameter 14–26 % of the
-  side) while halving the cost.
+* occlusion is 145 forwards per image at any input size (12 × 12 windows of
+  side/6, captum adding a last one flush with the edge, plus the unoccluded
+  image). A side/8 window (15 × 15, 226 forwards) cost 6.2 s of the 11.9 s
+  that all seven methods took on 2 quiet cores at 224 px; side/6 cost 4.3 s
+  of 10.3 s, and the window still fits inside the phantom's lesions
+  (diameter 14–26 % of the side).
 
 Cost per query (one image explained for the query's class, and the query + the
 case for each explained neighbour pair): gradcam and gradient 1 forward +
 backward per image, similarity none beyond the query's pass, smoothgrad and
-integrated_gradients 16 forward + backward, lime 96 forwards, occlusion 122.
+integrated_gradients 16 forward + backward, lime 96 forwards, occlusion 145.
 Perturbation methods evaluate an image once for all its targets
 (``SharedForward``), and every method runs on a copy of the model with its
 Conv + BatchNorm pairs folded (``inference_model``, a third less CPU).
