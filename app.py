@@ -6,10 +6,10 @@
 Without an index it offers the demo's (``casebase-demo/index``, made by
 ``casebase demo``) when present, else says how to make one.
 
-The app is a thin view over :class:`retrieval.service.CaseRetriever`: every
+The app is a thin view over :class:`retrieval.service.retriever.CaseRetriever`: every
 number and map on the page comes from ``CaseRetriever.query``; the app only
-reads images for display (``retrieval.imageio``) and draws overlays and boxes
-(``retrieval.overlay``). It shows case ids, pseudonymised patient ids and
+reads images for display (``retrieval.data.imageio``) and draws overlays and boxes
+(``retrieval.explain.overlay``). It shows case ids, pseudonymised patient ids and
 case attributes only, never file names, paths or DICOM header fields.
 """
 
@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from retrieval.data.imageio import read_image, to_uint8_rgb
 from retrieval.errors import CasebaseError
-from retrieval.imageio import read_image, to_uint8_rgb
-from retrieval.overlay import draw_boxes, overlay
+from retrieval.explain.overlay import draw_boxes, overlay
 
 MAX_UPLOAD_MB = 50  # also server.maxUploadSize in .streamlit/config.toml
 MAX_PIXELS = 40_000_000
@@ -97,7 +97,7 @@ def expensive_methods() -> frozenset[str]:
 @st.cache_resource(show_spinner="Loading the index and the model…")
 def load_retriever(index_dir: str, stamp: float):
     """One CaseRetriever per bundle (and per bundle.json version: explain-eval updates it)."""
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     return CaseRetriever.load(index_dir)
 
@@ -113,7 +113,7 @@ def pickable_cases(manifest: str | None, stamp: float, index_dir: str, index_sta
     """(cases table, where they come from): the manifest's test split, else the indexed cases."""
     if manifest:
         from index.builder import case_table
-        from retrieval.manifest import load_manifest
+        from retrieval.data.manifest import load_manifest
 
         m = load_manifest(manifest)
         test = m.select(["test"])

@@ -28,8 +28,8 @@ def calibrate(index_dir: str, manifest: str, n_attr: int, permutations: int, see
     from retrieval.audit.concordance import concordance_test, query_permutation_test
     from retrieval.audit.probe import probe_attribute
     from retrieval.audit.runner import K, neighbor_matrix
-    from retrieval.evaluate import embed_split
-    from retrieval.service import CaseRetriever
+    from retrieval.service.evaluate import embed_split
+    from retrieval.service.retriever import CaseRetriever
 
     r = CaseRetriever.load(index_dir)
     qs = embed_split(r, manifest, "test", K, progress=False)

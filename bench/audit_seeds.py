@@ -41,9 +41,9 @@ def marker_pull(r, manifest) -> dict | None:
     import numpy as np
     import torch
 
-    from retrieval.evaluate import embed_split
-    from retrieval.imageio import LoadedImage, read_image
-    from retrieval.phantom import SITES, XRAY_CLASSES, _marker_slot, render_marker
+    from retrieval.data.imageio import LoadedImage, read_image
+    from retrieval.data.phantom import SITES, XRAY_CLASSES, _marker_slot, render_marker
+    from retrieval.service.evaluate import embed_split
 
     site_class = {SITES[i % len(SITES)]: c for i, c in enumerate(XRAY_CLASSES)}
     qs = embed_split(r, manifest, "test", 5, progress=False)
@@ -107,9 +107,9 @@ def marker_pull(r, manifest) -> dict | None:
 def run_one(work: Path, seed: int, confounder: str, args) -> dict:
     from index.builder import build_index
     from retrieval.audit import run_audit
-    from retrieval.phantom import make_phantom
-    from retrieval.service import CaseRetriever
-    from retrieval.train import TrainOptions, train_model
+    from retrieval.data.phantom import make_phantom
+    from retrieval.model.train import TrainOptions, train_model
+    from retrieval.service.retriever import CaseRetriever
 
     root = work / f"{confounder}-s{seed}"
     done = root / "audit.json"

@@ -5,7 +5,7 @@ variant, torch.no_grad):
 
 * plain      ``model(x)``: backbone + global average pool + classifier (a
              plain classification forward, the floor);
-* saliency   ``retrieval.embedding.embed_tensor(model, x, "saliency")``: what
+* saliency   ``retrieval.model.embedding.embed_tensor(model, x, "saliency")``: what
              an index build runs per batch (logits, closed-form Grad-CAM of
              the predicted class, weighted pooling, projection, softmax, OOD
              features, copies to numpy);
@@ -14,7 +14,7 @@ variant, torch.no_grad):
 Target: saliency images/s ≥ 0.9 × plain.
 
 Part 2 (end to end): ``index.builder.build_index`` on a manifest, with
-DataLoader decoding workers (``retrieval.dataset.default_workers()``) vs
+DataLoader decoding workers (``retrieval.model.dataset.default_workers()``) vs
 ``num_workers=0`` (decoding in the main process, not overlapped). Reports the
 embedding-phase images/s (what ``casebase index build`` prints) and the
 whole build's wall time (FAISS, OOD calibration, checksums included).
@@ -38,7 +38,7 @@ def sub_manifest(manifest_path: str, n: int | None, out: Path) -> Path:
     """The first n train+val rows of a manifest, with absolute paths (the whole manifest if n is None)."""
     import pandas as pd
 
-    from retrieval.manifest import load_manifest
+    from retrieval.data.manifest import load_manifest
 
     m = load_manifest(manifest_path)
     df = m.select(["train", "val"])
@@ -72,11 +72,11 @@ def main() -> int:
     import torch
 
     from index.builder import build_index
-    from retrieval.dataset import decode_all, default_workers
-    from retrieval.embedding import embed_tensor
-    from retrieval.manifest import load_manifest
-    from retrieval.model import load_model
-    from retrieval.preprocess import Preprocessor
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.dataset import decode_all, default_workers
+    from retrieval.model.embedding import embed_tensor
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
 
     started = time.time()
     info = machine()

@@ -32,7 +32,7 @@ class RunCounter:
     def __init__(self):
         import torch
 
-        from retrieval.model import CaseNet
+        from retrieval.model.network import CaseNet
 
         self.cls, self.orig = CaseNet, CaseNet.run
         self.images = self.with_grad = self.calls = 0
@@ -86,10 +86,10 @@ def main() -> int:
     if args.quick:
         args.images, args.rounds = 1, 1
 
+    from retrieval.data.manifest import load_manifest
     from retrieval.explain import registry
     from retrieval.explain.pipeline import EXPENSIVE_NEIGHBORS
-    from retrieval.manifest import load_manifest
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     started = time.time()
     info = machine()

@@ -54,8 +54,8 @@ def check_training_amp(manifest, device, n_cases):
     import pandas as pd
     import torch
 
-    from retrieval import train
-    from retrieval.manifest import load_manifest
+    from retrieval.model import train
+    from retrieval.data.manifest import load_manifest
 
     calls, scalers = [], []
     real_autocast, real_scaler = torch.autocast, torch.amp.GradScaler
@@ -103,12 +103,12 @@ def embedding_and_gradcam(model_dir, manifest, device, n, reps):
     import torch
     import torch.nn.functional as F
 
-    from retrieval.dataset import decode_all
-    from retrieval.embedding import embed_tensor
+    from retrieval.data.manifest import load_manifest
     from retrieval.explain import registry
-    from retrieval.manifest import load_manifest
-    from retrieval.model import load_model
-    from retrieval.preprocess import Preprocessor
+    from retrieval.model.dataset import decode_all
+    from retrieval.model.embedding import embed_tensor
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
 
     model = load_model(model_dir, device)
     on_device = all(p.device.type == device.type for p in model.parameters())
@@ -161,8 +161,8 @@ def embedding_and_gradcam(model_dir, manifest, device, n, reps):
 
 def build_and_query(model_dir, manifest, index_dir, device, n_queries, k):
     from index.builder import build_index
-    from retrieval.manifest import load_manifest
-    from retrieval.service import CaseRetriever
+    from retrieval.data.manifest import load_manifest
+    from retrieval.service.retriever import CaseRetriever
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_index_"))
     try:

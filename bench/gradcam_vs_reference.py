@@ -42,8 +42,8 @@ from _common import DEFAULT_MANIFEST, DEFAULT_MODEL, finish, interleaved, machin
 
 
 def load_images(manifest_path, pre, n):
-    from retrieval.dataset import decode_all
-    from retrieval.manifest import load_manifest
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.dataset import decode_all
 
     man = load_manifest(manifest_path)
     df = man.select(["test"])
@@ -84,8 +84,8 @@ def bench_model(model_dir, manifest, batch_sizes, reps):
 
     from retrieval.explain import registry
     from retrieval.explain.registry import ScoreTarget
-    from retrieval.model import load_model
-    from retrieval.preprocess import Preprocessor
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
 
     model = load_model(model_dir, "cpu")
     pre = Preprocessor(model.config)

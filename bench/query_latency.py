@@ -65,9 +65,9 @@ def make_retriever(index_dir: Path, size: int, factory: str, seed: int = 0):
     from index import bundle
     from index.case_store import read_cases
     from index.vector_index import VectorIndex, auto_factory
-    from retrieval.model import load_model
-    from retrieval.ood import OOD_REFERENCE
-    from retrieval.service import CaseRetriever
+    from retrieval.model.network import load_model
+    from retrieval.service.ood import OOD_REFERENCE
+    from retrieval.service.retriever import CaseRetriever
 
     meta = bundle.verify(index_dir)
     model = load_model(index_dir / "model", "cpu")
@@ -108,7 +108,7 @@ def make_retriever(index_dir: Path, size: int, factory: str, seed: int = 0):
 def child(args) -> dict:
     import numpy as np
 
-    from retrieval.manifest import load_manifest
+    from retrieval.data.manifest import load_manifest
 
     size = args.child
     r, spec, build_s, built = make_retriever(Path(args.index), size, args.factory)

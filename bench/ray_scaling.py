@@ -51,10 +51,10 @@ def main() -> int:
 
     from index.builder import case_table
     from index.ray_engine import embed_with_ray
-    from retrieval.embedding import embed_paths
-    from retrieval.manifest import load_manifest
-    from retrieval.model import load_model
-    from retrieval.preprocess import Preprocessor
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.embedding import embed_paths
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
 
     m = load_manifest(args.manifest)
     paths = case_table(m, m.select(["train", "val"]))["image"].tolist()

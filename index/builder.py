@@ -15,13 +15,13 @@ from index import bundle
 from index.case_store import write_cases
 from index.vector_index import VectorIndex
 from retrieval import atomic
-from retrieval.device import resolve_device
-from retrieval.embedding import EmbeddedSet, embed_paths
+from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
-from retrieval.manifest import load_manifest
-from retrieval.model import CONFIG_FILE, WEIGHTS_FILE, load_model, weights_fingerprint
-from retrieval.ood import OOD_REFERENCE, calibrate
-from retrieval.preprocess import Preprocessor
+from retrieval.model.device import resolve_device
+from retrieval.model.embedding import EmbeddedSet, embed_paths
+from retrieval.model.network import CONFIG_FILE, WEIGHTS_FILE, load_model, weights_fingerprint
+from retrieval.model.preprocess import Preprocessor
+from retrieval.service.ood import OOD_REFERENCE, calibrate
 
 WEIGHTING_FORMULA = {
     "saliency": "e = normalize(P · Σ_ij s_ij F_ij), s = ReLU(Σ_k W_ck/hw · F_k) / Σ (Grad-CAM of the "
@@ -171,7 +171,7 @@ def build_index(
     address=None,
     num_workers=None,
 ) -> BuildReport:
-    """num_workers: DataLoader decoding processes (None: retrieval.dataset.default_workers())."""
+    """num_workers: DataLoader decoding processes (None: retrieval.model.dataset.default_workers())."""
     t0 = time.time()
     model, cases, emb = embed_manifest(
         model_dir,

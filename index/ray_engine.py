@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.dataset import Failure
-from retrieval.embedding import EmbeddedSet
 from retrieval.errors import CasebaseError
+from retrieval.model.dataset import Failure
+from retrieval.model.embedding import EmbeddedSet
 
 
 def _import_ray():
@@ -34,15 +34,15 @@ class _Decoder:
         import json
         from pathlib import Path
 
-        from retrieval.model import CONFIG_FILE, ModelConfig
-        from retrieval.preprocess import Preprocessor
+        from retrieval.model.network import CONFIG_FILE, ModelConfig
+        from retrieval.model.preprocess import Preprocessor
 
         cfg = ModelConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
         self.pre = Preprocessor(cfg)
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
 
     def __call__(self, batch: dict) -> dict:
-        from retrieval.imageio import read_image
+        from retrieval.data.imageio import read_image
 
         n = len(batch["row"])
         pixels = np.zeros((n, *self.shape), np.uint8)
@@ -67,9 +67,9 @@ class _Embedder:
     def __init__(self, model_dir: str, weighting: str):
         import torch
 
-        from retrieval.device import resolve_device
-        from retrieval.model import load_model
-        from retrieval.preprocess import Preprocessor
+        from retrieval.model.device import resolve_device
+        from retrieval.model.network import load_model
+        from retrieval.model.preprocess import Preprocessor
 
         torch.set_num_threads(1)
         self.device = resolve_device("auto")
@@ -80,7 +80,7 @@ class _Embedder:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from retrieval.embedding import embed_tensor
+        from retrieval.model.embedding import embed_tensor
 
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         d, k = self.model.config.embedding_dim, len(self.model.config.classes)

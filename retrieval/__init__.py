@@ -11,7 +11,7 @@ __all__ = ["CaseRetriever"]
 def __getattr__(name: str):
     # Lazy so that `casebase validate` does not pay for importing torch.
     if name == "CaseRetriever":
-        from retrieval.service import CaseRetriever
+        from retrieval.service.retriever import CaseRetriever
 
         return CaseRetriever
     raise AttributeError(name)

@@ -44,7 +44,7 @@ def _isolated_casebase_home(_casebase_home, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory, _casebase_home) -> Path:
-    from retrieval.phantom import make_phantom
+    from retrieval.data.phantom import make_phantom
 
     out = tmp_path_factory.mktemp("phantom_xray")
     make_phantom(out, n=60, size=64, seed=0, modality="xray")
@@ -53,7 +53,7 @@ def phantom_dir(tmp_path_factory, _casebase_home) -> Path:
 
 @pytest.fixture(scope="session")
 def photo_phantom_dir(tmp_path_factory, _casebase_home) -> Path:
-    from retrieval.phantom import make_phantom
+    from retrieval.data.phantom import make_phantom
 
     out = tmp_path_factory.mktemp("phantom_photo")
     make_phantom(out, n=60, size=64, seed=0, modality="photo")
@@ -62,7 +62,7 @@ def photo_phantom_dir(tmp_path_factory, _casebase_home) -> Path:
 
 @pytest.fixture(scope="session")
 def site_marker_phantom_dir(tmp_path_factory, _casebase_home) -> Path:
-    from retrieval.phantom import make_phantom
+    from retrieval.data.phantom import make_phantom
 
     out = tmp_path_factory.mktemp("phantom_site_marker")
     make_phantom(out, n=60, size=64, seed=0, confounder="site-marker", strength=0.9)
@@ -74,7 +74,7 @@ def site_marker_phantom_dir(tmp_path_factory, _casebase_home) -> Path:
 
 def _train_and_index(root: Path, manifest: Path, epochs: int = 3) -> Path:
     from index.builder import build_index
-    from retrieval.train import TrainOptions, train_model
+    from retrieval.model.train import TrainOptions, train_model
 
     train_model(
         manifest, root / "model", TrainOptions(epochs=epochs, progress=False, num_workers=0)

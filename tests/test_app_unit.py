@@ -90,7 +90,7 @@ def test_pick_a_test_case_and_query(app, phantom_dir):
 
 
 def test_exclude_patient_and_filters_reach_the_service(app, monkeypatch):
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     seen = {}
     real = CaseRetriever.query
@@ -111,8 +111,8 @@ def test_exclude_patient_and_filters_reach_the_service(app, monkeypatch):
 
 
 def test_ood_flag_is_a_prominent_warning(app, monkeypatch):
-    from retrieval.results import OODResult
-    from retrieval.service import CaseRetriever
+    from retrieval.service.results import OODResult
+    from retrieval.service.retriever import CaseRetriever
 
     monkeypatch.setattr(CaseRetriever, "ood", lambda self, feats: OODResult(9.0, True, 1.0))
     app.button[0].click().run()

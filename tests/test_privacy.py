@@ -314,7 +314,7 @@ def test_the_scanner_finds_planted_phi_in_every_encoding():
 
 def test_the_phi_key_is_documented():
     """Where the key lives and how to rotate it: in privacy.py's docstring and the README."""
-    from retrieval import privacy
+    from retrieval.data import privacy
 
     doc = privacy.__doc__ or ""
     for needle in ("CASEBASE_PHI_KEY", "phi.key", "CASEBASE_HOME", "Rotating the key", "re-ingest"):

@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 
 from retrieval.audit.attributes import CodedAttribute
 from retrieval.audit.groups import label_precision
+from retrieval.data.imageio import LoadedImage, read_mask
 from retrieval.errors import CasebaseError
 from retrieval.explain.similarity import decompose
-from retrieval.imageio import LoadedImage, read_mask
 
 MAX_QUERIES = 200
 BATCH = 32

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import CasebaseError
-from retrieval.overlay import draw_boxes, overlay, png_bytes
+from retrieval.explain.overlay import draw_boxes, overlay, png_bytes
 
 MAX_SIDE = 256
 

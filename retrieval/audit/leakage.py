@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from retrieval.data.imageio import read_image
 from retrieval.errors import CasebaseError
-from retrieval.imageio import read_image
 
 COSINE_THRESHOLD = 0.995
 THUMB_THRESHOLD = 0.98

@@ -1,6 +1,6 @@
 """`run_audit`: every audit step on one embedded split, into one JSON-ready result.
 
-The split is embedded once (`retrieval.evaluate.embed_split`, neighbours of
+The split is embedded once (`retrieval.service.evaluate.embed_split`, neighbours of
 the query's own patient excluded, k = 5); concordance, groups, counterfactual
 and the worst examples all read that one (queries × 5) neighbour matrix. The
 probe reads the indexed vectors; leakage searches again without exclusions.
@@ -25,7 +25,7 @@ from retrieval.audit.groups import group_precision, label_precision, spread
 from retrieval.audit.leakage import audit_leakage
 from retrieval.audit.probe import probe_attribute
 from retrieval.errors import CasebaseError
-from retrieval.evaluate import embed_split
+from retrieval.service.evaluate import embed_split
 
 K = 5
 

@@ -18,7 +18,7 @@ from retrieval import atomic
 from retrieval.audit import run_audit
 from retrieval.audit.report import render_html
 from retrieval.errors import CasebaseError
-from retrieval.service import CaseRetriever
+from retrieval.service.retriever import CaseRetriever
 
 REPORT_FILE = "audit/report.html"
 JSON_FILE = "audit/audit.json"

@@ -73,7 +73,7 @@ def _phantom_ok(root: Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        from retrieval.manifest import load_manifest
+        from retrieval.data.manifest import load_manifest
 
         return len(load_manifest(manifest)) == PHANTOM["n"]
     except CasebaseError:
@@ -82,7 +82,7 @@ def _phantom_ok(root: Path) -> bool:
 
 def _model_ok(model_dir: Path) -> bool:
     try:
-        from retrieval.model import load_model
+        from retrieval.model.network import load_model
 
         load_model(model_dir, "cpu")
         return True
@@ -121,7 +121,7 @@ def _methods() -> list[str]:
 
 
 def _trust_missing(index_dir: Path) -> list[str]:
-    from retrieval.service import TRUST_FILE
+    from retrieval.service.retriever import TRUST_FILE
 
     path = index_dir / TRUST_FILE
     have = {}
@@ -238,7 +238,7 @@ def build(out: Path) -> dict:
         if _phantom_ok(phantom_dir):
             _say(f"{st.head} reusing {manifest}")
         else:
-            from retrieval.phantom import make_phantom
+            from retrieval.data.phantom import make_phantom
 
             make_phantom(phantom_dir, progress=True, **PHANTOM)
 
@@ -250,7 +250,7 @@ def build(out: Path) -> dict:
             if _model_ok(model_dir):
                 _say(f"{st.head} reusing {model_dir}")
             else:
-                from retrieval.train import TrainOptions, train_model
+                from retrieval.model.train import TrainOptions, train_model
 
                 report = train_model(manifest, model_dir, TrainOptions(epochs=EPOCHS))
                 best = report.best_val or {}

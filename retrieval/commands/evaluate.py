@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from retrieval.evaluate import evaluate
-from retrieval.service import CaseRetriever
+from retrieval.service.evaluate import evaluate
+from retrieval.service.retriever import CaseRetriever
 
 
 def run(args) -> int:

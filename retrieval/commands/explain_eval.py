@@ -16,7 +16,7 @@ import sys
 from index import bundle
 from retrieval.errors import CasebaseError
 from retrieval.explain import trust
-from retrieval.service import TRUST_FILE, CaseRetriever
+from retrieval.service.retriever import TRUST_FILE, CaseRetriever
 
 
 def _store(index_dir, previous: dict, report: dict) -> None:

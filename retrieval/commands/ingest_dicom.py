@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from retrieval.dicom_ingest import ingest_dicom
+    from retrieval.data.dicom_ingest import ingest_dicom
 
     report = ingest_dicom(args.dicom_dir, args.out, label_from=args.label_from, strict=args.strict)
     labels = ", ".join(f"{k}: {v}" for k, v in report.labels.items())

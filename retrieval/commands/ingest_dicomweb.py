@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from retrieval.dicomweb import DEFAULT_TIMEOUT, auth_from_args, ingest_dicomweb
+    from retrieval.data.dicomweb import DEFAULT_TIMEOUT, auth_from_args, ingest_dicomweb
 
     timeout = getattr(args, "timeout", None) or DEFAULT_TIMEOUT
     if timeout <= 0 or (getattr(args, "workers", None) or 1) < 1:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from retrieval.converters import ConvertOptions, convert
+    from retrieval.data.converters import ConvertOptions, convert
 
     opts = ConvertOptions(
         images=Path(args.images),

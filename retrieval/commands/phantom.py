@@ -1,4 +1,4 @@
-"""`casebase phantom OUT_DIR`: write a synthetic data set (see retrieval.phantom)."""
+"""`casebase phantom OUT_DIR`: write a synthetic data set (see retrieval.data.phantom)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 
 def run(args) -> int:
-    from retrieval.phantom import make_phantom
+    from retrieval.data.phantom import make_phantom
 
     manifest = make_phantom(
         args.out_dir,

@@ -9,7 +9,7 @@ import numpy as np
 
 from retrieval import atomic
 from retrieval.errors import CasebaseError
-from retrieval.service import CaseRetriever
+from retrieval.service.retriever import CaseRetriever
 
 
 def _filters(items: list[str]) -> dict:
@@ -37,7 +37,7 @@ def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
         atomic.write_bytes(p, buf.getvalue())
         paths[method] = str(p)
         if image is not None:
-            from retrieval.overlay import overlay_png
+            from retrieval.explain.overlay import overlay_png
 
             atomic.write_bytes(out / f"{method}.png", overlay_png(image.pixels, arr))
     return paths
@@ -49,7 +49,7 @@ def run(args) -> int:
     r = CaseRetriever.load(args.index_dir, device=args.device)
     src = args.image
     if str(src).startswith("dicomweb://") or str(src).startswith("dicomweb+"):
-        from retrieval.dicomweb import fetch_instance
+        from retrieval.data.dicomweb import fetch_instance
 
         src = fetch_instance(src)
     result = r.query(
@@ -61,7 +61,7 @@ def run(args) -> int:
     )
     paths = {}
     if args.save_maps:
-        from retrieval.imageio import read_image
+        from retrieval.data.imageio import read_image
 
         paths = save_maps(result, args.save_maps, read_image(src))
     if args.json:

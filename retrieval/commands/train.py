@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from retrieval.train import TrainOptions, train_model
+from retrieval.model.train import TrainOptions, train_model
 
 
 def run(args) -> int:

@@ -6,7 +6,7 @@ import json
 
 
 def run(args) -> int:
-    from retrieval.manifest import summarize, validate_manifest
+    from retrieval.data.manifest import summarize, validate_manifest
 
     problems = validate_manifest(args.manifest, check_images=True, progress=True)
     summary: dict = {}

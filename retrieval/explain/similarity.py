@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.model import CaseNet
+from retrieval.model.network import CaseNet
 
 
 @dataclass

@@ -350,8 +350,8 @@ def load_cases(
 ) -> tuple[list[dict], list[str]]:
     """The split's cases with a non-empty mask, preprocessed, with their top-k index neighbours."""
     from index.builder import case_table
-    from retrieval.imageio import read_mask
-    from retrieval.manifest import load_manifest
+    from retrieval.data.imageio import read_mask
+    from retrieval.data.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
     df = manifest.select([split])

@@ -17,8 +17,8 @@ import torch
 
 import index.vector_index as vi
 from index.vector_index import GPU_MAX_K, VectorIndex
-from retrieval.device import resolve_device
 from retrieval.errors import CasebaseError
+from retrieval.model.device import resolve_device
 
 
 def _unit(n, d, seed=0):
@@ -120,7 +120,7 @@ def test_gpu_index_used_up_to_its_k_limit_then_the_cpu_copy(monkeypatch):
 
 
 def test_retriever_loads_and_queries_on_cpu_without_cuda(no_cuda, tiny_index, phantom_dir):
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     r = CaseRetriever.load(tiny_index)  # device="auto"
     assert r.device.type == "cpu"
@@ -135,7 +135,7 @@ def test_retriever_loads_and_queries_on_cpu_without_cuda(no_cuda, tiny_index, ph
 
 def test_training_without_cuda_runs_without_amp(no_cuda, phantom_dir, tmp_path, monkeypatch):
     """On the CPU the autocast contexts are disabled and the GradScaler is a pass-through."""
-    from retrieval import train
+    from retrieval.model import train
 
     autocasts, scalers = [], []
     real_autocast, real_scaler = torch.autocast, torch.amp.GradScaler

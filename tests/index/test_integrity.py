@@ -25,7 +25,7 @@ import pytest
 from index import bundle
 from retrieval import cli
 from retrieval.errors import BundleError, CasebaseError
-from retrieval.service import CaseRetriever
+from retrieval.service.retriever import CaseRetriever
 
 REPO = Path(__file__).resolve().parents[2]
 COUNTS_FILE = REPO / "artifacts" / "robustness_counts.json"

@@ -17,7 +17,7 @@ CLI in-process (``retrieval.cli.main``) on them:
 * ``query``: each bad file on its own against ``tiny_index``.
 
 A byte-flipped file is not always broken (a flipped pixel is still an image):
-the oracle for those is :func:`retrieval.imageio.read_image` itself, and the
+the oracle for those is :func:`retrieval.data.imageio.read_image` itself, and the
 CLI must agree with it (refuse with the file named, or accept).
 
 The totals go to ``artifacts/robustness_counts.json`` (and are printed).
@@ -48,8 +48,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from retrieval import cli
+from retrieval.data.imageio import read_image
 from retrieval.errors import ImageReadError
-from retrieval.imageio import read_image
 
 REPO = Path(__file__).resolve().parents[2]
 COUNTS_FILE = REPO / "artifacts" / "robustness_counts.json"
@@ -1191,7 +1191,7 @@ def test_query_refuses_each_bad_file_by_name(corpus, tiny_index, tmp_path, monke
     before = len(TALLY.failures)
     # Load (and verify) the bundle once, not once per bad file: what is under test here is
     # the image path; loading is tested in tests/index/test_integrity.py.
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     real_load = CaseRetriever.load
     loaded: dict = {}

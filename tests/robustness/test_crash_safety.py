@@ -40,8 +40,8 @@ import pandas as pd
 import pytest
 
 from index import bundle
-from retrieval.model import CONFIG_FILE, WEIGHTS_FILE, load_model
-from retrieval.service import CaseRetriever
+from retrieval.model.network import CONFIG_FILE, WEIGHTS_FILE, load_model
+from retrieval.service.retriever import CaseRetriever
 
 REPO = Path(__file__).resolve().parents[2]
 COUNTS_FILE = REPO / "artifacts" / "robustness_counts.json"
@@ -295,7 +295,7 @@ def test_killed_trainings_keep_the_previous_model(tiny_index, small_manifest, tm
             failures.append(
                 f"kill ({mode} +{delay:.3f}s): left {_leftovers(target)} beside the model"
             )
-    from retrieval.train import TrainOptions, train_model
+    from retrieval.model.train import TrainOptions, train_model
 
     train_model(
         small_manifest,

@@ -11,7 +11,7 @@ import pytest
 
 from index import bundle
 from retrieval.cli import main
-from retrieval.service import CaseRetriever
+from retrieval.service.retriever import CaseRetriever
 
 ROOT = Path(__file__).resolve().parents[3]
 ATTR_KEYS = {

@@ -16,9 +16,9 @@ from retrieval.audit.leakage import (
     own_patient_neighbors,
     thumbnail_duplicates,
 )
-from retrieval.evaluate import embed_split
-from retrieval.imageio import read_image
-from retrieval.service import CaseRetriever
+from retrieval.data.imageio import read_image
+from retrieval.service.evaluate import embed_split
+from retrieval.service.retriever import CaseRetriever
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 
 from index import bundle
 from retrieval.cli import main
-from retrieval.model import save_model
-from retrieval.service import CaseRetriever
+from retrieval.model.network import save_model
+from retrieval.service.retriever import CaseRetriever
 from tests.retrieval.explain.conftest import tiny_model
 
 

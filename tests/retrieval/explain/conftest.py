@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.model import CaseNet, ModelConfig, save_model
+from retrieval.model.network import CaseNet, ModelConfig, save_model
 
 CLASSES = ["cavity", "mass", "nodule"]
 
@@ -68,7 +68,7 @@ def tiny_index(tmp_path_factory, phantom_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def retriever(tiny_index):
-    from retrieval.service import CaseRetriever
+    from retrieval.service.retriever import CaseRetriever
 
     return CaseRetriever.load(tiny_index, device="cpu")
 

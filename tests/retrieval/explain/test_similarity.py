@@ -5,7 +5,7 @@ import torch
 from retrieval.explain import registry
 from retrieval.explain.registry import ScoreTarget
 from retrieval.explain.similarity import decompose
-from retrieval.preprocess import Geometry
+from retrieval.model.preprocess import Geometry
 
 from .conftest import tiny_model
 

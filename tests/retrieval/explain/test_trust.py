@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from retrieval.explain import registry, trust
-from retrieval.model import BACKBONES, CaseNet, ModelConfig, _conv_bn
-from retrieval.preprocess import Geometry
+from retrieval.model.network import BACKBONES, CaseNet, ModelConfig, _conv_bn
+from retrieval.model.preprocess import Geometry
 
 from .conftest import tiny_model
 

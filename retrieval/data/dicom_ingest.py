@@ -3,7 +3,7 @@
 ``ingest_dicom(DICOM_DIR, OUT)`` walks every file under ``DICOM_DIR`` (DICOM
 is recognised by content: the ``DICM`` magic, or a file without preamble that
 parses as DICOM), reads each header, decodes the pixels with
-:func:`retrieval.imageio.read_image` to prove the image can be used, and
+:func:`retrieval.data.imageio.read_image` to prove the image can be used, and
 writes one manifest row per decodable image (CSV or Parquet by the output's
 extension, atomically).
 
@@ -17,7 +17,7 @@ What goes into the manifest:
   keyword, or ``csv:PATH`` mapping ``file`` -> ``label``), "unknown" if empty;
 * ``split``: train / val / test (70/15/15), decided by the hashed patient so
   that a patient's files never straddle splits and reruns agree;
-* ``patient_id``: :func:`retrieval.privacy.hash_patient_id` of PatientID (of
+* ``patient_id``: :func:`retrieval.data.privacy.hash_patient_id` of PatientID (of
   StudyInstanceUID when PatientID is empty);
 * attributes ``modality``, ``manufacturer``, ``body_part``, ``view``, ``sex``,
   ``age_band`` (from PatientAge, else birth date vs study date), ``rows``,
@@ -307,7 +307,7 @@ def _case_id(ds, rel: str, used: set[str]) -> str:
 
 
 def _attributes(ds, loaded) -> dict[str, str]:
-    from retrieval.privacy import age_band, age_band_from_dates, parse_dicom_age
+    from retrieval.data.privacy import age_band, age_band_from_dates, parse_dicom_age
 
     sex = _get(ds, "PatientSex").upper()[:1]
     sex = sex if sex in ("M", "F", "O") else ""
@@ -358,8 +358,8 @@ def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir
     rows. ``label_for(path, rel, ds)`` gives the label; ``used_ids`` keeps
     case ids unique across calls.
     """
-    from retrieval.imageio import read_image
-    from retrieval.privacy import hash_patient_id
+    from retrieval.data.imageio import read_image
+    from retrieval.data.privacy import hash_patient_id
 
     ds, reason, is_dicom = _read_header(path)
     if ds is None and not is_dicom:
@@ -408,7 +408,7 @@ def ingest_dicom(
     """Walk ``dicom_dir`` and write a PHI-free manifest at ``out``; see the module doc."""
     from tqdm import tqdm
 
-    from retrieval.manifest import write_manifest
+    from retrieval.data.manifest import write_manifest
 
     root = Path(dicom_dir).expanduser()
     if not root.exists():

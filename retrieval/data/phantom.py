@@ -755,7 +755,7 @@ def make_phantom(
     """Write a synthetic data set under ``out_dir``; return the path of its manifest.csv."""
     import csv
 
-    from retrieval.privacy import hash_patient_id
+    from retrieval.data.privacy import hash_patient_id
 
     if modality not in ("xray", "photo"):
         raise CasebaseError(f"unknown phantom modality {modality!r} (xray or photo)")

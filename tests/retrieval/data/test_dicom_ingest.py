@@ -10,9 +10,9 @@ import pydicom
 import pytest
 
 from retrieval.cli import main
-from retrieval.dicom_ingest import ingest_dicom
-from retrieval.manifest import load_manifest, validate_manifest
-from retrieval.privacy import age_band
+from retrieval.data.dicom_ingest import ingest_dicom
+from retrieval.data.manifest import load_manifest, validate_manifest
+from retrieval.data.privacy import age_band
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from retrieval.imageio import LoadedImage
-from retrieval.model import ModelConfig
-from retrieval.preprocess import Geometry, Preprocessor, match_channels
+from retrieval.data.imageio import LoadedImage
+from retrieval.model.network import ModelConfig
+from retrieval.model.preprocess import Geometry, Preprocessor, match_channels
 
 
 def _img(h, w, c):

@@ -1,4 +1,4 @@
-"""retrieval.phantom: deterministic, balanced, patient-disjoint synthetic data with a
+"""retrieval.data.phantom: deterministic, balanced, patient-disjoint synthetic data with a
 controllable shortcut, and fake PHI that stays in the DICOM headers."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pydicom
 import pytest
 
 from retrieval.cli import main
+from retrieval.data.imageio import read_image, read_mask
+from retrieval.data.phantom import PHOTO_CLASSES, SITES, XRAY_CLASSES, make_phantom, render_marker
+from retrieval.data.privacy import hash_patient_id
 from retrieval.errors import CasebaseError
-from retrieval.imageio import read_image, read_mask
-from retrieval.phantom import PHOTO_CLASSES, SITES, XRAY_CLASSES, make_phantom, render_marker
-from retrieval.privacy import hash_patient_id
 
 CLASS_SITE = {c: SITES[i] for i, c in enumerate(XRAY_CLASSES)}
 

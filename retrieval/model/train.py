@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, samplers
 from tqdm.auto import tqdm
 
-from retrieval.augment import augment_batch
-from retrieval.dataset import decode_all
-from retrieval.device import resolve_device
+from retrieval.data.imageio import read_image
+from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
-from retrieval.imageio import read_image
-from retrieval.manifest import load_manifest
-from retrieval.model import CaseNet, ModelConfig, save_model
-from retrieval.preprocess import Preprocessor
+from retrieval.model.augment import augment_batch
+from retrieval.model.dataset import decode_all
+from retrieval.model.device import resolve_device
+from retrieval.model.network import CaseNet, ModelConfig, save_model
+from retrieval.model.preprocess import Preprocessor
 
 
 @dataclass

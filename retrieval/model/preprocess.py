@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.imageio import LoadedImage, read_image
-from retrieval.model import ModelConfig
+from retrieval.data.imageio import LoadedImage, read_image
+from retrieval.model.network import ModelConfig
 
 
 @dataclass(frozen=True)

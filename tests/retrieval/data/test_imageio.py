@@ -1,4 +1,4 @@
-"""retrieval.imageio: every format decodes to (H, W, C) float32 in [0, 1]; every bad input
+"""retrieval.data.imageio: every format decodes to (H, W, C) float32 in [0, 1]; every bad input
 gives an ImageReadError with a specific reason."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from retrieval.data.imageio import LoadedImage, read_image, read_mask, to_uint8_rgb
 from retrieval.errors import ImageReadError
-from retrieval.imageio import LoadedImage, read_image, read_mask, to_uint8_rgb
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -81,7 +81,7 @@ def test_lesion_brighter_than_surrounding_lung_in_both_photometrics(phantom_dir)
 
 def test_decoded_dicom_matches_the_rendered_density(tmp_path):
     """Whatever the photometric, slope/intercept, bits, window and syntax: display ~ density."""
-    from retrieval import phantom as ph
+    from retrieval.data import phantom as ph
 
     cases, patients = ph._plan(30, 3, "none", 0.9, ph.XRAY_CLASSES, ph.SCANNERS)
     seen = set()

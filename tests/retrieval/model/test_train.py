@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from retrieval import train
-from retrieval.model import load_model
+from retrieval.model import train
+from retrieval.model.network import load_model
 
 
 def _scripted_validation(monkeypatch, balanced: list[float] | float, scores=None):

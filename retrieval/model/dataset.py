@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from retrieval.data.imageio import read_image
 from retrieval.errors import CasebaseError, ImageReadError
-from retrieval.imageio import read_image
-from retrieval.preprocess import Preprocessor
+from retrieval.model.preprocess import Preprocessor
 
 
 @dataclass

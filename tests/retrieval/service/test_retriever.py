@@ -102,7 +102,7 @@ def test_cli_query_json_and_saved_maps(tiny_index, phantom_dir, tmp_path, capsys
     js = json.loads(capsys.readouterr().out)
     assert CONTRACT_KEYS <= set(js) and len(js["neighbors"]) == 3
     arr = np.load(js["maps"]["similarity"], allow_pickle=False)
-    from retrieval.imageio import read_image
+    from retrieval.data.imageio import read_image
 
     assert arr.shape == tuple(read_image(phantom_dir / case["image"]).original_size)
     assert arr.dtype == np.float32 and np.isfinite(arr).all()

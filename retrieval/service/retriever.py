@@ -18,15 +18,15 @@ import torch
 from index import bundle
 from index.case_store import attribute_columns, read_cases
 from index.vector_index import VectorIndex
-from retrieval import ood as ood_score
-from retrieval.context import ImageContext
-from retrieval.device import resolve_device
-from retrieval.embedding import ood_features
+from retrieval.service import ood as ood_score
 from retrieval.errors import BundleError, CasebaseError
 from retrieval.explain.similarity import decompose
-from retrieval.model import CaseNet, load_model
-from retrieval.preprocess import Preprocessor
-from retrieval.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
+from retrieval.model.device import resolve_device
+from retrieval.model.embedding import ood_features
+from retrieval.model.network import CaseNet, load_model
+from retrieval.model.preprocess import Preprocessor
+from retrieval.service.context import ImageContext
+from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
 
 TRUST_FILE = "trust.json"
 

@@ -22,7 +22,7 @@ Shared rules (the helpers below):
 
 * **patient ids are never written raw**: the grouping id (patient, or lesion
   where the data set has no patient id) goes through
-  :func:`retrieval.privacy.hash_patient_id`; case ids are the data set's image
+  :func:`retrieval.data.privacy.hash_patient_id`; case ids are the data set's image
   ids where those carry no patient id, else built from the hashed id;
 * **patient-disjoint splits**, deterministic for a ``seed``: a data set's
   official test set is kept as ``test``; every other patient is assigned
@@ -920,8 +920,8 @@ def _manifest_path(p: Path, out_dir: Path) -> str:
 def convert(source: str, metadata: str | os.PathLike, opts: ConvertOptions) -> ConvertReport:
     """Convert ``metadata`` of data set ``source`` into a manifest at ``opts.out``."""
     from retrieval import atomic
-    from retrieval.manifest import write_manifest
-    from retrieval.privacy import hash_patient_id
+    from retrieval.data.manifest import write_manifest
+    from retrieval.data.privacy import hash_patient_id
 
     if source not in CONVERTERS:
         raise CasebaseError(f"unknown source {source!r} (one of {', '.join(CONVERTERS)})")

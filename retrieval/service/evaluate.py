@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from retrieval.embedding import embed_paths
+from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
-from retrieval.manifest import load_manifest
-from retrieval.service import CaseRetriever
+from retrieval.model.embedding import embed_paths
+from retrieval.service.retriever import CaseRetriever
 
 MAX_K = 1000
 
@@ -90,7 +90,7 @@ def embed_split(
 
 
 def _ood_rate(r: CaseRetriever, qs: QuerySet) -> float:
-    from retrieval import ood
+    from retrieval.service import ood
 
     if r.ood_reference is None or qs.ood_features is None:
         return 0.0

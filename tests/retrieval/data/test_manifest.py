@@ -1,4 +1,4 @@
-"""retrieval.manifest + `casebase validate`: every problem with its row and column,
+"""retrieval.data.manifest + `casebase validate`: every problem with its row and column,
 never a traceback."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from retrieval.cli import main
+from retrieval.data.manifest import Problem, load_manifest, validate_manifest
 from retrieval.errors import ManifestError
-from retrieval.manifest import Problem, load_manifest, validate_manifest
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -651,7 +651,7 @@ class _UidLabels:
 
 def _label_source(spec: str | None, root: Path):
     """(uid_labels or None, ingest-dicom label source or None)."""
-    from retrieval.dicom_ingest import _LabelSource
+    from retrieval.data.dicom_ingest import _LabelSource
 
     spec = (spec or DEFAULT_LABEL_KEYWORD).strip()
     if spec == "folder":
@@ -707,7 +707,7 @@ def _record(
     path: Path, rel: str, labeler, uid_labels, ref: InstanceRef, used_ids: set[str], out_dir: Path
 ):
     """The manifest row ``ingest-dicom`` writes for ``path`` (or ``(None, reason)``)."""
-    from retrieval.dicom_ingest import record_for_file
+    from retrieval.data.dicom_ingest import record_for_file
 
     def label_for(p, r, ds):
         return uid_labels.label(ref) if uid_labels is not None else labeler.label(p, r, ds)
@@ -769,9 +769,9 @@ def ingest_dicomweb(
     import pandas as pd
     from tqdm import tqdm
 
-    from retrieval.dicom_ingest import COLUMNS
+    from retrieval.data.dicom_ingest import COLUMNS
+    from retrieval.data.manifest import write_manifest
     from retrieval.errors import ManifestError
-    from retrieval.manifest import write_manifest
 
     t0 = time.perf_counter()
     out_path = Path(out).expanduser()

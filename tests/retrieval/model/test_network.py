@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from retrieval.errors import BundleError
-from retrieval.model import CaseNet, ModelConfig, load_model, save_model
+from retrieval.model.network import CaseNet, ModelConfig, load_model, save_model
 
 
 def _model(**kw):

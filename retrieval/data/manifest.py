@@ -404,7 +404,7 @@ def validate_manifest(
 
 
 def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Problem]:
-    from retrieval.imageio import read_image, read_mask
+    from retrieval.data.imageio import read_image, read_mask
 
     df = man.df
     problems: list[Problem] = []

@@ -1,4 +1,4 @@
-"""retrieval.privacy: keyed pseudonyms, a private key file, coarse ages."""
+"""retrieval.data.privacy: keyed pseudonyms, a private key file, coarse ages."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from retrieval import privacy
-from retrieval.privacy import (
+from retrieval.data import privacy
+from retrieval.data.privacy import (
     AGE_BANDS,
     age_band,
     age_band_from_dates,

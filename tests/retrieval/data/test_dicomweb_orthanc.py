@@ -424,7 +424,7 @@ def test_auth_failure_is_one_clear_line(orthanc, tmp_path, capsys, monkeypatch):
 
 
 def test_query_by_study_series_and_instance(orthanc, phantom, monkeypatch):
-    from retrieval.dicomweb import fetch_instance
+    from retrieval.data.dicomweb import fetch_instance
 
     monkeypatch.setenv("CASEBASE_DICOMWEB_USERNAME", USER)
     monkeypatch.setenv("CASEBASE_DICOMWEB_PASSWORD", PASSWORD)
@@ -492,7 +492,7 @@ def test_connection_refused_is_specific(tmp_path, capsys, env):
 
 
 def test_url_helpers():
-    from retrieval.dicomweb import _multipart_parts, parse_dicomweb_url, sanitize_url
+    from retrieval.data.dicomweb import _multipart_parts, parse_dicomweb_url, sanitize_url
 
     assert sanitize_url("https://bob:hunter2@pacs.example:8443/dicom-web?token=abc") == (
         "https://pacs.example:8443/dicom-web?token=***"
@@ -520,7 +520,7 @@ def test_url_helpers():
 
 
 def test_auth_args(monkeypatch):
-    from retrieval.dicomweb import auth_from_args
+    from retrieval.data.dicomweb import auth_from_args
 
     assert auth_from_args(None, None, None) is None
     monkeypatch.setenv("TOK_X", "tok-secret")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from retrieval.imageio import LoadedImage
-from retrieval.preprocess import Geometry
+from retrieval.data.imageio import LoadedImage
+from retrieval.model.preprocess import Geometry
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from retrieval.imageio import to_uint8_rgb
+from retrieval.data.imageio import to_uint8_rgb
 
 
 def normalize_map(heat: np.ndarray, signed: bool = False) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Batched saliency-weighted embedding of many images (index builds, eval, audit).
 
 One forward per batch gives logits, the Grad-CAM of the predicted class (in
-closed form, see retrieval.model) and the pooled embedding: saliency
+closed form, see retrieval.model.network) and the pooled embedding: saliency
 weighting costs one extra (C × h·w) product per image.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from retrieval.dataset import Failure, iter_decoded
-from retrieval.model import CaseNet
-from retrieval.preprocess import Preprocessor
+from retrieval.model.dataset import Failure, iter_decoded
+from retrieval.model.network import CaseNet
+from retrieval.model.preprocess import Preprocessor
 
 
 @dataclass
