@@ -320,6 +320,8 @@ def launch_app(out: Path, port: int) -> int:
         str(port),
         "--browser.gatherUsageStats",
         "false",
+        "--server.fileWatcherType",
+        "none",
         "--",
         "--index",
         str((out / "index").resolve()),
