@@ -20,7 +20,7 @@ from PIL import Image
 from retrieval.cli import main
 from retrieval.data.converters import normalise_age, normalise_sex, patient_disjoint_splits
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 PID_RE = r"p_[0-9a-f]{16}"
 
 
