@@ -313,8 +313,8 @@ class CaseRetriever:
         text = f"Predicted {p.label} ({p.confidence:.2f})."
         if res.ood.flag:
             text = (
-                f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.2f} "
-                f"above the calibrated {res.ood.threshold:.2f}); the model's guess would be {p.label} "
+                f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.3g} "
+                f"above the calibrated {res.ood.threshold:.3g}); the model's guess would be {p.label} "
                 f"({p.confidence:.2f})."
             )
         if res.neighbors:
