@@ -1,0 +1,364 @@
+"""Results tables and figures in the docs, generated from bench/results/*.json.
+
+    python -m bench.report            rewrite every generated block in the docs
+    python -m bench.report --check    exit 1, naming the figure, when the docs and the JSON disagree
+
+Why: every number the README or docs state must be re-derivable from a
+benchmark's JSON, and a hand edit (or a stale figure after a re-run) must be
+caught, not trusted. Two kinds of marker live in the Markdown files:
+
+* a block, regenerated whole from one renderer in ``TABLES``::
+
+      <!-- bench:query_latency -->
+      ...generated table...
+      <!-- /bench:query_latency -->
+
+* an inline figure in prose, formatted from one JSON value::
+
+      P@5 <!-- fig depth:phantoms.chest.precision_at_5 .2f -->0.98<!-- /fig -->
+
+  The path is ``FILE:KEY.KEY.INDEX`` inside ``bench/results/FILE.json``; a
+  list element may be picked by a field, ``results[size=100000]``. The format
+  is a Python format spec, with ``%`` scaling a share to a percentage.
+
+Renderers read only the JSON; each block ends with the machine, date and load
+it was measured under, so a reader can judge the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+
+BLOCK = re.compile(
+    r"<!-- bench:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S
+)
+FIG = re.compile(
+    r"<!-- fig (?P<path>[\w.-]+:[^ ]+)(?: (?P<fmt>[^ ]+))? -->(?P<text>.*?)<!-- /fig -->"
+)
+SELECT = re.compile(r"^(?P<key>[\w-]*)\[(?P<field>[\w-]+)=(?P<value>[^\]]+)\]$")
+
+
+class ReportError(Exception):
+    """A block or figure that cannot be generated (missing JSON, bad path)."""
+
+
+# ---------------------------------------------------------------------------- JSON access
+
+
+def load(name: str, results: Path = RESULTS) -> dict:
+    path = results / f"{name}.json"
+    if not path.is_file():
+        raise ReportError(f"bench/results/{name}.json is missing (run bench/{name}.py)")
+    return json.loads(path.read_text())
+
+
+def lookup(doc, dotted: str):
+    """`a.b[field=v].0.c` inside a JSON document; ReportError naming the step that failed."""
+    cur = doc
+    for step in dotted.split("."):
+        m = SELECT.match(step)
+        if m:
+            if m["key"]:
+                cur = _step(cur, m["key"], dotted)
+            hits = [x for x in cur if str(x.get(m["field"])) == m["value"]]
+            if len(hits) != 1:
+                raise ReportError(f"{dotted}: {len(hits)} elements with {m['field']}={m['value']}")
+            cur = hits[0]
+        else:
+            cur = _step(cur, step, dotted)
+    return cur
+
+
+def _step(cur, key: str, dotted: str):
+    try:
+        if isinstance(cur, list):
+            return cur[int(key)]
+        return cur[key]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise ReportError(f"{dotted}: no {key!r}") from None
+
+
+def fmt(value, spec: str | None) -> str:
+    if spec is None:
+        return str(value)
+    if spec.endswith("%"):
+        return format(float(value) * 100, spec[:-1] + "f") + "%"
+    return format(value, spec)
+
+
+def machine_line(doc: dict) -> str:
+    m = doc.get("machine", {})
+    cpu = m.get("cpu_model") or m.get("cpu") or "?"
+    cores = m.get("cpus_usable") or m.get("cpu_count") or m.get("cores") or "?"
+    gpu = m.get("cuda_device") or "no GPU"
+    load = m.get("loadavg_start") or m.get("loadavg")
+    end = m.get("loadavg_end")
+    load_s = f"load {load[0]:.1f}" if load else "load not recorded"
+    if load and end:
+        load_s += f" → {end[0]:.1f}"
+    date = str(doc["date"])[:10] if doc.get("date") else "(date not recorded)"
+    torch_v = f", torch {m['torch'].split('+')[0]}" if m.get("torch") else ""
+    return f"*Measured {date} on {cpu}, {cores} cores, {gpu}{torch_v}; {load_s}.*"
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- renderers
+
+
+def _build_throughput(r: Path) -> str:
+    d = load("build_throughput", r)
+    mt, e2e = d["model_throughput"], d["end_to_end"]
+    rows = [
+        [
+            name,
+            f"{mt[name]['images_per_s']:.1f}",
+            f"{mt[name]['images_per_s'] / mt['plain']['images_per_s']:.3f}",
+        ]
+        for name in ("plain", "saliency", "uniform")
+    ]
+    t1 = md_table(["embedding (pre-decoded batches)", "images/s", "vs plain forward"], rows)
+    rows2 = [
+        [k, f"{v['embed_images_per_s']:.1f}", f"{v['wall']['median']:.1f}", v["n_indexed"]]
+        for k, v in e2e.items()
+    ]
+    t2 = md_table(["`index build` decoding", "images/s", "wall s (median)", "cases"], rows2)
+    return f"{t1}\n\n{t2}\n\n{machine_line(d)}"
+
+
+def _search_scale(name: str) -> Callable[[Path], str]:
+    def render(r: Path) -> str:
+        d = load(name, r)
+        rows = []
+        for x in d["results"]:
+            knob = f"{x['knob']}={x['value']}" if x.get("knob") else ""
+            rows.append(
+                [
+                    f"`{x['index']}`",
+                    knob,
+                    f"{x['recall_at_10']:.3f}",
+                    f"{x['ms_per_query_batch1_1thread']:.2f}",
+                    f"{x['speedup_vs_exact_batch1_1thread']:.0f}×",
+                    f"{x['build_s']:.1f}",
+                    f"{x['bytes_per_vector']:.0f}",
+                ]
+            )
+        n = d["config"]["n"]
+        head = f"{n:,} clustered {d['config']['dim']}-d unit vectors; batch-1 queries on 1 thread."
+        t = md_table(
+            ["index", "knob", "recall@10", "ms/query", "vs exact", "build s", "bytes/vector"], rows
+        )
+        return f"{head}\n\n{t}\n\n{machine_line(d)}"
+
+    return render
+
+
+def _query_latency(r: Path) -> str:
+    d = load("query_latency", r)
+    variants = list(d["results"][0]["variants"])
+    rows = []
+    for res in d["results"]:
+        row = [f"{res['size']:,}", res["factory"]]
+        row += [f"{res['variants'][v]['p50_ms']:.1f}" for v in variants]
+        row.append(f"{res['peak_rss_mb']:.0f}")
+        rows.append(row)
+    t = md_table(["indexed", "factory", *[f"{v} p50 ms" for v in variants], "peak RSS MB"], rows)
+    return f"`CaseRetriever.query`, k = {d['config']['k']}, {d['config']['queries']} queries per size.\n\n{t}\n\n{machine_line(d)}"
+
+
+def _gradcam_vs_reference(r: Path) -> str:
+    d = load("gradcam_vs_reference", r)
+    rows = []
+    for res in d["results"]:
+        for b, v in res["batches"].items():
+            pm = v["per_map"]
+            # per_map holds seconds per call of a whole batch
+            ours, ref = (pm[k]["median"] / int(b) for k in ("closed form", "pytorch-grad-cam"))
+            rows.append(
+                [
+                    res["image_size"],
+                    b,
+                    f"{ours * 1000:.1f}",
+                    f"{ref * 1000:.1f}",
+                    f"{ours / ref:.2f}",
+                ]
+            )
+    t = md_table(["px", "batch", "closed form ms/map", "pytorch-grad-cam ms/map", "ratio"], rows)
+    return (
+        f"{t}\n\nLargest difference from pytorch-grad-cam after the same normalisation: "
+        f"{d['worst_max_abs_diff']:.1e} (target ≤ {d['targets']['max_abs_diff']:.0e}).\n\n{machine_line(d)}"
+    )
+
+
+def _explain_cost(r: Path) -> str:
+    d = load("explain_cost", r)
+    rows = [
+        [f"`{m}`", f"{v['explain_s_median']:.3f}", v["image_forwards"], v["sample_counts"]]
+        for m, v in d["methods"].items()
+    ]
+    c = d["config"]
+    t = md_table(["method", "seconds per query", "image forwards", "samples"], rows)
+    return (
+        f"One query with k = {c['k']} neighbours at {c['image_size']} px, median of {c['images']} queries.\n\n"
+        f"{t}\n\nAll methods: {d['all_methods_explain_s']:.1f} s.\n\n{machine_line(d)}"
+    )
+
+
+def _audit_seeds(r: Path) -> str:
+    d = load("audit_seeds", r)
+    rows = [[k, f"{v['held']}/{v['of']}"] for k, v in d["verdicts"].items()]
+    a = d["args"]
+    head = (
+        f"{a['n']}-case phantoms at {a['size']} px, models at {a['image_size']} px, seeds {a['seeds']}, "
+        f"confounders {a['confounders']} (strength {a['strength']})."
+    )
+    return f"{head}\n\n{md_table(['verdict', 'held'], rows)}\n\n{machine_line(d)}"
+
+
+def _audit_null(r: Path) -> str:
+    d = load("audit_null", r)
+    rows = []
+    for res in d["results"]:
+        attrs = res["attributes"]
+        flagged = sum(bool(a["flagged"]) for a in attrs)
+        below = sum(a["p_value"] < 0.05 for a in attrs)
+        rows.append(
+            [res["index"].rsplit("/", 1)[-1], len(attrs), flagged, f"{below / len(attrs):.2f}"]
+        )
+    t = md_table(["index", "random attributes", "flagged", "share of raw p < 0.05"], rows)
+    return f"{t}\n\n{machine_line(d)}"
+
+
+def _ray_scaling(r: Path) -> str:
+    d = load("ray_scaling", r)
+    rows = [[k, f"{v:.1f}"] for k, v in d["images_per_second_median"].items()]
+    return (
+        f"{d['n_images']:,} images.\n\n{md_table(['engine', 'images/s'], rows)}\n\n"
+        f"2 vs 1 actor: {d['ratio_2_vs_1_actor']:.2f}×.\n\n{machine_line(d)}"
+    )
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "build_throughput": _build_throughput,
+    "search_scale": _search_scale("search_scale"),
+    "search_scale_100k": _search_scale("search_scale_100k"),
+    "query_latency": _query_latency,
+    "gradcam_vs_reference": _gradcam_vs_reference,
+    "explain_cost": _explain_cost,
+    "audit_seeds": _audit_seeds,
+    "audit_null": _audit_null,
+    "ray_scaling": _ray_scaling,
+}
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+def render_text(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """The text with every block and figure regenerated; and the problems met (missing JSON, ...)."""
+    problems: list[str] = []
+
+    def block(m: re.Match) -> str:
+        name = m["name"]
+        fn = TABLES.get(name)
+        if fn is None:
+            problems.append(f"block {name}: no renderer in bench/report.py")
+            return m.group(0)
+        try:
+            body = fn(results).rstrip("\n") + "\n"
+        except ReportError as e:
+            problems.append(f"block {name}: {e}")
+            return m.group(0)
+        return f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->"
+
+    def fig(m: re.Match) -> str:
+        file, _, dotted = m["path"].partition(":")
+        try:
+            value = fmt(lookup(load(file, results), dotted), m["fmt"])
+        except ReportError as e:
+            problems.append(f"figure {m['path']}: {e}")
+            return m.group(0)
+        spec = f" {m['fmt']}" if m["fmt"] else ""
+        return f"<!-- fig {m['path']}{spec} -->{value}<!-- /fig -->"
+
+    return FIG.sub(fig, BLOCK.sub(block, text)), problems
+
+
+def differences(old: str, new: str) -> list[str]:
+    """Human-readable mismatches: the figure or block and the stated vs the JSON value."""
+    out = []
+    olds = {m["path"]: m["text"] for m in FIG.finditer(old)}
+    for m in FIG.finditer(new):
+        if olds.get(m["path"]) != m["text"]:
+            out.append(
+                f"figure {m['path']}: docs say {olds.get(m['path'])!r}, JSON gives {m['text']!r}"
+            )
+    oldb = {m["name"]: m["body"] for m in BLOCK.finditer(old)}
+    for m in BLOCK.finditer(new):
+        if oldb.get(m["name"]) != m["body"]:
+            a, b = (oldb.get(m["name"]) or "").splitlines(), m["body"].splitlines()
+            line = next(
+                (f"{x!r} vs JSON {y!r}" for x, y in zip(a, b, strict=False) if x != y),
+                f"{len(a)} lines vs {len(b)}",
+            )
+            out.append(f"block {m['name']}: {line}")
+    return out
+
+
+def run(paths: list[Path], check: bool, results: Path = RESULTS) -> int:
+    failed = False
+    for path in paths:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        new, problems = render_text(text, results)
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        for p in problems:
+            print(f"{rel}: {p}", file=sys.stderr)
+            failed = True
+        if check:
+            for d in differences(text, new):
+                print(f"{rel}: {d}", file=sys.stderr)
+                failed = True
+        elif new != text:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(new)
+            tmp.replace(path)
+            print(f"updated {rel}")
+    if check and not failed:
+        print(
+            f"bench.report: every figure in {len([p for p in paths if p.is_file()])} files matches its JSON"
+        )
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="compare, do not write; exit 1 on a mismatch"
+    )
+    ap.add_argument(
+        "files", nargs="*", type=Path, help="Markdown files (default: README.md, docs/results.md)"
+    )
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON files")
+    a = ap.parse_args(argv)
+    return run([p.resolve() for p in a.files] or DOCS, a.check, a.results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
