@@ -28,6 +28,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 test: $(TEST_STAMP) system-deps
+	$(VENV)/bin/python -m bench.report --check
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(TEST_STAMP)
