@@ -17,10 +17,12 @@ from index.vector_index import VectorIndex
 from retrieval import atomic
 from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
+from retrieval.explain.similarity import SCORE_FILE, calibrate_scale
 from retrieval.model.device import resolve_device
 from retrieval.model.embedding import EmbeddedSet, embed_paths
 from retrieval.model.network import CONFIG_FILE, WEIGHTS_FILE, load_model, weights_fingerprint
 from retrieval.model.preprocess import Preprocessor
+from retrieval.service.conformal import CONFORMAL_FILE, calibrate_table
 from retrieval.service.ood import OOD_REFERENCE, calibrate
 
 WEIGHTING_FORMULA = {
@@ -66,7 +68,7 @@ def embed_manifest(
     num_workers=None,
 ):
     """Embed the manifest's cases in the given splits -> (model, case table of the embedded, EmbeddedSet)."""
-    dev = resolve_device(device)
+    dev = resolve_device("cpu" if engine == "ray" else device)  # ray: the actors pick theirs
     model = load_model(model_dir, dev)
     manifest = load_manifest(manifest_path)
     df = manifest.select(splits)
@@ -82,7 +84,16 @@ def embed_manifest(
     if engine == "ray":
         from index.ray_engine import embed_with_ray
 
-        emb = embed_with_ray(model_dir, cases["image"].tolist(), weighting, batch_size, address)
+        emb = embed_with_ray(
+            model_dir,
+            cases["image"].tolist(),
+            weighting,
+            batch_size,
+            address,
+            progress=progress,
+            strict=strict,
+            device=device,
+        )
     else:
         emb = embed_paths(
             model,
@@ -108,10 +119,22 @@ def write_bundle(
     factory,
     splits,
     extra_meta: dict | None = None,
+    conformal: dict | None = None,
 ) -> dict:
+    """conformal: coverage, method (aps|raps), group_attribute (Mondrian) for the prediction sets."""
     kept = cases.iloc[emb.ok].reset_index(drop=True)
     vindex = VectorIndex.build(emb.vectors, factory)
     calib = calibrate(emb.ood_features, kept["split"].to_numpy(), kept["patient_id"].to_numpy())
+    # similarity_score: quantiles of the index's own top-10 neighbour cosines (SimilarityScale)
+    score_q, score_meta = calibrate_scale(vindex.search, emb.vectors, kept["patient_id"].to_numpy())
+    sets = calibrate_table(
+        list(model.config.classes),
+        kept,
+        emb.probabilities,
+        emb.vectors,
+        vindex,
+        **(conformal or {}),
+    )
     model_dir = Path(model_dir)
     meta = {
         "casebase_bundle": True,
@@ -139,7 +162,11 @@ def write_bundle(
         },
         "splits": list(splits),
         "ood": calib.to_dict(),
+        "similarity_score": score_meta,
     }
+    meta["calibration"] = sets.meta
+    if sets.conformal is not None:
+        meta["conformal"] = sets.conformal.summary()
     meta.update(extra_meta or {})
     with atomic.atomic_dir(out_dir) as tmp:
         vindex.save(tmp / "vectors.faiss")
@@ -149,6 +176,10 @@ def write_bundle(
             emb.ood_features[calib.reference_rows].astype(np.float32),
             allow_pickle=False,
         )
+        if len(score_q):
+            np.save(tmp / SCORE_FILE, score_q.astype(np.float64), allow_pickle=False)
+        if sets.conformal is not None:
+            (tmp / CONFORMAL_FILE).write_bytes(sets.conformal.to_json())
         (tmp / "model").mkdir()
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(model_dir / name, tmp / "model" / name)
@@ -170,8 +201,14 @@ def build_index(
     engine="local",
     address=None,
     num_workers=None,
+    coverage=0.9,
+    conformal_method="aps",
+    mondrian=None,
 ) -> BuildReport:
-    """num_workers: DataLoader decoding processes (None: retrieval.model.dataset.default_workers())."""
+    """num_workers: DataLoader decoding processes (None: retrieval.model.dataset.default_workers()).
+
+    coverage / conformal_method / mondrian: the prediction sets calibrated at build (conformal.py).
+    """
     t0 = time.time()
     model, cases, emb = embed_manifest(
         model_dir,
@@ -202,6 +239,7 @@ def build_index(
         factory,
         splits,
         {"manifest": str(Path(manifest_path).resolve())},
+        {"coverage": coverage, "method": conformal_method, "group_attribute": mondrian},
     )
     return BuildReport(
         str(out_dir),

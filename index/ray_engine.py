@@ -64,7 +64,7 @@ class _Decoder:
 class _Embedder:
     """Actor: loads the model once, embeds decoded batches."""
 
-    def __init__(self, model_dir: str, weighting: str):
+    def __init__(self, model_dir: str, weighting: str, device: str = "auto"):
         import torch
 
         from retrieval.model.device import resolve_device
@@ -72,7 +72,7 @@ class _Embedder:
         from retrieval.model.preprocess import Preprocessor
 
         torch.set_num_threads(1)
-        self.device = resolve_device("auto")
+        self.device = resolve_device(device)
         self.model = load_model(model_dir, self.device)
         self.pre = Preprocessor(self.model.config)
         self.weighting = weighting
@@ -111,7 +111,18 @@ def embed_with_ray(
     address=None,
     num_actors: int | None = None,
     progress: bool = True,
+    strict: bool = False,
+    device: str = "auto",
 ) -> EmbeddedSet:
+    """Embed ``paths`` on a Ray cluster.
+
+    ``strict``: the first unreadable image stops the build with an error, as
+    the local engine does. ``device``: ``cpu`` runs the actors without GPUs
+    even on a GPU cluster; ``cuda`` requires GPUs in the cluster (one per
+    actor); ``auto`` uses them when the cluster has them.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise CasebaseError(f"unknown device {device!r}: use auto, cpu or cuda")
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -133,6 +144,12 @@ def embed_with_ray(
         ctx.execution_options.preserve_order = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
+        if device == "cuda" and not gpus:
+            raise CasebaseError(
+                f"--device cuda was asked for but the Ray cluster at {address or 'local'} has no GPU"
+            )
+        if device == "cpu":
+            gpus = 0
         actors = num_actors or max(1, gpus or int(resources.get("CPU", 1)) // 2)
         model_dir = str(model_dir)
         ds = ray.data.from_items([{"row": i, "path": str(p)} for i, p in enumerate(paths)])
@@ -145,7 +162,11 @@ def embed_with_ray(
         )
         ds = ds.map_batches(
             _Embedder,
-            fn_constructor_kwargs={"model_dir": model_dir, "weighting": weighting},
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "weighting": weighting,
+                "device": "cuda" if gpus else "cpu",
+            },
             batch_size=batch_size,
             concurrency=actors,
             num_gpus=1 if gpus else 0,
@@ -158,6 +179,10 @@ def embed_with_ray(
             probs.append(b["prob"])
             oods.append(b["ood"])
             errors.extend(b["error"].tolist())
+            if strict:
+                bad = next((str(e) for e in b["error"].tolist() if e), "")
+                if bad:  # stop the pipeline at the first unreadable image, as locally
+                    raise CasebaseError(f"{bad} (--strict: stopping at the first bad file)")
     finally:
         if started_here:
             ray.shutdown()
