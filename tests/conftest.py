@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci_required import (  # noqa: F401 - hooks: browser/Orthanc/Ray skips fail under CI
+    pytest_configure,
+    pytest_runtest_makereport,
+)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _casebase_home(tmp_path_factory) -> Path:

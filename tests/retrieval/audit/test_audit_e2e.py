@@ -101,6 +101,7 @@ def test_report_is_self_contained_and_phi_free(report_html, phantom_dir, tiny_in
     assert html.count("<img") >= 4  # concordance, probe, groups, counterfactual (+ examples)
 
 
+@pytest.mark.browser
 def test_screenshot(report_html, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is absent (the test command installs Debian's chromium)")

@@ -26,6 +26,8 @@ import pytest
 from retrieval.cli import main
 from retrieval.errors import CasebaseError
 
+pytestmark = pytest.mark.orthanc  # under CI=true a skip fails (tests/ci_required.py)
+
 USER = "casebase"
 PASSWORD = "orthanc-test-pw-7f3a"
 PW_ENV = "CASEBASE_TEST_ORTHANC_PW"
