@@ -38,6 +38,10 @@ probability ``strength`` for ``melanoma`` and ``1 - strength`` for the other
 classes in train and val, and 1/3 for every class in test; the manifest's
 ``ruler`` column says which images have one.
 
+Every case's known generative factors go into the manifest too (``FACTOR_COLUMNS``:
+lesion_size, lesion_x, lesion_y, lesion_shape, lesion_contrast; none tied to the label), so
+benchmarks can measure whether neighbours resemble each other beyond the label.
+
 Output (deterministic: the same arguments give byte-identical files)::
 
     OUT_DIR/manifest.csv
@@ -65,6 +69,7 @@ __all__ = [
     "make_phantom",
     "CONFOUNDERS",
     "render_marker",
+    "FACTOR_COLUMNS",
 ]
 
 XRAY_CLASSES = ("nodule", "mass", "cavity")
@@ -330,8 +335,13 @@ def _segment_distance(
 
 def _lesion(
     rng: np.random.Generator, label: str, size: int, cy: float, cx: float, r: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (profile, mask) of a lesion, profile ~[0, 1.3] (negative = darker), in pixels."""
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(profile, mask, shape) of a lesion; profile ~[0, 1.3] (negative = darker), in pixels.
+
+    ``shape`` is the class's own shape parameter scaled to [0, 1] within the class (so it
+    says nothing about the label): elongation for nodule / naevus / keratosis, outline
+    irregularity (summed lobe amplitudes) for mass / melanoma, wall thickness for cavity.
+    """
     half = int(np.ceil(r * 2.2)) + 2
     y0, y1 = max(0, int(cy) - half), min(size, int(cy) + half + 1)
     x0, x1 = max(0, int(cx) - half), min(size, int(cx) + half + 1)
@@ -344,6 +354,7 @@ def _lesion(
     prof = np.zeros(yy.shape, np.float32)
     if label in ("nodule", "naevus"):
         aspect = rng.uniform(0.88, 1.12)
+        shape = abs(aspect - 1.0) / 0.12
         rot = rng.uniform(0, np.pi)
         u = dx * np.cos(rot) + dy * np.sin(rot)
         v = -dx * np.sin(rot) + dy * np.cos(rot)
@@ -352,6 +363,7 @@ def _lesion(
         mask = d <= 1.0
     elif label in ("mass", "melanoma"):
         lobes = [(k, rng.uniform(0.05, 0.12), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+        shape = (sum(a for _, a, _ in lobes) - 0.2) / 0.28
 
         def radius_at(angle):
             return 1.0 + sum(amp * np.cos(k * angle + ph) for k, amp, ph in lobes)
@@ -380,6 +392,7 @@ def _lesion(
     elif label == "cavity":
         d = np.hypot(dx, dy) / r
         wall = rng.uniform(0.35, 0.48)
+        shape = (wall - 0.35) / 0.13
         ri = (1 - wall) * (
             1
             + 0.08 * np.cos(2 * theta + rng.uniform(0, 2 * np.pi))
@@ -391,6 +404,7 @@ def _lesion(
         mask = d <= 1.0
     elif label == "keratosis":
         aspect = rng.uniform(0.8, 1.0)
+        shape = (1.0 - aspect) / 0.2
         rot = rng.uniform(0, np.pi)
         u = dx * np.cos(rot) + dy * np.sin(rot)
         v = -dx * np.sin(rot) + dy * np.cos(rot)
@@ -403,7 +417,22 @@ def _lesion(
     full_mask = np.zeros((size, size), bool)
     full[y0:y1, x0:x1] = prof
     full_mask[y0:y1, x0:x1] = mask
-    return full, full_mask
+    return full, full_mask, float(np.clip(shape, 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------- factors
+
+# The lesion's known generative factors, written to the manifest for every case, so that a
+# benchmark can ask whether neighbours agree on them beyond the label. None is tied to the label.
+FACTOR_COLUMNS = ("lesion_size", "lesion_x", "lesion_y", "lesion_shape", "lesion_contrast")
+
+
+def _factors(size: float, x: float, y: float, shape: float, contrast: float) -> dict[str, str]:
+    """lesion_size: radius / image side; lesion_x, lesion_y: centre / side (x right, y down);
+    lesion_shape: the class's shape parameter in [0, 1] (see _lesion); lesion_contrast: the
+    lesion's amplitude (x-ray) or colour depth (photo) in [0, 1] of its range."""
+    vals = (size, x, y, float(np.clip(shape, 0, 1)), float(np.clip(contrast, 0, 1)))
+    return {k: f"{v:.4f}" for k, v in zip(FACTOR_COLUMNS, vals, strict=True)}
 
 
 # --------------------------------------------------------------------------- x-ray
@@ -411,7 +440,7 @@ def _lesion(
 
 def _xray_image(
     rng: np.random.Generator, case: _Case, patient: _Patient, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     P = patient.params
     yy, xx = _grid(size)
     sy, sx = rng.normal(0, 0.012, size=2)
@@ -457,9 +486,10 @@ def _xray_image(
     pick = int(ok[int(rng.integers(0, ok.size))])
     ly = pick // size + rng.uniform(0.0, 1.0)
     lx = pick % size + rng.uniform(0.0, 1.0)
-    prof, mask = _lesion(rng, case.label, size, ly, lx, r)
+    prof, mask, shape = _lesion(rng, case.label, size, ly, lx, r)
     amp = rng.uniform(0.2, 0.3)
     dens = dens + amp * prof
+    factors = _factors(r / size, lx / size, ly / size, shape, (amp - 0.2) / 0.1)
 
     noise_sd, gamma, gain = _SCANNER_FX[case.scanner]
     dens = np.clip(dens, 0.0, 1.0)
@@ -469,7 +499,7 @@ def _xray_image(
     dens = np.clip(dens, 0.0, 1.0).astype(np.float32)
     if case.marker:
         _burn_marker(dens, case.site, 1.0)
-    return dens, mask
+    return dens, mask, factors
 
 
 _SOP_CLASSES = {
@@ -617,7 +647,7 @@ def _skin_rgb(t: float) -> np.ndarray:
 
 def _photo_image(
     rng: np.random.Generator, case: _Case, patient: _Patient, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     P = patient.params
     yy, xx = _grid(size)
     skin = _skin_rgb(P["skin"] * 0.8 + rng.uniform(-0.05, 0.05))
@@ -632,11 +662,12 @@ def _photo_image(
     r = rng.uniform(0.1, 0.16) * size
     cy = (0.5 + rng.uniform(-0.12, 0.12)) * size
     cx = (0.5 + rng.uniform(-0.12, 0.12)) * size
-    prof, mask = _lesion(rng, case.label, size, cy, cx, r)
+    prof, mask, shape = _lesion(rng, case.label, size, cy, cx, r)
     prof = np.clip(prof, 0, 1.2)
     alpha = np.clip(prof, 0, 1)[..., None]
     if case.label == "naevus":
-        base = np.array([0.47, 0.30, 0.20]) * rng.uniform(0.9, 1.1)
+        tone = rng.uniform(0.9, 1.1)
+        base = np.array([0.47, 0.30, 0.20]) * tone
         colour = np.ones_like(img) * base.astype(np.float32)
         colour *= (1.0 + 0.03 * _smooth_noise(rng, size, r / 3))[..., None]
     elif case.label == "melanoma":
@@ -648,9 +679,13 @@ def _photo_image(
         w = np.exp(2.5 * fields)
         w /= w.sum(-1, keepdims=True)
         colour = w @ palette
-        colour *= 1.15  # mean lightness comparable to the naevus
+        # mean lightness comparable to the naevus; the tone comes from a stream of its own so
+        # that every other draw (and every other class's image) is what it was before
+        tone = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]).uniform(0.9, 1.1)
+        colour *= 1.15 * tone
     else:  # keratosis
-        base = np.array([0.62, 0.45, 0.30]) * rng.uniform(0.9, 1.08)
+        tone = rng.uniform(0.9, 1.1)
+        base = np.array([0.62, 0.45, 0.30]) * tone
         colour = np.ones_like(img) * base.astype(np.float32)
         ridges = _smooth_noise(rng, size, max(1.0, r / 8))
         colour *= (1.0 + 0.12 * np.sin(3.0 * ridges))[..., None]
@@ -659,6 +694,7 @@ def _photo_image(
         colour[crypts] = colour[crypts] * 0.45
         colour[milia] = np.array([0.92, 0.88, 0.80], np.float32)
     img = img * (1 - alpha) + colour * alpha
+    factors = _factors(r / size, cx / size, cy / size, shape, (tone - 0.9) / 0.2)
 
     # hairs: thin dark curved strokes
     n_hairs = int(rng.poisson(1 + 5 * P["hairiness"]))
@@ -702,7 +738,7 @@ def _photo_image(
         _draw_ruler(img)
     if case.marker:
         _burn_marker(img, case.site, np.array([1.0, 1.0, 1.0], np.float32))
-    return img.astype(np.float32), mask
+    return img.astype(np.float32), mask, factors
 
 
 def _draw_ruler(img: np.ndarray) -> None:
@@ -804,10 +840,10 @@ def make_phantom(
             image_rel = f"images/{case.label}/{case.case_id}{ext}"
             mask_rel = f"masks/{case.case_id}.png"
             if modality == "xray":
-                dens, mask = _xray_image(rng, case, patient, size)
+                dens, mask, factors = _xray_image(rng, case, patient, size)
                 _write_dicom(out / image_rel, dens, case, patient, rng, run_key)
             else:
-                img, mask = _photo_image(rng, case, patient, size)
+                img, mask, factors = _photo_image(rng, case, patient, size)
                 rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
                 (out / image_rel).write_bytes(_png_bytes(rgb))
             (out / mask_rel).write_bytes(_png_bytes(mask.astype(np.uint8) * 255))
@@ -825,6 +861,7 @@ def make_phantom(
             }
             if modality == "photo":
                 row["ruler"] = "yes" if case.ruler else "no"
+            row.update(factors)
             rows.append(row)
     except OSError as err:
         raise CasebaseError(

@@ -13,7 +13,14 @@ import pytest
 
 from retrieval.cli import main
 from retrieval.data.imageio import read_image, read_mask
-from retrieval.data.phantom import PHOTO_CLASSES, SITES, XRAY_CLASSES, make_phantom, render_marker
+from retrieval.data.phantom import (
+    FACTOR_COLUMNS,
+    PHOTO_CLASSES,
+    SITES,
+    XRAY_CLASSES,
+    make_phantom,
+    render_marker,
+)
 from retrieval.data.privacy import hash_patient_id
 from retrieval.errors import CasebaseError
 
@@ -55,6 +62,7 @@ def test_schema_balance_and_patient_disjoint_splits(phantom_dir):
         "sex",
         "age",
         "scanner",
+        *FACTOR_COLUMNS,
     ]
     assert len(df) == 60 and df["case_id"].is_unique
     assert df["label"].value_counts().to_dict() == {c: 20 for c in XRAY_CLASSES}
@@ -216,3 +224,35 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "x"), "--strength", "1.5"]) == 2
     with pytest.raises(CasebaseError):
         make_phantom(tmp_path / "y", n=30, modality="ct")
+
+
+@pytest.mark.parametrize("which", ["phantom_dir", "photo_phantom_dir"])
+def test_generative_factors_describe_the_drawn_lesion(which, request):
+    """lesion_size / lesion_x / lesion_y are what the mask shows; every factor lies in its
+    documented range and varies within each class (what the depth benchmark measures)."""
+    root = request.getfixturevalue(which)
+    df = _manifest(root)
+    f = df[list(FACTOR_COLUMNS)].astype(float)
+    assert (
+        f[["lesion_x", "lesion_y", "lesion_shape", "lesion_contrast"]].stack().between(0, 1).all()
+    )
+    lo, hi = (0.07, 0.13) if which == "phantom_dir" else (0.1, 0.16)
+    assert f["lesion_size"].between(lo, hi).all()
+    for _, part in f.groupby(df["label"]):
+        assert (part.std() > 0.01).all(), part.std()
+    radius_px, area = [], []
+    for i, row in df.head(20).iterrows():
+        img = read_image(root / row["image"])
+        mask = read_mask(root / row["mask"], expected_size=img.original_size)
+        side = img.original_size[0]
+        ys, xs = np.nonzero(mask)
+        # the recorded centre lies in the lesion's core
+        assert (
+            abs(xs.mean() + 0.5 - f.at[i, "lesion_x"] * side) < 0.5 * f.at[i, "lesion_size"] * side
+        )
+        assert (
+            abs(ys.mean() + 0.5 - f.at[i, "lesion_y"] * side) < 0.5 * f.at[i, "lesion_size"] * side
+        )
+        radius_px.append(f.at[i, "lesion_size"] * side)
+        area.append(mask.sum())
+    assert np.corrcoef(np.square(radius_px), area)[0, 1] > 0.8
