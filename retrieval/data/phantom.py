@@ -69,6 +69,7 @@ __all__ = [
     "make_phantom",
     "CONFOUNDERS",
     "render_marker",
+    "write_concept_images",
     "FACTOR_COLUMNS",
 ]
 
@@ -439,7 +440,7 @@ def _factors(size: float, x: float, y: float, shape: float, contrast: float) -> 
 
 
 def _xray_image(
-    rng: np.random.Generator, case: _Case, patient: _Patient, size: int
+    rng: np.random.Generator, case: _Case, patient: _Patient, size: int, lesion: bool = True
 ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     P = patient.params
     yy, xx = _grid(size)
@@ -488,7 +489,7 @@ def _xray_image(
     lx = pick % size + rng.uniform(0.0, 1.0)
     prof, mask, shape = _lesion(rng, case.label, size, ly, lx, r)
     amp = rng.uniform(0.2, 0.3)
-    dens = dens + amp * prof
+    dens = dens + amp * prof * float(lesion)  # lesion=False: background alone (concepts)
     factors = _factors(r / size, lx / size, ly / size, shape, (amp - 0.2) / 0.1)
 
     noise_sd, gamma, gain = _SCANNER_FX[case.scanner]
@@ -646,7 +647,7 @@ def _skin_rgb(t: float) -> np.ndarray:
 
 
 def _photo_image(
-    rng: np.random.Generator, case: _Case, patient: _Patient, size: int
+    rng: np.random.Generator, case: _Case, patient: _Patient, size: int, lesion: bool = True
 ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     P = patient.params
     yy, xx = _grid(size)
@@ -664,7 +665,7 @@ def _photo_image(
     cx = (0.5 + rng.uniform(-0.12, 0.12)) * size
     prof, mask, shape = _lesion(rng, case.label, size, cy, cx, r)
     prof = np.clip(prof, 0, 1.2)
-    alpha = np.clip(prof, 0, 1)[..., None]
+    alpha = np.clip(prof, 0, 1)[..., None] * float(lesion)
     if case.label == "naevus":
         tone = rng.uniform(0.9, 1.1)
         base = np.array([0.47, 0.30, 0.20]) * tone
@@ -875,3 +876,75 @@ def make_phantom(
     manifest = out / "manifest.csv"
     _atomic_write_text(manifest, buf.getvalue())
     return manifest
+
+
+# --------------------------------------------------------------------------- concept images
+
+CONCEPT_KINDS = ("marker", "ruler", "control")
+
+
+def write_concept_images(
+    out_dir: str | Path,
+    kind: str = "marker",
+    modality: str = "xray",
+    n: int = 60,
+    size: int = 128,
+    seed: int = 1000,
+    site: str = "A",
+    confounder: str = "none",
+) -> list[Path]:
+    """Example images of one concept for TCAV (``casebase concepts --concept NAME=DIR``).
+
+    ``marker``: the site letter ``site`` burned into the background alone (anatomy or skin,
+    no lesion); ``ruler`` (photo): the ruler on skin alone; ``control``: cases drawn like the
+    data itself (every class, lesions, and the data set's own ``confounder`` at its test-split
+    rate), a concept that should be significant for no class. Same file formats as
+    ``make_phantom`` (DICOM for x-ray, PNG for photo); a seed of its own so that no concept
+    image repeats a data image.
+    """
+    if kind not in CONCEPT_KINDS:
+        raise CasebaseError(f"unknown concept kind {kind!r} (one of {', '.join(CONCEPT_KINDS)})")
+    if modality not in ("xray", "photo"):
+        raise CasebaseError(f"unknown phantom modality {modality!r} (xray or photo)")
+    if kind == "ruler" and modality != "photo":
+        raise CasebaseError("the ruler concept needs --modality photo")
+    if site not in SITES:
+        raise CasebaseError(f"unknown site {site!r} (one of {', '.join(SITES)})")
+    if not 1 <= int(n) <= 10_000:
+        raise CasebaseError(f"--n must be between 1 and 10000 (got {n})")
+    classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
+    vendors = SCANNERS if modality == "xray" else DEVICES
+    # test-split rates for the control (site uniform, ruler 1/3); n >= 12 for the planner
+    cases, patients = _plan(max(12, int(n)), int(seed), confounder, 0.9, classes, vendors)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CasebaseError(f"cannot create {out}: {err.strerror or err}") from None
+    run_key = f"casebase-concept/{kind}/{modality}/{seed}/{n}/{size}/{site}"
+    written = []
+    for case in cases[: int(n)]:
+        rng = np.random.default_rng([seed, case.index, 0xC0C])
+        if kind == "marker":
+            case.marker, case.site, case.ruler = True, site, False
+        elif kind == "ruler":
+            case.marker, case.ruler = False, True
+        else:  # the test split's rates: site uniform, ruler 1/3 (a stream of its own)
+            ctl = np.random.default_rng([seed, case.index, 0xC7])
+            case.site = SITES[int(ctl.integers(0, len(SITES)))]
+            case.ruler = confounder == "ruler" and bool(ctl.random() < 1.0 / 3.0)
+        lesion = kind == "control"
+        name = f"{kind}_{case.index:04d}"
+        try:
+            if modality == "xray":
+                dens, _mask, _f = _xray_image(rng, case, patients[case.patient], size, lesion)
+                path = out / f"{name}.dcm"
+                _write_dicom(path, dens, case, patients[case.patient], rng, run_key)
+            else:
+                img, _mask, _f = _photo_image(rng, case, patients[case.patient], size, lesion)
+                path = out / f"{name}.png"
+                path.write_bytes(_png_bytes((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)))
+        except OSError as err:
+            raise CasebaseError(f"cannot write {out}: {err.strerror or err}") from None
+        written.append(path)
+    return written
