@@ -302,6 +302,19 @@ def _cf_section(cf: dict) -> str:
     return "".join(parts)
 
 
+LEAK_SEARCH_NOTE = "(leakage check: searched without the exclusion, on purpose)"
+
+
+def exclusion_note(data: dict) -> str:
+    """Whether the query's own patient was kept out of its neighbours (all but the leakage check)."""
+    n, nq = data.get("queries_with_patient_id"), data.get("n_queries")
+    if n is None or n == nq:
+        return "the query's own patient excluded"
+    if n == 0:
+        return "own patient not excluded: the split has no patient ids"
+    return f"the query's own patient excluded for the {n} of {nq} queries with a patient id"
+
+
 def _leak_section(lk: dict) -> str:
     def ids(items, n=20):
         if not items:
@@ -330,7 +343,8 @@ def _leak_section(lk: dict) -> str:
         f"<tr><td class=l>case ids in both the split and the index</td><td>{lk['shared_case_ids']['n']}</td></tr>"
     )
     rows.append(
-        f"<tr><td class=l>top-5 neighbours from the query's own patient (exclusion off)</td>"
+        "<tr><td class=l>top-5 neighbours from the query's own patient, searched without the "
+        "exclusion (every other section excludes them)</td>"
         f"<td>{own['n']} in {own['n_queries_affected']} queries{ids(own['pairs'])}</td></tr>"
     )
     isp = lk.get("index_same_patient")
@@ -412,7 +426,8 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
         "<h1>casebase retrieval audit</h1>",
         f"<p class=muted>{data.get('n_queries')} {html.escape(str(data.get('split')))} queries against "
         f"{data.get('n_indexed')} indexed cases ({html.escape(str(data.get('weighting')))} weighting), top-"
-        f"{data.get('k')} neighbours, the query's own patient excluded; {data.get('permutations')} "
+        f"{data.get('k')} neighbours, {html.escape(exclusion_note(data))} (the leakage check "
+        f"searches without the exclusion, on purpose); {data.get('permutations')} "
         f"permutations, seed {data.get('seed')}; overall precision@5 {_n(data.get('precision_at_5'))}. "
         f"Generated {when}.</p>",
         summary,

@@ -208,6 +208,7 @@ def run_audit(
         "split": split,
         "n_queries": int(len(qs.cases)),
         "n_indexed": int(r.index.ntotal),
+        "queries_with_patient_id": int((qpatients != "").sum()),
         "k": K,
         "weighting": r.weighting,
         "precision_at_5": float(np.nanmean(precision)) if np.isfinite(precision).any() else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 from index import bundle
 from retrieval import atomic
 from retrieval.audit import run_audit
-from retrieval.audit.report import render_html
+from retrieval.audit.report import LEAK_SEARCH_NOTE, exclusion_note, render_html
 from retrieval.errors import CasebaseError
 from retrieval.service.retriever import CaseRetriever
 
@@ -44,10 +44,10 @@ def _f(x, fmt=".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def print_table(data: dict, stored: str | None, out: str | None) -> None:
+def print_table(data: dict, stored: str | None, out: str | None, replaced: bool = False) -> None:
     print(
         f"{data['n_queries']} {data['split']} queries against {data['n_indexed']} indexed cases "
-        f"({data['weighting']} weighting, top-{data['k']}, own patient excluded); "
+        f"({data['weighting']} weighting, top-{data['k']}, {exclusion_note(data)}); "
         f"precision@5 {_f(data['precision_at_5'])}"
     )
     head = (
@@ -102,12 +102,20 @@ def print_table(data: dict, stored: str | None, out: str | None) -> None:
         f"  leakage: {lk['near_duplicates']['n']} embedding near-duplicates (cosine >= "
         f"{lk['near_duplicates']['threshold']:.6g}), {npx} pixel near-duplicates, {px} identical-pixel pairs, "
         f"{lk['shared_case_ids']['n']} shared case ids, {lk['own_patient_neighbors']['n']} own-patient "
-        "neighbours (exclusion off)"
+        f"neighbours {LEAK_SEARCH_NOTE}"
     )
-    print(
-        f"  report: {out or stored or '(not written)'}"
-        + (f" (also {stored})" if out and stored else "")
-    )
+    print(f"  report: {report_note(stored, out, replaced)}")
+
+
+def report_note(stored: str | None, out: str | None, replaced: bool) -> str:
+    """Where the report went, saying when the bundle's copy (the app's Audit tab) was replaced."""
+    bundle_note = ""
+    if stored:
+        verb = "replaced" if replaced else "written"
+        bundle_note = f"the bundle's copy {stored} (shown by the app's Audit tab) {verb}"
+    if out:
+        return out + (f"; {bundle_note} too" if bundle_note else "")
+    return bundle_note or "(not written)"
 
 
 def run(args) -> int:
@@ -130,15 +138,22 @@ def run(args) -> int:
     )
     html_text = render_html(result.data, result.examples)
     if out_path is not None:
-        try:
-            atomic.write_text(out_path, html_text)
+        try:  # a report the user hands on: the usual file mode (0644 under umask 022)
+            atomic.write_text(out_path, html_text, mode=0o666)
         except OSError as err:
             raise CasebaseError(f"--out {out_path}: cannot write ({err.strerror or err})") from None
+    replaced = (Path(args.index_dir) / REPORT_FILE).is_file()
     stored = _store(args.index_dir, html_text, result.data)
+    out = str(out_path) if out_path else None
     if args.json:
         data = dict(result.data)
-        data["report"] = {"out": str(out_path) if out_path else None, "bundle": stored}
+        data["report"] = {
+            "out": out,
+            "bundle": stored,
+            "bundle_replaced": bool(stored and replaced),
+        }
         print(json.dumps(data, indent=2, sort_keys=True))
+        print(f"casebase audit: report: {report_note(stored, out, replaced)}", file=sys.stderr)
         return 0
-    print_table(result.data, stored, str(out_path) if out_path else None)
+    print_table(result.data, stored, out, replaced)
     return 0

@@ -7,7 +7,11 @@ patient-excluding k-NN (k = the largest class count in the index, capped at
 k sharing the query's label) and knn_accuracy (similarity-weighted vote of
 the top 10 equals the label) are computed from the same neighbours.
 `attribute_agreement` is the share of the top-5 neighbours sharing the
-query's value of each attribute (e.g. site: do we retrieve by hospital?).
+query's value of each attribute (e.g. site: do we retrieve by hospital?),
+with every attribute coded exactly as the audit codes it
+(`retrieval.audit.attributes`: a numeric one such as age in quartiles of the
+indexed cases, said in `attribute_binning`), so eval's agreement and the
+audit's concordance are the same number.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
 from retrieval.model.embedding import embed_paths
 from retrieval.service.retriever import CaseRetriever
+from retrieval.service.uncertainty import uncertainty_sections
 
 MAX_K = 1000
 
@@ -37,7 +42,10 @@ class EvalReport:
     classifier_accuracy: float
     per_class: dict[str, dict] = field(default_factory=dict)
     attribute_agreement: dict[str, float] = field(default_factory=dict)
+    attribute_binning: dict[str, str] = field(default_factory=dict)  # binned attributes (age)
     ood_flag_rate: float = 0.0  # share of these (in-distribution) queries flagged "I don't know"
+    prediction_sets: dict = field(default_factory=dict)  # conformal sets on this split
+    calibration: dict = field(default_factory=dict)  # ECE before / after temperature scaling
     weighting: str = ""
     split: str = ""
     skipped: list[str] = field(default_factory=list)
@@ -99,8 +107,32 @@ def _ood_rate(r: CaseRetriever, qs: QuerySet) -> float:
     return float((scores > float(cal.get("threshold", 1.0))).mean())
 
 
+def attribute_agreement(
+    r: CaseRetriever, qs: QuerySet, top: np.ndarray
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Share of the (queries x 5) neighbours `top` sharing each query's attribute group, the
+    groups coded as the audit codes them; queries missing the attribute are left out."""
+    from retrieval.audit.attributes import select_attributes
+
+    coded, _ = select_attributes(r.cases, qs.cases, r.attribute_names, None)
+    agreement, binning = {}, {}
+    for a in coded:
+        known = a.query_codes >= 0
+        if not known.any():
+            continue
+        same = a.index_codes[top[known]] == a.query_codes[known, None]
+        agreement[a.name] = float(same.mean())
+        if a.binning:
+            binning[a.name] = a.binning
+    return agreement, binning
+
+
 def evaluate(
-    r: CaseRetriever, manifest_path, split: str = "test", progress: bool = True
+    r: CaseRetriever,
+    manifest_path,
+    split: str = "test",
+    progress: bool = True,
+    coverage: float | None = None,
 ) -> EvalReport:
     index_labels = r.cases["label"].to_numpy()
     classes = sorted(set(index_labels) | set(r.classes))
@@ -143,12 +175,8 @@ def evaluate(
             "precision_at_5": float(match[m, :5].mean()),
             "knn_accuracy": float((knn_pred[m] == c).mean()),
         }
-    agreement = {}
-    for a in r.attribute_names:
-        if a in qs.cases and qs.cases[a].nunique() <= 50:
-            agreement[a] = float(
-                (r.cases[a].to_numpy()[knn[:, :5]] == qs.cases[a].to_numpy()[:, None]).mean()
-            )
+    agreement, binning = attribute_agreement(r, qs, knn[:, :5])
+    sets, calibration = uncertainty_sections(r, qs, coverage)
     return EvalReport(
         n_queries=len(qlab),
         precision_at_1=float(acc["precision_at_1"]),
@@ -159,8 +187,11 @@ def evaluate(
         classifier_accuracy=float((clf_pred == qlab).mean()),
         per_class=per_class,
         attribute_agreement=agreement,
+        attribute_binning=binning,
         ood_flag_rate=_ood_rate(r, qs),
         weighting=r.weighting,
         split=split,
         skipped=qs.skipped,
+        prediction_sets=sets,
+        calibration=calibration,
     )

@@ -37,3 +37,17 @@ def test_write_bytes_replaces_atomically(tmp_path):
     atomic.write_bytes(p, b"two")
     assert p.read_bytes() == b"two"
     assert [q.name for q in p.parent.iterdir()] == ["f.bin"]
+
+
+def test_write_mode_goes_through_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        atomic.write_text(tmp_path / "shared.html", "x", mode=0o666)
+        atomic.write_text(tmp_path / "private.bin", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.html").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600
