@@ -13,11 +13,24 @@ it (even whitespace) is caught; any changed, missing or extra byte elsewhere
 fails its file's checksum. Updates (explain-eval results, audit reports) are
 made in a hard-linked copy and swapped in atomically, so a kill at any point
 leaves the previous bundle loadable.
+
+Checksums catch damage, not a deliberate edit (anyone can recompute them).
+Optional signing closes that: when a bundle key is configured
+(``CASEBASE_BUNDLE_KEY``, hex or text, else the file ``$CASEBASE_HOME/bundle.key``;
+kept like the PHI key, see :func:`retrieval.data.privacy.load_key`, but never
+created automatically), every build and update signs bundle.json with
+HMAC-SHA256 (``signature``: algorithm, key id, value over everything but the
+signature and ``bundle_sha256``, which lists every file's sha256), and loading
+refuses a bundle whose signature is missing or does not match. Without a key,
+nothing is signed or checked. Create a key with
+``python -c "import secrets; print(secrets.token_hex(32))" > ~/.config/casebase/bundle.key``
+(mode 0600), and give it to whoever must load the bundles.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -28,6 +41,26 @@ from retrieval.errors import BundleError
 
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
+SIGNING_KEY_ENV = "CASEBASE_BUNDLE_KEY"
+SIGNING_KEY_FILE = "bundle.key"
+
+
+def signing_key() -> bytes | None:
+    """The configured bundle-signing key, or None (then bundles are neither signed nor checked)."""
+    from retrieval.data.privacy import load_key
+
+    return load_key(SIGNING_KEY_ENV, SIGNING_KEY_FILE, "bundle signing key", create=False)
+
+
+def _key_id(key: bytes) -> str:
+    """Names a key without revealing it (tells "another key" from "edited")."""
+    return hashlib.sha256(b"casebase bundle key id\0" + key).hexdigest()[:12]
+
+
+def _signed_body(meta: dict) -> bytes:
+    return canonical_json(
+        {k: v for k, v in meta.items() if k not in ("signature", "bundle_sha256")}
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -51,9 +84,16 @@ def _files(root: Path) -> list[str]:
 
 def seal(root: Path, meta: dict) -> dict:
     """Checksum every file under `root` and write bundle.json (call inside a temp folder)."""
-    meta = {k: v for k, v in meta.items() if k not in ("files", "bundle_sha256")}
+    meta = {k: v for k, v in meta.items() if k not in ("files", "bundle_sha256", "signature")}
     meta["format_version"] = FORMAT_VERSION
     meta["files"] = {rel: sha256_file(root / rel) for rel in _files(root)}
+    key = signing_key()
+    if key is not None:
+        meta["signature"] = {
+            "algorithm": "HMAC-SHA256",
+            "key_id": _key_id(key),
+            "value": hmac.new(key, _signed_body(meta), hashlib.sha256).hexdigest(),
+        }
     meta["bundle_sha256"] = hashlib.sha256(canonical_json(meta)).hexdigest()
     (root / BUNDLE_JSON).write_bytes(canonical_json(meta))
     return meta
@@ -101,6 +141,7 @@ def verify(root: str | Path) -> dict:
         raise BundleError(
             f"{path}: checksum mismatch (bundle.json was changed after it was written)"
         )
+    _check_signature(path, meta)
     listed = meta.get("files")
     if not isinstance(listed, dict) or not listed:
         raise BundleError(f"{path}: lists no files; the bundle is corrupted")
@@ -116,6 +157,30 @@ def verify(root: str | Path) -> dict:
             f"{root / extra[0]}: unexpected file in the bundle (not listed in bundle.json)"
         )
     return meta
+
+
+def _check_signature(path: Path, meta: dict) -> None:
+    key = signing_key()
+    if key is None:
+        return
+    sig = meta.get("signature")
+    where = f"{SIGNING_KEY_ENV} or $CASEBASE_HOME/{SIGNING_KEY_FILE}"
+    if not isinstance(sig, dict) or not isinstance(sig.get("value"), str):
+        raise BundleError(
+            f"{path}: not signed, but a bundle signing key is configured ({where}); rebuild "
+            "the index with the key, or remove the key to load unsigned bundles"
+        )
+    expected = hmac.new(key, _signed_body(meta), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(sig["value"], expected):
+        if sig.get("key_id") != _key_id(key):
+            raise BundleError(
+                f"{path}: signed with another key (key id {sig.get('key_id')}, the configured "
+                f"key is {_key_id(key)}; {where})"
+            )
+        raise BundleError(
+            f"{path}: signature mismatch (bundle.json was edited after it was signed); "
+            "refusing to load it"
+        )
 
 
 def update(

@@ -47,7 +47,9 @@ __all__ = [
     "age_band",
     "age_band_from_dates",
     "hash_patient_id",
+    "keyed_digest",
     "key_path",
+    "load_key",
     "parse_dicom_age",
 ]
 
@@ -93,11 +95,18 @@ def _decode_key_text(text: str) -> bytes:
 _cache: dict[tuple[str, int, int], bytes] = {}
 
 
-def _load_key() -> bytes:
-    env = os.environ.get(_KEY_ENV)
-    if env is not None and env.strip():
-        return _decode_key_text(env)
-    path = key_path()
+def load_key(env: str, filename: str, what: str, create: bool) -> bytes | None:
+    """A secret key from ``$env`` (hex or text), else from ``$CASEBASE_HOME/filename``.
+
+    ``create``: make the file (32 random bytes as hex, mode 0600, atomically)
+    when it is missing; otherwise a missing file means "no key" (None). Shared
+    by the PHI key (always created) and the bundle-signing key (only when
+    configured, :mod:`index.bundle`).
+    """
+    value = os.environ.get(env)
+    if value is not None and value.strip():
+        return _decode_key_text(value)
+    path = casebase_home() / filename
     try:
         st = path.stat()
         cached = _cache.get((str(path), st.st_ino, st.st_mtime_ns))
@@ -107,8 +116,10 @@ def _load_key() -> bytes:
         pass
     try:
         if not path.exists():
+            if not create:
+                return None
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".phi.key.", dir=str(path.parent))
+            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=str(path.parent))
             try:
                 os.fchmod(fd, 0o600)
                 with os.fdopen(fd, "w") as fh:
@@ -129,17 +140,28 @@ def _load_key() -> bytes:
         key = _decode_key_text(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise CasebaseError(
-            f"cannot read or create the PHI key file {path} ({err.strerror or err}); "
-            f"set {_KEY_ENV} or {_HOME_ENV}"
+            f"cannot read or create the {what} file {path} ({err.strerror or err}); "
+            f"set {env} or {_HOME_ENV}"
         ) from None
     if len(key) < 16:
-        raise CasebaseError(f"the PHI key in {path} is too short (need at least 16 bytes)")
+        raise CasebaseError(f"the {what} in {path} is too short (need at least 16 bytes)")
     try:
         st = path.stat()
         _cache[(str(path), st.st_ino, st.st_mtime_ns)] = key
     except OSError:
         pass
     return key
+
+
+def _load_key() -> bytes:
+    key = load_key(_KEY_ENV, "phi.key", "PHI key", create=True)
+    assert key is not None  # created when missing
+    return key
+
+
+def keyed_digest(text: str, n_hex: int = 16) -> str:
+    """HMAC-SHA256 of ``text`` under the PHI key, as ``n_hex`` hex digits (for pseudonyms)."""
+    return hmac.new(_load_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()[:n_hex]
 
 
 def hash_patient_id(raw: str) -> str:
@@ -151,8 +173,7 @@ def hash_patient_id(raw: str) -> str:
     text = str(raw).strip()
     if not text:
         raise ValueError("empty patient identifier")
-    digest = hmac.new(_load_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()
-    return "p_" + digest[:16]
+    return "p_" + keyed_digest(text)
 
 
 def age_band(age_years: float | int | str | None) -> str:
