@@ -330,6 +330,8 @@ def _grad_mode():
     requires_grad on the inputs is expected and silenced."""
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
+        # captum announces the hooks that guided backprop / deconvolution / DeepLIFT set
+        warnings.filterwarnings("ignore", message=".*Setting (forward, )?backward hooks.*")
         yield
 
 
@@ -581,6 +583,9 @@ class Similarity:
             return torch.where((t.classes >= 0)[:, None, None], cam, sim)
 
 
+# the rest of the J. Imaging 2020 review's table, one module per family (retrieval.explain.methods)
+from retrieval.explain.methods import cam, gradients, relevance, shapley  # noqa: E402
+
 REGISTRY: dict[str, Explainer] = {
     e.name: e
     for e in (
@@ -591,6 +596,16 @@ REGISTRY: dict[str, Explainer] = {
         Occlusion(),
         Lime(),
         Similarity(),
+        gradients.InputXGradient(),
+        gradients.GuidedBackprop(),
+        gradients.Deconvolution(),
+        cam.GuidedGradCAM(),
+        cam.GradCAMPlusPlus(),
+        gradients.DeepLift(),
+        shapley.DeepLiftShap(),
+        shapley.GradientShap(),
+        shapley.KernelShap(),
+        relevance.LRP(),
     )
 }
 METHODS: tuple[str, ...] = tuple(REGISTRY)

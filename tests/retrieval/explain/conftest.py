@@ -81,3 +81,22 @@ def odd_images(tmp_path_factory) -> dict[tuple[int, int], Path]:
         (100, 160): write_png(root / "wide.png", 100, 160, seed=1),
         (300, 200): write_png(root / "tall.png", 300, 200, seed=2),
     }
+
+
+@pytest.fixture(scope="session")
+def rgb_retriever(tmp_path_factory, photo_phantom_dir):
+    """A tiny random-init RGB model indexed over the photo (dermoscopy-like PNG) phantom."""
+    from index.builder import build_index
+    from retrieval.service.retriever import CaseRetriever
+
+    root = tmp_path_factory.mktemp("explain_rgb_index")
+    save_model(tiny_model(in_channels=3, mean=[0.5] * 3, std=[0.25] * 3), root / "model")
+    build_index(
+        root / "model",
+        photo_phantom_dir / "manifest.csv",
+        root / "index",
+        device="cpu",
+        progress=False,
+        num_workers=0,
+    )
+    return CaseRetriever.load(root / "index", device="cpu")

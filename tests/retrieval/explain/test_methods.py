@@ -4,6 +4,7 @@ import torch
 
 from retrieval.errors import CasebaseError
 from retrieval.explain import explain_query, registry
+from retrieval.explain.methods import shapley
 from retrieval.explain.pipeline import pair_batch, weighted_query_map
 from retrieval.explain.registry import ScoreTarget
 
@@ -20,6 +21,9 @@ def cheap(monkeypatch):
         registry.Lime(samples=16, segments=8),
         registry.SmoothGrad(samples=3),
         registry.IntegratedGradients(steps=4),
+        shapley.KernelShap(samples=16, segments=8),
+        shapley.DeepLiftShap(baselines=2),
+        shapley.GradientShap(samples=2),
     ):
         monkeypatch.setitem(registry.REGISTRY, e.name, e)
 
@@ -53,8 +57,8 @@ def test_all_methods_on_a_tall_image(retriever, odd_images, cheap):
 
 def test_unknown_method_is_a_user_error_naming_the_valid_ones(retriever, odd_images):
     with pytest.raises(CasebaseError) as err:
-        retriever.query(odd_images[(100, 160)], k=2, explain=["gradcam", "deeplift"])
-    assert "deeplift" in str(err.value) and "integrated_gradients" in str(err.value)
+        retriever.query(odd_images[(100, 160)], k=2, explain=["gradcam", "deep_lift"])
+    assert "deep_lift" in str(err.value) and "integrated_gradients" in str(err.value)
 
 
 def test_expensive_neighbors_can_be_raised(retriever, odd_images, cheap):
@@ -87,7 +91,20 @@ def test_stochastic_methods_are_reproducible(retriever, odd_images, cheap):
 
 
 @pytest.mark.parametrize(
-    "method", ["gradcam", "gradient", "integrated_gradients", "occlusion", "lime"]
+    "method",
+    [
+        "gradcam",
+        "gradient",
+        "integrated_gradients",
+        "occlusion",
+        "lime",
+        "guided_backprop",
+        "deeplift",
+        "deeplift_shap",
+        "kernel_shap",
+        "lrp",
+        "gradcam_plus_plus",
+    ],
 )
 def test_batched_pair_explanation_equals_one_row_at_a_time(retriever, odd_images, method, cheap):
     """One call for [query (class), query (sim), case (sim)] = three separate calls."""

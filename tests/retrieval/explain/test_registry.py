@@ -17,13 +17,31 @@ CONTRACT = [
     "occlusion",
     "lime",
     "similarity",
+    "input_x_gradient",
+    "guided_backprop",
+    "deconvolution",
+    "guided_gradcam",
+    "gradcam_plus_plus",
+    "deeplift",
+    "deeplift_shap",
+    "gradient_shap",
+    "kernel_shap",
+    "lrp",
 ]
 
 
 def test_registry_holds_exactly_the_contract_names():
     assert list(registry.METHODS) == CONTRACT
     assert set(registry.REGISTRY) == set(CONTRACT)
-    assert registry.EXPENSIVE == {"lime", "occlusion", "integrated_gradients", "smoothgrad"}
+    assert registry.EXPENSIVE == {
+        "lime",
+        "occlusion",
+        "integrated_gradients",
+        "smoothgrad",
+        "deeplift_shap",
+        "gradient_shap",
+        "kernel_shap",
+    }
     assert callable(explain_query)
 
 

@@ -1,0 +1,73 @@
+"""Layer-wise relevance propagation with zennit.
+
+lrp     zennit's ``EpsilonPlusFlat`` composite (Montavon et al. 2019, "LRP: an
+        overview": ε for dense layers, z⁺ for convolutions, the flat rule for the
+        first layer) on the canonical model (``canonical``): BatchNorm folded into
+        the convolutions (zennit's ``MergeBatchNorm``), each residual addition a
+        zennit ``Sum`` layer, which the composite gives the ``Norm`` rule (relevance
+        split in proportion to each branch's contribution, zennit's
+        ``ResNetCanonizer``), ReLUs pass relevance unchanged.
+
+The head is linear in the last feature map F once the embedding's norm is held
+fixed, so its relevance is exact and needs no rule: for a class row
+R_kij = W_ck F_kij / hw (sums to the logit minus its bias); for a similarity row
+R_kij = w_ij F_kij (Pᵀ e_other)_k / ‖P p‖ (sums to the similarity; the
+channel-resolved version of the similarity decomposition). zennit propagates R
+from F to the pixels; the map is the relevance summed over channels (signed).
+Conservation: the map sums to Σ R up to what the z⁺ and flat rules' stabilisers
+and the conv biases absorb.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retrieval.explain.methods import channel_sum
+
+
+def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
+    """(B, C, h, w) relevance of the explained score at the last feature map."""
+    hw = features.shape[-2] * features.shape[-1]
+    cls = target.classes.clamp_min(0)
+    cam = model.classifier.weight[cls][:, :, None, None] * features / hw
+    w = _pool_weights(model, features, target.weighting)
+    pooled = torch.einsum("bhw,bchw->bc", w, features)
+    norm = model.projection(pooled).norm(dim=1).clamp_min(1e-12)
+    back = target.others.to(features.dtype) @ model.projection.weight  # (B, C): Pᵀ e_other
+    sim = w[:, None] * features * back[:, :, None, None] / norm[:, None, None, None]
+    return torch.where((target.classes >= 0)[:, None, None, None], cam, sim)
+
+
+def _pool_weights(model, features, weighting):
+    if weighting == "uniform":
+        h, w = features.shape[-2:]
+        return features.new_full((features.shape[0], h, w), 1.0 / (h * w))
+    logits = model.classifier(features.mean(dim=(2, 3)))
+    return model.saliency_weights(model.gradcam(features, logits.argmax(1)))
+
+
+class LRP:
+    name, expensive = "lrp", False
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def attribute(self, model, inputs, target):
+        from zennit.composites import EpsilonPlusFlat
+
+        from retrieval.errors import CasebaseError
+        from retrieval.explain.methods.canonical import canonical_model
+        from retrieval.explain.registry import _grad_mode, _prepare
+
+        canon = canonical_model(model)
+        p = _prepare(canon, inputs, target)
+        if p.target is None:
+            raise CasebaseError("lrp explains a class logit or a similarity")
+        composite = EpsilonPlusFlat(epsilon=self.epsilon)
+        with _grad_mode():
+            x = inputs.detach().clone().requires_grad_(True)
+            with composite.context(canon.backbone):
+                feats = canon.backbone(x)
+                rel = head_relevance(canon, feats.detach(), p.target)
+                (grad,) = torch.autograd.grad(feats, x, grad_outputs=rel)
+        return channel_sum(grad)
