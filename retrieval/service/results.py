@@ -50,6 +50,24 @@ class Neighbor:
 
 
 @dataclass
+class SelfMatch:
+    """The query is an indexed case itself (retrieval/service/self_match.py)."""
+
+    case_id: str
+    reason: str  # "same case id", "identical pixels", "the same picture (...)"
+    similarity: float | None  # its cosine to the query (None when matched by case id)
+    excluded: bool = False  # left out of the neighbours (query(..., exclude_self=True))
+
+    def to_json(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "reason": self.reason,
+            "similarity": None if self.similarity is None else float(self.similarity),
+            "excluded": bool(self.excluded),
+        }
+
+
+@dataclass
 class QueryResult:
     prediction: Prediction
     knn_vote: dict[str, float]
@@ -62,6 +80,7 @@ class QueryResult:
     trust: dict[str, dict] = field(default_factory=dict)  # method -> measured trust (explain-eval)
     original_size: tuple[int, int] = (0, 0)
     timings: dict[str, float] = field(default_factory=dict)
+    self_match: SelfMatch | None = None  # the query is an indexed case itself
 
     def to_json(self, map_paths: dict[str, str] | None = None) -> dict:
         return {
@@ -97,4 +116,5 @@ class QueryResult:
             "maps": dict(map_paths or {}),
             "trust": self.trust,
             "image_size": list(self.original_size),
+            "self_match": None if self.self_match is None else self.self_match.to_json(),
         }

@@ -27,6 +27,7 @@ from retrieval.model.network import CaseNet, load_model
 from retrieval.model.preprocess import Preprocessor
 from retrieval.service.context import ImageContext
 from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
+from retrieval.service.self_match import find_self_match
 
 TRUST_FILE = "trust.json"
 
@@ -256,6 +257,8 @@ class CaseRetriever:
         exclude_patient: str | None = None,
         filters: dict | None = None,
         regions: bool = True,
+        case_id: str | None = None,
+        exclude_self: bool = False,
     ) -> QueryResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -266,8 +269,14 @@ class CaseRetriever:
             registry.check_names(methods)
         q = self.encode(image_or_path)
         timings["encode"] = time.perf_counter() - t0
-        hits = self.search(q.embedding.float().cpu().numpy(), k, exclude_patient, filters)[0]
+        # the query may be an indexed case itself (case_id: its id when the caller knows it);
+        # exclude_self leaves that case out of the neighbours (self_match.py)
+        found = find_self_match(self, q, case_id)
+        drop = found[1] if found is not None and exclude_self else None
+        k_ = k + (drop is not None)
+        hits = self.search(q.embedding.float().cpu().numpy(), k_, exclude_patient, filters)[0]
         timings["search"] = time.perf_counter() - t0 - timings["encode"]
+        hits = [h for h in hits if h[1] != drop][:k]
         neighbors = [self.neighbor(s, r) for s, r in hits]
         result = QueryResult(
             self.predict(q.logits),
@@ -277,6 +286,9 @@ class CaseRetriever:
             "",
             original_size=tuple(q.image.original_size),
         )
+        if found is not None:
+            result.self_match = found[0]
+            found[0].excluded = drop is not None
         if regions or methods:
             t1 = time.perf_counter()
             ctxs = self._neighbor_contexts(neighbors)
