@@ -63,7 +63,7 @@ def make_retriever(index_dir: Path, size: int, factory: str, seed: int = 0):
     import torch
 
     from index import bundle
-    from index.case_store import read_cases
+    from index.case_store import image_root, read_cases
     from index.vector_index import VectorIndex, auto_factory
     from retrieval.model.network import load_model
     from retrieval.service.ood import OOD_REFERENCE
@@ -71,7 +71,7 @@ def make_retriever(index_dir: Path, size: int, factory: str, seed: int = 0):
 
     meta = bundle.verify(index_dir)
     model = load_model(index_dir / "model", "cpu")
-    real_cases = read_cases(index_dir / "cases.parquet")
+    real_cases = read_cases(index_dir / "cases.parquet", image_root(meta))
     real = VectorIndex.load(index_dir / "vectors.faiss", meta["faiss"]["factory"]).reconstruct_all()
     n_real, d = real.shape
     spec = auto_factory(size, d) if factory == "auto" else factory

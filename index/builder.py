@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from index import bundle
-from index.case_store import write_cases
+from index.case_store import MANIFEST_RELATIVE, write_cases
 from index.vector_index import VectorIndex
 from retrieval import atomic
 from retrieval.data.manifest import load_manifest
@@ -168,9 +168,12 @@ def write_bundle(
     if sets.conformal is not None:
         meta["conformal"] = sets.conformal.summary()
     meta.update(extra_meta or {})
+    root = Path(meta["manifest"]).parent if meta.get("manifest") else None
+    if root is not None:  # no absolute data location in the bundle (index.case_store)
+        meta["case_paths"] = MANIFEST_RELATIVE
     with atomic.atomic_dir(out_dir) as tmp:
         vindex.save(tmp / "vectors.faiss")
-        write_cases(kept, tmp / "cases.parquet")
+        write_cases(kept, tmp / "cases.parquet", root)
         np.save(
             tmp / OOD_REFERENCE,
             emb.ood_features[calib.reference_rows].astype(np.float32),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from index import bundle
-from index.case_store import attribute_columns, read_cases
+from index.case_store import attribute_columns, image_root, read_cases
 from index.vector_index import VectorIndex
 from retrieval.service import ood as ood_score
 from retrieval.errors import BundleError, CasebaseError
@@ -75,7 +75,7 @@ class CaseRetriever:
         meta = bundle.verify(index_dir) if verify else bundle.read_meta(index_dir)
         dev = resolve_device(device)
         model = load_model(index_dir / "model", dev)
-        cases = read_cases(index_dir / "cases.parquet")
+        cases = read_cases(index_dir / "cases.parquet", image_root(meta))
         vindex = VectorIndex.load(index_dir / "vectors.faiss", meta["faiss"]["factory"])
         if vindex.ntotal != len(cases):
             raise BundleError(
