@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from index import bundle
+from index import bundle, region_index
 from index.case_store import MANIFEST_RELATIVE, write_cases
 from index.vector_index import VectorIndex
 from retrieval import atomic
@@ -105,6 +105,7 @@ def embed_manifest(
             strict,
             progress,
             num_workers=num_workers,
+            cells=True,  # the region index (index.region_index), from the same forward pass
         )
     return model, cases, emb
 
@@ -186,6 +187,11 @@ def write_bundle(
         (tmp / "model").mkdir()
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(model_dir / name, tmp / "model" / name)
+        if emb.cells is not None:  # region index; the ray engine keeps no cells (yet)
+            meta["regions"] = {
+                **region_index.write(tmp, emb.cells, emb.cell_weights, emb.sizes),
+                "grid": list(emb.grid),
+            }
         meta = bundle.seal(tmp, meta)
     return meta
 

@@ -6,6 +6,10 @@
     INDEX_DIR/vectors.faiss
     INDEX_DIR/cases.parquet   one row per vector, in id order
     INDEX_DIR/model/          weights.safetensors + config.json
+    INDEX_DIR/regions/        every case's projected feature cells + their FAISS index
+                              (format 2; index.region_index)
+    INDEX_DIR/similarity_quantiles.npy   calibration of similarity_score (absent in bundles
+                              built before it: the service falls back to (1 + cosine) / 2)
     INDEX_DIR/...             later additions (trust.json, audit/) are listed too
 
 bundle.json is written in one canonical serialisation, so any changed byte in
@@ -39,7 +43,9 @@ from pathlib import Path
 from retrieval import atomic
 from retrieval.errors import BundleError
 
-FORMAT_VERSION = 1
+# 2: regions/ (the region index, index.region_index); version-1 bundles still load and
+# fall back to re-encoding neighbours for their matched regions.
+FORMAT_VERSION = 2
 BUNDLE_JSON = "bundle.json"
 SIGNING_KEY_ENV = "CASEBASE_BUNDLE_KEY"
 SIGNING_KEY_FILE = "bundle.key"

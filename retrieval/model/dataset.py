@@ -37,11 +37,12 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.pre.to_uint8(read_image(self.paths[i])), None
+            image = read_image(self.paths[i])
+            return i, self.pre.to_uint8(image), None, tuple(image.original_size)
         except ImageReadError as err:
-            return i, None, str(err)
+            return i, None, str(err), None
         except Exception as err:  # noqa: BLE001 - any decoder bug becomes a per-file message
-            return i, None, f"{self.paths[i]}: cannot decode ({type(err).__name__}: {err})"
+            return i, None, f"{self.paths[i]}: cannot decode ({type(err).__name__}: {err})", None
 
 
 def _collate(items):
@@ -60,8 +61,13 @@ def iter_decoded(
     desc: str = "decoding",
     strict: bool = False,
     progress: bool = True,
+    sizes: dict[int, tuple[int, int]] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[Failure]]]:
-    """Yield (indices, uint8 batch, failures) in manifest order; decoding overlaps compute."""
+    """Yield (indices, uint8 batch, failures) in manifest order; decoding overlaps compute.
+
+    sizes: filled with index -> original (H, W) of every decoded image (the region index maps
+    feature cells back to original pixels with it).
+    """
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(
         _Decode(paths, preprocessor),
@@ -73,8 +79,10 @@ def iter_decoded(
     )
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for items in loader:
-            good = [(i, t) for i, t, _ in items if t is not None]
-            fails = [Failure(i, msg) for i, _, msg in items if msg is not None]
+            good = [(i, t) for i, t, _, _ in items if t is not None]
+            fails = [Failure(i, msg) for i, _, msg, _ in items if msg is not None]
+            if sizes is not None:
+                sizes.update({i: hw for i, t, _, hw in items if t is not None})
             if strict and fails:
                 raise CasebaseError(
                     f"{fails[0].message} (--strict: stopping at the first bad file)"

@@ -27,6 +27,11 @@ class EmbeddedSet:
         None  # (N_ok, C) unit-norm average-pooled features (OOD score)
     )
     failures: list[Failure] = field(default_factory=list)
+    # With cells=True (index builds): what the region index stores (index.region_index)
+    cells: np.ndarray | None = None  # (N_ok, h*w, D) float32: P·F per feature-map cell
+    cell_weights: np.ndarray | None = None  # (N_ok, h*w) float32 pooling weights
+    sizes: np.ndarray | None = None  # (N_ok, 2) int32 original (H, W)
+    grid: tuple[int, int] | None = None
 
 
 @torch.no_grad()
@@ -56,9 +61,14 @@ def embed_paths(
     progress: bool = True,
     desc: str = "embedding",
     num_workers: int | None = None,
+    cells: bool = False,
 ) -> EmbeddedSet:
+    """cells: also keep every image's projected feature cells and pooling weights (the region
+    index), taken from the same forward pass: no image is decoded or encoded twice."""
     model.eval()
     vecs, probs, oods, ok, failures = [], [], [], [], []
+    zs, ws, sizes = [], [], {}
+    grid = None
     for idx, batch, fails in iter_decoded(
         paths,
         pre,
@@ -67,20 +77,44 @@ def embed_paths(
         progress=progress,
         desc=desc,
         num_workers=num_workers,
+        sizes=sizes if cells else None,
     ):
         failures += fails
         if batch is None:
             continue
-        v, p, o = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
-        vecs.append(v)
-        probs.append(p)
-        oods.append(o)
+        if cells:
+            with torch.no_grad():
+                out = model.run(pre.normalize(batch.to(device)), weighting)
+            vecs.append(out.embedding.float().cpu().numpy())
+            probs.append(out.logits.float().softmax(1).cpu().numpy())
+            oods.append(ood_features(out.features).cpu().numpy())
+            zs.append(cell_vectors(model, out.features))
+            ws.append(out.weights.float().flatten(1).cpu().numpy())
+            grid = tuple(out.features.shape[-2:])
+        else:
+            v, p, o = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
+            vecs.append(v)
+            probs.append(p)
+            oods.append(o)
         ok += idx
     d, k = model.config.embedding_dim, len(model.config.classes)
-    return EmbeddedSet(
+    res = EmbeddedSet(
         np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32),
         np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
         ok,
         np.concatenate(oods) if oods else None,
         failures,
     )
+    if cells and zs:
+        res.cells = np.concatenate(zs)
+        res.cell_weights = np.concatenate(ws)
+        res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(-1, 2)
+        res.grid = grid
+    return res
+
+
+@torch.no_grad()
+def cell_vectors(model: CaseNet, features: torch.Tensor) -> np.ndarray:
+    """(B, C, h, w) feature maps -> (B, h*w, D) float32 P·F per cell (the decomposition's factors)."""
+    z = torch.einsum("dc,bchw->bhwd", model.projection.weight, features.float())
+    return z.reshape(z.shape[0], -1, z.shape[-1]).cpu().numpy().astype(np.float32)
