@@ -119,6 +119,21 @@ def _add_index(sub) -> None:
     b.add_argument("--engine", choices=["local", "ray"], default="local")
     b.add_argument("--address", default=None, help="Ray cluster address (with --engine ray)")
     b.add_argument("--strict", action="store_true")
+    b.add_argument(
+        "--coverage",
+        type=float,
+        default=0.9,
+        help="target coverage of the conformal prediction sets (default 0.9; a query can ask another)",
+    )
+    b.add_argument(
+        "--conformal", choices=["aps", "raps"], default="aps", help="set score (default aps)"
+    )
+    b.add_argument(
+        "--mondrian",
+        default=None,
+        metavar="ATTR",
+        help="calibrate the sets per value of a manifest column (e.g. site): coverage per group",
+    )
     b.set_defaults(_module="index_build")
     i = isub.add_parser("info", help="verify a bundle and print its summary")
     i.add_argument("index_dir")
@@ -136,6 +151,17 @@ def _add_query(sub) -> None:
     p.add_argument("--save-maps", default=None, metavar="DIR")
     p.add_argument("--exclude-patient", default=None)
     p.add_argument("--filter", action="append", default=[], metavar="ATTR=VALUE")
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help="prediction-set coverage (default: the index's)",
+    )
+    p.add_argument(
+        "--group",
+        default=None,
+        help="the query's value of the index's --mondrian attribute (e.g. its site)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(_module="query")
 
@@ -148,6 +174,15 @@ def _add_eval(sub) -> None:
     p.add_argument("manifest")
     p.add_argument("--split", default="test")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help="prediction-set coverage (default: the index's)",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="write the reliability diagram to this PNG"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(_module="evaluate")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from index.builder import build_index
 from retrieval.cli import _csv_list
+from retrieval.service.conformal import check_coverage
 
 
 def run(args) -> int:
+    check_coverage(args.coverage)  # fail before embedding, not after
     report = build_index(
         args.model_dir,
         args.manifest,
@@ -19,6 +21,9 @@ def run(args) -> int:
         strict=args.strict,
         engine=args.engine,
         address=args.address,
+        coverage=args.coverage,
+        conformal_method=args.conformal,
+        mondrian=args.mondrian,
     )
     print(
         f"indexed {report.n_indexed} cases ({report.factory}, {args.weighting} weighting) in "

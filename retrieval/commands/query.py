@@ -58,6 +58,8 @@ def run(args) -> int:
         explain=args.explain,
         exclude_patient=args.exclude_patient,
         filters=_filters(args.filter),
+        coverage=args.coverage,
+        group=args.group,
     )
     paths = {}
     if args.save_maps:
@@ -70,6 +72,16 @@ def run(args) -> int:
     print(result.explanation_text)
     probs = ", ".join(f"{k} {v:.2f}" for k, v in result.prediction.probabilities.items())
     print(f"probabilities: {probs}")
+    pred = result.prediction
+    if pred.set is not None:
+        cal = ", ".join(f"{k} {v:.2f}" for k, v in (pred.calibrated_probabilities or {}).items())
+        print(
+            f"{pred.set_coverage:.0%} prediction set: {' or '.join(pred.set)} "
+            f"(neighbour vote: {' or '.join(pred.knn_set or [])}; calibrated: {cal}; "
+            f"{pred.set_note}) -> {result.outcome}"
+        )
+    else:
+        print(pred.set_note)
     print(
         f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
         + ("  -> I DON'T KNOW" if result.ood.flag else "")

@@ -11,10 +11,33 @@ import numpy as np
 class Prediction:
     label: str
     probabilities: dict[str, float]
+    # conformal prediction sets (retrieval/service/conformal.py); None: the index has none
+    set: list[str] | None = None  # the classifier's set, most probable first
+    set_coverage: float | None = None  # its target coverage
+    knn_set: list[str] | None = None  # the neighbour vote's set at the same coverage
+    calibrated_probabilities: dict[str, float] | None = None  # temperature-scaled
+    set_group: str | None = None  # Mondrian group whose calibration made the sets
+    set_note: str = ""  # why there is no set, or how it was made
 
     @property
     def confidence(self) -> float:
         return self.probabilities[self.label]
+
+    @property
+    def calibrated_confidence(self) -> float:
+        return (self.calibrated_probabilities or self.probabilities)[self.label]
+
+    def set_json(self) -> dict:
+        return {
+            "set": None if self.set is None else list(self.set),
+            "set_coverage": self.set_coverage,
+            "knn_set": None if self.knn_set is None else list(self.knn_set),
+            "calibrated_probabilities": None
+            if self.calibrated_probabilities is None
+            else {k: float(v) for k, v in self.calibrated_probabilities.items()},
+            "set_group": self.set_group,
+            "set_note": self.set_note,
+        }
 
 
 @dataclass
@@ -82,11 +105,22 @@ class QueryResult:
     timings: dict[str, float] = field(default_factory=dict)
     self_match: SelfMatch | None = None  # the query is an indexed case itself
 
+    @property
+    def outcome(self) -> str:
+        """What a user can act on: answer (one label), ambiguous (several), unknown (OOD)."""
+        if self.ood.flag:
+            return "unknown"
+        if self.prediction.set is None:
+            return "uncalibrated"
+        return "answer" if len(self.prediction.set) == 1 else "ambiguous"
+
     def to_json(self, map_paths: dict[str, str] | None = None) -> dict:
         return {
             "prediction": {
                 "label": self.prediction.label,
                 "probabilities": {k: float(v) for k, v in self.prediction.probabilities.items()},
+                **self.prediction.set_json(),
+                "outcome": self.outcome,
             },
             "knn_vote": {k: float(v) for k, v in self.knn_vote.items()},
             "ood": {

@@ -18,7 +18,9 @@ import torch
 from index import bundle
 from index.case_store import attribute_columns, image_root, read_cases
 from index.vector_index import VectorIndex
+from retrieval.service import conformal
 from retrieval.service import ood as ood_score
+from retrieval.service.calibration import apply_temperature
 from retrieval.errors import BundleError, CasebaseError
 from retrieval.explain.similarity import decompose
 from retrieval.model.device import resolve_device
@@ -65,6 +67,7 @@ class CaseRetriever:
         self._patients = cases["patient_id"].to_numpy()
         ref = self.index_dir / ood_score.OOD_REFERENCE
         self.ood_reference = np.load(ref, allow_pickle=False) if ref.is_file() else None
+        self.conformal = conformal.load(self.index_dir)  # None: built before prediction sets
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -257,9 +260,12 @@ class CaseRetriever:
         exclude_patient: str | None = None,
         filters: dict | None = None,
         regions: bool = True,
+        coverage: float | None = None,
+        group: str | None = None,
         case_id: str | None = None,
         exclude_self: bool = False,
     ) -> QueryResult:
+        """coverage: of the prediction sets (default: the index's); group: the query's Mondrian group."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         methods = list(dict.fromkeys(explain))
@@ -303,10 +309,45 @@ class CaseRetriever:
                 explain_query(self, q, neighbors, ctxs, methods, result)
                 timings["explain"] = time.perf_counter() - t2
         result.trust = {m: self.trust[m] for m in methods if m in self.trust}
+        self.attach_sets(result.prediction, q.embedding, coverage, group, exclude_patient)
         result.explanation_text = self.describe(result)
         timings["total"] = time.perf_counter() - t0
         result.timings = timings
         return result
+
+    def attach_sets(
+        self, p: Prediction, embedding, coverage=None, group=None, exclude_patient=None
+    ) -> None:
+        """Fill p's conformal sets: classifier (temperature-scaled) and neighbour vote."""
+        cal = self.conformal
+        if cal is None:
+            p.set_note = conformal.NO_SETS_NOTE
+            return
+        cov = conformal.check_coverage(cal.coverage if coverage is None else coverage)
+        probs = np.array([p.probabilities[c] for c in self.classes])
+        pt = apply_temperature(probs, cal.temperature)
+        groups = None if group is None else [str(group)]
+        head = cal.heads["classifier"]
+        order = np.argsort(-pt, kind="stable")
+        member = head.sets(pt, cov, groups)[0]
+        p.set = [self.classes[i] for i in order if member[i]]
+        p.calibrated_probabilities = {c: float(v) for c, v in zip(self.classes, pt, strict=True)}
+        p.set_coverage = cov
+        hits = self.search(embedding.float().cpu().numpy(), cal.knn_k, exclude_patient)[0]
+        code = {c: i for i, c in enumerate(self.classes)}
+        lab = np.array([[code.get(self.cases.at[r, "label"], -1) for _, r in hits]])
+        votes = conformal.vote_probabilities(
+            np.array([[s for s, _ in hits]]), lab, len(self.classes)
+        )[0]
+        member = cal.heads["knn_vote"].sets(votes, cov, groups)[0]
+        p.knn_set = [self.classes[i] for i in np.argsort(-votes, kind="stable") if member[i]]
+        known = head.groups is not None and group is not None and (head.groups == str(group)).any()
+        p.set_group = str(group) if known else None
+        p.set_note = f"calibrated on {cal.calibrated_on}" + (
+            f", {cal.group_attribute} = {group}"
+            if known
+            else (f"; group {group!r} not calibrated, pooled sets" if group is not None else "")
+        )
 
     def _neighbor_contexts(self, neighbors: list[Neighbor]) -> list[ImageContext | None]:
         try:
@@ -322,13 +363,15 @@ class CaseRetriever:
 
     def describe(self, res: QueryResult) -> str:
         p = res.prediction
-        text = f"Predicted {p.label} ({p.confidence:.2f})."
+        text = conformal.describe_set(p)
         if res.ood.flag:
             text = (
                 f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.3g} "
                 f"above the calibrated {res.ood.threshold:.3g}); the model's guess would be {p.label} "
                 f"({p.confidence:.2f})."
             )
+            if p.set is not None:
+                text += conformal.describe_set(p, ood_flag=True)
         if res.neighbors:
             counts = Counter(n.label for n in res.neighbors)
             parts = ", ".join(f"{c} {lab}" for lab, c in counts.most_common())
