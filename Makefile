@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.casebase-demo
 TEST_STAMP := $(VENV)/.casebase-test
+# the FAISS flavour (pyproject extras): cpu, or gpu for faiss-gpu-cu12 (never both)
+FAISS ?= cpu
 
 .PHONY: demo test lint system-deps
 
@@ -14,11 +16,11 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(DEMO_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[$(FAISS)]'
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(FAISS),test]'
 	touch $@
 
 demo: $(DEMO_STAMP)

@@ -19,10 +19,16 @@ import tempfile
 import threading
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from retrieval.errors import BundleError, CasebaseError
+
+try:
+    import faiss
+except ImportError:  # the FAISS flavour is an extra (pyproject: cpu or gpu), not a base dependency
+    raise CasebaseError(
+        "FAISS is not installed: pip install -e '.[cpu]' (or '.[gpu]' with CUDA; never both)"
+    ) from None
 
 EXACT_LIMIT = 50_000
 # k-means points per IVF list when training (FAISS warns below 39 and samples 256 itself).

@@ -54,8 +54,43 @@ def test_make_demo_installs_without_the_test_extras(tmp_path):
 
 def test_make_test_installs_the_test_extras(tmp_path):
     cmds = _dry_run("test", tmp_path / "venv")
-    assert any("pip install" in c and ".[test]" in c for c in cmds.splitlines()), cmds
+    assert any("pip install" in c and re.search(r"\.\[[^]]*\btest\b", c) for c in cmds.splitlines())
     assert "pytest" in cmds
+
+
+def test_faiss_flavour_is_a_choice(tmp_path):
+    """Base dependencies carry no FAISS; `cpu` and `gpu` each carry one flavour, never both, and
+    no other extra drags faiss-cpu in beside faiss-gpu-cu12; make installs exactly one."""
+    doc = _pyproject()["project"]
+    flavours = {"faiss-cpu", "faiss-gpu-cu12"}
+    assert not {_name(r) for r in doc["dependencies"]} & flavours
+    extras = {k: {_name(r) for r in v} for k, v in doc["optional-dependencies"].items()}
+    assert extras["cpu"] & flavours == {"faiss-cpu"}
+    assert extras["gpu"] & flavours == {"faiss-gpu-cu12"}
+    for name, reqs in extras.items():
+        if name not in ("cpu", "gpu"):
+            assert not reqs & flavours, name
+    for target in ("demo", "test"):
+        installs = [
+            c
+            for c in _dry_run(target, tmp_path / target).splitlines()
+            if "pip install" in c and "-e" in c.split()
+        ]
+        assert installs and all("[cpu" in c and "gpu" not in c for c in installs), installs
+    gpu = subprocess.run(
+        ["make", "-n", "demo", f"VENV={tmp_path / 'g'}", "FAISS=gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'.[gpu]'" in gpu and "cpu" not in gpu.replace("casebase-", "")
+
+
+def test_pyarrow_is_past_cve_2023_47248():
+    req = [r for r in _pyproject()["project"]["dependencies"] if _name(r) == "pyarrow"]
+    m = re.search(r">=\s*([\d.]+)", req[0]) if req else None
+    assert m and tuple(int(x) for x in m.group(1).split(".")) >= (14, 0, 1)
 
 
 def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it():
