@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[3] / "app.py"
 TIMEOUT = 180  # the first run imports torch and loads the model; the CPU may be shared
 
 
@@ -32,6 +32,22 @@ def _texts(at: AppTest) -> str:
     for kind in ("markdown", "caption", "subheader", "info", "warning", "error", "title"):
         parts += [str(e.value) for e in getattr(at, kind)]
     return "\n".join(parts)
+
+
+def _block(at: AppTest, key: str):
+    """The container made with st.container(key=key), or None."""
+
+    def find(node):
+        proto = getattr(node, "proto", None)
+        if proto is not None and str(getattr(proto, "id", "")).endswith("-" + key):
+            return node
+        for child in getattr(node, "children", {}).values():
+            hit = find(child)
+            if hit is not None:
+                return hit
+        return None
+
+    return find(at._tree)
 
 
 def _app(monkeypatch, index: Path | None, manifest: Path | None) -> AppTest:
@@ -69,7 +85,11 @@ def test_pick_a_test_case_and_query(app, phantom_dir):
     import pandas as pd
 
     test_ids = set(pd.read_csv(phantom_dir / "manifest.csv").query("split == 'test'")["case_id"])
-    assert app.selectbox(key="case").value in test_ids
+    box = app.selectbox(key="case")
+    assert box.value in test_ids
+    # the picker shows case ids only: the label is the answer, shown after the query
+    assert all(o in test_ids for o in box.options), box.options[:3]
+    assert "Ground truth" not in _texts(app)
     assert app.multiselect[0].value == ["gradcam", "similarity"]
     app.button[0].click().run()
     assert not app.exception, [e.value for e in app.exception]
@@ -110,7 +130,7 @@ def test_exclude_patient_and_filters_reach_the_service(app, monkeypatch):
     assert labels and set(labels) == {"mass"}
 
 
-def test_ood_flag_is_a_prominent_warning(app, monkeypatch):
+def test_ood_hides_the_answer_until_asked_then_greys_it(app, monkeypatch):
     from retrieval.service.results import OODResult
     from retrieval.service.retriever import CaseRetriever
 
@@ -118,6 +138,32 @@ def test_ood_flag_is_a_prominent_warning(app, monkeypatch):
     app.button[0].click().run()
     assert not app.exception
     assert any("I don't know" in w.value for w in app.warning)
+    # no prediction, no confidence, no neighbours under the banner
+    heads = [s.value for s in app.subheader]
+    assert "Prediction" not in heads and "Nearest cases" not in heads
+    assert not app.metric and "confidence" not in _texts(app)
+    assert not [c for c in app.caption if c.value.startswith("case_")]
+
+    app.checkbox(key="show_anyway").check().run()
+    assert not app.exception
+    heads = [s.value for s in app.subheader]
+    assert "Prediction" in heads and "Nearest cases" in heads
+    guess = app.metric[0]
+    assert "not an answer" in guess.label and not guess.delta  # no "100% confidence"
+    # all of it inside the greyed container
+    greyed = _block(app, "ood_greyed")
+    assert greyed is not None
+    assert {"Prediction", "Explanation maps", "Nearest cases"} <= {
+        s.value for s in greyed.subheader
+    }
+
+
+def test_in_distribution_answer_has_no_gate(app):
+    app.button[0].click().run()
+    assert not app.exception
+    assert "show_anyway" not in [c.key for c in app.checkbox]
+    assert _block(app, "ood_greyed") is None
+    assert "Nearest cases" in [s.value for s in app.subheader]
 
 
 def test_bad_upload_is_a_friendly_error(app):
@@ -148,10 +194,58 @@ def test_upload_a_png_and_query(app):
     assert not app.error
     app.button[0].click().run()
     assert not app.exception
+    if any("I don't know" in w.value for w in app.warning):  # noise may well be flagged
+        app.checkbox(key="show_anyway").check().run()
     assert "Nearest cases" in [s.value for s in app.subheader]
-    # an upload has no patient: the exclude box is off and disabled
+    # a PNG carries no patient: the exclude box is off and disabled
     box = [c for c in app.checkbox if c.key and c.key.startswith("exclude_")][0]
     assert box.value is False and box.disabled
+
+
+def test_uploaded_indexed_dicom_is_a_self_match_and_its_patient_can_be_excluded(
+    app, monkeypatch, phantom_dir, tiny_index
+):
+    import pandas as pd
+
+    from retrieval.service.retriever import CaseRetriever
+
+    indexed = set(pd.read_parquet(tiny_index / "cases.parquet")["case_id"])
+    m = pd.read_csv(phantom_dir / "manifest.csv")
+    row = m[m["case_id"].isin(indexed)].iloc[0]
+    seen = {}
+    real = CaseRetriever.query
+
+    def spy(self, image, **kw):
+        seen.update(kw)
+        return real(self, image, **kw)
+
+    monkeypatch.setattr(CaseRetriever, "query", spy)
+    app.radio(key="source").set_value("Upload an image").run()
+    data = (phantom_dir / row["image"]).read_bytes()
+    app.file_uploader(key="upload").upload("scan.dcm", data, "application/dicom")
+    app.run()
+    assert not app.error, [e.value for e in app.error]
+    box = [c for c in app.checkbox if c.key and c.key.startswith("exclude_")][0]
+    assert box.value is True and not box.disabled and "DICOM header" in box.label
+    app.button[0].click().run()
+    assert not app.exception
+    assert seen["exclude_patient"] == row["patient_id"]  # hashed as on ingest
+    # with its own patient excluded the case itself cannot come back; untick both and it is
+    # recognised as the query itself and still left out (the default)
+    box.uncheck().run()
+    app.button[0].click().run()
+    assert seen["exclude_patient"] is None and seen["exclude_self"] is True
+    notice = [i.value for i in app.info if "itself" in i.value]
+    assert notice and row["case_id"] in notice[0] and "identical pixels" in notice[0]
+    gallery = [c.value.split(" · ")[0] for c in app.caption if c.value.startswith("case_")]
+    assert gallery and row["case_id"] not in gallery
+
+    app.checkbox(key="exclude_self").uncheck().run()
+    app.button[0].click().run()
+    assert seen["exclude_self"] is False
+    gallery = [c.value.split(" · ")[0] for c in app.caption if c.value.startswith("case_")]
+    assert gallery[0] == row["case_id"]
+    assert any("itself" in w.value and row["case_id"] in w.value for w in app.warning)
 
 
 def test_audit_tab_shows_the_report_or_how_to_make_it(
@@ -171,3 +265,8 @@ def test_audit_tab_shows_the_report_or_how_to_make_it(
     assert not at.exception
     assert not any("casebase audit" in i.value for i in at.info)
     assert any("Shortcut audit" in c.value for c in at.caption)
+    # the whole report in one frame (st.iframe, not a fixed-height components.html)
+    frames = list(at.get("iframe"))
+    assert len(frames) == 1
+    assert "AUDIT-OK" in frames[0].proto.srcdoc
+    # (its height follows the content: checked in a browser, test_app_browser.py)

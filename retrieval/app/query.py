@@ -1,0 +1,157 @@
+"""The query tab: choose an image (a test case or an upload), run the query, lay out the answer."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import streamlit as st
+
+from retrieval.app import maps, neighbor_card, prediction
+from retrieval.app.sidebar import Settings
+from retrieval.app.state import (
+    IMAGE_PX,
+    MAX_PIXELS,
+    MAX_UPLOAD_MB,
+    QueryInput,
+    mtime,
+    pickable_cases,
+    query_lock,
+    read_case,
+    read_upload,
+)
+from retrieval.data.imageio import to_uint8_rgb
+from retrieval.errors import CasebaseError
+
+UPLOAD = "Upload an image"
+
+
+def _cases(r, index_dir: Path, manifest: Path | None, index_stamp: float):
+    try:
+        return pickable_cases(
+            str(manifest) if manifest else None,
+            mtime(manifest) if manifest else 0.0,
+            str(index_dir.resolve()),
+            index_stamp,
+        )
+    except CasebaseError as err:
+        st.warning(f"Cannot read the manifest's test cases ({err}); offering indexed cases.")
+        return r.cases.copy(), "index"
+
+
+def _reason(err: CasebaseError) -> str:
+    return getattr(err, "reason", None) or str(err)
+
+
+def choose_input(r, index_dir: Path, manifest: Path | None, index_stamp: float):
+    """The picker / uploader; (QueryInput or None, exclude-the-patient ticked)."""
+    cases, origin = _cases(r, index_dir, manifest, index_stamp)
+    pick_label = "Pick a test case" if origin == "test" else "Pick an indexed case"
+    source = st.radio("Query image", [pick_label, UPLOAD], horizontal=True, key="source")
+    chosen: QueryInput | None = None
+    if source == UPLOAD:
+        upload = st.file_uploader(
+            f"DICOM, PNG, JPEG, TIFF or NPY (up to {MAX_UPLOAD_MB} MB, "
+            f"{MAX_PIXELS // 1_000_000} megapixels)",
+            type=None,
+            key="upload",
+            max_upload_size=MAX_UPLOAD_MB,
+        )
+        if upload is not None:
+            try:
+                chosen = read_upload(upload)
+            except CasebaseError as err:
+                st.error(f"Cannot use this file: {_reason(err)}")
+    else:
+        # the case id only: its label is the answer, shown after the query
+        case_id = st.selectbox(pick_label, cases["case_id"].tolist(), key="case")
+        row = cases[cases["case_id"] == case_id].iloc[0]
+        try:
+            chosen = read_case(row, origin)
+        except CasebaseError as err:
+            st.error(f"Cannot read {case_id}'s image: {_reason(err)}")
+    patient = chosen.patient if chosen else None
+    exclude = st.checkbox(
+        f"Exclude this patient's cases from the neighbours (patient id from the "
+        f"{chosen.patient_source}, pseudonymised)"
+        if patient
+        else "Exclude this patient's cases (needs a case or a DICOM file with a patient id)",
+        value=bool(patient),
+        disabled=not patient,
+        key=f"exclude_{patient}",
+    )
+    return chosen, bool(exclude and patient)
+
+
+def run(r, chosen: QueryInput, s: Settings, exclude_patient: bool) -> None:
+    """Query the service; the answer goes to the session (or an error on the page)."""
+    with (
+        st.spinner(
+            f"Searching {len(r.cases)} cases and computing {', '.join(s.methods) or 'no'} maps…"
+        ),
+        query_lock(),
+    ):
+        try:
+            res = r.query(
+                chosen.image,
+                k=s.k,
+                explain=s.methods,
+                exclude_patient=chosen.patient if exclude_patient else None,
+                filters=s.filters or None,
+                case_id=chosen.case_id,
+                exclude_self=s.exclude_self,
+            )
+        except CasebaseError as err:
+            st.error(f"The query failed: {err}")
+            return
+        except Exception as err:  # noqa: BLE001 - a message for the user, the traceback for the log
+            traceback.print_exc()
+            st.error(
+                f"Internal error while querying ({type(err).__name__}: {err}). "
+                "The details are in the server's log."
+            )
+            return
+    st.session_state["show_anyway"] = False  # a new answer starts hidden again when OOD
+    st.session_state["result"] = {
+        "input": chosen.input_id,
+        "settings": s.key(exclude_patient),
+        "res": res,
+        "methods": list(s.methods),
+        "truth": chosen.truth,
+    }
+
+
+def answer(stored: dict, pixels) -> None:
+    """The answer page: notices, then the prediction, maps and neighbours (gated when OOD)."""
+    res = stored["res"]
+    prediction.self_match_notice(res)
+    if not prediction.ood_gate(res):
+        if stored["truth"]:
+            st.caption(f"Ground truth from the manifest: **{stored['truth']}**")
+        return
+    with prediction.greyed() if res.ood.flag else st.container():
+        prediction.show(res, stored["truth"])
+        maps.show(res, pixels, stored["methods"])
+        neighbor_card.show_all(res, pixels, stored["methods"])
+    st.caption(" · ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
+
+
+def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Settings) -> None:
+    c_in, c_preview = st.columns([2, 1])
+    with c_in:
+        chosen, exclude_patient = choose_input(r, index_dir, manifest, index_stamp)
+        clicked = st.button("Run query", type="primary", disabled=chosen is None)
+    pixels = to_uint8_rgb(chosen.image) if chosen is not None else None
+    with c_preview:
+        if pixels is not None:
+            st.image(pixels, caption="query", width=IMAGE_PX)
+    if clicked and chosen is not None:
+        run(r, chosen, s, exclude_patient)
+    stored = st.session_state.get("result")
+    if stored is None or chosen is None or stored["input"] != chosen.input_id:
+        if chosen is not None:
+            st.caption("Press **Run query** to search the index.")
+        return
+    if stored["settings"] != s.key(exclude_patient):
+        st.caption("The settings changed since this result: press **Run query** to refresh it.")
+    answer(stored, pixels)
