@@ -86,10 +86,17 @@ def run(args) -> int:
         f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
         + ("  -> I DON'T KNOW" if result.ood.flag else "")
     )
+    if not result.similarity_scale.get("calibrated", True):
+        print(f"similarity score: {result.similarity_scale.get('method', '')}")
     for i, n in enumerate(result.neighbors, 1):
-        box = n.matched_regions[0] if n.matched_regions else None
-        where = f" matched query {box.query_box} ~ case {box.case_box}" if box else ""
-        print(f"{i:>2}. {n.case_id:<24} {n.label:<16} sim {n.similarity:.3f}{where}")
+        score = "" if n.similarity_score is None else f"score {n.similarity_score:.2f} "
+        print(f"{i:>2}. {n.case_id:<24} {n.label:<16} {score}(cosine {n.similarity:.4f})")
+        for reg in n.matched_regions:
+            side = " (opposite sides)" if reg.crosses_sides else ""
+            print(
+                f"      query {reg.query_box} ~ case {reg.case_box}: "
+                f"{reg.share:.0%} of the similarity{side}"
+            )
     for m, p in paths.items():
         print(f"map {m}: {p}")
     return 0

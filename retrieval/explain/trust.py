@@ -378,18 +378,18 @@ def load_cases(
             skipped.append(f"{row['case_id']}: empty mask")
             continue
         nbrs = None
+        lesion = []
         if with_neighbours:
             hits = retriever.search(
                 ctx.embedding.float().cpu().numpy(),
                 k,
                 exclude_patient=row.get("patient_id") or None,
             )[0]
-            ok = [
-                c
-                for c in retriever._neighbor_contexts([retriever.neighbor(s, r) for s, r in hits])
-                if c is not None
-            ]
+            nbs = [retriever.neighbor(s, r) for s, r in hits]
+            ctxs = retriever._neighbor_contexts(nbs)
+            ok = [c for c in ctxs if c is not None]
             nbrs = torch.stack([c.tensor for c in ok]) if ok else None
+            lesion = lesion_pair_shares(retriever, ctx, mask, nbs, ctxs)
         cases.append(
             {
                 "case_id": row["case_id"],
@@ -398,9 +398,68 @@ def load_cases(
                 "mask": mask,
                 "geometry": ctx.geometry,
                 "neighbours": nbrs,
+                "lesion_x_lesion": lesion,
             }
         )
     return cases, skipped
+
+
+def lesion_pair_shares(retriever, q, q_mask, neighbours, contexts) -> list[dict]:
+    """Per neighbour with a lesion mask: the share of the similarity in lesion x lesion cells.
+
+    The similarity decomposition's terms between the query's lesion cells and the case's
+    (cells whose footprint holds any lesion pixel), over the similarity; ``chance`` is the
+    share a decomposition spread evenly over all cell pairs would give (the product of the two
+    lesion-cell fractions).
+    """
+    from retrieval.data.imageio import read_mask
+    from retrieval.explain.similarity import cell_mask_share, decompose, lesion_cells
+
+    out = []
+    lq = lesion_cells(q_mask, q.geometry, q.grid)
+    for nb, c in zip(neighbours, contexts, strict=True):
+        path = str(retriever.cases.at[nb.row, "mask"]) if "mask" in retriever.cases else ""
+        if c is None or not path:
+            continue
+        try:
+            c_mask = read_mask(path, expected_size=tuple(c.geometry.original_size))
+        except CasebaseError:
+            continue
+        if not c_mask.any():
+            continue
+        lc = lesion_cells(c_mask, c.geometry, c.grid)
+        dec = decompose(retriever.model, q.features, q.weights, c.features, c.weights)
+        out.append(
+            {
+                "share": cell_mask_share(dec, lq, lc),
+                "chance": float(lq.mean() * lc.mean()),
+            }
+        )
+    return out
+
+
+def lesion_summary(cases: list[dict]) -> dict:
+    """Median / mean lesion x lesion share of the similarity over all pairs, and per class."""
+    pairs = [(c["label"], p) for c in cases for p in c.get("lesion_x_lesion", [])]
+    if not pairs:
+        return {"n_pairs": 0}
+    shares = np.array([p["share"] for _, p in pairs])
+    out = {
+        "median_share": float(np.median(shares)),
+        "mean_share": float(shares.mean()),
+        "median_chance": float(np.median([p["chance"] for _, p in pairs])),
+        "n_pairs": len(pairs),
+        "n_queries": sum(1 for c in cases if c.get("lesion_x_lesion")),
+        "by_label": {},
+        "definition": "share of the similarity in the decomposition's terms between the query's "
+        "and the neighbour's lesion cells (cells touching the mask), top-"
+        f"{SIMILARITY_NEIGHBORS} neighbours with a mask; chance: product of the lesion-cell "
+        "fractions",
+    }
+    for lab in sorted({lab for lab, _ in pairs}):
+        v = [p["share"] for lb, p in pairs if lb == lab]
+        out["by_label"][lab] = {"median_share": float(np.median(v)), "n_pairs": len(v)}
+    return out
 
 
 def evaluate(
@@ -429,8 +488,13 @@ def evaluate(
     )
     for m in results.values():
         m["split"] = split
+    lesion = lesion_summary(cases)
+    if "similarity" in results and lesion.get("n_pairs"):
+        results["similarity"]["lesion_x_lesion_share"] = lesion["median_share"]
+        results["similarity"]["lesion_x_lesion_chance"] = lesion["median_chance"]
     return {
         "methods": results,
+        "similarity_lesion_share": lesion,
         "split": split,
         "n_cases": len(cases),
         "skipped": skipped,
@@ -501,6 +565,13 @@ def format_table(report: dict) -> str:
                 f"{lab} {v['pointing_game']:.2f} (n={v['n']})" for lab, v in by.items()
             )
             lines.append(f"    pointing game by label: {parts}")
+    lesion = report.get("similarity_lesion_share") or {}
+    if lesion.get("n_pairs"):
+        lines.append(
+            f"  similarity in lesion x lesion cell pairs: median {lesion['median_share']:.0%} "
+            f"(mean {lesion['mean_share']:.0%}; an even spread would give "
+            f"{lesion['median_chance']:.0%}) over {lesion['n_pairs']} query-neighbour pairs"
+        )
     for msg in report.get("skipped", []):
         lines.append(f"  skipped: {msg}")
     return "\n".join(lines)

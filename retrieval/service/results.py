@@ -51,15 +51,17 @@ class OODResult:
 class MatchedRegion:
     query_box: list[int]  # [x0, y0, x1, y1] in the query's original pixels
     case_box: list[int]  # same, in the neighbour's original pixels
-    contribution: float  # this pair's term of the similarity decomposition
+    contribution: float  # Σ of the decomposition's terms between the two regions' cells
     share: float  # contribution / similarity
+    crosses_sides: bool = False  # query and case regions on opposite sides of their images
+    cells: tuple[int, int] = (1, 1)  # feature-map cells in the query / case region
 
 
 @dataclass
 class Neighbor:
     case_id: str
     label: str
-    similarity: float
+    similarity: float  # raw cosine of the embeddings
     attributes: dict[str, str]
     patient_id: str
     image: str
@@ -70,6 +72,7 @@ class Neighbor:
     )  # method -> {"query","case"}
     completeness_error: float | None = None
     original_size: tuple[int, int] | None = None
+    similarity_score: float | None = None  # in [0, 1], calibrated on the index (SimilarityScale)
 
 
 @dataclass
@@ -103,6 +106,7 @@ class QueryResult:
     trust: dict[str, dict] = field(default_factory=dict)  # method -> measured trust (explain-eval)
     original_size: tuple[int, int] = (0, 0)
     timings: dict[str, float] = field(default_factory=dict)
+    similarity_scale: dict = field(default_factory=dict)  # {"calibrated": bool, "method": str}
     self_match: SelfMatch | None = None  # the query is an indexed case itself
 
     @property
@@ -133,6 +137,9 @@ class QueryResult:
                     "case_id": n.case_id,
                     "label": n.label,
                     "similarity": float(n.similarity),
+                    "similarity_score": None
+                    if n.similarity_score is None
+                    else float(n.similarity_score),
                     "attributes": dict(n.attributes),
                     "matched_regions": [
                         {
@@ -140,6 +147,8 @@ class QueryResult:
                             "case_box": r.case_box,
                             "contribution": float(r.contribution),
                             "share": float(r.share),
+                            "crosses_sides": bool(r.crosses_sides),
+                            "cells": list(r.cells),
                         }
                         for r in n.matched_regions
                     ],
@@ -150,5 +159,6 @@ class QueryResult:
             "maps": dict(map_paths or {}),
             "trust": self.trust,
             "image_size": list(self.original_size),
+            "similarity_scale": dict(self.similarity_scale),
             "self_match": None if self.self_match is None else self.self_match.to_json(),
         }

@@ -22,7 +22,7 @@ from retrieval.service import conformal
 from retrieval.service import ood as ood_score
 from retrieval.service.calibration import apply_temperature
 from retrieval.errors import BundleError, CasebaseError
-from retrieval.explain.similarity import decompose
+from retrieval.explain.similarity import SimilarityScale, decompose, region_pairs
 from retrieval.model.device import resolve_device
 from retrieval.model.embedding import ood_features
 from retrieval.model.network import CaseNet, load_model
@@ -32,6 +32,15 @@ from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Predic
 from retrieval.service.self_match import find_self_match
 
 TRUST_FILE = "trust.json"
+
+
+def _cells_box(geometry, cells: np.ndarray) -> list[int]:
+    """Original-pixel bounding box of a region's feature-map cells (bool (h, w))."""
+    rows, cols = np.nonzero(cells)
+    grid = tuple(cells.shape)
+    a = geometry.cell_box(int(rows.min()), int(cols.min()), grid)
+    b = geometry.cell_box(int(rows.max()), int(cols.max()), grid)
+    return [a[0], a[1], b[2], b[3]]
 
 
 def _where(box: list[int], size: tuple[int, int]) -> str:
@@ -67,6 +76,7 @@ class CaseRetriever:
         self._patients = cases["patient_id"].to_numpy()
         ref = self.index_dir / ood_score.OOD_REFERENCE
         self.ood_reference = np.load(ref, allow_pickle=False) if ref.is_file() else None
+        self.scale = SimilarityScale.load(self.index_dir)  # (1 + cos) / 2 for older bundles
         self.conformal = conformal.load(self.index_dir)  # None: built before prediction sets
 
     # ---------------------------------------------------------------- loading
@@ -228,6 +238,7 @@ class CaseRetriever:
             case_id=rec["case_id"],
             label=rec["label"],
             similarity=sim,
+            similarity_score=self.scale.score(sim),
             attributes={a: rec[a] for a in self.attribute_names},
             patient_id=rec["patient_id"],
             image=rec["image"],
@@ -240,12 +251,16 @@ class CaseRetriever:
         dec = decompose(self.model, q.features, q.weights, c.features, c.weights)
         nb.completeness_error = dec.completeness_error
         nb.original_size = tuple(c.geometry.original_size)
-        total = dec.similarity if abs(dec.similarity) > 1e-12 else 1.0
         nb.matched_regions = [
             MatchedRegion(
-                q.geometry.cell_box(*qc, q.grid), c.geometry.cell_box(*cc, c.grid), val, val / total
+                _cells_box(q.geometry, p.query_cells),
+                _cells_box(c.geometry, p.case_cells),
+                p.contribution,
+                p.share,
+                p.crosses_sides,
+                (int(p.query_cells.sum()), int(p.case_cells.sum())),
             )
-            for qc, cc, val in dec.top_pairs(n_regions)
+            for p in region_pairs(dec, n_regions)
         ]
         nb.maps["similarity"] = {
             "query": q.geometry.map_to_original(dec.query_map()),
@@ -291,6 +306,7 @@ class CaseRetriever:
             neighbors,
             "",
             original_size=tuple(q.image.original_size),
+            similarity_scale={"calibrated": self.scale.calibrated, "method": self.scale.method},
         )
         if found is not None:
             result.self_match = found[0]
@@ -376,12 +392,25 @@ class CaseRetriever:
             counts = Counter(n.label for n in res.neighbors)
             parts = ", ".join(f"{c} {lab}" for lab, c in counts.most_common())
             text += f" The {len(res.neighbors)} most similar cases are {parts}"
-            boxes = [n.matched_regions[0].query_box for n in res.neighbors if n.matched_regions]
-            if boxes:
-                b = np.median(np.array(boxes), axis=0).astype(int).tolist()
+            scores = [n.similarity_score for n in res.neighbors if n.similarity_score is not None]
+            if scores:
+                span = f"{max(scores):.2f}" + (f" to {min(scores):.2f}" if len(scores) > 1 else "")
+                text += f" (similarity score {span}" + (
+                    ", where 0.50 is a typical top-10 match in this index)"
+                    if self.scale.calibrated
+                    else "; uncalibrated index: (1 + cosine) / 2, rebuild it for a calibrated score)"
+                )
+            tops = [n.matched_regions[0] for n in res.neighbors if n.matched_regions]
+            if tops:
+                b = np.median(np.array([t.query_box for t in tops]), axis=0).astype(int).tolist()
                 text += (
                     f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} in the "
                     f"{_where(b, res.original_size)} of the image"
+                )
+                carried = [sum(r.share for r in n.matched_regions) for n in res.neighbors]
+                text += (
+                    f" (the matched regions carry a median {np.median(carried):.0%} of each "
+                    "similarity)"
                 )
             text += "."
         return text

@@ -4,7 +4,7 @@ import torch
 
 from retrieval.explain import registry
 from retrieval.explain.registry import ScoreTarget
-from retrieval.explain.similarity import decompose
+from retrieval.explain.similarity import decompose, region_pairs
 from retrieval.model.preprocess import Geometry
 
 from .conftest import tiny_model
@@ -73,19 +73,24 @@ def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_i
     retriever.match_regions(q, c, nb, n_regions=3)
     assert nb.completeness_error < 1e-4
     dec = decompose(retriever.model, q.features, q.weights, c.features, c.weights)
-    pairs = dec.top_pairs(3)
+    pairs = region_pairs(dec, 3)
     assert len(nb.matched_regions) == len(pairs) >= 1
-    for region, (qcell, ccell, val) in zip(nb.matched_regions, pairs, strict=True):
-        for box, (row, col), (h, w), grid in (
-            (region.query_box, qcell, (100, 160), q.grid),
-            (region.case_box, ccell, (300, 200), c.grid),
+    for region, pair in zip(nb.matched_regions, pairs, strict=True):
+        for box, cells, (h, w) in (
+            (region.query_box, pair.query_cells, (100, 160)),
+            (region.case_box, pair.case_cells, (300, 200)),
         ):
             x0, y0, x1, y1 = box
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-            # the box is exactly the original-pixel footprint of the decomposition's cell
-            assert abs(x0 - col * w / grid[1]) <= 1 and abs(x1 - (col + 1) * w / grid[1]) <= 1
-            assert abs(y0 - row * h / grid[0]) <= 1 and abs(y1 - (row + 1) * h / grid[0]) <= 1
-        assert region.contribution == pytest.approx(val)
+            # the box is the original-pixel footprint of the region's cells' bounding box
+            rows, cols = np.nonzero(cells)
+            gh, gw = cells.shape
+            assert abs(x0 - cols.min() * w / gw) <= 1 and abs(x1 - (cols.max() + 1) * w / gw) <= 1
+            assert abs(y0 - rows.min() * h / gh) <= 1 and abs(y1 - (rows.max() + 1) * h / gh) <= 1
+        block = dec.terms[pair.query_cells.ravel()][:, pair.case_cells.ravel()].sum()
+        assert region.contribution == pytest.approx(block)
+        assert region.share == pytest.approx(block / dec.similarity)
+        assert region.cells == (int(pair.query_cells.sum()), int(pair.case_cells.sum()))
     assert nb.maps["similarity"]["query"].shape == (100, 160)
     assert nb.maps["similarity"]["case"].shape == (300, 200)
     # the maps' peaks sit in the cells of the largest row / column sums

@@ -222,3 +222,10 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
         assert 0 < m["mask_area"] < 1 and m["sanity_check"] in ("pass", "fail")
     table = trust.format_table(report)
     assert "gradcam" in table and "similarity" in table and "pointing game" in table
+    # how much of the similarity lies in lesion x lesion cell pairs (phantom cases all have masks)
+    lesion = report["similarity_lesion_share"]
+    assert lesion["n_pairs"] >= 2 and lesion["n_queries"] == 2
+    assert 0 < lesion["median_chance"] < 1 and np.isfinite(lesion["median_share"])
+    assert report["methods"]["similarity"]["lesion_x_lesion_share"] == lesion["median_share"]
+    assert "lesion x lesion" in table
+    json.dumps(report, allow_nan=False)

@@ -36,12 +36,17 @@ def test_query_returns_contract_and_exact_regions(request, which):
     assert len(js["neighbors"]) == 4
     sims = [n["similarity"] for n in js["neighbors"]]
     assert sims == sorted(sims, reverse=True)
+    scores = [n["similarity_score"] for n in js["neighbors"]]  # calibrated at index build
+    assert scores == sorted(scores, reverse=True) and all(0 <= v <= 1 for v in scores)
+    assert js["similarity_scale"]["calibrated"] is True
     h, w = res.original_size
     for nb in res.neighbors:
         assert nb.completeness_error < 1e-4
         assert nb.matched_regions, "every neighbour has at least one matched region"
         ch, cw = nb.original_size
         for reg in nb.matched_regions:
+            assert reg.contribution > 0
+            assert reg.share == pytest.approx(reg.contribution / nb.similarity)
             x0, y0, x1, y1 = reg.query_box
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
             x0, y0, x1, y1 = reg.case_box
