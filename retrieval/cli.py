@@ -70,9 +70,9 @@ def _add_ingest_dicom(sub) -> None:
     p.add_argument(
         "--label-from",
         default=None,
-        help="where the label comes from: a DICOM keyword (e.g. SeriesDescription), "
-        "'folder' (parent folder name) or a CSV mapping file (column file,label); "
-        "default: 'folder'",
+        help="required: where the label comes from: a DICOM keyword (e.g. SeriesDescription, "
+        "BodyPartExamined), csv:PATH (columns file,label), or 'folder' (the parent folder's "
+        "name; refused when a folder name looks like a patient's name, an MRN or a date)",
     )
     p.add_argument(
         "--strict", action="store_true", help="fail the run on the first unreadable file"

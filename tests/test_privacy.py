@@ -15,6 +15,12 @@ ones too: searched as bytes in UTF-8, UTF-16-LE/BE and Latin-1, ignoring ASCII
 case), every file and folder name, and everything shown (stdout, stderr,
 Python warnings, log records, the app's elements) is searched for those
 strings: zero hits.
+
+The files also sit the way hospital exports name them: in one folder per
+patient named ``FAMILY_GivenN_MRN-QZX-NNNN`` and with the MRN and family name
+in the file name, so the names and MRNs in paths are searched for too (the
+manifest points at pseudonymous links; labels come from a header keyword, and
+``--label-from folder`` is refused without echoing the folder's name).
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ def _hits_in(data: bytes) -> list[str]:
 
 
 def _plant_phi(src_dir: Path, dst_dir: Path) -> int:
-    """Copy the phantom's DICOMs (by label folder), rewriting the identifying header fields."""
+    """Copy the phantom's DICOMs into patient-named folders and files, rewriting the identifying
+    header fields; the label goes into SeriesDescription."""
     import pydicom
 
     patients: dict[str, int] = {}
@@ -90,14 +97,20 @@ def _plant_phi(src_dir: Path, dst_dir: Path) -> int:
     for src in sorted(src_dir.glob("images/*/*.dcm")):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # malformed dates on purpose
-            _rewrite(pydicom.dcmread(src), patients, dst_dir / src.parent.name / src.name)
+            ds = pydicom.dcmread(src)
+            ds.SeriesDescription = src.parent.name
+            _rewrite(ds, patients, dst_dir, src.name)
         n += 1
     assert n and len(patients) >= 6
     return n
 
 
-def _rewrite(ds, patients: dict[str, int], out: Path) -> None:
+def _rewrite(ds, patients: dict[str, int], dst_dir: Path, name: str) -> None:
     pno = patients.setdefault(str(ds.PatientID), len(patients))
+    # how exports name things: a folder per patient, the MRN and family name in the file name
+    out = (
+        dst_dir / f"{FAMILY}_{GIVEN}{pno}_MRN-QZX-{pno:04d}" / f"MRN-QZX-{pno:04d}_{FAMILY}_{name}"
+    )
     bad_dates = pno % 2 == 1
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = f"{FAMILY}^{GIVEN}{pno}"
@@ -173,9 +186,25 @@ def test_no_phi_in_any_output(phantom_dir, tmp_path, capfd, caplog):
             assert rc == 0, f"casebase {argv[0]} failed ({rc}):\n{text[-2000:]}"
             return text
 
-        run("ingest-dicom", dicom_in, "--out", manifest)
+        # folder names as labels: refused (they are patients' names), without echoing them
+        assert cli.main([str(a) for a in ("ingest-dicom", dicom_in, "--out", manifest)]) == 2
+        assert (
+            cli.main(
+                [
+                    str(a)
+                    for a in ("ingest-dicom", dicom_in, "--out", manifest, "--label-from", "folder")
+                ]
+            )
+            == 2
+        )
+        text = _shown(capfd, caplog, record)
+        shown.append(("ingest-dicom (refused)", text))
+        assert "--label-from" in text and "refusing folder names" in text and not manifest.exists()
+        run("ingest-dicom", dicom_in, "--out", manifest, "--label-from", "SeriesDescription")
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         assert len(df) == n_files and set(df["age_band"]) <= {"90+", ""}
+        assert set(df["label"]) == {p.name for p in phantom_dir.glob("images/*")}
+        assert df["image"].str.startswith("manifest.links/").all()  # pseudonymous links
         assert (df["age_band"] == "90+").sum() >= n_files // 3  # conformant dates gave the band
         run("validate", manifest)
         run(
@@ -234,7 +263,9 @@ def test_no_phi_in_any_output(phantom_dir, tmp_path, capfd, caplog):
     for root in (work, Path(os.environ["CASEBASE_HOME"])):
         for p in sorted(root.rglob("*")):
             found = _hits_in(str(p.relative_to(root)).encode())
-            if p.is_file():
+            if p.is_symlink():  # a pseudonymous link: its name is searched, it points at an input
+                assert p.resolve().is_relative_to(dicom_in.resolve()), p
+            elif p.is_file():
                 found += _hits_in(p.read_bytes())
                 if p.suffix == ".parquet":  # compressed pages: search the decoded values too
                     found += _hits_in(pd.read_parquet(p).to_csv(index=False).encode())
@@ -322,6 +353,6 @@ def test_the_phi_key_is_documented():
     readme = (
         (REPO / "README.md").read_text(encoding="utf-8") if (REPO / "README.md").is_file() else ""
     )
-    data_readme = REPO / "data_manifests" / "README.md"
-    docs = readme + (data_readme.read_text(encoding="utf-8") if data_readme.is_file() else "")
+    others = (REPO / "data_manifests" / "README.md", REPO / "docs" / "how-it-works.md")
+    docs = readme + "".join(p.read_text(encoding="utf-8") for p in others if p.is_file())
     assert "CASEBASE_PHI_KEY" in docs and "phi.key" in docs and "rotate" in docs.lower()

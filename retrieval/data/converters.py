@@ -29,6 +29,11 @@ Shared rules (the helpers below):
   whole to train / val / test, stratified by the patient's most common label,
   in an order given by SHA-256 of (seed, patient) — so reruns agree, and the
   split does not depend on the row order or on the PHI key;
+* **no patient id through paths**: CheXpert (``patientNNNNN/``), NIH
+  ChestX-ray14 (``<patient>_<follow-up>.png``) and RSNA (``<patientId>.dcm``)
+  name their files by patient, which would undo the keyed hash; their rows
+  point at pseudonymous links ``<manifest stem>.links/<case_id><ext>`` beside
+  the manifest (:mod:`retrieval.data.phi_paths`) instead of the files;
 * ``sex`` is ``F`` / ``M`` / ``O`` / empty, ``age`` a whole number of years
   (empty when missing or implausible);
 * every image must exist under ``--images``: rows whose image is missing are
@@ -61,6 +66,9 @@ __all__ = [
     "normalise_sex",
     "patient_disjoint_splits",
 ]
+
+# data sets whose image paths carry the patient id: rows point at pseudonymous links
+LINKED_SOURCES = ("chexpert", "nih-cxr14", "rsna-pneumonia")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".npy")
 
@@ -986,6 +994,9 @@ def convert(source: str, metadata: str | os.PathLike, opts: ConvertOptions) -> C
         official=[r.official_split for r in kept],
     )
     out_dir = out.resolve().parent
+    from retrieval.data.phi_paths import PseudonymousLinks
+
+    links = PseudonymousLinks(out.resolve()) if source in LINKED_SOURCES else None
     mask_dir = Path(opts.masks).expanduser().resolve() if opts.masks else out_dir / "masks"
     rows = []
     seen: Counter = Counter()
@@ -1000,7 +1011,11 @@ def convert(source: str, metadata: str | os.PathLike, opts: ConvertOptions) -> C
             cid = f"{cid}-{seen[cid]}"
         row = {
             "case_id": cid,
-            "image": _manifest_path(rec.image_path, out_dir),
+            "image": (
+                links.add(rec.image_path, cid)
+                if links is not None
+                else _manifest_path(rec.image_path, out_dir)
+            ),
             "label": rec.label,
             "split": split,
             "patient_id": pid,
@@ -1019,6 +1034,11 @@ def convert(source: str, metadata: str | os.PathLike, opts: ConvertOptions) -> C
     if source == "rsna-pneumonia":
         columns.append("mask")
     df = pd.DataFrame(rows, columns=columns + list(attr_cols))
+    if links is not None and links.commit() is not None:
+        opts.say(
+            f"{source}: the file names carry patient ids: the manifest points at "
+            f"{len(links)} pseudonymous links in {links.final}"
+        )
     try:
         write_manifest(df, out)
     except Exception as err:  # noqa: BLE001 - OSError, pyarrow errors

@@ -9,12 +9,16 @@ extension, atomically).
 
 What goes into the manifest:
 
-* ``case_id``: ``c_`` + 16 hex digits of SHA-256 of the SOPInstanceUID (or of
-  the relative path when there is none); UIDs shared by several files get a
-  path-derived suffix;
-* ``image``: the path relative to the manifest's folder;
-* ``label``: from ``--label-from`` (parent folder name by default, a DICOM
-  keyword, or ``csv:PATH`` mapping ``file`` -> ``label``), "unknown" if empty;
+* ``case_id``: ``c_`` + 16 hex digits of SHA-256 of the SOPInstanceUID (or a
+  keyed hash of the relative path when there is none); UIDs shared by several
+  files get a path-derived suffix;
+* ``image``: the path relative to the manifest's folder; when that path looks
+  identifying (a folder or file named after the patient, an MRN, a date: see
+  :mod:`retrieval.data.phi_paths`), a pseudonymous link
+  ``<manifest stem>.links/<case_id>.dcm`` to the file instead;
+* ``label``: from ``--label-from`` (required: a DICOM keyword, ``csv:PATH``
+  mapping ``file`` -> ``label``, or ``folder`` for the parent folder's name,
+  refused when a folder name looks identifying), "unknown" if empty;
 * ``split``: train / val / test (70/15/15), decided by the hashed patient so
   that a patient's files never straddle splits and reruns agree;
 * ``patient_id``: :func:`retrieval.data.privacy.hash_patient_id` of PatientID (of
@@ -24,7 +28,8 @@ What goes into the manifest:
   ``columns``, ``photometric``.
 
 Never written: PatientName, the raw PatientID, birth or any other date, or
-any other header value not listed above.
+any other header value not listed above, nor a path component that looks
+like a name, an id or a date.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class IngestReport:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # non-DICOM files
     labels: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
+    n_linked: int = 0  # images written as pseudonymous links (identifying paths)
 
     @property
     def n_skipped(self) -> int:
@@ -209,7 +215,13 @@ def _sop_class_name(ds) -> str:
 class _LabelSource:
     def __init__(self, spec: str | None, root: Path):
         self.root = root
-        spec = (spec or "folder").strip()
+        if spec is None or not str(spec).strip():
+            raise CasebaseError(
+                "ingest-dicom needs --label-from: a DICOM keyword (e.g. SeriesDescription, "
+                "BodyPartExamined), csv:PATH (columns file,label), or folder (each file's parent "
+                "folder name; refused when a folder is named after a patient, an MRN or a date)"
+            )
+        spec = str(spec).strip()
         self.kind = "folder"
         self.keyword = ""
         self.mapping: dict[str, str] = {}
@@ -283,6 +295,15 @@ class _LabelSource:
     def label(self, path: Path, rel: str, ds) -> str:
         if self.kind == "folder":
             value = path.parent.name
+            from retrieval.data.phi_paths import header_identifiers, identifying_reason
+
+            why = identifying_reason(value, *header_identifiers(ds))
+            if why:  # never echo the name: it may be a patient's
+                raise CasebaseError(
+                    f"--label-from folder: refusing folder names as labels: one {why} (the "
+                    "name is not repeated here); name the folders after the classes, or use "
+                    "--label-from csv:PATH or a DICOM keyword"
+                )
         elif self.kind == "keyword":
             value = _get(ds, self.keyword)
         else:
@@ -293,10 +314,14 @@ class _LabelSource:
 
 def _case_id(ds, rel: str, used: set[str]) -> str:
     uid = _get(ds, "SOPInstanceUID")
-    basis = ("uid:" + uid) if uid else ("path:" + rel)
-    cid = "c_" + hashlib.sha256(basis.encode()).hexdigest()[:16]
+    from retrieval.data.privacy import keyed_digest
+
+    # a path may carry a patient's name: only a keyed hash of it (a UID identifies no one)
+    cid = "c_" + (hashlib.sha256(("uid:" + uid).encode()).hexdigest()[:16] if uid else "")
+    if not uid:
+        cid += keyed_digest("path:" + rel)
     if cid in used:
-        cid = cid + "-" + hashlib.sha256(("path:" + rel).encode()).hexdigest()[:6]
+        cid = cid + "-" + keyed_digest("path:" + rel, 6)
     k = 2
     base = cid
     while cid in used:
@@ -334,10 +359,10 @@ def _attributes(ds, loaded) -> dict[str, str]:
     }
 
 
-def _walk(root: Path, exclude: set[Path]) -> list[Path]:
+def _walk(root: Path, exclude: set[Path], skip_dirs: set[Path] = frozenset()) -> list[Path]:
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if (Path(dirpath) / d).resolve() not in skip_dirs)
         for name in sorted(filenames):
             p = Path(dirpath) / name
             try:
@@ -351,12 +376,14 @@ def _walk(root: Path, exclude: set[Path]) -> list[Path]:
     return files
 
 
-def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir: Path):
+def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir: Path, links=None):
     """The manifest row for one file: ``(row, None, True)`` or ``(None, reason, is_dicom)``.
 
     Shared by ``ingest-dicom`` and ``ingest-dicomweb`` so both write identical
     rows. ``label_for(path, rel, ds)`` gives the label; ``used_ids`` keeps
-    case ids unique across calls.
+    case ids unique across calls; ``links`` (a
+    :class:`retrieval.data.phi_paths.PseudonymousLinks`): where an image whose
+    path looks identifying is linked under its case id instead.
     """
     from retrieval.data.imageio import read_image
     from retrieval.data.privacy import hash_patient_id
@@ -386,10 +413,18 @@ def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir
         image_rel = os.path.relpath(path.resolve(), out_dir)
     except ValueError:  # another drive on Windows
         image_rel = str(path.resolve())
+    label = label_for(path, rel, ds)
+    case_id = _case_id(ds, rel, used_ids)
+    image = Path(image_rel).as_posix()
+    if links is not None:
+        from retrieval.data.phi_paths import header_identifiers, path_reason
+
+        if path_reason(links.scope(rel), *header_identifiers(ds)):
+            image = links.add(path, case_id)
     row = {
-        "case_id": _case_id(ds, rel, used_ids),
-        "image": Path(image_rel).as_posix(),
-        "label": label_for(path, rel, ds),
+        "case_id": case_id,
+        "image": image,
+        "label": label,
         "split": split_for_patient(pid),
         "patient_id": pid,
     }
@@ -418,10 +453,13 @@ def ingest_dicom(
     out_path = Path(out).expanduser()
     if out_path.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise CasebaseError(f"--out {out_path}: the manifest must end in .csv or .parquet")
+    from retrieval.data.phi_paths import PseudonymousLinks
+
     labeler = _LabelSource(label_from, root)
     out_dir = out_path.resolve().parent
     exclude = {out_path.resolve()}
-    files = _walk(root, exclude)
+    links = PseudonymousLinks(out_path.resolve(), root)
+    files = _walk(root, exclude, {links.final.resolve()})
 
     def say(line: str) -> None:
         if log is not None:
@@ -435,7 +473,7 @@ def ingest_dicom(
     bar = tqdm(files, desc="ingesting DICOM", unit="file", disable=not progress, leave=False)
     for path in bar:
         rel = path.relative_to(root).as_posix()
-        row, reason, is_dicom = record_for_file(path, rel, labeler.label, used_ids, out_dir)
+        row, reason, is_dicom = record_for_file(path, rel, labeler.label, used_ids, out_dir, links)
         if row is None and not is_dicom:
             report.ignored.append((str(path), reason))
             continue
@@ -458,6 +496,12 @@ def ingest_dicom(
             f"{len(report.ignored)} other files ignored)"
         )
     df = pd.DataFrame(rows, columns=list(COLUMNS))
+    if links.commit() is not None:
+        report.n_linked = len(links)
+        say(
+            f"{len(links)} images lie under a folder or file name that looks identifying: the "
+            f"manifest points at pseudonymous links in {links.final} instead"
+        )
     try:
         write_manifest(df, out_path)
     except (OSError, ManifestError) as err:

@@ -950,7 +950,7 @@ def test_ingest_dicom_skips_each_bad_file_by_name(corpus, good_images, tmp_path)
         shutil.copyfile(g, dst)
         goods.append(dst)
     out = tmp_path / "out" / "manifest.csv"
-    run = run_cli(["ingest-dicom", tree, "--out", out])
+    run = run_cli(["ingest-dicom", tree, "--out", out, "--label-from", "folder"])
     if run.rc != 0:
         TALLY.fail(f"ingest-dicom: exit {run.rc} with good files present: {run.text[-1500:]}")
     df = pd.read_csv(out, dtype=str, keep_default_na=False) if out.is_file() else pd.DataFrame()
@@ -983,7 +983,9 @@ def test_ingest_dicom_skips_each_bad_file_by_name(corpus, good_images, tmp_path)
     for copy, f in copies.items():
         if not f.refused:
             (only_bad / copy.relative_to(tree / "broken")).unlink()
-    run = run_cli(["ingest-dicom", only_bad, "--out", tmp_path / "none.csv"])
+    run = run_cli(
+        ["ingest-dicom", only_bad, "--out", tmp_path / "none.csv", "--label-from", "folder"]
+    )
     TALLY.tried["ingest-dicom"] += 1
     if run.rc != 2 or "no decodable DICOM image found" not in run.err:
         TALLY.fail(f"ingest-dicom: a tree of only bad files gave exit {run.rc}: {run.err[-500:]}")
@@ -1012,7 +1014,19 @@ def test_ingest_dicom_skips_each_bad_file_by_name(corpus, good_images, tmp_path)
             ],
             "not found",
         ),
-        (["ingest-dicom", tree, "--out", tmp_path / "x.csv", "--strict"], "--strict"),
+        (
+            [
+                "ingest-dicom",
+                tree,
+                "--out",
+                tmp_path / "x.csv",
+                "--strict",
+                "--label-from",
+                "folder",
+            ],
+            "--strict",
+        ),
+        (["ingest-dicom", tree, "--out", tmp_path / "x.csv"], "needs --label-from"),
     ):
         run = run_cli(argv)
         TALLY.tried["ingest-dicom"] += 1

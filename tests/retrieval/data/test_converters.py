@@ -6,6 +6,7 @@ under ``tests/data/<source>/``; the tiny images are generated here.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -77,22 +78,29 @@ def _convert(source: str, metadata: Path, images: Path, out: Path, *extra: str, 
     return pd.read_csv(out, dtype=str, keep_default_na=False), captured
 
 
-def _check_common(
-    out: Path, df: pd.DataFrame, raw_ids: list[str], *, paths_may_hold_ids: bool = False
-):
+def _real(out: Path, rel: str) -> str:
+    """The file a manifest row points at (through its pseudonymous link, if any)."""
+    return Path(os.path.realpath(out.parent / rel)).as_posix()
+
+
+def _check_common(out: Path, df: pd.DataFrame, raw_ids: list[str], *, linked: bool = False):
     assert df["case_id"].is_unique
     assert df["patient_id"].str.fullmatch(PID_RE).all()
     # patient-disjoint splits
     per_patient = df.groupby("patient_id")["split"].nunique()
     assert (per_patient == 1).all(), per_patient[per_patient > 1]
     assert set(df["split"]) <= {"train", "val", "test"}
-    # raw ids never written (image file names of some data sets carry them: those columns aside)
-    text_cols = [c for c in df.columns if not (paths_may_hold_ids and c in ("image", "mask"))]
-    text = "\n".join(",".join(map(str, row)) for row in df[text_cols].itertuples(index=False))
-    if not paths_may_hold_ids:
-        text = out.read_text()
+    # raw ids never written, not even in image paths (those data sets' rows point at links)
+    text = out.read_text()
     for raw in raw_ids:
         assert raw not in text, raw
+    if linked:
+        links = out.parent / f"{out.stem}.links"
+        assert all(p.startswith(f"{links.name}/") for p in df["image"])
+        names = sorted(p.name for p in links.iterdir())
+        assert names == sorted(Path(p).name for p in df["image"])
+        for raw in raw_ids:
+            assert not any(raw in n for n in names), raw
     # images resolvable; and casebase itself accepts the manifest
     for rel in df["image"]:
         assert (out.parent / rel).is_file() or Path(rel).is_file()
@@ -311,7 +319,7 @@ def test_chexpert_default_policy(tmp_path, capsys):
     assert "official validation set" in cap.err
     assert "skipped 8 (6 several findings, 1 no confident finding, 1 image not found)" in cap.out
     by_img = {
-        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", p).group(1): r
+        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", _real(out, p)).group(1): r
         for p, r in zip(df["image"], df.to_dict("records"), strict=True)
     }
     assert len(df) == 11
@@ -332,8 +340,9 @@ def test_chexpert_default_policy(tmp_path, capsys):
     assert sorted(set(df["label"])) == ["Edema", "No Finding", "Pleural Effusion", "Pneumothorax"]
     # case ids are built from the hashed patient, never from patientNNNNN
     assert all(re.fullmatch(PID_RE + r"_s\d+_view\d_(frontal|lateral)", c) for c in df["case_id"])
-    raws = sorted({m for p in df["image"] for m in re.findall(r"patient\d+", p)})
-    _check_common(out, df, raws, paths_may_hold_ids=True)
+    raws = sorted({m for p in df["image"] for m in re.findall(r"patient\d+", _real(out, p))})
+    assert len(raws) >= 8
+    _check_common(out, df, raws, linked=True)
 
 
 def test_chexpert_priority_and_uncertain_policies(tmp_path, capsys):
@@ -350,7 +359,7 @@ def test_chexpert_priority_and_uncertain_policies(tmp_path, capsys):
         capsys=capsys,
     )
     lab = {
-        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", p).group(1): x
+        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", _real(out, p)).group(1): x
         for p, x in zip(df["image"], df["label"], strict=True)
     }
     assert lab["patient00002/study2/view1_frontal"] == "Fracture"  # Fracture before Lung Opacity
@@ -370,7 +379,7 @@ def test_chexpert_priority_and_uncertain_policies(tmp_path, capsys):
         capsys=capsys,
     )
     lab2 = {
-        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", p).group(1): x
+        re.search(r"(patient\d+/study\d+/view\w+)\.jpg$", _real(out2, p)).group(1): x
         for p, x in zip(df2["image"], df2["label"], strict=True)
     }
     assert lab2["patient00007/study1/view1_frontal"] == "Atelectasis"  # U-Ones
@@ -391,7 +400,9 @@ def test_nih_cxr14(tmp_path, capsys):
     assert "official split" in cap.err
     assert "skipped 4 (3 several findings, 1 image not found)" in cap.out
     assert len(df) == 12
-    img = {Path(p).name: r for p, r in zip(df["image"], df.to_dict("records"), strict=True)}
+    img = {
+        Path(_real(out, p)).name: r for p, r in zip(df["image"], df.to_dict("records"), strict=True)
+    }
     assert img["00000001_000.png"]["label"] == "Cardiomegaly"
     assert img["00000002_000.png"]["label"] == "No Finding"
     assert img["00000001_000.png"]["sex"] == "M" and img["00000001_000.png"]["age"] == "58"
@@ -406,7 +417,7 @@ def test_nih_cxr14(tmp_path, capsys):
     raw = [f"{int(p):08d}" for p in src["Patient ID"]]
     assert not any(r in c for c in df["case_id"] for r in raw)
     assert not set(df["patient_id"]) & set(src["Patient ID"])
-    _check_common(out, df, [], paths_may_hold_ids=True)
+    _check_common(out, df, sorted(set(raw)), linked=True)
     # priority policy keeps multi-finding images
     out2 = tmp_path / "nih_prio.csv"
     df2, _ = _convert(
@@ -419,7 +430,7 @@ def test_nih_cxr14(tmp_path, capsys):
         "--ignore-official-split",
         capsys=capsys,
     )
-    img2 = {Path(p).name: x for p, x in zip(df2["image"], df2["label"], strict=True)}
+    img2 = {Path(_real(out2, p)).name: x for p, x in zip(df2["image"], df2["label"], strict=True)}
     assert img2["00000004_000.png"] == "Mass" and img2["00000001_002.png"] == "Effusion"
     assert len(df2) == 15
 
@@ -459,7 +470,9 @@ def test_rsna_pneumonia_with_box_masks(tmp_path, capsys):
         "view",
     ]
     assert sorted(set(df["label"])) == ["Lung Opacity", "No Lung Opacity / Not Normal", "Normal"]
-    by_pid = {Path(p).stem: r for p, r in zip(df["image"], df.to_dict("records"), strict=True)}
+    by_pid = {
+        Path(_real(out, p)).stem: r for p, r in zip(df["image"], df.to_dict("records"), strict=True)
+    }
     assert (
         by_pid[pids[0]]["sex"] == "M"
         and by_pid[pids[0]]["age"] == "45"
@@ -483,7 +496,7 @@ def test_rsna_pneumonia_with_box_masks(tmp_path, capsys):
         m3[57:88, 32:53].all() and not m3[56, 40] and not m3[88, 40]
     )  # fractional boxes rounded outward
     assert all(r["case_id"].startswith("c_") for r in by_pid.values())
-    _check_common(out, df, pids, paths_may_hold_ids=True)
+    _check_common(out, df, pids, linked=True)
     # binary labels on request
     out2 = tmp_path / "work" / "rsna_t.csv"
     df2, _ = _convert(

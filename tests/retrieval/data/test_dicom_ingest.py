@@ -19,7 +19,7 @@ CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 def test_pydicom_corpus_acceptance(tmp_path, capsys):
     out = tmp_path / "corpus.csv"
-    assert main(["ingest-dicom", str(CORPUS), "--out", str(out)]) == 0
+    assert main(["ingest-dicom", str(CORPUS), "--out", str(out), "--label-from", "Modality"]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     df = pd.read_csv(out, dtype=str, keep_default_na=False)
@@ -62,7 +62,7 @@ def test_pydicom_corpus_acceptance(tmp_path, capsys):
 
 def test_phantom_round_trip_without_phi(tmp_path, phantom_dir):
     out = tmp_path / "sub" / "ingested.csv"
-    report = ingest_dicom(phantom_dir / "images", out, progress=False)
+    report = ingest_dicom(phantom_dir / "images", out, label_from="folder", progress=False)
     assert report.n_ingested == 60 and report.n_skipped == 0
     df = pd.read_csv(out, dtype=str, keep_default_na=False)
     src = pd.read_csv(phantom_dir / "manifest.csv", dtype=str, keep_default_na=False)
@@ -81,7 +81,9 @@ def test_phantom_round_trip_without_phi(tmp_path, phantom_dir):
     assert validate_manifest(out) == []
 
     # the same folder into Parquet, and again: identical rows (deterministic)
-    report2 = ingest_dicom(phantom_dir / "images", tmp_path / "again.parquet", progress=False)
+    report2 = ingest_dicom(
+        phantom_dir / "images", tmp_path / "again.parquet", label_from="folder", progress=False
+    )
     assert report2.n_ingested == 60
     again = load_manifest(tmp_path / "again.parquet").df
     assert sorted(again["case_id"]) == sorted(df["case_id"])
@@ -142,20 +144,38 @@ def test_strict_and_errors(tmp_path, phantom_dir, capsys):
     shutil.copy(CORPUS / "MR_truncated.dcm", tree / "nodule" / "bad.dcm")
     (tree / "notes.txt").write_text("not dicom")
     out = tmp_path / "m.csv"
-    assert main(["ingest-dicom", str(tree), "--out", str(out)]) == 0
+    assert main(["ingest-dicom", str(tree), "--out", str(out), "--label-from", "folder"]) == 0
     captured = capsys.readouterr()
     assert "skipped: " in captured.err and "bad.dcm: truncated" in captured.err
     assert "ingested 20, skipped 1" in captured.out
     assert len(pd.read_csv(out)) == 20
 
-    assert main(["ingest-dicom", str(tree), "--out", str(tmp_path / "s.csv"), "--strict"]) == 2
+    assert (
+        main(
+            [
+                "ingest-dicom",
+                str(tree),
+                "--out",
+                str(tmp_path / "s.csv"),
+                "--strict",
+                "--label-from",
+                "folder",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "bad.dcm" in err and "truncated" in err and "Traceback" not in err
     assert not (tmp_path / "s.csv").exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["ingest-dicom", str(empty), "--out", str(tmp_path / "e.csv")]) == 2
+    assert (
+        main(
+            ["ingest-dicom", str(empty), "--out", str(tmp_path / "e.csv"), "--label-from", "folder"]
+        )
+        == 2
+    )
     assert "no decodable DICOM" in capsys.readouterr().err
     assert main(["ingest-dicom", str(tmp_path / "nope"), "--out", str(tmp_path / "e.csv")]) == 2
     assert main(["ingest-dicom", str(tree), "--out", str(tmp_path / "e.txt")]) == 2
@@ -169,7 +189,9 @@ def test_corpus_oddities_are_skipped_with_reason(tmp_path, name):
     tree.mkdir()
     shutil.copy(CORPUS / "MR_small.dcm", tree / "good.dcm")
     shutil.copy(CORPUS / name, tree / name)
-    report = ingest_dicom(tree, tmp_path / "m.csv", progress=False, log=lambda _s: None)
+    report = ingest_dicom(
+        tree, tmp_path / "m.csv", label_from="folder", progress=False, log=lambda _s: None
+    )
     assert report.n_ingested == 1
     assert [Path(p).name for p, _ in report.skipped] == [name]
     assert report.skipped[0][1]
