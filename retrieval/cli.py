@@ -213,6 +213,24 @@ def _add_explain_eval(sub) -> None:
     p.add_argument(
         "--no-store", action="store_true", help="do not write the results into the bundle"
     )
+    p.add_argument(
+        "--sanity-cases", type=int, default=4, help="cases in the randomisation sanity check"
+    )
+    p.add_argument(
+        "--sanity-seeds", type=int, default=3, help="re-initialisations per block (>= 1)"
+    )
+    p.add_argument(
+        "--data-randomization",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also retrain on permuted labels for EPOCHS epochs (Adebayo et al.'s data test)",
+    )
+    p.add_argument(
+        "--subclass", default=None, metavar="COLUMN", help="manifest column for the "
+        "identical-subclass test of the neighbours (Hanawa et al.)"
+    )
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the sanity curves here")
     p.set_defaults(_module="explain_eval")
 
 

@@ -59,14 +59,16 @@ import torch
 from scipy import ndimage
 
 from retrieval.errors import CasebaseError
-from retrieval.explain import registry
+from retrieval.explain import registry, sanity
+from retrieval.explain.methods import family_of
 from retrieval.explain.pipeline import weighted_query_map
 from retrieval.explain.registry import ScoreTarget, resize_maps
 
 CURVE_STEPS = 16
 BLUR_FRACTION = 1 / 16
-SANITY_THRESHOLD = 0.5
+SANITY_THRESHOLD = sanity.SANITY_THRESHOLD
 RANDOM_SEED = 0
+BOOTSTRAP = 2000
 SIMILARITY_NEIGHBORS = 5
 
 
@@ -148,8 +150,12 @@ def perturbation_curves(
     ranks: np.ndarray,
     baseline: torch.Tensor,
     steps: int = CURVE_STEPS,
+    score=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(deletion, insertion) probabilities of class ``cls`` at steps+1 removed fractions 0..1."""
+    """(deletion, insertion) probabilities of class ``cls`` at steps+1 removed fractions 0..1.
+
+    ``score(batch) -> (n,)`` replaces the class probability (``similarity`` is scored
+    on the similarity it explains)."""
     n = ranks.size
     counts = torch.from_numpy(np.round(np.linspace(0, n, steps + 1)).astype(np.int64))
     hidden = torch.from_numpy(ranks)[None] < counts[:, None, None]  # (steps+1, S, S)
@@ -158,7 +164,10 @@ def perturbation_curves(
     insertion = torch.where(hidden, x[None], baseline[None])
     probs = []
     for chunk in torch.cat([deletion, insertion]).split(registry.FORWARD_BATCH):
-        probs.append(model(chunk).float().softmax(1)[:, cls])
+        if score is not None:
+            probs.append(score(chunk).float())
+        else:
+            probs.append(model(chunk).float().softmax(1)[:, cls])
     p = torch.cat(probs).cpu().numpy()
     return p[: steps + 1], p[steps + 1 :]
 
@@ -208,29 +217,74 @@ class _Acc:
     deletion_random: list
     insertion: list
     insertion_random: list
-    spearman: list
-    ssim: list
     seconds: list
     labels: list
 
     @classmethod
     def new(cls) -> _Acc:
-        return cls(*([] for _ in range(12)))
+        return cls(*([] for _ in range(10)))
 
 
 def _mean(v: list) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+def bootstrap_ci(
+    values: Sequence[float], level: float = 0.95, n_boot: int = BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over cases (NaN for fewer than 2 cases)."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def faithfulness_verdict(gains: Sequence[float], seed: int = 0) -> tuple[str, list[float]]:
+    """ "faithful" when the 95 % bootstrap CI of the deletion gain (random − map) excludes 0."""
+    lo, hi = bootstrap_ci(gains, seed=seed)
+    verdict = "faithful" if lo > 0 else "not faithful on this data"
+    return verdict, [lo, hi]
+
+
 def summary_line(m: dict) -> str:
     sanity = (
         "passes" if m["sanity_check"] == "pass" else "FAILS"
     ) + " the randomisation sanity check"
+    s = m.get("sanity") or {}
+    if s:
+        sanity += f" ({s['n_cases']} cases x {len(s['seeds'])} seeds)"
+    faithful = m.get("faithfulness", "")
+    lo, hi = m.get("deletion_gain_ci95", [float("nan")] * 2)
+    if faithful:
+        faithful = (
+            f"; {faithful} (deletion gain over a random order {m['deletion_gain']:+.3f}, "
+            f"95% CI {lo:+.3f} to {hi:+.3f})"
+        )
     return (
-        f"on the lesion {m['pointing_game']:.0%} of the time (pointing game), "
-        f"{m['mask_energy']:.0%} of its energy inside the lesion (which is {m['mask_area']:.0%} "
-        f"of the image), {sanity}"
+        f"on {m['n_cases']} cases: on the lesion {m['pointing_game']:.0%} of the time "
+        f"(pointing game), {m['mask_energy']:.0%} of its energy inside the lesion (which is "
+        f"{m['mask_area']:.0%} of the image), {sanity}{faithful}"
     )
+
+
+def _similarity_score(fast, x, nbrs, weighting):
+    """score(batch) = the similarity-weighted mean cosine to the neighbours (what the
+    ``similarity`` query map explains), or None without neighbours."""
+    if nbrs is None or not len(nbrs):
+        return None
+    with torch.no_grad():
+        eq = fast.run(x, weighting).embedding[0]
+        ec = fast.run(nbrs, weighting).embedding
+    w = (ec @ eq).clamp_min(0)
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
+
+    def score(batch):
+        return fast.run(batch, weighting).embedding @ ec.T @ w
+
+    return score
 
 
 def evaluate_cases(
@@ -240,17 +294,21 @@ def evaluate_cases(
     weighting: str = "saliency",
     progress: bool = True,
     seed: int = RANDOM_SEED,
+    sanity_cases: int = sanity.SANITY_CASES,
+    sanity_seeds: Sequence[int] = sanity.SEEDS,
+    data_randomized=None,
 ) -> dict:
     """Score explainers on prepared cases.
 
     Each case: ``{"x": (C, S, S) normalised tensor, "mask": (H, W) bool, "geometry": Geometry,
     "neighbours": (K, C, S, S) tensor or None}``. Returns ``{name: metrics}``.
+    The sanity checks (retrieval.explain.sanity) run on ``sanity_cases`` evenly spaced
+    cases over ``sanity_seeds``.
     """
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
-    rnd = randomized_copy(model, seed)
     fast = registry.inference_model(model)  # same function, Conv+BN folded: for the curves
     stride = getattr(model.backbone, "stride", 16)
     acc = {name: _Acc.new() for name in explainers}
@@ -265,17 +323,17 @@ def evaluate_cases(
         tol = (math.ceil(stride / 2 * sy), math.ceil(stride / 2 * sx))
         with torch.no_grad():
             cls = int(fast(x).argmax(1)[0])
+        case["_cls"] = cls
         base = blurred(x[0])
         rng = np.random.default_rng(seed + i)
-        rand_del, rand_ins = perturbation_curves(
-            fast, x[0], cls, pixel_order_ranks(rng.random((s, s)), rng), base
-        )
+        random_ranks = pixel_order_ranks(rng.random((s, s)), rng)
+        rand_del, rand_ins = perturbation_curves(fast, x[0], cls, random_ranks, base)
+        sim_score = _similarity_score(fast, x, nbrs, weighting)
         for name, explainer in explainers.items():
             a = acc[name]
             t0 = time.perf_counter()
             heat = query_map(model, name, explainer, x, cls, weighting, nbrs)
             a.seconds.append(time.perf_counter() - t0)
-            heat_r = query_map(rnd, name, explainer, x, cls, weighting, nbrs)
             full = geo.map_to_original(heat.numpy())
             a.pointing.append(pointing_game(full, mask, tol))
             a.strict.append(pointing_game(full, mask, 0))
@@ -283,19 +341,49 @@ def evaluate_cases(
             a.area.append(float(mask.mean()))
             a.labels.append(str(case.get("label", "")))
             h_in = resize_maps(heat[None], (s, s))[0].numpy()
-            h_r = resize_maps(heat_r[None], (s, s))[0].numpy()
-            d, ins = perturbation_curves(fast, x[0], cls, pixel_order_ranks(h_in, rng), base)
+            score = sim_score if name == "similarity" else None
+            d, ins = perturbation_curves(
+                fast, x[0], cls, pixel_order_ranks(h_in, rng), base, score=score
+            )
+            if score is not None:  # the random reference on the same score
+                rd, ri = perturbation_curves(fast, x[0], cls, random_ranks, base, score=score)
+            else:
+                rd, ri = rand_del, rand_ins
             a.deletion.append(auc(d))
             a.insertion.append(auc(ins))
-            a.deletion_random.append(auc(rand_del))
-            a.insertion_random.append(auc(rand_ins))
-            rho, ssim = rank_agreement(h_in, h_r)
-            a.spearman.append(rho)
-            a.ssim.append(ssim)
+            a.deletion_random.append(auc(rd))
+            a.insertion_random.append(auc(ri))
+
+    picks = [cases[j] for j in _pick(len(cases), sanity_cases)]
+
+    def qmap(mdl, name, case):
+        x = case["x"].to(device)[None]
+        nbrs = case.get("neighbours")
+        nbrs = None if nbrs is None else nbrs.to(device)
+        heat = query_map(mdl, name, explainers[name], x, case["_cls"], weighting, nbrs)
+        return resize_maps(heat[None], tuple(x.shape[-2:]))[0].numpy()
+
+    checks = (
+        sanity.sanity_checks(
+            model,
+            picks,
+            list(explainers),
+            qmap,
+            seeds=sanity_seeds,
+            progress=progress,
+            data_randomized=data_randomized,
+        )
+        if picks
+        else {}
+    )
     out = {}
     for name, a in acc.items():
-        spearman_abs = _mean([abs(v) for v in a.spearman])
+        chk = checks.get(name)
+        full = (chk or {}).get("full_randomization", {})
+        gains = [r - d for r, d in zip(a.deletion_random, a.deletion, strict=True)]
+        faithful, ci = faithfulness_verdict(gains, seed)
         m = {
+            "family": family_of(name),
             "pointing_game": _mean(a.pointing),
             "pointing_game_strict": _mean(a.strict),
             "mask_energy": _mean(a.energy),
@@ -304,12 +392,19 @@ def evaluate_cases(
             "deletion_auc_random": _mean(a.deletion_random),
             "insertion_auc": _mean(a.insertion),
             "insertion_auc_random": _mean(a.insertion_random),
-            "randomization_spearman": _mean(a.spearman),
-            "randomization_spearman_abs": spearman_abs,
-            "randomization_ssim": _mean(a.ssim),
-            "sanity_check": "pass" if spearman_abs < SANITY_THRESHOLD else "fail",
+            "curve_score": "similarity to the neighbours"
+            if name == "similarity" and any(c.get("neighbours") is not None for c in cases)
+            else "predicted-class probability",
+            "randomization_spearman": full.get("spearman", float("nan")),
+            "randomization_spearman_abs": full.get("spearman_abs", float("nan")),
+            "randomization_ssim": full.get("ssim", float("nan")),
+            "randomization_hog": full.get("hog", float("nan")),
+            "sanity_check": chk["verdict"] if chk else "not run",
+            "sanity": chk or {},
             "n_cases": len(a.pointing),
             "seconds_per_map": _mean(a.seconds),
+            "faithfulness": faithful,
+            "deletion_gain_ci95": ci,
         }
         m["by_label"] = {
             lab: {
@@ -378,7 +473,7 @@ def load_cases(
             skipped.append(f"{row['case_id']}: empty mask")
             continue
         nbrs = None
-        lesion = []
+        lesion, found = [], []
         if with_neighbours:
             hits = retriever.search(
                 ctx.embedding.float().cpu().numpy(),
@@ -390,6 +485,7 @@ def load_cases(
             ok = [c for c in ctxs if c is not None]
             nbrs = torch.stack([c.tensor for c in ok]) if ok else None
             lesion = lesion_pair_shares(retriever, ctx, mask, nbs, ctxs)
+            found = [n for n, c in zip(nbs, ctxs, strict=True) if c is not None]
         cases.append(
             {
                 "case_id": row["case_id"],
@@ -399,6 +495,17 @@ def load_cases(
                 "geometry": ctx.geometry,
                 "neighbours": nbrs,
                 "lesion_x_lesion": lesion,
+                # for Hanawa et al.'s neighbour tests (neighbour_tests)
+                "patient_id": str(row.get("patient_id") or ""),
+                "attributes": {c: str(row[c]) for c in row.index if c not in ("image", "mask")},
+                "neighbour_info": [
+                    {
+                        "label": n.label,
+                        "patient_id": str(n.patient_id),
+                        "attributes": {a: str(v) for a, v in n.attributes.items()},
+                    }
+                    for n in found
+                ],
             }
         )
     return cases, skipped
@@ -470,13 +577,33 @@ def evaluate(
     max_cases: int | None = 40,
     progress: bool = True,
     seed: int = RANDOM_SEED,
+    sanity_cases: int = sanity.SANITY_CASES,
+    sanity_seeds: Sequence[int] = sanity.SEEDS,
+    data_randomization_epochs: int = 0,
+    subclass: str | None = None,
 ) -> dict:
-    """The explain-eval report: ``{"methods": {name: metrics}, "split", "n_cases", ...}``."""
+    """The explain-eval report: ``{"methods": {name: metrics}, "split", "n_cases", ...}``.
+
+    ``data_randomization_epochs`` > 0 adds Adebayo et al.'s data-randomisation test (a
+    model trained that many epochs on the train split with permuted labels);
+    ``subclass`` names a manifest column for Hanawa et al.'s identical-subclass test."""
     names = registry.check_names(list(methods) if methods else list(registry.METHODS))
-    cases, skipped = load_cases(retriever, manifest_path, split, max_cases, "similarity" in names)
+    if len(sanity_seeds) < 1:
+        raise CasebaseError("the sanity check needs at least one seed")
+    cases, skipped = load_cases(retriever, manifest_path, split, max_cases, True)
     if not cases:
         raise CasebaseError(
             "no case with a readable image and a non-empty mask: " + "; ".join(skipped[:5])
+        )
+    if subclass is not None and subclass not in cases[0]["attributes"]:
+        raise CasebaseError(
+            f"--subclass {subclass!r}: no such manifest column "
+            f"(have: {', '.join(sorted(cases[0]['attributes']))})"
+        )
+    data_model, data_info = None, None
+    if data_randomization_epochs > 0:
+        data_model, data_info = _permuted_label_model(
+            retriever, manifest_path, data_randomization_epochs, seed, progress
         )
     results = evaluate_cases(
         retriever.model,
@@ -485,6 +612,9 @@ def evaluate(
         retriever.weighting,
         progress,
         seed,
+        sanity_cases=sanity_cases,
+        sanity_seeds=sanity_seeds,
+        data_randomized=data_model,
     )
     for m in results.values():
         m["split"] = split
@@ -498,12 +628,18 @@ def evaluate(
         "split": split,
         "n_cases": len(cases),
         "skipped": skipped,
+        "neighbour_tests": neighbour_tests(retriever, cases, subclass, seed),
+        "data_randomization": data_info,
         "settings": {
             "pointing_tolerance": "half a feature-map cell",
             "curve_steps": CURVE_STEPS,
             "curve_baseline": f"gaussian blur, sigma = {BLUR_FRACTION:g} x side",
             "curve_score": "predicted-class probability",
             "sanity_threshold_abs_spearman": SANITY_THRESHOLD,
+            "sanity_cases": min(sanity_cases, len(cases)),
+            "sanity_seeds": list(sanity_seeds),
+            "faithfulness": "deletion gain over a random order, 95% bootstrap CI over cases "
+            f"({BOOTSTRAP} resamples) must exclude 0",
             "random_seed": seed,
             "weighting": retriever.weighting,
             "samples": {
@@ -515,6 +651,89 @@ def evaluate(
             },
         },
     }
+
+
+def neighbour_tests(retriever, cases: list[dict], subclass: str | None, seed: int) -> dict:
+    """Hanawa et al.'s minimal tests for the neighbours (retrieval.explain.sanity): each
+    evaluated case against the pool of all evaluated cases' retrieved neighbours, under
+    the trained and a fully randomised model (same-patient pairs excluded)."""
+    pool, info = [], []
+    for c in cases:
+        if c.get("neighbours") is not None:
+            pool.append(c["neighbours"])
+            info.extend(c.get("neighbour_info", []))
+    if not pool or len(info) != sum(len(p) for p in pool):
+        return {}
+    model, w = retriever.model, retriever.weighting
+    device = next(model.parameters()).device
+    rnd = randomized_copy(model, seed)
+
+    def embedder(m):
+        fast = registry.inference_model(m)
+        return lambda t: torch.cat(
+            [fast.run(b.to(device), w).embedding for b in t.split(registry.FORWARD_BATCH)]
+        )
+
+    queries = torch.stack([c["x"] for c in cases])
+    with torch.no_grad():
+        fast = registry.inference_model(model)
+        logits = torch.cat([fast(b.to(device)) for b in queries.split(registry.FORWARD_BATCH)])
+    classes = model.config.classes
+    predicted = [classes[i] for i in logits.argmax(1).tolist()]
+    same = np.array(
+        [
+            [bool(c["patient_id"]) and c["patient_id"] == n["patient_id"] for n in info]
+            for c in cases
+        ]
+    )
+    out = sanity.neighbour_tests(
+        embedder(model),
+        embedder(rnd),
+        queries,
+        torch.cat(pool),
+        [c["label"] for c in cases],
+        [n["label"] for n in info],
+        predicted,
+        [c["attributes"].get(subclass, "") for c in cases] if subclass else None,
+        [n["attributes"].get(subclass, "") for n in info] if subclass else None,
+        same,
+    )
+    if subclass:
+        out["subclass_column"] = subclass
+    return out
+
+
+def _permuted_label_model(retriever, manifest_path, epochs: int, seed: int, progress: bool):
+    """Adebayo et al.'s data randomisation: the architecture trained on permuted labels."""
+    from index.builder import case_table
+    from retrieval.data.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    df = manifest.select(["train"])
+    if df.empty:
+        raise CasebaseError(f"{manifest_path}: no train cases for the data-randomisation test")
+    table = case_table(manifest, df)
+    classes = list(retriever.model.config.classes)
+    xs, ys = [], []
+    for _, row in table.iterrows():
+        if row["label"] not in classes:
+            continue
+        try:
+            xs.append(retriever.preprocessor.load(row["image"])[1])
+        except CasebaseError:
+            continue
+        ys.append(classes.index(row["label"]))
+    if len(xs) < 2:
+        raise CasebaseError("fewer than 2 readable train cases for the data-randomisation test")
+    device = next(retriever.model.parameters()).device
+    return sanity.permuted_label_model(
+        retriever.model,
+        torch.stack(xs).to(device),
+        torch.tensor(ys),
+        epochs=epochs,
+        seed=seed,
+        progress=progress,
+    )
 
 
 COLUMNS = [
@@ -529,6 +748,7 @@ COLUMNS = [
     ("randomization_spearman", "rand rho", "{:+.2f}"),
     ("randomization_ssim", "rand ssim", "{:.2f}"),
     ("sanity_check", "sanity", "{}"),
+    ("deletion_gain", "del gain", "{:+.3f}"),
     ("seconds_per_map", "s/map", "{:.2f}"),
 ]
 

@@ -42,7 +42,7 @@ class MiniBackbone(torch.nn.Module):
 
     out_channels, stride = 16, 4
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, width: int | None = None):  # width: unused
         super().__init__()
         self.features = torch.nn.Sequential(
             _conv_bn(in_channels, 8, 2), _conv_bn(8, 16, 2), _conv_bn(16, 16)
@@ -185,6 +185,17 @@ def test_sanity_check_fails_a_model_blind_method_and_passes_gradcam(trained):
     for m in out.values():
         assert m["n_cases"] == len(cases) and m["seconds_per_map"] >= 0
         json.dumps(m, allow_nan=False)
+    # the per-block curves (logits + three conv blocks), three seeds, four cases
+    curves = cam["sanity"]
+    assert curves["blocks"] == ["logits", "block 2", "block 1", "block 0"]
+    assert curves["seeds"] == [0, 1, 2] and curves["n_cases"] == 4
+    for kind in ("cascading", "independent"):
+        for metric in ("spearman_abs", "spearman", "ssim", "hog"):
+            assert len(curves[kind][metric]) == 4
+    assert edges["sanity"]["cascading"]["spearman_abs"] == pytest.approx([1.0] * 4)
+    # Grad-CAM beats a random deletion order with a CI that excludes it; the edge map does not
+    assert cam["faithfulness"] == "faithful" and cam["deletion_gain_ci95"][0] > 0
+    assert "12 cases" in cam["summary"]
 
 
 def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_dir):
@@ -195,6 +206,8 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
         ["gradcam", "similarity"],
         max_cases=2,
         progress=False,
+        sanity_cases=1,
+        sanity_seeds=(0,),
     )
     assert report["split"] == "test" and report["n_cases"] == 2
     keys = {
