@@ -275,6 +275,34 @@ def _groups_table(groups: dict[str, dict]) -> str:
     )
 
 
+def _uncertainty_section(data: dict) -> str:
+    """Calibration (reliability diagram) and the classifier's prediction-set coverage."""
+    cal, ps = data.get("calibration") or {}, data.get("prediction_sets") or {}
+    if not cal and not ps:
+        return ""
+    from retrieval.service.uncertainty import reliability_plot
+
+    out = ["<h2>Uncertainty</h2>"]
+    if ps.get("coverage") is not None:
+        lo, hi = ps["coverage_ci95"]
+        out.append(
+            f"<p>{ps['target_coverage']:.0%} prediction sets (calibrated on "
+            f"{html.escape(str(ps.get('calibrated_on')))}): coverage {ps['coverage']:.3f} "
+            f"(95% CI {lo:.3f}–{hi:.3f}), mean size {ps['mean_size']:.2f}.</p>"
+        )
+    else:
+        out.append(f"<p class=muted>{html.escape(str(ps.get('note', 'no prediction sets')))}</p>")
+    if cal.get("ece_after") is not None:
+        out.append(
+            f"<p>Expected calibration error {cal['ece_before']:.3f} before and "
+            f"{cal['ece_after']:.3f} after temperature scaling (T = {cal['temperature']:.2f}).</p>"
+        )
+    png = reliability_plot(cal, "reliability diagram")
+    if png:
+        out.append(_img(base64.b64encode(png).decode("ascii"), "reliability diagram"))
+    return "".join(out)
+
+
 def _cf_section(cf: dict) -> str:
     if not cf.get("n_queries"):
         return f"<p class=muted>{html.escape(cf.get('note', 'not run'))}</p>"
@@ -443,6 +471,7 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
         "<h2>Per-group retrieval quality</h2>",
         _img(gfig, "groups") if gfig else "",
         _groups_table(data.get("groups", {})),
+        _uncertainty_section(data),
         "<h2>Lesion or context? (counterfactual)</h2>",
         _cf_section(data.get("counterfactual", {})),
         "<h2>Leakage</h2>",

@@ -227,6 +227,10 @@ def run_audit(
         "seed": seed,
         "timings": timings,
     }
+    # calibration and the classifier's prediction sets on the audited split (issue 21)
+    from retrieval.service.uncertainty import uncertainty_sections
+
+    data["prediction_sets"], data["calibration"] = uncertainty_sections(r, qs, knn=False)
     return AuditResult(_clean(data), ex)
 
 

@@ -14,8 +14,13 @@ from retrieval.service import calibration as cal
 from retrieval.service import conformal
 
 
-def uncertainty_sections(r, qs, coverage: float | None = None) -> tuple[dict, dict]:
-    """(prediction_sets, calibration) for an embedded QuerySet of a CaseRetriever."""
+def uncertainty_sections(
+    r, qs, coverage: float | None = None, knn: bool = True
+) -> tuple[dict, dict]:
+    """(prediction_sets, calibration) for an embedded QuerySet of a CaseRetriever.
+
+    knn: also the neighbour vote's sets (needs qs.hits of at least the calibrated k).
+    """
     classes = list(r.classes)
     code = {c: i for i, c in enumerate(classes)}
     y_all = np.array([code.get(str(v), -1) for v in qs.cases["label"]], np.int64)
@@ -46,21 +51,24 @@ def uncertainty_sections(r, qs, coverage: float | None = None) -> tuple[dict, di
     attr = calib.group_attribute or ("site" if "site" in qs.cases else None)
     groups = qs.cases[attr].to_numpy().astype(str)[known] if attr in qs.cases else None
     sets = conformal.set_report(calib.heads["classifier"], p_t, y, classes, cov, groups, attr)
-    hits = [h for h, ok in zip(qs.hits, known, strict=True) if ok]
-    k = calib.knn_k
-    sims = np.array([[s for s, _ in h[:k]] + [0.0] * (k - len(h[:k])) for h in hits])
-    labs = np.array(
-        [
-            [code.get(r.cases.at[row, "label"], -1) for _, row in h[:k]] + [-1] * (k - len(h[:k]))
-            for h in hits
-        ]
-    )
-    votes = conformal.vote_probabilities(
-        sims.reshape(len(hits), k), labs.reshape(len(hits), k), len(classes)
-    )
-    sets["knn_vote"] = conformal.set_report(
-        calib.heads["knn_vote"], votes, y, classes, cov, groups, attr, seed=1
-    )
+    votes = None
+    if knn:
+        hits = [h for h, ok in zip(qs.hits, known, strict=True) if ok]
+        k = calib.knn_k
+        sims = np.array([[s for s, _ in h[:k]] + [0.0] * (k - len(h[:k])) for h in hits])
+        labs = np.array(
+            [
+                [code.get(r.cases.at[row, "label"], -1) for _, row in h[:k]]
+                + [-1] * (k - len(h[:k]))
+                for h in hits
+            ]
+        )
+        votes = conformal.vote_probabilities(
+            sims.reshape(len(hits), k), labs.reshape(len(hits), k), len(classes)
+        )
+        sets["knn_vote"] = conformal.set_report(
+            calib.heads["knn_vote"], votes, y, classes, cov, groups, attr, seed=1
+        )
     sets["calibrated_on"] = calib.calibrated_on
     sets["n_calibration"] = calib.n
     if unknown:
@@ -73,7 +81,7 @@ def uncertainty_sections(r, qs, coverage: float | None = None) -> tuple[dict, di
         "temperature": calib.temperature,
         "nll_before": cal.nll(logits, y),
         "nll_after": cal.nll(logits, y, calib.temperature),
-        "knn_vote_ece": cal.ece(votes, y),
+        "knn_vote_ece": None if votes is None else cal.ece(votes, y),
         "n": int(len(y)),
         "reliability": {"before": before.to_json(), "after": after.to_json()},
     }
