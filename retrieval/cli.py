@@ -152,6 +152,13 @@ def _add_query(sub) -> None:
     p.add_argument("--exclude-patient", default=None)
     p.add_argument("--filter", action="append", default=[], metavar="ATTR=VALUE")
     p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHT",
+        help="move the query along a stored concept (casebase concepts --store), e.g. ruler=-1",
+    )
+    p.add_argument(
         "--coverage",
         type=float,
         default=None,
@@ -198,6 +205,13 @@ def _add_audit(sub) -> None:
     p.add_argument("--out", default=None, metavar="REPORT.html")
     p.add_argument("--json", action="store_true")
     p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="artefact concept to test with TCAV (folder or COLUMN:VALUE; repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(_module="audit")
 
@@ -337,6 +351,51 @@ def _add_demo(sub) -> None:
     p.set_defaults(_module="demo")
 
 
+def _add_concepts(sub) -> None:
+    p = sub.add_parser(
+        "concepts", help="TCAV concept tests of the classifier and of retrieval similarity"
+    )
+    p.add_argument("index_dir")
+    p.add_argument(
+        "--concept",
+        action="append",
+        required=True,
+        metavar="NAME=SPEC",
+        help="SPEC: a folder of example images, or COLUMN:VALUE of the manifest (repeatable)",
+    )
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="random counterexamples and class inputs "
+        "come from its images (default: the index's cases)",
+    )
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="backbone block(s) to test, e.g. backbone.features.4 (default: several)",
+    )
+    p.add_argument("--random-runs", type=int, default=20)
+    p.add_argument("--max-images", type=int, default=50, help="concept images per set (default 50)")
+    p.add_argument("--per-class", type=int, default=50, help="class inputs per class (default 50)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split of the class inputs (default: test when there is one, else all)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="keep the concepts' directions in the bundle (for query --concept)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, metavar="REPORT.html")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(_module="concepts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casebase", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ingest_dicomweb,
         _add_manifest,
         _add_demo,
+        _add_concepts,
     ):
         add(sub)
     return parser

@@ -75,6 +75,10 @@ def print_table(data: dict, stored: str | None, out: str | None, replaced: bool 
         print(f"  SHORTCUT(S): {', '.join(data['flagged'])}")
     if data.get("retrieval_bias"):
         print(f"  retrieval bias (not label-associated): {', '.join(data['retrieval_bias'])}")
+    for f in data.get("concept_shortcuts") or []:
+        print(f"  CONCEPT SHORTCUT: {f['text']}")
+    if data.get("concepts") and not data.get("concept_shortcuts"):
+        print(f"  concepts tested, no shortcut: {', '.join(data['concepts']['concepts'])}")
     print("  precision@5 per group:")
     for name, g in data["groups"].items():
         cells = ", ".join(
@@ -118,6 +122,15 @@ def report_note(stored: str | None, out: str | None, replaced: bool) -> str:
     return bundle_note or "(not written)"
 
 
+def _concepts(items) -> list[tuple[str, str]] | None:
+    """--concept NAME=SPEC (repeatable): artefact concepts to test with TCAV."""
+    if not items:
+        return None
+    from retrieval.concepts.sources import parse_assignment
+
+    return [parse_assignment(c) for c in items]
+
+
 def run(args) -> int:
     if args.permutations < 0:
         raise CasebaseError("--permutations must be 0 or more")
@@ -135,8 +148,9 @@ def run(args) -> int:
         args.permutations,
         args.seed,
         progress=sys.stderr.isatty() or not args.json,
+        concepts=_concepts(getattr(args, "concept", None)),
     )
-    html_text = render_html(result.data, result.examples)
+    html_text = render_html(result.data, result.examples, result.concept_examples)
     if out_path is not None:
         try:  # a report the user hands on: the usual file mode (0644 under umask 022)
             atomic.write_text(out_path, html_text, mode=0o666)

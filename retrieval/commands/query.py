@@ -43,6 +43,15 @@ def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
     return paths
 
 
+def _concept_weights(items) -> dict:
+    """--concept NAME=WEIGHT (repeatable) -> {"concepts": {name: weight}}; {} when not given."""
+    if not items:
+        return {}
+    from retrieval.concepts.store import parse_weights
+
+    return {"concepts": parse_weights(items)}
+
+
 def run(args) -> int:
     if args.k < 1:
         raise CasebaseError("-k must be at least 1")
@@ -58,6 +67,7 @@ def run(args) -> int:
         explain=args.explain,
         exclude_patient=args.exclude_patient,
         filters=_filters(args.filter),
+        **_concept_weights(getattr(args, "concept", None)),
         coverage=args.coverage,
         group=args.group,
     )
