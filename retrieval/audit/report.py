@@ -414,7 +414,9 @@ def _examples_section(examples: list[Example]) -> str:
     return "".join(out)
 
 
-def render_html(data: dict, examples: list[Example] | None = None) -> str:
+def render_html(
+    data: dict, examples: list[Example] | None = None, concept_examples: dict | None = None
+) -> str:
     attrs = data.get("attributes", {})
     flagged = data.get("flagged", [])
     if flagged:
@@ -432,6 +434,8 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
             "cluster by these attributes beyond their labels and the embedding encodes them, but "
             "they are not associated with the label in the index (see the per-group precision).</div>"
         )
+    for f in data.get("concept_shortcuts") or []:  # TCAV evidence (retrieval/concepts/audit.py)
+        summary += f'<div class="summary"><b>Concept shortcut:</b> {html.escape(f["text"])}</div>'
     skipped = data.get("skipped_attributes") or {}
     skipped_html = (
         (
@@ -468,6 +472,7 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
     if binned:
         body.append("<p class=muted>Binning: " + "<br>".join(binned) + "</p>")
     body += [
+        _concepts_section(data, concept_examples),
         "<h2>Per-group retrieval quality</h2>",
         _img(gfig, "groups") if gfig else "",
         _groups_table(data.get("groups", {})),
@@ -485,6 +490,14 @@ def render_html(data: dict, examples: list[Example] | None = None) -> str:
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>casebase audit</title>"
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     )
+
+
+def _concepts_section(data: dict, concept_examples: dict | None) -> str:
+    if not data.get("concepts"):
+        return ""
+    from retrieval.concepts.report import render_section
+
+    return render_section(data["concepts"], concept_examples)
 
 
 METHOD_HTML = """

@@ -34,6 +34,7 @@ K = 5
 class AuditResult:
     data: dict  # the JSON object (`casebase audit --json`)
     examples: list[Example] = field(default_factory=list)
+    concept_examples: dict[str, list[str]] = field(default_factory=dict)  # concept -> image paths
 
 
 def neighbor_matrix(
@@ -138,6 +139,7 @@ def run_audit(
     max_counterfactual: int = MAX_QUERIES,
     examples: bool = True,
     hash_pixels: bool = True,
+    concepts: list[tuple[str, str]] | None = None,
 ) -> AuditResult:
     if permutations < 0:
         raise CasebaseError("--permutations must be 0 or more")
@@ -201,6 +203,12 @@ def run_audit(
         attr = next(a for a in attrs if a.name == suspect)
         ex = build_examples(r, qs.cases, qs.hits, attr, k=K)
     t = lap("examples", t)
+    concept_data, concept_ex = None, {}
+    if concepts:  # TCAV tests of artefact concepts (retrieval/concepts/audit.py)
+        from retrieval.concepts.audit import audit_concepts
+
+        concept_data, concept_ex = audit_concepts(r, manifest, concepts, seed, progress)
+        t = lap("concepts", t)
     timings["total"] = round(time.perf_counter() - t0, 3)
     timings["cpu_total"] = round(time.process_time() - cpu0, 3)
 
@@ -231,7 +239,10 @@ def run_audit(
     from retrieval.service.uncertainty import uncertainty_sections
 
     data["prediction_sets"], data["calibration"] = uncertainty_sections(r, qs, knn=False)
-    return AuditResult(_clean(data), ex)
+    if concept_data is not None:
+        data["concepts"] = concept_data
+        data["concept_shortcuts"] = concept_data["shortcuts"]
+    return AuditResult(_clean(data), ex, concept_ex)
 
 
 def _clean(obj):
