@@ -129,7 +129,7 @@ def write_bundle(
     # similarity_score: quantiles of the index's own top-10 neighbour cosines (SimilarityScale)
     score_q, score_meta = calibrate_scale(vindex.search, emb.vectors, kept["patient_id"].to_numpy())
     sets = calibrate_table(
-        list(model.config.classes),
+        model.config,
         kept,
         emb.probabilities,
         emb.vectors,

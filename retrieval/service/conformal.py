@@ -233,7 +233,7 @@ class ConformalCalibration:
 
 # ------------------------------------------------------------------ build time
 MIN_CALIBRATION = 20  # fewer val cases than this: hold out part of train instead
-HELD_OUT_SHARE = 0.2
+HELD_OUT_SHARE = 0.15  # as retrieval.model.train._split_val
 KNN_K = 10
 
 
@@ -276,22 +276,39 @@ def _neighbours_excluding(vindex, vectors, rows, patients, case_ids, k):
     return sims_out, ids_out
 
 
-def calibration_rows(splits: np.ndarray, patients: np.ndarray, seed: int = 0):
-    """(rows, in words): the val split, or a random share of train patients without one."""
+def calibration_rows(
+    splits: np.ndarray,
+    patients: np.ndarray,
+    case_ids: np.ndarray | None = None,
+    n_classes: int = 2,
+    train_seed: int = 0,
+):
+    """(rows, in words): cases no training step saw, to calibrate on.
+
+    The val split when it has MIN_CALIBRATION cases. With a smaller one, training
+    (retrieval.model.train._split_val) either used it (6+ cases and 2 per class: so do we) or
+    held out ~15 % of the train patients instead: the same patients, drawn the same way
+    with the model's training seed, plus the unused val cases.
+    """
     splits = np.asarray(splits).astype(str)
     val = np.flatnonzero(splits == "val")
     if len(val) >= MIN_CALIBRATION:
         return val, f"the val split ({len(val)} cases)"
     train = np.flatnonzero(splits == "train")
+    if len(val) >= max(6, 2 * n_classes) or not len(train):
+        return val, f"the val split ({len(val)} cases: few, so the sets are coarse)"
     pats = np.asarray(patients).astype(str)[train]
-    keys = np.where(pats != "", pats, train.astype(str))
-    uniq = np.unique(keys)
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(uniq, max(1, int(round(HELD_OUT_SHARE * len(uniq)))), replace=False))
-    rows = train[np.isin(keys, list(held))]
+    ids = np.asarray(case_ids).astype(str)[train] if case_ids is not None else train.astype(str)
+    groups = pats if (pats != "").all() else ids
+    uniq = sorted(set(groups.tolist()))
+    rng = np.random.default_rng(train_seed)
+    held = set(rng.choice(uniq, size=max(1, int(round(HELD_OUT_SHARE * len(uniq)))), replace=False))
+    rows = np.sort(np.concatenate([train[np.isin(groups, list(held))], val]))
     return rows, (
-        f"{len(rows)} cases of {len(held)} train patients (no val split of {MIN_CALIBRATION}+ "
-        "cases; the model may have trained on them, so sets can be too small)"
+        f"{len(rows)} held-out cases: the {len(held)} train patients that training held out for "
+        f"validation (no val split of {MIN_CALIBRATION}+ cases; drawn as training draws them, "
+        f"seed {train_seed}, so exact only when the index holds the training manifest's cases)"
+        + (f" and {len(val)} val cases" if len(val) else "")
     )
 
 
@@ -315,6 +332,7 @@ def calibrate_at_build(
     group_values: np.ndarray | None = None,
     group_attribute: str | None = None,
     seed: int = 0,
+    train_seed: int = 0,
 ) -> BuildCalibration:
     """Temperature, and conformal heads for the classifier and the neighbour vote."""
     from retrieval.service import calibration as cal
@@ -322,7 +340,7 @@ def calibrate_at_build(
     coverage = check_coverage(coverage)
     code = {c: i for i, c in enumerate(classes)}
     y_all = np.array([code.get(str(v), -1) for v in labels])
-    rows, where = calibration_rows(splits, patients, seed)
+    rows, where = calibration_rows(splits, patients, case_ids, len(classes), train_seed)
     rows = rows[y_all[rows] >= 0]
     if len(rows) < 2:
         why = "too few held-out cases with a known class to calibrate prediction sets"
@@ -376,7 +394,7 @@ def calibrate_at_build(
 
 
 def calibrate_table(
-    classes: list[str],
+    config,
     kept,
     probabilities: np.ndarray,
     vectors: np.ndarray,
@@ -385,14 +403,15 @@ def calibrate_table(
     method: str = "aps",
     group_attribute: str | None = None,
 ) -> BuildCalibration:
-    """calibrate_at_build on the bundle's case table (one row per indexed vector)."""
+    """calibrate_at_build on the bundle's case table; config: the model's ModelConfig."""
     if group_attribute and group_attribute not in kept.columns:
         raise CasebaseError(
             f"--mondrian {group_attribute}: no such column in the manifest "
             f"(columns: {', '.join(map(str, kept.columns))})"
         )
+    attempts = (getattr(config, "training", None) or {}).get("attempts") or [{}]
     return calibrate_at_build(
-        classes,
+        list(config.classes),
         kept["label"].to_numpy(),
         kept["split"].to_numpy(),
         kept["patient_id"].to_numpy(),
@@ -404,6 +423,7 @@ def calibrate_table(
         method,
         kept[group_attribute].to_numpy() if group_attribute else None,
         group_attribute or None,
+        train_seed=int(attempts[0].get("seed", 0)),
     )
 
 

@@ -149,14 +149,29 @@ def test_calibration_round_trips_through_json():
         ConformalCalibration.from_json(b"{}")
 
 
-def test_calibration_rows_fall_back_to_held_out_train_patients():
-    splits = np.array(["train"] * 50 + ["val"] * 5)
-    patients = np.array([f"p{i // 2}" for i in range(55)])
-    rows, where = conformal.calibration_rows(splits, patients)
-    assert set(splits[rows]) == {"train"} and "train patients" in where
-    # whole patients: a held-out patient's every case is held out
-    held = set(patients[rows])
-    assert all(i in rows for i in range(50) if patients[i] in held)
+def test_calibration_rows_are_the_cases_training_held_out():
+    import pandas as pd
+
+    from retrieval.model.train import _split_val
+
+    n = 80
+    df = pd.DataFrame(
+        {
+            "split": ["train"] * 76 + ["val"] * 4,  # 4 val cases: too few, training holds out
+            "patient_id": [f"p{i // 3}" for i in range(n)],
+            "case_id": [f"c{i}" for i in range(n)],
+            "label": ["a", "b", "c", "d"] * 20,
+        }
+    )
+    for seed in (0, 7):
+        _, held = _split_val(df, seed)
+        rows, where = conformal.calibration_rows(
+            df["split"], df["patient_id"], df["case_id"], 4, seed
+        )
+        unseen = set(held.index) | set(np.flatnonzero(df["split"] == "val"))
+        assert set(rows) == unseen, seed
+        assert "held out" in where and f"seed {seed}" in where
+    splits = df["split"].to_numpy().copy()
     splits[:30] = "val"
-    rows, where = conformal.calibration_rows(splits, patients)
+    rows, where = conformal.calibration_rows(splits, df["patient_id"], df["case_id"], 4)
     assert set(splits[rows]) == {"val"} and where.startswith("the val split")
