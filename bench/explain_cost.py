@@ -1,7 +1,7 @@
 """Cost of each explanation method for one query with 5 neighbours, at 224 px.
 
-``CaseRetriever.query(img, k=5, explain=(m,))`` for each of the seven
-methods, interleaved round-robin over a few real held-out query images;
+``CaseRetriever.query(img, k=5, explain=(m,))`` for each of the seventeen
+methods (DESIGN.md's names, grouped by family), interleaved round-robin over a few real held-out query images;
 reported: the method's own time (``result.timings["explain"]``, the query's
 encode/search/regions excluded), the whole query's time, how many image
 forwards the method ran (``CaseNet.run`` calls counted, rows summed; with
@@ -13,6 +13,11 @@ manifest's train+val cases into a temporary folder if it does not exist).
 
     .venv/bin/python bench/explain_cost.py              # 3 rounds over 3 query images
     .venv/bin/python bench/explain_cost.py --quick      # 1 round, 1 image
+    .venv/bin/python bench/explain_cost.py --random-init --manifest M   # no trained model needed
+
+Cost does not depend on what the weights learnt, so ``--random-init`` measures
+a seeded random-init 224-px compact model indexed over ``--manifest``'s first
+``--index-cases`` cases (built in a temporary folder).
 """
 
 from __future__ import annotations
@@ -71,6 +76,40 @@ def sample_counts(name: str, image_size: int) -> str:
     return ", ".join(bits) or "-"
 
 
+def _random_init_index(manifest: str, n_cases: int) -> Path:
+    """A seeded random-init compact model at 224 px, indexed over the manifest's first cases."""
+    import pandas as pd
+    import torch
+
+    from index.builder import build_index
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.network import CaseNet, ModelConfig, save_model
+
+    man = load_manifest(manifest)
+    df = man.select(["train", "val", "test"])
+    keep = pd.concat([df[df["split"] != "test"].head(n_cases), df[df["split"] == "test"].head(5)])
+    root = Path(tempfile.mkdtemp(prefix="bench_explain_rand_"))
+    small = root / "manifest.csv"
+    keep = keep.copy()
+    for col in ("image", "mask"):
+        if col in keep:
+            keep[col] = [str(man.resolve(p)) if p else "" for p in keep[col]]
+    keep.to_csv(small, index=False)
+    classes = sorted(df["label"].unique())
+    torch.manual_seed(0)
+    channels = 3 if str(keep["image"].iloc[0]).lower().endswith((".png", ".jpg")) else 1
+    cfg = ModelConfig(
+        classes=classes,
+        image_size=224,
+        in_channels=channels,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+    )
+    save_model(CaseNet(cfg).eval(), root / "model")
+    build_index(root / "model", small, root / "index", progress=False, num_workers=0)
+    return root / "index"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", default="/tmp/i224")
@@ -82,19 +121,27 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=3, help="distinct query images")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the query images")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--random-init", action="store_true", help="a random-init 224-px model (cost only)"
+    )
+    ap.add_argument("--index-cases", type=int, default=60)
+    ap.add_argument("--methods", default=None, help="comma-separated subset")
     args = ap.parse_args()
     if args.quick:
         args.images, args.rounds = 1, 1
 
     from retrieval.data.manifest import load_manifest
     from retrieval.explain import registry
+    from retrieval.explain.methods import family_of
     from retrieval.explain.pipeline import EXPENSIVE_NEIGHBORS
     from retrieval.service.retriever import CaseRetriever
 
     started = time.time()
     info = machine()
     index = Path(args.index)
-    if not (index / "bundle.json").is_file():
+    if args.random_init:
+        index = _random_init_index(args.manifest, args.index_cases)
+    elif not (index / "bundle.json").is_file():
         from index.builder import build_index
 
         index = Path(tempfile.mkdtemp(prefix="bench_explain_")) / "index"
@@ -104,7 +151,8 @@ def main() -> int:
     size = r.model.config.image_size
     man = load_manifest(args.manifest)
     images = [str(man.resolve(p)) for p in man.select(["test"])["image"]][: args.images]
-    methods = list(registry.METHODS)
+    methods = args.methods.split(",") if args.methods else list(registry.METHODS)
+    registry.check_names(methods)
     print(
         f"index {index}: {r.index.ntotal} cases, {r.model.config.backbone} at {size} px; "
         f"k={args.k}; methods: {', '.join(methods)}"
@@ -141,6 +189,7 @@ def main() -> int:
         counts = sample_counts(m, size)
         rows.append([m, med_e, med_t, pairs, fw, fw_grad, counts])
         out[m] = {
+            "family": family_of(m),
             "explain_s_median": med_e,
             "query_total_s_median": med_t,
             "explain_s_all": explain_s[m],
@@ -166,7 +215,7 @@ def main() -> int:
         "queries, methods interleaved",
     )
     all_s = sum(v["explain_s_median"] for v in out.values())
-    print(f"\nall seven together (sum of medians): {all_s:.1f} s")
+    print(f"\nall {len(out)} methods together (sum of medians): {all_s:.1f} s")
     finish(
         "explain_cost" + ("_quick" if args.quick else ""),
         info,
@@ -179,6 +228,7 @@ def main() -> int:
                 "images": args.images,
                 "rounds": args.rounds,
                 "expensive_neighbors": EXPENSIVE_NEIGHBORS,
+                "random_init": args.random_init,
             },
             "methods": out,
             "all_methods_explain_s": all_s,
