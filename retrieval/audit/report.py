@@ -34,6 +34,8 @@ color:#222;line-height:1.45;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
 table{border-collapse:collapse;margin:8px 0;font-size:.92em}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f4f6f7}
+@media (max-width:1100px){table{font-size:.78em}th,td{padding:3px 4px}}
+.tw{overflow-x:auto}
 td.l,th.l{text-align:left}.flag{color:#c0392b;font-weight:bold}.ok{color:#1e8449}
 .bias{color:#b9770e;font-weight:bold}.muted{color:#666;font-size:.9em}.fig{max-width:100%;height:auto;display:block;margin:8px 0}
 .ex{display:flex;gap:10px;flex-wrap:wrap;margin:10px 0 22px 0;align-items:flex-start}
@@ -257,7 +259,7 @@ def _attr_table(attrs: dict[str, dict]) -> str:
             f"<td>{_n(v['probe_balanced_accuracy'])}</td><td>{_n(v['chance'])}</td>"
             f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td></tr>"
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f"<div class=tw><table>{head}{''.join(rows)}</table></div>"  # scrolls if too narrow
 
 
 def _groups_table(groups: dict[str, dict]) -> str:
