@@ -66,6 +66,8 @@ def main() -> None:
             "venv": str(venv),
             "torch_version": metadata.version("torch"),
             "venv_bytes": total,
+            "venv_gb": round(total / gb, 2),
+            "cuda_packages_gb": round(cuda_total / gb, 2),
             "torch_bytes": torch_bytes,
             "cuda_packages_bytes": cuda_total,
             "cuda_packages": dict(sorted(cuda.items())),
