@@ -55,6 +55,16 @@ similarity            the exact decomposition (retrieval.explain.similarity):
                       Needs no gradient and no extra forward.
 ===================== ======================================================
 
+The rest of the J. Imaging 2020 review's table lives in retrieval.explain.methods
+(one module per family; each documents its captum / zennit call): ``cam``
+(gradcam_plus_plus, guided_gradcam), ``gradients`` (input_x_gradient,
+guided_backprop, deconvolution, deeplift), ``shapley`` (deeplift_shap,
+gradient_shap, kernel_shap) and ``relevance`` (lrp, zennit EpsilonPlusFlat).
+Guided backprop, deconvolution, DeepLIFT and LRP run on
+``methods.canonical.canonical_model`` (BatchNorm folded, one non-inplace ReLU
+module per use, residual additions as a Sum module); the trained model and
+network.py are untouched.
+
 Sample counts, chosen for the budget of a query on 2 CPU cores (all seven
 methods under 15 s for a 224-px model with 5 neighbours, expensive methods on
 the query and its top neighbour only) and checked on the trained phantom model

@@ -25,16 +25,21 @@ neighbours' decomposition maps) is scored by:
   curves for a random pixel order (seeded; shared by all methods) are the
   reference, and ``deletion_gain`` = random − map and ``insertion_gain`` =
   map − random (both > 0 when the method beats chance).
-* **model-randomisation sanity check** (Adebayo et al. 2018): the same maps
-  from a copy of the model with *every* weight re-initialised (seed
-  ``RANDOM_SEED``; same target class, same neighbour images). Spearman rank
-  correlation (scipy) and SSIM (scikit-image, maps min-max scaled to [0, 1])
-  between the trained and the randomised maps, at input resolution. A method
-  passes when the mean |Spearman| < ``SANITY_THRESHOLD`` = 0.5: a map that
-  keeps more than half of its pixel ranking when the model is replaced by
-  noise explains the image (edges, intensity), not the model. (Adebayo et al.
-  report rank correlations of roughly 0.1–0.4 for methods that respond to
-  the randomisation and > 0.6 for those that do not, e.g. Guided Backprop.)
+  For ``similarity`` (with neighbours) the curves score what the map explains:
+  the similarity-weighted mean cosine similarity to the neighbours (the random
+  reference on the same score); ``curve_score`` says which.
+* **faithfulness verdict**: "faithful" only when the 95 % percentile-bootstrap
+  CI over cases (``BOOTSTRAP`` resamples) of the deletion gain excludes 0;
+  otherwise "not faithful on this data" (``deletion_gain_ci95``). Every summary
+  states the number of cases it rests on.
+* **sanity checks** (Adebayo et al. 2018; retrieval.explain.sanity): cascading
+  and independent per-block randomisation over 3 seeds, Spearman of absolute
+  and signed values, SSIM and HOG similarity; ``sanity`` holds the curves,
+  ``sanity_check`` the verdict ("pass" / "fail"; a constant or empty map
+  fails), ``randomization_*`` the values with every block randomised. They run
+  on ``sanity_cases`` evenly spaced cases (each step re-explains every case).
+* **neighbour tests** (Hanawa et al. 2021, report-level ``neighbour_tests``):
+  model randomisation, identical class, identical subclass (``subclass``).
 
 Each method's entry also carries ``by_label`` (pointing game and mask energy
 per class): a model can be right for the right reason on one class and not on
