@@ -892,15 +892,18 @@ def write_concept_images(
     seed: int = 1000,
     site: str = "A",
     confounder: str = "none",
+    background_only: bool = False,
 ) -> list[Path]:
     """Example images of one concept for TCAV (``casebase concepts --concept NAME=DIR``).
 
-    ``marker``: the site letter ``site`` burned into the background alone (anatomy or skin,
-    no lesion); ``ruler`` (photo): the ruler on skin alone; ``control``: cases drawn like the
-    data itself (every class, lesions, and the data set's own ``confounder`` at its test-split
-    rate), a concept that should be significant for no class. Same file formats as
-    ``make_phantom`` (DICOM for x-ray, PNG for photo); a seed of its own so that no concept
-    image repeats a data image.
+    ``marker``: the site letter ``site`` burned into cases drawn like the data (lesions of
+    every class); ``ruler`` (photo): the ruler on such cases; ``control``: cases drawn like the
+    data itself (the data set's own ``confounder`` at its test-split rate), a concept that
+    should be significant for no class. ``background_only``: the marker / ruler on the
+    background alone (no lesion); against random data images such a concept also carries
+    "no lesion", which the classes do depend on (bench/concepts.py measures both). Same file
+    formats as ``make_phantom`` (DICOM for x-ray, PNG for photo); a seed of its own so that no
+    concept image repeats a data image.
     """
     if kind not in CONCEPT_KINDS:
         raise CasebaseError(f"unknown concept kind {kind!r} (one of {', '.join(CONCEPT_KINDS)})")
@@ -933,7 +936,7 @@ def write_concept_images(
             ctl = np.random.default_rng([seed, case.index, 0xC7])
             case.site = SITES[int(ctl.integers(0, len(SITES)))]
             case.ruler = confounder == "ruler" and bool(ctl.random() < 1.0 / 3.0)
-        lesion = kind == "control"
+        lesion = kind == "control" or not background_only
         name = f"{kind}_{case.index:04d}"
         try:
             if modality == "xray":

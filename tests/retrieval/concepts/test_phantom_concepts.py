@@ -13,7 +13,10 @@ from retrieval.errors import CasebaseError
 
 def test_marker_on_background_alone(tmp_path):
     paths = write_concept_images(tmp_path / "m", "marker", "xray", n=3, size=64, site="B")
-    assert len(paths) == 3 and all(p.suffix == ".dcm" for p in paths)
+    paths += write_concept_images(
+        tmp_path / "b", "marker", "xray", n=2, size=64, site="B", background_only=True
+    )
+    assert len(paths) == 5 and all(p.suffix == ".dcm" for p in paths)
     glyph = render_marker("B", 64)
     r0, c0 = _marker_slot(64, glyph.shape)
     for p in paths:
@@ -24,6 +27,9 @@ def test_marker_on_background_alone(tmp_path):
 
 def test_ruler_photo_and_control(tmp_path):
     ruler = write_concept_images(tmp_path / "r", "ruler", "photo", n=2, size=64)
+    ruler += write_concept_images(
+        tmp_path / "rb", "ruler", "photo", n=1, size=64, background_only=True
+    )
     px = read_image(ruler[0]).pixels
     pale = np.isclose(px[-2], [0.93, 0.92, 0.85], atol=0.01).all(-1)
     assert pale.mean() > 0.6  # the ruler's pale strip along the bottom edge
