@@ -95,6 +95,24 @@ def _add_train(sub) -> None:
         help="network input side in pixels (default: 128, or the images' size if smaller)",
     )
     p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="compact backbone width (default 16; 32 = 4x compute)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=["supcon", "multisimilarity", "triplet"],
+        default=None,
+        help="supervised metric loss (default supcon, with the two-view instance term)",
+    )
+    p.add_argument(
+        "--instance-weight",
+        type=float,
+        default=None,
+        help="weight of the two-view NT-Xent term (default 0.5; 0 = one view, no term)",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

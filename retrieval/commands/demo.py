@@ -4,7 +4,7 @@ On an embedded default (a synthetic chest-film phantom with lesion masks) it
 runs every stage a real project runs, then opens the app on the result:
 
     phantom  OUT/phantom/manifest.csv  (DICOM images + lesion masks)
-    train    OUT/model                 (fixed epoch count, so the demo's time is known)
+    train    OUT/model                 (the CLI defaults: `casebase train` on the phantom)
     index    OUT/index                 (saliency-weighted embeddings, FAISS, case table)
     trust    OUT/index/trust.json      (`casebase explain-eval` on the test split)
     audit    OUT/index/audit/          (`casebase audit`: shortcut audit, shown in the app's Audit tab)
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from retrieval.errors import BundleError, CasebaseError
 
-# The embedded default, sized for a 2-core CPU: 600 cases of 128 px, at most 30
-# epochs with early stopping on the val split (12 fixed epochs left the model
-# under-trained: val precision@1 0.79, Grad-CAM on the lesion 42% of the time),
-# explain-eval (all seven methods) on 12 test cases with lesion masks.
+# The embedded default, sized for a 2-core CPU: 600 cases of 128 px, trained with the
+# CLI defaults (EPOCHS None: the schedule `casebase train` sizes to the data, early
+# stopping on the val split), explain-eval (all seven methods) on 12 test cases with
+# lesion masks.
 PHANTOM = {"n": 600, "size": 128, "seed": 0, "modality": "xray", "confounder": "none"}
-EPOCHS = 30
+EPOCHS: int | None = None
 EXPLAIN_CASES = 12
 STAMP = "demo.json"
 AUDIT_REPORT = Path("audit") / "report.html"
@@ -198,10 +198,11 @@ def _audit(index_dir: Path, manifest: Path) -> bool:
     return True
 
 
-def _write_stamp(out: Path, timings: dict) -> None:
+def _write_stamp(out: Path, timings: dict, trained: dict | None = None) -> None:
     stamp = {
         "phantom": PHANTOM,
         "epochs": EPOCHS,
+        "training": trained or {},
         "explain_cases": EXPLAIN_CASES,
         "timings_s": timings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -215,6 +216,7 @@ def build(out: Path) -> dict:
     phantom_dir, model_dir, index_dir = out / "phantom", out / "model", out / "index"
     manifest = phantom_dir / "manifest.csv"
     timings: dict[str, float] = {}
+    trained: dict = {}
     n = 5
     t_all = time.perf_counter()
 
@@ -246,7 +248,8 @@ def build(out: Path) -> dict:
         _say(f"[2/{n}] train    reusing the model inside {index_dir} (bundle verified)")
         _say(f"[3/{n}] index    reusing {index_dir}")
     else:
-        with _Stage(timings, 2, n, "train", f"{EPOCHS} epochs -> {model_dir}") as st:
+        schedule = f"{EPOCHS} epochs" if EPOCHS else "the CLI's default schedule"
+        with _Stage(timings, 2, n, "train", f"{schedule} -> {model_dir}") as st:
             if _model_ok(model_dir):
                 _say(f"{st.head} reusing {model_dir}")
             else:
@@ -255,9 +258,16 @@ def build(out: Path) -> dict:
                 report = train_model(manifest, model_dir, TrainOptions(epochs=EPOCHS))
                 best = report.best_val or {}
                 _say(
-                    f"{st.head} {report.epochs_run} epochs on {report.n_train} cases; "
+                    f"{st.head} {report.summary()} on {report.n_train} cases; "
                     f"val precision@1 {best.get('precision_at_1', float('nan')):.3f}"
                 )
+                trained = {
+                    "epochs_run": report.epochs_run,
+                    "epochs_total": report.epochs_total,
+                    "max_epochs": report.max_epochs,
+                    "restarts": len(report.attempts) - 1,
+                    "val_precision_at_1": best.get("precision_at_1"),
+                }
         with _Stage(timings, 3, n, "index", f"embed train+val cases -> {index_dir}") as st:
             if problem != "not built yet":
                 _say(f"{st.head} rebuilding: {problem}")
@@ -294,7 +304,7 @@ def build(out: Path) -> dict:
         _say(f"[5/{n}] audit    reusing {index_dir / AUDIT_REPORT}")
 
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    _write_stamp(out, timings)
+    _write_stamp(out, timings, trained)
     _say(f"demo built in {timings['total']:.0f} s -> {out}")
     return timings
 

@@ -16,11 +16,16 @@ def run(args) -> int:
         device=args.device,
         strict=args.strict,
     )
+    # options the parser may not have (older parsers, scripted calls): keep the defaults
+    for name in ("width", "loss", "temperature", "instance_weight"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(opts, name, value)
     report = train_model(args.manifest, args.out, opts)
     best = report.best_val or {}
     print(
-        f"trained {report.epochs_run} epochs (best {report.best_epoch}) on {report.n_train} cases, "
-        f"validated on {report.n_val}: val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
+        f"trained {report.summary()} on {report.n_train} cases, validated on {report.n_val}: "
+        f"val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
         f"accuracy {best.get('accuracy', float('nan')):.3f}; {report.seconds:.0f} s -> {args.out}"
     )
     if len(report.attempts) > 1:

@@ -46,6 +46,9 @@ class ModelConfig:
     in_channels: int = 1
     image_size: int = 128
     embedding_dim: int = 128
+    # compact backbone: channels of the first stage (then 2x, 4x, 8x). 32 for models saved
+    # before the option existed; training picks its own default (see retrieval.model.train).
+    width: int = 32
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
     format_version: int = MODEL_FORMAT_VERSION
@@ -84,20 +87,21 @@ class _Residual(nn.Module):
 
 
 class CompactBackbone(nn.Module):
-    """A small residual CNN (about 1.9 M parameters, stride 16).
+    """A small residual CNN (stride 16; about 1.9 M parameters at width 32, 0.47 M at 16).
 
     Chosen over resnet18 as the default because weights are trained from
-    scratch here (no pretrained download), data sets are small, and index
-    builds must run on 2 CPU cores; stride 16 keeps an 8×8 map at 128 px, fine
-    enough for matched regions.
+    scratch here (no pretrained download), data sets are small, and training and
+    index builds must run on 2 CPU cores; stride 16 keeps an 8×8 map at 128 px, fine
+    enough for matched regions. Compute grows with width²: width 16 costs a quarter
+    of width 32 per image.
     """
 
-    out_channels = 256
     stride = 16
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, width: int = 32):
         super().__init__()
-        widths = [32, 64, 128, 256]
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.out_channels = widths[-1]
         # No residual block at stride 2: it would cost half the compute for little gain.
         layers: list[nn.Module] = [_conv_bn(in_channels, widths[0], stride=2)]
         for cin, cout in zip(widths[:-1], widths[1:], strict=True):
@@ -114,7 +118,7 @@ class ResNet18Backbone(nn.Module):
     out_channels = 512
     stride = 32
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, width: int = 32):  # width: the compact net's only
         super().__init__()
         from torchvision.models import resnet18
 
@@ -158,7 +162,9 @@ class CaseNet(nn.Module):
                 f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONES)}"
             )
         self.config = config
-        self.backbone = BACKBONES[config.backbone](config.in_channels)
+        if config.width < 4:
+            raise BundleError(f"backbone width {config.width}: must be at least 4")
+        self.backbone = BACKBONES[config.backbone](config.in_channels, config.width)
         channels = self.backbone.out_channels
         self.classifier = nn.Linear(channels, len(config.classes))
         self.projection = nn.Linear(channels, config.embedding_dim, bias=False)

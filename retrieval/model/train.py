@@ -1,21 +1,26 @@
-"""Training: triplet loss (pytorch-metric-learning) + cross-entropy, class-balanced batches.
+"""Training: cross-entropy + a supervised metric loss + a two-view instance term.
 
-    loss = CE(logits, y) + Triplet(e_saliency, y) + Triplet(e_uniform, y)
+    loss = CE(logits, y) + SupCon(e_saliency, y) + SupCon(e_uniform, y)
+           + 0.5 * (NTXent(e_saliency, case) + NTXent(e_uniform, case))
 
-Both pooled embeddings are trained from the same feature map (one forward), so
-one model serves `--weighting saliency` and `--weighting uniform` index
-builds. Semi-hard triplets are mined in each batch (TripletMarginMiner);
-batches come from MPerClassSampler so every class has positives. Early
-stopping watches validation precision@1 + accuracy (never before half the
-one-cycle schedule); the best epoch's weights are kept. Seeded; AMP on CUDA.
+Each step takes class-balanced cases (MPerClassSampler), augments every case twice, and
+runs both views in one forward. SupCon (pytorch-metric-learning, temperature 0.1) keeps
+classes apart; the NT-Xent term (temperature 0.2, as in SimCLR) asks the two views of a
+case to find each other among all the batch's views, so cases of one class stay spread by
+how they look instead of collapsing onto one direction (what triplet + CE did: median
+top-1 cosine 0.9996, top-10 0.9983). ``--loss triplet --instance-weight 0`` is the former
+loss. Both pooled embeddings are trained from the same feature map (one forward), so one
+model serves `--weighting saliency` and `--weighting uniform` index builds. Early stopping
+watches validation precision@1 + accuracy (never before half the one-cycle schedule); the
+best epoch's weights are kept. Seeded; AMP on CUDA. bench/depth.py measures the choice.
 
 Small lesions on a varied background give a plateau at chance that a run can
 stay on for its whole schedule (seen at the former default lr 2e-3 on the
-600-case phantom: seed 0 on 1 thread never left it in 30 epochs, the same
-seed on 2 threads left it at epoch 5). Hence lr 1e-3 (AdamW, one-cycle) and a stall
-guard: a schedule still at chance after 30 % of its epochs restarts from a new
-initialisation at half the rate (at most 3 schedules; ``TrainReport.attempts``
-and the model's config record each).
+600-case phantom). Hence lr 1e-3 (AdamW, one-cycle) and a stall guard: a schedule whose
+classifier *and* retrieval are both still at chance after 30 % of its epochs restarts from
+a new initialisation at half the rate (at most 3 schedules; ``TrainReport.attempts`` and
+the model's config record each, and ``TrainReport.summary`` says every epoch that ran).
+A run whose retrieval has left chance is never restarted for its head alone.
 """
 
 from __future__ import annotations
@@ -44,13 +49,18 @@ from retrieval.model.preprocess import Preprocessor
 
 @dataclass
 class TrainOptions:
-    epochs: int | None = None  # None: sized to the data (about 25k sample-steps, 6..40 epochs)
+    epochs: int | None = None  # None: sized to the data (see default_epochs)
     backbone: str = "compact"
+    width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
     embedding_dim: int = 128
-    batch_size: int | None = None
+    batch_size: int | None = None  # images per step (both views of a case count)
     lr: float = 1e-3
-    margin: float = 0.2
+    loss: str = "supcon"  # supcon | multisimilarity | triplet (the former default)
+    temperature: float = 0.1  # supervised contrastive temperature
+    instance_weight: float = 0.5  # weight of the two-view NT-Xent term (0: one view, no term)
+    instance_temperature: float = 0.2
+    margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
     device: str = "auto"
@@ -71,6 +81,17 @@ class TrainReport:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)  # one per training schedule started
+    max_epochs: int = 0  # the schedule's length (early stopping may end it sooner)
+    epochs_total: int = 0  # epochs over every schedule started, abandoned ones included
+
+    def summary(self) -> str:
+        """What ran, in one line: the kept schedule, and any abandoned ones."""
+        text = f"{self.epochs_run} of {self.max_epochs} epochs (best {self.best_epoch})"
+        extra = self.epochs_total - self.epochs_run
+        if extra:
+            n = len(self.attempts) - 1
+            text += f" + {extra} in {n} abandoned schedule{'s' if n > 1 else ''} ({self.epochs_total} in all)"
+        return text
 
 
 # Stall guard (see _fit): a schedule whose val balanced accuracy is still within STALL_MARGIN of
@@ -79,10 +100,17 @@ class TrainReport:
 MAX_ATTEMPTS = 3
 STALL_MIN_EPOCHS = 10  # shorter schedules (smoke tests) are never judged
 STALL_FRACTION = 0.3
-STALL_MARGIN = 0.1
+STALL_MARGIN = 0.1  # on balanced accuracy and on retrieval precision@1, each against its chance
 # Early stopping never ends a schedule before this share of its epochs (the one-cycle rate is
 # still high before then, and a plateau there is not convergence).
 MIN_EPOCH_FRACTION = 0.5
+# Default width of the compact backbone (measured on 2 CPU cores, see bench/depth.py).
+DEFAULT_WIDTH = 16
+# Default epochs: about this many case-views (each case twice per epoch with the instance term).
+SAMPLE_BUDGET = 12000
+# Cases per step by default (each in two augmented views when the instance term is on).
+DEFAULT_CASES_PER_BATCH = 24
+LOSSES = ("supcon", "multisimilarity", "triplet")
 
 
 def seed_everything(seed: int) -> None:
@@ -117,12 +145,24 @@ def default_image_size(median_side: int) -> int:
     return int(max(32, min(128, (median_side // 16) * 16)))
 
 
-def _batch_plan(n_classes: int, batch_size: int | None) -> tuple[int, int]:
-    """(m per class, batch size) valid for MPerClassSampler."""
-    target = batch_size or 48
+def _batch_plan(n_classes: int, target: int) -> tuple[int, int]:
+    """(m per class, cases per batch) valid for MPerClassSampler, about ``target`` cases."""
     m = max(2, min(16, target // max(1, min(n_classes, target // 2))))
     classes_per_batch = max(2, min(n_classes, target // m))
     return m, m * classes_per_batch
+
+
+def default_epochs(n_train: int) -> int:
+    """Epochs for ``n_train`` cases: about SAMPLE_BUDGET case-views in all, 8..40 epochs."""
+    return int(np.clip(math.ceil(SAMPLE_BUDGET / max(1, n_train)), 8, 40))
+
+
+def _chance_p1(train_y: torch.Tensor, val_y: torch.Tensor) -> float:
+    """Precision@1 of a model that retrieves at random: P(a random train case shares the label)."""
+    k = int(max(train_y.max(), val_y.max())) + 1
+    pt = torch.bincount(train_y, minlength=k).float() / len(train_y)
+    pv = torch.bincount(val_y, minlength=k).float() / len(val_y)
+    return float((pt * pv).sum())
 
 
 @torch.no_grad()
@@ -175,6 +215,8 @@ def _split_val(df, seed: int):
 def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptions) -> TrainReport:
     t0 = time.time()
     seed_everything(opts.seed)
+    if opts.loss not in LOSSES:
+        raise CasebaseError(f"unknown loss {opts.loss!r}: choose one of {', '.join(LOSSES)}")
     device = resolve_device(opts.device)
     manifest = load_manifest(manifest_path)
     df = manifest.select(["train", "val"]).copy()
@@ -195,6 +237,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         in_channels=channels,
         image_size=size,
         embedding_dim=opts.embedding_dim,
+        width=opts.width or DEFAULT_WIDTH,
         mean=[0.0] * channels,
         std=[1.0] * channels,
     )
@@ -230,13 +273,16 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     train_x, train_y = images[tr_idx], y_all[tr_idx]
     val_x, val_y = images[va_idx], y_all[va_idx]
 
-    m, batch = _batch_plan(len(classes), opts.batch_size)
+    views = 2 if opts.instance_weight > 0 else 1
+    target_cases = (opts.batch_size // views) if opts.batch_size else DEFAULT_CASES_PER_BATCH
+    m, batch = _batch_plan(len(classes), max(4, target_cases))
     steps_per_epoch = max(1, len(train_x) // batch)
-    epochs = opts.epochs or int(np.clip(math.ceil(25000 / max(1, len(train_x))), 6, 40))
-    data = _Data(pre, train_x, train_y, val_x, val_y, m, batch, steps_per_epoch, epochs)
-    # chance level of balanced accuracy: a model stuck on a plateau predicts one class
+    epochs = opts.epochs or default_epochs(len(train_x) * views)
+    data = _Data(pre, train_x, train_y, val_x, val_y, m, batch, steps_per_epoch, epochs, views)
+    # chance levels: a model stuck on a plateau predicts one class and retrieves at random
     val_classes = len(val_y.unique())
     chance = 1.0 / max(1, val_classes)
+    chance_p1 = _chance_p1(train_y, val_y) if len(val_y) else 0.0
     attempts: list[dict] = []
     lr, seed = opts.lr, opts.seed
     bar = tqdm(
@@ -246,40 +292,55 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         last = attempt == MAX_ATTEMPTS
         # a val split holding one class has no chance level to compare with
         judge = not last and epochs >= STALL_MIN_EPOCHS and val_classes >= 2
-        model, fit = _fit(cfg, data, opts, device, seed, lr, chance if judge else None, bar)
+        guard = (chance, chance_p1) if judge else None
+        model, fit = _fit(cfg, data, opts, device, seed, lr, guard, bar)
         attempts.append(
             {"seed": seed, "lr": lr, "epochs_run": fit.epochs_run, "stalled": fit.stalled}
         )
         if not fit.stalled:
             break
         tqdm.write(
-            f"training stalled at chance (val balanced accuracy {fit.last_accuracy:.2f}, chance {chance:.2f} "
-            f"after {fit.epochs_run} epochs): restarting from a new initialisation at half the "
-            f"learning rate ({lr / 2:g})"
+            f"training stalled at chance after {fit.epochs_run} of {epochs} epochs (val balanced "
+            f"accuracy {fit.last_accuracy:.2f}, chance {chance:.2f}; retrieval precision@1 "
+            f"{fit.last_p1:.2f}, chance {chance_p1:.2f}): restarting from a new initialisation "
+            f"at half the learning rate ({lr / 2:g})"
         )
         bar.reset(total=epochs * steps_per_epoch)
         lr, seed = lr / 2, seed + 1
     bar.close()
     if len(val_y) and fit.best_accuracy <= chance + STALL_MARGIN:
         tqdm.write(
-            f"warning: the model does not beat chance on the val split (balanced accuracy "
-            f"{fit.best_accuracy:.2f}, chance {chance:.2f}); check the labels, or train longer"
+            f"warning: the classifier does not beat chance on the val split (balanced accuracy "
+            f"{fit.best_accuracy:.2f}, chance {chance:.2f}; retrieval precision@1 "
+            f"{fit.best.get('precision_at_1', float('nan')):.2f}, chance {chance_p1:.2f}); "
+            "check the labels, or train longer"
         )
+    epochs_total = sum(a["epochs_run"] for a in attempts)
     cfg.training = {
         "epochs_run": fit.epochs_run,
+        "epochs_total": epochs_total,
         "best_epoch": fit.best_epoch,
         "max_epochs": epochs,
-        "batch_size": batch,
+        "batch_size": batch * views,
+        "cases_per_batch": batch,
+        "views": views,
         "m_per_class": m,
         "lr": lr,
-        "margin": opts.margin,
         "seed": seed,
         "n_train": len(train_x),
         "n_val": len(val_x),
         "best_val": fit.best,
         "attempts": attempts,
         "val_chance": chance,
-        "loss": "cross_entropy + triplet(saliency) + triplet(uniform), semihard miner",
+        "val_chance_precision_at_1": chance_p1,
+        "loss": _loss_name(opts),
+        "loss_options": {
+            "loss": opts.loss,
+            "temperature": opts.temperature,
+            "instance_weight": opts.instance_weight,
+            "instance_temperature": opts.instance_temperature,
+            "margin": opts.margin,
+        },
     }
     model.config = cfg
     save_model(model.cpu(), out_dir)
@@ -294,7 +355,24 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         time.time() - t0,
         fit.history,
         attempts,
+        epochs,
+        epochs_total,
     )
+
+
+def _loss_name(opts: TrainOptions) -> str:
+    sup = {
+        "supcon": f"supcon(t={opts.temperature:g})",
+        "multisimilarity": "multisimilarity",
+        "triplet": f"triplet(margin={opts.margin:g}, semihard miner)",
+    }[opts.loss]
+    text = f"cross_entropy + {sup}(saliency) + {sup}(uniform)"
+    if opts.instance_weight > 0:
+        text += (
+            f" + {opts.instance_weight:g} * ntxent(t={opts.instance_temperature:g}) over two "
+            "augmented views of each case (saliency and uniform)"
+        )
+    return text
 
 
 @dataclass
@@ -305,9 +383,10 @@ class _Data:
     val_x: torch.Tensor
     val_y: torch.Tensor
     m: int
-    batch: int
+    batch: int  # cases per step
     steps_per_epoch: int
     epochs: int
+    views: int = 1
 
 
 @dataclass
@@ -324,6 +403,10 @@ class _Fit:
         return _balanced(self.history[-1]) if self.history else 0.0
 
     @property
+    def last_p1(self) -> float:
+        return self.history[-1].get("precision_at_1", 0.0) if self.history else 0.0
+
+    @property
     def best_accuracy(self) -> float:
         return max((_balanced(h) for h in self.history), default=0.0)
 
@@ -332,13 +415,66 @@ def _balanced(metrics: dict) -> float:
     return metrics.get("balanced_accuracy", 0.0)
 
 
-def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance, bar):
+def is_stalled(metrics: dict, chance: float, chance_p1: float) -> bool:
+    """At chance on *both* counts: the head (balanced accuracy) and retrieval (precision@1).
+
+    A run whose retrieval has left chance is learning even if its classifier head has not
+    yet (seen: val P@1 0.84 with the head at chance); restarting it would throw that away.
+    """
+    head_stuck = _balanced(metrics) <= chance + STALL_MARGIN
+    retrieval_stuck = metrics.get("precision_at_1", 0.0) <= chance_p1 + STALL_MARGIN
+    return head_stuck and retrieval_stuck
+
+
+class _Criterion:
+    """The training loss: CE + a supervised metric loss on both pooled embeddings (+ NT-Xent).
+
+    Why not triplet alone: triplet + CE pulls every class onto one direction (median top-1
+    cosine 0.9996 vs top-10 0.9983 on the demo index), so the similarity said "same class"
+    and nothing else. A supervised contrastive loss with a temperature keeps classes apart
+    without a margin to collapse into, and the instance term (two augmented views of one
+    case must find each other among the batch, as in SimCLR) keeps cases of one class apart
+    by how they look. bench/depth.py measures the choice.
+    """
+
+    def __init__(self, opts: TrainOptions):
+        self.opts = opts
+        dist = distances.CosineSimilarity()
+        self.miner = None
+        if opts.loss == "supcon":
+            self.sup = losses.SupConLoss(temperature=opts.temperature)
+        elif opts.loss == "multisimilarity":
+            self.sup = losses.MultiSimilarityLoss()
+            self.miner = miners.MultiSimilarityMiner()
+        else:
+            self.sup = losses.TripletMarginLoss(margin=opts.margin, distance=dist)
+            self.miner = miners.TripletMarginMiner(
+                margin=opts.margin, distance=dist, type_of_triplets="semihard"
+            )
+        self.inst = losses.NTXentLoss(temperature=opts.instance_temperature)
+
+    def supervised(self, e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.miner is None:
+            return self.sup(e, y)
+        return self.sup(e, y, self.miner(e, y))
+
+    def __call__(self, logits, e_sal, e_uni, y, case_ids) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), y)
+        loss = loss + self.supervised(e_sal, y) + self.supervised(e_uni, y)
+        if self.opts.instance_weight > 0:
+            w = self.opts.instance_weight
+            loss = loss + w * (self.inst(e_sal, case_ids) + self.inst(e_uni, case_ids))
+        return loss
+
+
+def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard, bar):
     """One training schedule from a fresh initialisation; keeps the best val epoch's weights.
 
-    ``chance`` (or None): give up as *stalled* when the val accuracy is still within
-    ``STALL_MARGIN`` of it after ``STALL_FRACTION`` of the epochs. Small lesions on a varied
-    background leave a plateau at chance that a run may never leave (seen at lr 2e-3 on the
-    600-case phantom); a new initialisation at half the rate gets out of it.
+    ``guard`` = (balanced-accuracy chance, precision@1 chance), or None: give up as *stalled*
+    when, after ``STALL_FRACTION`` of the epochs, the head and retrieval are both still
+    within ``STALL_MARGIN`` of chance (see is_stalled). Small lesions on a varied background
+    leave a plateau at chance that a run may never leave (seen at lr 2e-3 on the 600-case
+    phantom); a new initialisation at half the rate gets out of it.
     """
     seed_everything(seed)
     model = CaseNet(cfg).to(device)
@@ -348,11 +484,7 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance
         batch_size=d.batch,
         length_before_new_iter=d.steps_per_epoch * d.batch,
     )
-    dist = distances.CosineSimilarity()
-    triplet = losses.TripletMarginLoss(margin=opts.margin, distance=dist)
-    miner = miners.TripletMarginMiner(
-        margin=opts.margin, distance=dist, type_of_triplets="semihard"
-    )
+    criterion = _Criterion(opts)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch, pct_start=0.15
@@ -371,8 +503,10 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance
         running = 0.0
         for s in range(d.steps_per_epoch):
             idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
-            xb = augment_batch(d.train_x[idx].to(device).float() / 255.0, generator=gen)
-            yb = d.train_y[idx].to(device)
+            x = d.train_x[idx].to(device).float() / 255.0
+            xb = torch.cat([augment_batch(x, generator=gen) for _ in range(d.views)])
+            yb = d.train_y[idx].to(device).repeat(d.views)
+            case_ids = torch.arange(len(idx), device=device).repeat(d.views)
             with torch.autocast(device.type, enabled=use_amp):
                 feats = model.backbone(d.pre.normalize(xb))
                 logits = model.classifier(feats.mean(dim=(2, 3)))
@@ -383,12 +517,7 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance
                 uni = torch.full_like(sal, 1.0 / (h * w))
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
-                loss = F.cross_entropy(logits.float(), yb)
-                loss = (
-                    loss
-                    + triplet(e_sal, yb, miner(e_sal, yb))
-                    + triplet(e_uni, yb, miner(e_uni, yb))
-                )
+                loss = criterion(logits, e_sal, e_uni, yb, case_ids)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optim)
@@ -413,8 +542,8 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, chance
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-        if chance is not None and epoch == stall_epoch:
-            stalled = _balanced(metrics) <= chance + STALL_MARGIN
+        if guard is not None and epoch == stall_epoch:
+            stalled = is_stalled(metrics, *guard)
             if stalled:
                 break
         if stale >= opts.patience and epoch >= min_epochs:

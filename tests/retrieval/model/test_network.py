@@ -70,3 +70,23 @@ def test_corrupt_and_newer_models_are_refused(tmp_path):
     cfg.write_text(cfg.read_text().replace('"format_version": 1', '"format_version": 99'))
     with pytest.raises(BundleError, match="version 99"):
         load_model(tmp_path / "m2")
+
+
+def test_width_sets_the_compact_backbone_and_old_configs_load_at_32(tmp_path):
+    m = _model(width=8)
+    assert m.backbone.out_channels == 64 and m.classifier.in_features == 64
+    feats = m.backbone(torch.randn(1, 1, 64, 64))
+    assert feats.shape == (1, 64, 4, 4)
+    # a model saved before the width option existed has no "width" in its config
+    old = _model()
+    save_model(old, tmp_path / "old")
+    cfg = tmp_path / "old" / "config.json"
+    import json
+
+    data = json.loads(cfg.read_text())
+    del data["width"]
+    cfg.write_text(json.dumps(data))
+    loaded = load_model(tmp_path / "old")
+    assert loaded.config.width == 32 and loaded.backbone.out_channels == 256
+    with pytest.raises(BundleError, match="width"):
+        _model(width=2)

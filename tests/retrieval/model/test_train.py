@@ -14,7 +14,9 @@ from retrieval.model import train
 from retrieval.model.network import load_model
 
 
-def _scripted_validation(monkeypatch, balanced: list[float] | float, scores=None):
+def _scripted_validation(monkeypatch, balanced: list[float] | float, scores=None, p1=None):
+    """Validation replaced by a script: balanced accuracy per call (and precision@1: ``p1``,
+    else the same as the balanced accuracy)."""
     calls = {"n": 0}
 
     def fake(model, pre, train_x, train_y, val_x, val_y, device):
@@ -23,7 +25,7 @@ def _scripted_validation(monkeypatch, balanced: list[float] | float, scores=None
         b = balanced if isinstance(balanced, float) else balanced[min(i, len(balanced) - 1)]
         score = scores(i) if scores else b
         return {
-            "precision_at_1": b,
+            "precision_at_1": b if p1 is None else p1,
             "accuracy": b,
             "balanced_accuracy": b,
             "val_ce": 1.0,
@@ -84,3 +86,71 @@ def test_a_val_split_of_one_class_is_never_judged(phantom_dir, tmp_path, monkeyp
     opts = train.TrainOptions(epochs=10, progress=False, num_workers=0)
     report = train.train_model(tmp_path / "one_class_val.csv", tmp_path / "m", opts)
     assert len(report.attempts) == 1
+
+
+def test_retrieval_off_chance_is_not_a_stall(phantom_dir, tmp_path, monkeypatch):
+    # the head still at chance, retrieval well above it (seen: val P@1 0.84): keep training
+    _scripted_validation(monkeypatch, 1 / 3, p1=0.84)
+    opts = train.TrainOptions(epochs=10, progress=False, num_workers=0)
+    report = train.train_model(phantom_dir / "manifest.csv", tmp_path / "m", opts)
+    assert len(report.attempts) == 1 and not report.attempts[0]["stalled"]
+    assert report.epochs_run > math.ceil(train.STALL_FRACTION * 10)
+
+
+def test_the_stall_rule_needs_both_head_and_retrieval_at_chance():
+    at_chance = {"balanced_accuracy": 0.35, "precision_at_1": 0.36}
+    assert train.is_stalled(at_chance, 1 / 3, 1 / 3)
+    assert not train.is_stalled(dict(at_chance, precision_at_1=0.84), 1 / 3, 1 / 3)
+    assert not train.is_stalled(dict(at_chance, balanced_accuracy=0.7), 1 / 3, 1 / 3)
+    # precision@1 is judged against its own chance level (an unbalanced gallery)
+    assert not train.is_stalled(dict(at_chance, precision_at_1=0.5), 1 / 3, 0.2)
+
+
+def test_the_report_counts_every_epoch_that_ran(phantom_dir, tmp_path, monkeypatch, capsys):
+    """Abandoned schedules' epochs are counted and said (the log once said 30 when 39 ran)."""
+    _scripted_validation(monkeypatch, 1 / 3)
+    opts = train.TrainOptions(epochs=10, progress=False, num_workers=0)
+    report = train.train_model(phantom_dir / "manifest.csv", tmp_path / "m", opts)
+    ran = sum(a["epochs_run"] for a in report.attempts)
+    assert len(report.attempts) == train.MAX_ATTEMPTS
+    assert report.epochs_total == ran > report.epochs_run and report.max_epochs == 10
+    text = report.summary()
+    assert f"{report.epochs_run} of 10 epochs" in text and f"{ran} in all" in text
+    cfg = load_model(tmp_path / "m").config.training
+    assert cfg["epochs_total"] == ran and cfg["max_epochs"] == 10
+
+    import argparse
+
+    from retrieval.commands import train as train_cmd
+
+    monkeypatch.setattr(train_cmd, "train_model", lambda *a, **k: report)
+    args = argparse.Namespace(
+        manifest="m.csv", out="o", epochs=None, backbone="compact", image_size=None,
+        embedding_dim=128, batch_size=None, seed=0, device="cpu", strict=False,
+    )  # fmt: skip
+    train_cmd.run(args)
+    assert f"{ran} in all" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "loss,instance", [("supcon", 0.5), ("multisimilarity", 0.0), ("triplet", 0.0)]
+)
+def test_each_loss_trains_and_is_recorded(phantom_dir, tmp_path, loss, instance):
+    opts = train.TrainOptions(
+        epochs=1, progress=False, num_workers=0, loss=loss, instance_weight=instance, width=8
+    )
+    report = train.train_model(phantom_dir / "manifest.csv", tmp_path / "m", opts)
+    cfg = load_model(tmp_path / "m").config
+    assert cfg.width == 8 and cfg.training["loss_options"]["loss"] == loss
+    assert cfg.training["views"] == (2 if instance else 1)
+    assert ("ntxent" in cfg.training["loss"]) == bool(instance)
+    assert report.history and all(math.isfinite(h["loss"]) for h in report.history)
+
+
+def test_unknown_loss_is_a_clear_error(phantom_dir, tmp_path):
+    from retrieval.errors import CasebaseError
+
+    with pytest.raises(CasebaseError, match="unknown loss"):
+        train.train_model(
+            phantom_dir / "manifest.csv", tmp_path / "m", train.TrainOptions(loss="nope")
+        )

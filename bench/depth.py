@@ -1,0 +1,279 @@
+"""Do neighbours resemble the query beyond its label? CLI defaults on two phantoms.
+
+For each phantom (chest DICOM, ``--modality xray``; RGB dermoscopy-like photos,
+``--modality photo``) this script makes the phantom, trains with the CLI defaults
+(``casebase train``), builds the index (``casebase index build``) and searches every test
+case against it, its own patient excluded. Per phantom it writes:
+
+* label retrieval: precision@1, precision@5, MAP@R;
+* within-class agreement on the phantom's known generative factors (lesion size, x, y,
+  within-class shape, contrast; written by the phantom into the manifest): the mean
+  |difference| between a query and its same-label top-5 neighbours, divided by the mean
+  |difference| between the query and every same-label indexed case (own patient
+  excluded). 1 = neighbours no closer than a random same-label case; target <= 0.5 for
+  lesion size;
+* the spread of the raw cosine similarities: median over queries of top-1 minus top-10;
+* training seconds, epochs (kept schedule and all schedules), the machine's load.
+
+The trained indexes are kept (``--keep``, default /work/artifacts/depth/{chest,photo}/) so
+that matched regions and similarity scores can be measured on them.
+
+    python bench/depth.py                 # both phantoms, the sizes below
+    python bench/depth.py --n 600 --only chest
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import finish, machine  # noqa: E402
+
+FACTORS = ("lesion_size", "lesion_x", "lesion_y", "lesion_shape", "lesion_contrast")
+# Sized so that both phantoms together train, index and evaluate in about 20 minutes on 2
+# CPU cores: 1,200 chest films (the issue's `phantom --n 1200 --seed 21`) and 1,200 photos.
+PHANTOMS = {
+    "chest": {"modality": "xray", "n": 1200, "seed": 21, "size": 128},
+    "photo": {"modality": "photo", "n": 1200, "seed": 21, "size": 128},
+}
+
+
+def depth_metrics(
+    q_vec: np.ndarray,
+    q_label: np.ndarray,
+    q_patient: np.ndarray,
+    q_factors: dict[str, np.ndarray],
+    g_vec: np.ndarray,
+    g_label: np.ndarray,
+    g_patient: np.ndarray,
+    g_factors: dict[str, np.ndarray],
+    k: int = 5,
+) -> dict:
+    """Label retrieval, factor agreement and cosine spread of queries against a gallery."""
+    sims = q_vec @ g_vec.T
+    p1, p5, map_r, gaps = [], [], [], []
+    near = {f: [] for f in q_factors}
+    rand = {f: [] for f in q_factors}
+    for i in range(len(q_vec)):
+        allowed = g_patient != q_patient[i]
+        s = np.where(allowed, sims[i], -np.inf)
+        order = np.argsort(-s, kind="stable")[: int(allowed.sum())]
+        same = g_label[order] == q_label[i]
+        p1.append(float(same[0]))
+        p5.append(float(same[:k].mean()))
+        r = int(same.sum())
+        if r:
+            hits = same[:r]
+            prec = np.cumsum(hits) / np.arange(1, r + 1)
+            map_r.append(float((prec * hits).sum() / r))
+        if len(order) >= 10:
+            gaps.append(float(s[order[0]] - s[order[9]]))
+        top_same = order[:k][same[:k]]
+        pool = allowed & (g_label == q_label[i])
+        for f in q_factors:
+            qv = q_factors[f][i]
+            if np.isfinite(qv) and top_same.size and pool.any():
+                near[f].extend(np.abs(g_factors[f][top_same] - qv).tolist())
+                rand[f].append(float(np.nanmean(np.abs(g_factors[f][pool] - qv))))
+    factor_ratio = {
+        f: (float(np.nanmean(near[f]) / np.nanmean(rand[f])) if near[f] else None)
+        for f in q_factors
+    }
+    return {
+        "n_queries": len(q_vec),
+        "n_indexed": len(g_vec),
+        "precision_at_1": float(np.mean(p1)),
+        "precision_at_5": float(np.mean(p5)),
+        "map_at_r": float(np.mean(map_r)) if map_r else None,
+        "factor_ratio": factor_ratio,
+        "size_ratio": factor_ratio.get("lesion_size"),
+        "raw_gap_top1_top10_median": float(np.median(gaps)) if gaps else None,
+        "raw_top1_median": float(np.median(np.max(np.where(np.isfinite(sims), sims, -1), 1))),
+    }
+
+
+def _factor_arrays(df) -> dict[str, np.ndarray]:
+    out = {}
+    for f in FACTORS:
+        if f in df.columns:
+            out[f] = np.asarray(
+                [float(v) if str(v).strip() else np.nan for v in df[f]], dtype=np.float64
+            )
+    return out
+
+
+def evaluate_model(model_dir, manifest_path, weighting: str = "saliency") -> dict:
+    """depth_metrics of a trained model: test split against train+val (what the index holds)."""
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.embedding import embed_paths
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
+
+    man = load_manifest(manifest_path)
+    model = load_model(model_dir)
+    pre = Preprocessor(model.config)
+
+    def embed(splits):
+        df = man.select(splits).reset_index(drop=True)
+        emb = embed_paths(
+            model, pre, [str(man.resolve(p)) for p in df["image"]], weighting, progress=False
+        )
+        return df.iloc[emb.ok].reset_index(drop=True), emb.vectors
+
+    g_df, g_vec = embed(["train", "val"])
+    q_df, q_vec = embed(["test"])
+    return _metrics_from_frames(q_df, q_vec, g_df, g_vec)
+
+
+def _metrics_from_frames(q_df, q_vec, g_df, g_vec) -> dict:
+    return depth_metrics(
+        q_vec,
+        q_df["label"].to_numpy(),
+        q_df["patient_id"].to_numpy(),
+        _factor_arrays(q_df),
+        g_vec,
+        g_df["label"].to_numpy(),
+        g_df["patient_id"].to_numpy(),
+        _factor_arrays(g_df),
+    )
+
+
+def evaluate_index(index_dir, manifest_path) -> dict:
+    """depth_metrics on a built bundle: its stored vectors, the test split as queries."""
+    import pandas as pd
+
+    from retrieval.data.manifest import load_manifest
+    from retrieval.service.evaluate import embed_split
+    from retrieval.service.retriever import CaseRetriever
+
+    r = CaseRetriever.load(index_dir, device="cpu")
+    g_vec = np.asarray(r.index.reconstruct_all(), np.float32)
+    man = load_manifest(manifest_path)
+    full = man.df if hasattr(man, "df") else man.select(["train", "val", "test"])
+    cols = ["case_id", *[f for f in FACTORS if f in full.columns]]
+    g_df = r.cases[["case_id", "label", "patient_id"]].merge(
+        pd.DataFrame(full[cols]), on="case_id", how="left"
+    )
+    qs = embed_split(r, manifest_path, "test", k=5, progress=False)
+    q_df = qs.cases[["case_id", "label", "patient_id"]].merge(
+        pd.DataFrame(full[cols]), on="case_id", how="left"
+    )
+    return _metrics_from_frames(q_df, qs.vectors, g_df, g_vec)
+
+
+def run_one(name: str, spec: dict, work: Path, keep: Path | None) -> dict:
+    from index.builder import build_index
+    from retrieval.data.phantom import make_phantom
+    from retrieval.model.train import TrainOptions, train_model
+
+    ph = work / f"{name}_phantom"
+    t0 = time.perf_counter()
+    manifest = make_phantom(ph, **spec)
+    t_phantom = time.perf_counter() - t0
+    load_before = os.getloadavg()
+    cpu0 = os.times()
+    report = train_model(manifest, work / f"{name}_model", TrainOptions())
+    cpu1 = os.times()
+    load_after = os.getloadavg()
+    index_dir = (keep / name) if keep else work / f"{name}_index"
+    if keep:
+        index_dir.parent.mkdir(parents=True, exist_ok=True)
+        # the phantom travels with the index, so its manifest paths stay valid
+        if (keep / f"{name}_phantom").exists():
+            shutil.rmtree(keep / f"{name}_phantom")
+        shutil.copytree(ph, keep / f"{name}_phantom")
+        manifest = keep / f"{name}_phantom" / "manifest.csv"
+    t1 = time.perf_counter()
+    build_index(work / f"{name}_model", manifest, index_dir, progress=False)
+    t_index = time.perf_counter() - t1
+    metrics = evaluate_index(index_dir, manifest)
+    cfg = report.best_val or {}
+    return {
+        "phantom": spec,
+        "manifest": str(manifest),
+        "index": str(index_dir),
+        **metrics,
+        "train": {
+            "seconds": report.seconds,
+            "cpu_seconds": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+            "epochs_run": report.epochs_run,
+            "epochs_total": report.epochs_total,
+            "max_epochs": report.max_epochs,
+            "restarts": len(report.attempts) - 1,
+            "n_train": report.n_train,
+            "n_val": report.n_val,
+            "val_precision_at_1": cfg.get("precision_at_1"),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(load_after),
+        },
+        "phantom_seconds": t_phantom,
+        "index_seconds": t_index,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=sorted(PHANTOMS), default=None)
+    ap.add_argument("--n", type=int, default=None, help="override both phantoms' case count")
+    ap.add_argument("--work", default="/tmp/casebase-depth")
+    ap.add_argument("--keep", default="/work/artifacts/depth", help="where the indexes stay")
+    args = ap.parse_args(argv)
+    info = machine()
+    started = time.time()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    keep = Path(args.keep) if args.keep else None
+    results = {}
+    for name, spec in PHANTOMS.items():
+        if args.only and name != args.only:
+            continue
+        spec = dict(spec, n=args.n or spec["n"])
+        res = run_one(name, spec, work, keep)
+        results[name] = res
+        print(
+            f"{name}: P@1 {res['precision_at_1']:.3f} P@5 {res['precision_at_5']:.3f} "
+            f"MAP@R {res['map_at_r']:.3f}; size ratio {res['size_ratio']:.2f}; raw top1-top10 "
+            f"{res['raw_gap_top1_top10_median']:.4f}; train {res['train']['seconds']:.0f} s, "
+            f"{res['train']['epochs_total']} epochs (load {res['train']['loadavg_after'][0]:.1f})",
+            flush=True,
+        )
+    targets = {"chest_p5": 0.95, "photo_p5": 0.9, "size_ratio": 0.5}
+    # one phantom per process (--only) writes depth_<name>.json; --merge joins them
+    finish(
+        f"depth_{args.only}" if args.only else "depth",
+        info,
+        {"phantoms": results, "targets": targets},
+        started,
+    )
+    return 0
+
+
+def merge() -> int:
+    """bench/results/depth.json from the per-phantom files of two parallel --only runs."""
+    import json
+
+    from _common import RESULTS
+
+    parts = [json.loads((RESULTS / f"depth_{n}.json").read_text()) for n in PHANTOMS]
+    doc = {
+        "benchmark": "depth",
+        "date": max(p["date"] for p in parts),
+        "machine": {n: p["machine"] for n, p in zip(PHANTOMS, parts, strict=True)},
+        "phantoms": {n: p["phantoms"][n] for n, p in zip(PHANTOMS, parts, strict=True)},
+        "targets": parts[0]["targets"],
+        "note": "the two phantoms ran as two processes side by side (--only chest, --only photo)",
+    }
+    (RESULTS / "depth.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'depth.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(merge() if sys.argv[1:] == ["--merge"] else main())
