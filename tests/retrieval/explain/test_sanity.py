@@ -156,3 +156,27 @@ def test_explain_eval_command_writes_sanity_curves_and_a_plot(
         assert m["family"] in ("CAM family", "gradients")
     assert report["neighbour_tests"]["identical_class"]["rate"] >= 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_similarity_curves_are_scored_on_the_similarity_they_explain():
+    """Issue 22: deletion / insertion for `similarity` measure the weighted mean cosine to the
+    neighbours (the quantity its map decomposes), not the class probability."""
+    model = tiny_model()
+    fast = registry.inference_model(model)
+    g = torch.Generator().manual_seed(3)
+    x, nbrs = torch.randn(1, 1, 32, 32, generator=g), torch.randn(3, 1, 32, 32, generator=g)
+    score = trust._similarity_score(fast, x, nbrs, "saliency")
+    with torch.no_grad():
+        eq, ec = model.run(x).embedding[0], model.run(nbrs).embedding
+        sims = ec @ eq
+        w = sims.clamp_min(0) / sims.clamp_min(0).sum()
+        expected = float((w * sims).sum())
+        assert float(score(x)[0]) == pytest.approx(expected, abs=1e-5)
+    ranks = trust.pixel_order_ranks(
+        np.random.default_rng(0).random((32, 32)), np.random.default_rng(1)
+    )
+    d, ins = trust.perturbation_curves(fast, x[0], 0, ranks, torch.zeros_like(x[0]), score=score)
+    assert d[0] == pytest.approx(expected, abs=1e-5) and ins[-1] == pytest.approx(
+        expected, abs=1e-5
+    )
+    assert trust._similarity_score(fast, x, None, "saliency") is None
