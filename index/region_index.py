@@ -45,6 +45,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index.vector_index import _skip_polysemous
 from retrieval.errors import BundleError, CasebaseError
 
 REGION_DIR = "regions"
@@ -88,6 +89,7 @@ def build_cell_index(cells: np.ndarray, factory: str = "auto", seed: int = 0) ->
     except RuntimeError as err:
         raise CasebaseError(f"region index factory {spec!r} is not valid ({err})") from None
     if not index.is_trained:
+        _skip_polysemous(index)  # polysemous codes: ~8x the training, never used by search
         ivf = faiss.try_extract_index_ivf(index)
         want = max(MIN_TRAIN, TRAIN_PER_LIST * (ivf.nlist if ivf is not None else 1))
         rng = np.random.default_rng(seed)
@@ -217,6 +219,9 @@ class RegionIndex:
     ) -> list[RegionHit]:
         """Top-k cases by MaxSim of the unit query cells q (m, D); allowed: bool per row."""
         q = unit(np.atleast_2d(q))
+        if allowed is not None:  # a filter keeping 1/f of the cases: f times the shortlist
+            share = max(int(allowed.sum()), 1) / max(len(self), 1)
+            shortlist = int(min(self.index.ntotal, shortlist / share))
         rows = self.candidates(q, shortlist)
         if allowed is not None:
             rows = rows[allowed[rows]]

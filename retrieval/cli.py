@@ -170,6 +170,27 @@ def _add_query(sub) -> None:
     p.add_argument("--exclude-patient", default=None)
     p.add_argument("--filter", action="append", default=[], metavar="ATTR=VALUE")
     p.add_argument(
+        "--region",
+        default=None,
+        metavar="X0,Y0,X1,Y1",
+        help="search with this box of the query image (original pixels): cases ranked by how "
+        "well a region of theirs matches it",
+    )
+    p.add_argument(
+        "--like",
+        action="append",
+        default=[],
+        metavar="ID,...",
+        help="case ids marked good: the search moves toward them (Rocchio)",
+    )
+    p.add_argument(
+        "--unlike",
+        action="append",
+        default=[],
+        metavar="ID,...",
+        help="case ids marked bad: the search moves away, and they never come back",
+    )
+    p.add_argument(
         "--concept",
         action="append",
         default=[],

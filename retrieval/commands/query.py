@@ -9,6 +9,7 @@ import numpy as np
 
 from retrieval import atomic
 from retrieval.errors import CasebaseError
+from retrieval.service import refine
 from retrieval.service.retriever import CaseRetriever
 
 
@@ -68,6 +69,9 @@ def run(args) -> int:
         exclude_patient=args.exclude_patient,
         filters=_filters(args.filter),
         **_concept_weights(getattr(args, "concept", None)),
+        like=refine.parse_ids(getattr(args, "like", None)),
+        unlike=refine.parse_ids(getattr(args, "unlike", None)),
+        region=None if getattr(args, "region", None) is None else refine.parse_box(args.region),
         coverage=args.coverage,
         group=args.group,
     )
@@ -80,6 +84,13 @@ def run(args) -> int:
         print(json.dumps(result.to_json(paths), indent=2))
         return 0
     print(result.explanation_text)
+    if result.region is not None:
+        print(f"region {result.region} (feature cells searched: {result.region_searched})")
+        if result.region_note:
+            print(f"note: {result.region_note}")
+    if result.feedback:
+        fb = result.feedback
+        print(f"refined by example: like {fb['like'] or '-'}, unlike {fb['unlike'] or '-'}")
     probs = ", ".join(f"{k} {v:.2f}" for k, v in result.prediction.probabilities.items())
     print(f"probabilities: {probs}")
     pred = result.prediction

@@ -73,6 +73,7 @@ class Neighbor:
     completeness_error: float | None = None
     original_size: tuple[int, int] | None = None
     similarity_score: float | None = None  # in [0, 1], calibrated on the index (SimilarityScale)
+    region_score: float | None = None  # region query: MaxSim of the box's cells (region_index)
 
 
 @dataclass
@@ -108,6 +109,13 @@ class QueryResult:
     timings: dict[str, float] = field(default_factory=dict)
     similarity_scale: dict = field(default_factory=dict)  # {"calibrated": bool, "method": str}
     self_match: SelfMatch | None = None  # the query is an indexed case itself
+    # refinements (retrieval/service/refine.py): the box asked, the cells' box searched, a note
+    # (e.g. widened to one cell), and the like/unlike feedback applied
+    region: list[int] | None = None
+    region_searched: list[int] | None = None
+    region_note: str = ""
+    feedback: dict | None = None
+    concepts: dict[str, float] | None = None  # concept weights the query was moved by
 
     @property
     def outcome(self) -> str:
@@ -140,6 +148,7 @@ class QueryResult:
                     "similarity_score": None
                     if n.similarity_score is None
                     else float(n.similarity_score),
+                    **({} if n.region_score is None else {"region_score": float(n.region_score)}),
                     "attributes": dict(n.attributes),
                     "matched_regions": [
                         {
@@ -161,4 +170,18 @@ class QueryResult:
             "image_size": list(self.original_size),
             "similarity_scale": dict(self.similarity_scale),
             "self_match": None if self.self_match is None else self.self_match.to_json(),
+            **self._refine_json(),
         }
+
+    def _refine_json(self) -> dict:
+        out: dict = {}
+        if self.region is not None:
+            out["region"] = list(self.region)
+            out["region_searched"] = list(self.region_searched or self.region)
+            if self.region_note:
+                out["region_note"] = self.region_note
+        if self.feedback is not None:
+            out["feedback"] = dict(self.feedback)
+        if self.concepts:
+            out["concepts"] = dict(self.concepts)
+        return out

@@ -17,16 +17,17 @@ import torch
 
 from index import bundle
 from index.case_store import attribute_columns, image_root, read_cases
+from index.region_index import RegionIndex
 from index.vector_index import VectorIndex
-from retrieval.service import conformal
-from retrieval.service import ood as ood_score
-from retrieval.service.calibration import apply_temperature
 from retrieval.errors import BundleError, CasebaseError
 from retrieval.explain.similarity import SimilarityScale, decompose, region_pairs
 from retrieval.model.device import resolve_device
 from retrieval.model.embedding import ood_features
 from retrieval.model.network import CaseNet, load_model
 from retrieval.model.preprocess import Preprocessor
+from retrieval.service import conformal, refine
+from retrieval.service import ood as ood_score
+from retrieval.service.calibration import apply_temperature
 from retrieval.service.context import ImageContext
 from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
 from retrieval.service.self_match import find_self_match
@@ -78,6 +79,17 @@ class CaseRetriever:
         self.ood_reference = np.load(ref, allow_pickle=False) if ref.is_file() else None
         self.scale = SimilarityScale.load(self.index_dir)  # (1 + cos) / 2 for older bundles
         self.conformal = conformal.load(self.index_dir)  # None: built before prediction sets
+        # Stored feature cells (bundle format 2): matched regions without re-encoding neighbours,
+        # and search by region. None for older bundles (matched regions re-encode, said once).
+        self.region_index = RegionIndex.load(self.index_dir, meta)
+        self._case_rows: dict[str, int] | None = None
+        if self.region_index is None:
+            _say_once(
+                self.index_dir,
+                f"note: {self.index_dir} has no region index (built before bundle format 2): "
+                "matched regions re-encode each neighbour's image and --region is unavailable; "
+                "`casebase index build` again to upgrade it",
+            )
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -277,10 +289,20 @@ class CaseRetriever:
         regions: bool = True,
         coverage: float | None = None,
         group: str | None = None,
+        like: Sequence[str] = (),
+        unlike: Sequence[str] = (),
+        region: Sequence[float] | None = None,
         case_id: str | None = None,
         exclude_self: bool = False,
+        concepts: dict[str, float] | None = None,
     ) -> QueryResult:
-        """coverage: of the prediction sets (default: the index's); group: the query's Mondrian group."""
+        """coverage: of the prediction sets (default: the index's); group: the query's Mondrian group.
+
+        like / unlike: case ids marked good / bad (Rocchio feedback, refine.py; an unlike case
+        never comes back). region: (x0, y0, x1, y1) in the query's original pixels: cases are
+        ranked by how well a region of theirs matches it (MaxSim over feature cells,
+        index.region_index), and matched regions start inside it. regions=False: none computed.
+        """
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         methods = list(dict.fromkeys(explain))
@@ -295,10 +317,23 @@ class CaseRetriever:
         found = find_self_match(self, q, case_id)
         drop = found[1] if found is not None and exclude_self else None
         k_ = k + (drop is not None)
-        hits = self.search(q.embedding.float().cpu().numpy(), k_, exclude_patient, filters)[0]
+        # concept-refined search: {name: weight} of stored concepts (retrieval/concepts/store.py)
+        if concepts:
+            from retrieval.concepts.store import refine_embedding
+
+            q.embedding = refine_embedding(self.index_dir, q.embedding, concepts)
+        if like or unlike or region is not None:
+            hits, refined = self._refined_search(
+                q, k_, exclude_patient, filters, like, unlike, region
+            )
+        else:
+            hits = self.search(q.embedding.float().cpu().numpy(), k_, exclude_patient, filters)[0]
+            refined = None
         timings["search"] = time.perf_counter() - t0 - timings["encode"]
         hits = [h for h in hits if h[1] != drop][:k]
         neighbors = [self.neighbor(s, r) for s, r in hits]
+        if refined is not None:
+            hits = refined.apply(neighbors, hits)
         result = QueryResult(
             self.predict(q.logits),
             self.knn_vote(hits),
@@ -308,15 +343,24 @@ class CaseRetriever:
             original_size=tuple(q.image.original_size),
             similarity_scale={"calibrated": self.scale.calibrated, "method": self.scale.method},
         )
+        if refined is not None:
+            refined.describe(result)
+        result.concepts = dict(concepts) if concepts else None
         if found is not None:
             result.self_match = found[0]
             found[0].excluded = drop is not None
         if regions or methods:
             t1 = time.perf_counter()
-            ctxs = self._neighbor_contexts(neighbors)
-            for nb, c in zip(neighbors, ctxs, strict=True):
-                if c is not None:
-                    self.match_regions(q, c, nb)
+            if self.region_index is not None:  # from the bundle: no neighbour image is read
+                sel = refined.selection if refined is not None else None
+                for nb in neighbors:
+                    self.stored_regions(q, nb, selection=sel)
+                ctxs = self._neighbor_contexts(neighbors) if methods else []
+            else:
+                ctxs = self._neighbor_contexts(neighbors)
+                for nb, c in zip(neighbors, ctxs, strict=True):
+                    if c is not None:
+                        self.match_regions(q, c, nb)
             timings["regions"] = time.perf_counter() - t1
             if methods:
                 from retrieval.explain import explain_query
@@ -414,3 +458,153 @@ class CaseRetriever:
                 )
             text += "."
         return text
+
+    # ------------------------------------------------------------ refinement (refine.py)
+    def rows_of(self, case_ids: Iterable[str]) -> list[int]:
+        """Index rows of case ids; CasebaseError naming every id the index does not hold."""
+        if self._case_rows is None:
+            self._case_rows = {str(c): i for i, c in enumerate(self.cases["case_id"])}
+        ids = refine.parse_ids(case_ids)
+        unknown = [c for c in ids if c not in self._case_rows]
+        if unknown:
+            raise CasebaseError(
+                f"unknown case id{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                f"not in {self.index_dir}"
+            )
+        return [self._case_rows[c] for c in ids]
+
+    def case_embedding(self, row: int) -> np.ndarray:
+        """A stored case's unit embedding: from the vector index, its cells, or its image."""
+        try:
+            return np.asarray(self.index.index.reconstruct(int(row)), np.float32).reshape(-1)
+        except RuntimeError:  # an index without a direct map (IVF): rebuild it otherwise
+            if self.region_index is not None:
+                return self.region_index.embedding(row)
+            return self.encode(self.cases.at[row, "image"]).embedding.float().cpu().numpy()
+
+    def query_cells(self, q: ImageContext) -> tuple[np.ndarray, np.ndarray]:
+        """(P·F per cell (h·w, D) float64, pooling weights (h·w,) float64) of the query."""
+        from retrieval.model.embedding import cell_vectors
+
+        z = cell_vectors(self.model, q.features[None])[0].astype(np.float64)
+        return z, q.weights.double().reshape(-1).cpu().numpy()
+
+    def _refined_search(self, q, k, exclude_patient, filters, like, unlike, region):
+        self.rows_of(refine.parse_ids(like) + refine.parse_ids(unlike))  # names every unknown id
+        like_rows, unlike_rows = self.rows_of(like), self.rows_of(unlike)
+        both = sorted(set(like_rows) & set(unlike_rows))
+        if both:
+            ids = ", ".join(str(self.cases.at[r, "case_id"]) for r in both)
+            raise CasebaseError(f"case {ids} is both liked and unliked")
+        out = _Refined(like_rows, unlike_rows, self.cases["case_id"].to_numpy())
+        drop = set(unlike_rows)
+        if region is None:
+            d = int(q.embedding.shape[0])
+            vec = refine.rocchio(
+                q.embedding.float().cpu().numpy(),
+                np.array([self.case_embedding(r) for r in like_rows]).reshape(-1, d),
+                np.array([self.case_embedding(r) for r in unlike_rows]).reshape(-1, d),
+            )
+            hits = self.search(vec, k + len(drop), exclude_patient, filters)[0]
+            return [h for h in hits if h[1] not in drop][:k], out
+        if self.region_index is None:
+            raise CasebaseError(
+                f"{self.index_dir} has no region index (built before bundle format 2); "
+                "`casebase index build` it again to search by region"
+            )
+        sel = refine.select_cells(region, q.geometry, q.grid)
+        out.selection = sel
+        qz, _ = self.query_cells(q)
+        cells = qz[sel.cells.reshape(-1)]
+        if like_rows or unlike_rows:
+            ri = self.region_index
+            cells = refine.rocchio_cells(
+                cells,
+                [np.asarray(ri.cells[r], np.float32) for r in like_rows],
+                [np.asarray(ri.cells[r], np.float32) for r in unlike_rows],
+            )
+        allowed = self._allowed(exclude_patient, filters)
+        if drop:
+            allowed = np.ones(len(self.cases), bool) if allowed is None else allowed.copy()
+            allowed[list(drop)] = False
+        found = self.region_index.search(cells, k, allowed)
+        qe = q.embedding.float().cpu().numpy()
+        out.region_scores = {h.row: h.score for h in found}
+        return [(float(qe @ self.case_embedding(h.row)), h.row) for h in found], out
+
+    def stored_regions(self, q: ImageContext, nb: Neighbor, n_regions: int = 3, selection=None):
+        """nb's matched regions and similarity maps from the region index (no image read)."""
+        from retrieval.model.preprocess import Geometry
+
+        ri = self.region_index
+        qz, qw = self.query_cells(q)
+        cz, cw = ri.case(nb.row)
+        dec = refine.stored_decomposition(qz, qw, cz, cw, nb.similarity, q.grid, ri.grid)
+        nb.completeness_error = dec.completeness_error
+        size = tuple(int(v) for v in ri.sizes[nb.row])
+        c_geom = Geometry(size, q.geometry.input_size)
+        nb.original_size = size
+        shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
+        boxes = []
+        for p in region_pairs(shown, n_regions):
+            qbox = _cells_box(q.geometry, p.query_cells)
+            if selection is not None:
+                qbox = refine.clip_box(qbox, selection.clip)
+            boxes.append(
+                MatchedRegion(
+                    qbox,
+                    _cells_box(c_geom, p.case_cells),
+                    p.contribution,
+                    p.share,
+                    p.crosses_sides,
+                    (int(p.query_cells.sum()), int(p.case_cells.sum())),
+                )
+            )
+        nb.matched_regions = boxes
+        nb.maps["similarity"] = {
+            "query": q.geometry.map_to_original(dec.query_map()),
+            "case": c_geom.map_to_original(dec.case_map()),
+        }
+
+
+class _Refined:
+    """What a refined search adds to the result: feedback, region, per-neighbour region score."""
+
+    def __init__(self, like_rows: list[int], unlike_rows: list[int], case_ids):
+        self.like_rows, self.unlike_rows = like_rows, unlike_rows
+        self.case_ids = case_ids
+        self.selection: refine.RegionSelection | None = None
+        self.region_scores: dict[int, float] = {}
+
+    def apply(self, neighbors: list[Neighbor], hits):
+        """Region score on each neighbour; the hits the k-NN vote weighs (region score if any)."""
+        if not self.region_scores:
+            return hits
+        for nb in neighbors:
+            nb.region_score = self.region_scores.get(nb.row)
+        return [(self.region_scores[r], r) for _, r in hits]
+
+    def describe(self, result: QueryResult) -> None:
+        if self.like_rows or self.unlike_rows:
+            result.feedback = {
+                "like": [str(self.case_ids[r]) for r in self.like_rows],
+                "unlike": [str(self.case_ids[r]) for r in self.unlike_rows],
+                "method": refine.FEEDBACK_FORMULA
+                + ("; per query cell of the region" if self.selection is not None else ""),
+            }
+        if self.selection is not None:
+            result.region = list(self.selection.asked)
+            result.region_searched = list(self.selection.searched)
+            result.region_note = self.selection.note
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(key, message: str) -> None:
+    """One line on stderr per process and key (e.g. the old-bundle fallback)."""
+    import sys
+
+    if str(key) not in _SAID:
+        _SAID.add(str(key))
+        print(message, file=sys.stderr)
