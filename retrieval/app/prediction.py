@@ -53,13 +53,18 @@ def self_match_notice(result) -> None:
 def show(result, truth: str | None) -> None:
     p = result.prediction
     unknown = result.ood.flag
+    # temperature-scaled probabilities when the index has them (what the text above says)
+    probs = getattr(p, "calibrated_probabilities", None) or p.probabilities
+    calibrated = probs is not p.probabilities
     st.subheader("Prediction")
     c1, c2 = st.columns([1, 2])
     with c1:
         st.metric(
             "Model's guess (not an answer)" if unknown else "Model prediction",
             p.label,
-            None if unknown else f"{p.confidence:.0%} confidence",
+            None
+            if unknown
+            else f"{probs[p.label]:.0%} confidence" + (" (calibrated)" if calibrated else ""),
             delta_color="off",
             delta_arrow="off",
         )
@@ -86,8 +91,7 @@ def show(result, truth: str | None) -> None:
             + ("out of distribution" if unknown else "in distribution")
         )
     with c2:
-        probs = pd.DataFrame(
-            {"model probability": p.probabilities, "neighbour vote": result.knn_vote}
-        )
-        st.bar_chart(probs, stack=False, horizontal=True, height=220)
+        name = "model probability" + (" (calibrated)" if calibrated else "")
+        chart = pd.DataFrame({name: probs, "neighbour vote": result.knn_vote})
+        st.bar_chart(chart, stack=False, horizontal=True, height=220)
     st.info(result.explanation_text)
