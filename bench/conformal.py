@@ -33,14 +33,17 @@ from retrieval.service import conformal
 COVERAGES = (0.8, 0.9, 0.95)
 
 
-def _dataset(spec: str) -> tuple[str, Path, Path, Path]:
+def _dataset(spec: str) -> tuple[str, Path, Path, Path, Path | None]:
+    """NAME=DIR or NAME=MODEL,MANIFEST[,INDEX_DIR[,FRESH_MANIFEST]] (FRESH: extra test cases)."""
     name, _, rest = spec.partition("=")
     if "," in rest:
-        model, manifest = rest.split(",", 1)
-        root = Path(model).parent
-        return name, Path(model), Path(manifest), root / f"index_conformal_{name}"
+        parts = rest.split(",")
+        model, manifest = Path(parts[0]), Path(parts[1])
+        index = Path(parts[2]) if len(parts) > 2 else model.parent / f"index_conformal_{name}"
+        fresh = Path(parts[3]) if len(parts) > 3 else None
+        return name, model, manifest, index, fresh
     root = Path(rest)
-    return name, root / "model", root / "data" / "manifest.csv", root / "index_conformal"
+    return name, root / "model", root / "data" / "manifest.csv", root / "index_conformal", None
 
 
 def _votes(r, qs, k: int) -> np.ndarray:
@@ -50,12 +53,12 @@ def _votes(r, qs, k: int) -> np.ndarray:
     return conformal.vote_probabilities(sims, labs, len(r.classes))
 
 
-def _resplit(r, split_probs: dict, split_y: dict, draws: int, coverage: float, seed=0) -> dict:
-    """Pool val + test; random halves as calibration / test, `draws` times; randomised APS."""
+def _resplit(split_probs: dict, split_y: dict, draws: int, coverage: float, seed=0) -> dict:
+    """Pool the held-out splits; random halves as calibration / test, `draws` times."""
     out = {}
     for head_name, probs in split_probs.items():
-        p = np.concatenate([probs["val"], probs["test"]])
-        y = np.concatenate([split_y["val"], split_y["test"]])
+        p = np.concatenate([probs[s] for s in sorted(probs)])
+        y = np.concatenate([split_y[s] for s in sorted(probs)])
         rng = np.random.default_rng(seed)
         shown, rand, size = [], [], []
         for _ in range(draws):
@@ -85,7 +88,45 @@ def _resplit(r, split_probs: dict, split_y: dict, draws: int, coverage: float, s
     return out
 
 
-def run_one(name, model_dir, manifest, index_dir, rebuild: bool, draws: int) -> dict:
+def _resplit_temperature(raw: dict, y: dict, draws: int = 300, seed: int = 0) -> dict:
+    """Temperature fitted on a random half of the pooled held-out cases (with the build's rule:
+    kept at 1 when it raises the ECE there), ECE on the other half; mean over draws."""
+    p = np.concatenate([raw[s] for s in sorted(raw)])
+    yy = np.concatenate([y[s] for s in sorted(raw)])
+    rng = np.random.default_rng(seed)
+    before, after, temps = [], [], []
+    for _ in range(draws):
+        perm = rng.permutation(len(yy))
+        c, t = perm[: len(yy) // 2], perm[len(yy) // 2 :]
+        temp = cal.fit_temperature(cal.as_logits(p[c]), yy[c])
+        if cal.ece(cal.apply_temperature(p[c], temp), yy[c]) > cal.ece(p[c], yy[c]):
+            temp = 1.0
+        temps.append(temp)
+        before.append(cal.ece(p[t], yy[t]))
+        after.append(cal.ece(cal.apply_temperature(p[t], temp), yy[t]))
+    return {
+        "draws": draws,
+        "mean_ece_before": float(np.mean(before)),
+        "mean_ece_after": float(np.mean(after)),
+        "share_of_draws_after_le_before": float(np.mean(np.array(after) <= np.array(before))),
+        "median_temperature": float(np.median(temps)),
+    }
+
+
+def _inclusive_variant(p_cal, y_cal, p_test, y_test, coverage=0.9) -> dict:
+    """Alternative never-empty sets: deterministic inclusive APS scores (U = 1) at both ends,
+    the top label forced in. Compared here with the shipped U = 0 sets; not what queries use."""
+    q = conformal.conformal_quantile(conformal.label_scores(p_cal, y_cal, None), coverage)
+    probs, above, pen = conformal._ranked(p_test, 0.0, 1)
+    m = above + probs <= q + 1e-12
+    m[np.arange(len(m)), probs.argmax(1)] = True
+    return {
+        "coverage": float(m[np.arange(len(y_test)), y_test].mean()),
+        "mean_size": float(m.sum(1).mean()),
+    }
+
+
+def run_one(name, model_dir, manifest, index_dir, rebuild: bool, draws: int, fresh=None) -> dict:
     from index.builder import build_index
     from retrieval.service.evaluate import embed_split
     from retrieval.service.retriever import CaseRetriever
@@ -96,6 +137,8 @@ def run_one(name, model_dir, manifest, index_dir, rebuild: bool, draws: int) -> 
     r = CaseRetriever.load(index_dir)
     k = max(10, r.conformal.knn_k)
     qs = {s: embed_split(r, manifest, s, k) for s in ("val", "test")}
+    if fresh is not None:  # a fresh phantom (other seed, same generator): every case a test case
+        qs["fresh"] = embed_split(r, fresh, "test", k)
     sets, calib = uncertainty_sections(r, qs["test"], 0.9)
     sweep = {}
     for c in COVERAGES:
@@ -117,6 +160,13 @@ def run_one(name, model_dir, manifest, index_dir, rebuild: bool, draws: int) -> 
         },
         "knn_vote": {s: _votes(r, q, r.conformal.knn_k) for s, q in qs.items()},
     }
+    sets["inclusive_variant"] = {
+        h: _inclusive_variant(probs[h]["val"], y["val"], probs[h]["test"], y["test"]) for h in probs
+    }
+    calib["resplit_val_test_temperature"] = _resplit_temperature(
+        {s: q.probabilities for s, q in qs.items() if s in ("val", "test")},
+        {s: v for s, v in y.items() if s in ("val", "test")},
+    )
     png = reliability_plot(calib, f"{name} phantom, test split")
     plot = None
     if png:
@@ -136,7 +186,31 @@ def run_one(name, model_dir, manifest, index_dir, rebuild: bool, draws: int) -> 
             "calibration": calib,
         },
         "coverage_sweep": sweep,
-        "resplit_val_test": _resplit(r, probs, y, draws, 0.9),
+        "resplit_val_test": _resplit(
+            {h: {s: v for s, v in d.items() if s != "fresh"} for h, d in probs.items()},
+            {s: v for s, v in y.items() if s != "fresh"},
+            draws,
+            0.9,
+        ),
+        **(_fresh_sections(r, qs["fresh"], probs, y, draws, fresh) if fresh is not None else {}),
+    }
+
+
+def _fresh_sections(r, qs, probs, y, draws, fresh) -> dict:
+    """Sets of the val-calibrated bundle on the fresh cases, and val + fresh re-split."""
+    from retrieval.service.uncertainty import uncertainty_sections
+
+    sets, calib = uncertainty_sections(r, qs, 0.9)
+    calib.pop("reliability", None)
+    pooled = {h: {"val": d["val"], "fresh": d["fresh"]} for h, d in probs.items()}
+    return {
+        "fresh_test": {
+            "manifest": str(fresh),
+            "classifier_accuracy": float((qs.probabilities.argmax(1) == y["fresh"]).mean()),
+            "prediction_sets": sets,
+            "calibration": calib,
+        },
+        "resplit_val_fresh": _resplit(pooled, {"val": y["val"], "fresh": y["fresh"]}, draws, 0.9),
     }
 
 
@@ -157,8 +231,8 @@ def main(argv=None) -> int:
     t0, info = time.time(), machine()
     out = {}
     for spec in args.data:
-        name, model, manifest, index_dir = _dataset(spec)
-        out[name] = run_one(name, model, manifest, index_dir, args.rebuild, args.draws)
+        name, model, manifest, index_dir, fresh = _dataset(spec)
+        out[name] = run_one(name, model, manifest, index_dir, args.rebuild, args.draws, fresh)
         t = out[name]["test"]
         ps, c = t["prediction_sets"], t["calibration"]
         print(

@@ -348,6 +348,11 @@ def calibrate_at_build(
     y = y_all[rows]
     logits = cal.as_logits(probabilities[rows])
     t = cal.fit_temperature(logits, y)
+    rejected = None
+    if cal.ece(cal.apply_temperature(probabilities[rows], t), y) > cal.ece(probabilities[rows], y):
+        # the NLL optimum made the reliability worse on these very cases (e.g. a model near
+        # chance): keep the softmax as it is rather than ship a calibration that decalibrates
+        rejected, t = t, 1.0
     p_t = cal.apply_temperature(probabilities[rows], t)
     meta = {
         "available": True,
@@ -360,6 +365,11 @@ def calibrate_at_build(
         "nll_after": cal.nll(logits, y, t),
         "note": "on the calibration cases themselves (T is fitted there); eval reports test ECE",
     }
+    if rejected is not None:
+        meta["temperature_rejected"] = {
+            "fitted": rejected,
+            "why": "it lowered the NLL but raised the ECE on the calibration cases; T = 1 kept",
+        }
     k = min(KNN_K, max(1, vindex.ntotal - 1))
     sims, ids = _neighbours_excluding(
         vindex,

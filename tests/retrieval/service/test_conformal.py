@@ -175,3 +175,41 @@ def test_calibration_rows_are_the_cases_training_held_out():
     splits[:30] = "val"
     rows, where = conformal.calibration_rows(splits, df["patient_id"], df["case_id"], 4)
     assert set(splits[rows]) == {"val"} and where.startswith("the val split")
+
+
+def _build_inputs(rng, n=120, k=3):
+    from index.vector_index import VectorIndex
+
+    p, y = _synthetic(rng, n, k)
+    vecs = rng.normal(size=(n, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    classes = ["a", "b", "c"]
+    splits = np.array(["train"] * 60 + ["val"] * 60)
+    patients = np.array([f"p{i // 2}" for i in range(n)])
+    return dict(
+        classes=classes,
+        labels=np.array(classes)[y],
+        splits=splits,
+        patients=patients,
+        case_ids=np.array([f"c{i}" for i in range(n)]),
+        probabilities=p,
+        vectors=vecs,
+        vindex=VectorIndex.build(vecs, "Flat"),
+    )
+
+
+def test_build_calibration_records_both_heads_and_rejects_a_decalibrating_temperature(monkeypatch):
+    from retrieval.service import calibration as cal
+
+    rng = np.random.default_rng(4)
+    args = _build_inputs(rng)
+    out = conformal.calibrate_at_build(**args)
+    assert out.meta["calibrated_on"].startswith("the val split (60")
+    assert set(out.conformal.heads) == {"classifier", "knn_vote"}
+    assert len(out.conformal.heads["knn_vote"].scores) == 60
+    # a calibrated synthetic model: a forced sharp temperature would raise the ECE -> kept at 1
+    monkeypatch.setattr(cal, "fit_temperature", lambda logits, y: 0.2)
+    out = conformal.calibrate_at_build(**args)
+    assert out.conformal.temperature == 1.0 and out.meta["temperature"] == 1.0
+    assert out.meta["temperature_rejected"]["fitted"] == 0.2
+    assert abs(out.meta["ece_after"] - out.meta["ece_before"]) < 1e-12
