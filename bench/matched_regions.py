@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from bench._common import RESULTS, finish, machine
+from _common import RESULTS, finish, machine  # also puts the repository root on sys.path
 
 TARGETS = {"top_touches_lesion_min_class": 0.90, "carried_median": 0.50, "score_gap_median": 0.02}
 
