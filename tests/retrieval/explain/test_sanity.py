@@ -180,3 +180,14 @@ def test_similarity_curves_are_scored_on_the_similarity_they_explain():
         expected, abs=1e-5
     )
     assert trust._similarity_score(fast, x, None, "saliency") is None
+
+
+def test_permuted_label_model_trains_a_fresh_copy_on_shuffled_labels():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 1, 32, 32, generator=g), torch.tensor([0, 1, 2] * 4)
+    net, info = sanity.permuted_label_model(model, x, y, epochs=2, seed=0, progress=False)
+    assert info["epochs"] == 2 and info["n"] == 12
+    assert 0.0 <= info["train_accuracy_on_permuted_labels"] <= 1.0
+    assert not net.training and type(net) is type(model)
+    assert not torch.equal(net.classifier.weight, model.classifier.weight)
