@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=sorted(PHANTOMS), default=None)
     ap.add_argument("--n", type=int, default=None, help="override both phantoms' case count")
+    ap.add_argument("--quick", action="store_true", help="300 cases per phantom; *_quick.json")
     ap.add_argument("--work", default="/tmp/casebase-depth")
     ap.add_argument("--keep", default="/work/artifacts/depth", help="where the indexes stay")
     args = ap.parse_args(argv)
@@ -229,12 +230,12 @@ def main(argv=None) -> int:
     started = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    keep = Path(args.keep) if args.keep else None
+    keep = Path(args.keep) if args.keep and not args.quick else None
     results = {}
     for name, spec in PHANTOMS.items():
         if args.only and name != args.only:
             continue
-        spec = dict(spec, n=args.n or spec["n"])
+        spec = dict(spec, n=args.n or (300 if args.quick else spec["n"]))
         res = run_one(name, spec, work, keep)
         results[name] = res
         print(
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     targets = {"chest_p5": 0.95, "photo_p5": 0.9, "size_ratio": 0.5}
     # one phantom per process (--only) writes depth_<name>.json; --merge joins them
     finish(
-        f"depth_{args.only}" if args.only else "depth",
+        ("depth" + (f"_{args.only}" if args.only else "")) + ("_quick" if args.quick else ""),
         info,
         {"phantoms": results, "targets": targets},
         started,
