@@ -100,6 +100,9 @@ MAX_REGION_FRACTION = 0.25
 # share of the similarity: a left-lung lesion matched with a right-lung area is shown only when
 # that match really weighs.
 CROSS_SIDE_MIN_SHARE = 0.25
+# Beyond the largest pair, a pair is shown only if it carries at least this share (a 1% box is
+# noise to a reader).
+MIN_SHARE = 0.05
 SIDE_MARGIN = 1 / 8
 
 
@@ -172,13 +175,15 @@ def region_pairs(
     cover: float = REGION_COVER,
     cross_side_min_share: float = CROSS_SIDE_MIN_SHARE,
     max_fraction: float = MAX_REGION_FRACTION,
+    min_share: float = MIN_SHARE,
 ) -> list[RegionPair]:
     """The n region pairs with the largest positive contributions, largest first.
 
     Regions are segmented on the query map and on the case map separately; every (query
     region, case region) pair is a candidate, so one query region may match two case regions.
-    Shares are of the similarity, and blocks are disjoint, so they sum to at most the share of
-    the similarity in the positive blocks.
+    A cross-side pair below ``cross_side_min_share`` is left out, and so is any pair after the
+    first below ``min_share``. Shares are of the similarity, and blocks are disjoint, so they
+    sum to at most the share of the similarity in the positive blocks.
     """
     q_regions = segment(dec.query_map(), cover, max_fraction)
     c_regions = segment(dec.case_map(), cover, max_fraction)
@@ -198,6 +203,8 @@ def region_pairs(
         crosses = sq * sc < 0
         if crosses and val / total < cross_side_min_share:
             continue
+        if out and val / total < min_share:  # the largest is always shown; noise never
+            break
         out.append(RegionPair(q_regions[a], c_regions[b], val, val / total, crosses))
     return out
 

@@ -152,12 +152,15 @@ def test_opposite_side_pair_is_kept_only_when_it_carries_weight():
     q = blob(grid, (3, 1))  # on the left of the query
     # case: a strong blob on the left (same side) and a weaker one on the right
     dec = decomposition(q, blob(grid, (3, 1)) + 0.4 * blob(grid, (3, 6)))
-    every = region_pairs(dec, 3, cross_side_min_share=0.0)
+    every = region_pairs(dec, 3, cross_side_min_share=0.0, min_share=0.0)
     cross = [p for p in every if p.crosses_sides]
     assert len(cross) == 1 and 0.02 < cross[0].share < CROSS_SIDE_MIN_SHARE
     share = cross[0].share
-    assert any(p.crosses_sides for p in region_pairs(dec, 3, cross_side_min_share=share - 0.01))
-    kept = region_pairs(dec, 3, cross_side_min_share=share + 0.01)
+    bar = {"min_share": 0.0}
+    assert any(
+        p.crosses_sides for p in region_pairs(dec, 3, cross_side_min_share=share - 0.01, **bar)
+    )
+    kept = region_pairs(dec, 3, cross_side_min_share=share + 0.01, **bar)
     assert kept and not any(p.crosses_sides for p in kept)
     assert not kept[0].crosses_sides and kept[0].share > share
     # a cross-side match that carries most of the similarity is kept with the default bar
@@ -178,3 +181,17 @@ def test_lesion_cells_and_lesion_share():
     assert cell_mask_share(dec, full, full) == pytest.approx(1.0)
     # the blobs' peak cells hold most of it: far above an even spread (1/16 x 1/16)
     assert cell_mask_share(dec, cells, cells) > max(0.4, 10 * cells.mean() ** 2)
+
+
+def test_small_pairs_after_the_first_are_left_out():
+    grid = (8, 8)
+    # query: one blob; case: a strong blob and a faint far one that still forms a region
+    dec = decomposition(blob(grid, (3, 3)), blob(grid, (3, 3)) + 0.3 * blob(grid, (7, 7), 0.4))
+    every = region_pairs(dec, 3, min_share=0.0)
+    assert len(every) == 2 and every[1].share < 0.2 < every[0].share
+    small = every[1].share
+    assert len(region_pairs(dec, 3, min_share=small - 0.01)) == 2
+    shown = region_pairs(dec, 3, min_share=small + 0.01)
+    assert len(shown) == 1 and shown[0].share == every[0].share
+    # the largest pair is shown however small it is
+    assert len(region_pairs(dec, 3, min_share=1.0)) == 1
