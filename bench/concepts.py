@@ -232,9 +232,42 @@ def part_timing(dirs: dict[str, Path], runs: int) -> dict:
     return out
 
 
+def part_use() -> dict:
+    """Does the model use the artefact at all? On the test split (artefact independent of the
+    label): mean predicted probability of the tied class with and without the artefact."""
+    from retrieval.service.evaluate import embed_split
+    from retrieval.service.retriever import CaseRetriever
+
+    out = {}
+    for key, attr, val, cls in (("sm", "site", "A", "nodule"), ("ru", "ruler", "yes", "melanoma")):
+        idx = ART / f"i_{key}"
+        if not (idx / "bundle.json").is_file():
+            out[key] = {"missing": str(idx)}
+            continue
+        r = CaseRetriever.load(idx)
+        qs = embed_split(r, ART / key / "manifest.csv", "test", 5, progress=False)
+        p = qs.probabilities[:, r.classes.index(cls)]
+        has = (qs.cases[attr].astype(str) == val).to_numpy()
+        true = qs.cases["label"].astype(str).to_numpy()
+        pred = np.array(r.classes)[qs.probabilities.argmax(1)]
+        out[key] = {
+            "artefact": f"{attr}={val}",
+            "tied_class": cls,
+            "test_accuracy": float((pred == true).mean()),
+            "p_tied_with_artefact": float(p[has].mean()),
+            "p_tied_without_artefact": float(p[~has].mean()),
+            "n_with": int(has.sum()),
+            "n_without": int((~has).sum()),
+        }
+        print(f"[use {key}] " + json.dumps(out[key]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["tcav", "tcav_bg", "search", "timing", "all"], default="all")
+    ap.add_argument(
+        "--part", choices=["tcav", "tcav_bg", "search", "timing", "use", "all"], default="all"
+    )
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--only", default=None, help="phantoms of the tcav part, e.g. sm,cl")
     args = ap.parse_args()
@@ -245,11 +278,14 @@ def main() -> None:
     payload = {}
     if path.is_file():  # parts run at different times keep each other's results
         old = json.loads(path.read_text())
-        payload = {k: old[k] for k in ("tcav", "tcav_bg", "search", "timing") if k in old}
-    parts = ["tcav", "search", "timing"] if args.part == "all" else [args.part]
+        keep = ("tcav", "tcav_bg", "search", "timing", "use")
+        payload = {k: old[k] for k in keep if k in old}
+    parts = ["tcav", "use", "search", "timing"] if args.part == "all" else [args.part]
     for p in parts:
         if p == "tcav_bg":
             payload[p] = part_tcav(dirs, args.runs, SETS_BG)
+        elif p == "use":
+            payload[p] = part_use()
         elif p == "tcav":  # per phantom, kept from earlier runs when not run again
             keys = args.only.split(",") if args.only else list(SETS)
             new = part_tcav(dirs, args.runs, {k: SETS[k] for k in keys})

@@ -15,6 +15,7 @@ and target; `significant` is corrected p < ALPHA.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,7 +145,9 @@ class ConceptsResult:
 def _two_sided(a: np.ndarray, b: np.ndarray) -> float:
     if np.allclose(a, a[0]) and np.allclose(b, b[0]):
         return 1.0 if np.isclose(a[0], b[0]) else 0.0
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    with warnings.catch_warnings():  # near-constant runs: scipy warns, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return 1.0 if not np.isfinite(p) else float(p)
 
 
@@ -255,10 +258,11 @@ def run_concepts(
     # runs: random draws (pairs) shared by every concept
     t = time.perf_counter()
     n_rand = len(rand.paths)
-    draws = []
-    for _ in range(random_runs):
-        perm = rng.permutation(n_rand)
-        draws.append((perm[:n_set], perm[n_set : 2 * n_set]))
+    # as in Kim et al.'s reference code: the null's "concept" is one fixed random set, so that
+    # the null runs vary exactly as the concept runs do (a fixed positive set, fresh negatives)
+    fixed = rng.permutation(n_rand)[:n_set]
+    rest = np.setdiff1d(np.arange(n_rand), fixed)
+    draws = [(fixed, rng.permutation(rest)[:n_set]) for _ in range(random_runs)]
     per_layer: dict[int, dict] = {}
     steps = len(indices) * random_runs * (len(loaded) + 1)
     bar = tqdm(total=steps, desc="CAVs", unit="cav", disable=not progress, leave=False)
