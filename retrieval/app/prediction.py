@@ -91,7 +91,7 @@ def show(result, truth: str | None) -> None:
             + ("out of distribution" if unknown else "in distribution")
         )
     with c2:
-        name = "model probability" + (" (calibrated)" if calibrated else "")
+        name = "model (calibrated)" if calibrated else "model probability"
         chart = pd.DataFrame({name: probs, "neighbour vote": result.knn_vote})
         st.bar_chart(chart, stack=False, horizontal=True, height=220)
     st.info(result.explanation_text)
