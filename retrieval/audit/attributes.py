@@ -2,7 +2,10 @@
 
 An attribute is any non-core column of the case table (site, sex, age,
 scanner, …). Default selection: every attribute column that the query split
-also has and that takes 2..50 distinct values; a *numeric* column with more
+also has and that takes 2..50 distinct values, except columns named
+``lesion_*``: those describe the finding itself (its size, position, shape),
+which retrieval *should* match on, so they are never a shortcut by default
+(ask for one with ``--attributes`` to see how strongly neighbours share it); a *numeric* column with more
 than 10 distinct values (age, BMI, …) is treated as continuous and binned into
 quartiles of the indexed cases (equal-count bins, so every group is large
 enough for the concordance null and the probe; the bin edges are reported).
@@ -22,6 +25,7 @@ import pandas as pd
 from retrieval.errors import CasebaseError
 
 MAX_GROUPS = 50
+FINDING_PREFIX = "lesion_"  # columns describing the lesion itself: not audited unless asked
 CONTINUOUS_MIN_DISTINCT = 10
 N_QUANTILE_BINS = 4
 
@@ -128,7 +132,7 @@ def select_attributes(
             raise CasebaseError(f"attribute(s) {', '.join(missing)} not in the query manifest")
         names = list(dict.fromkeys(requested))
     else:
-        names = list(known)
+        names = [a for a in known if not a.startswith(FINDING_PREFIX)]
     coded, skipped = [], {}
     for name in names:
         if name not in query_cases.columns:

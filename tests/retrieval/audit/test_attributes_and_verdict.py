@@ -115,3 +115,14 @@ def test_group_precision():
     assert g["C"]["n"] == 0 and g["C"]["precision_at_5"] is None
     assert spread(g, min_n=1) == pytest.approx(0.7)
     assert spread(g, min_n=5) is None
+
+
+def test_lesion_columns_are_findings_not_audited_by_default():
+    """lesion_* columns describe the finding itself: a retrieval that shares them is doing its job."""
+    index, query = _frames()
+    index["lesion_size"] = np.resize(["small", "large"], len(index))
+    query["lesion_size"] = np.resize(["small", "large"], len(query))
+    attrs, skipped = select_attributes(index, query, list(index.columns), None)
+    assert "lesion_size" not in {a.name for a in attrs}
+    attrs, _ = select_attributes(index, query, list(index.columns), ["lesion_size"])
+    assert [a.name for a in attrs] == ["lesion_size"]
