@@ -55,7 +55,7 @@ SIZES_FILE = f"{REGION_DIR}/sizes.npy"
 INDEX_FILE = f"{REGION_DIR}/cells.faiss"
 EXACT_CELLS = 1 << 20  # Flat up to this many cells (512 MB at D = 128)
 CELLS_F32_LIMIT = 1 << 30  # cells.npy in float32 up to 1 GiB, float16 beyond
-RESCORE_ALL = 4096  # with at most this many cases every case is rescored exactly (no shortlist)
+RESCORE_ALL = 1024  # with at most this many cases every case is rescored exactly (no shortlist)
 SHORTLIST = 512  # nearest cells per query cell whose cases are rescored
 NPROBE = 32
 TRAIN_PER_LIST = 64
@@ -196,14 +196,20 @@ class RegionIndex:
         if not len(rows):
             return np.zeros(0), np.zeros((0, len(q)), np.int64)
         scores, best = np.empty(len(rows)), np.empty((len(rows), len(q)), np.int64)
-        q = np.asarray(q, np.float32)
+        import torch
+
+        q = np.ascontiguousarray(q, np.float32)
+        qt = torch.from_numpy(q)
+        hw, d = self.cells.shape[1], self.cells.shape[2]
         for start in range(0, len(rows), 1024):
             part = rows[start : start + 1024]
             order = np.argsort(part)  # sorted reads from the memory map
-            z = unit(np.asarray(self.cells[part[order]], np.float32))  # (b, hw, D)
-            sims = np.einsum("md,bjd->bmj", q, z)
-            arg = sims.argmax(axis=2)
-            val = np.take_along_axis(sims, arg[..., None], axis=2)[..., 0].mean(axis=1)
+            # torch, not numpy's BLAS: its threads thrash on busy shared cores (bench/refine.py)
+            z = torch.from_numpy(np.asarray(self.cells[part[order]], np.float32))  # (b, hw, D)
+            norms = z.norm(dim=2).clamp_min(1e-12)  # (b, hw)
+            sims = (z.reshape(-1, d) @ qt.T).reshape(len(part), hw, len(q)) / norms[..., None]
+            top = sims.max(dim=1)  # (b, m): each query cell's best case cell
+            val, arg = top.values.mean(dim=1).numpy(), top.indices.numpy()
             inv = np.empty_like(order)
             inv[order] = np.arange(len(order))
             scores[start : start + len(part)] = val[inv]

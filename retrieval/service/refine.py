@@ -165,12 +165,13 @@ def stored_decomposition(
     T_ij = w_i w_j z_i·z_j / (‖Σ w z‖_q ‖Σ w z‖_c); `similarity` is the index's cosine, so the
     completeness error still checks the stored cells against the stored embedding.
     """
-    qa = np.asarray(qw, np.float64).reshape(-1, 1) * np.asarray(qz, np.float64)
-    ca = np.asarray(cw, np.float64).reshape(-1, 1) * np.asarray(cz, np.float64)
-    norm = max(np.linalg.norm(qa.sum(0)), 1e-12) * max(np.linalg.norm(ca.sum(0)), 1e-12)
-    return SimilarityDecomposition(
-        qa @ ca.T / norm, float(similarity), tuple(query_grid), tuple(case_grid)
-    )
+    import torch  # torch's matmul, like decompose(): numpy's BLAS threads thrash on busy cores
+
+    qa = torch.as_tensor(np.asarray(qw, np.float64).reshape(-1, 1) * np.asarray(qz, np.float64))
+    ca = torch.as_tensor(np.asarray(cw, np.float64).reshape(-1, 1) * np.asarray(cz, np.float64))
+    norm = qa.sum(0).norm().clamp_min(1e-12) * ca.sum(0).norm().clamp_min(1e-12)
+    terms = (qa @ ca.T / norm).numpy()
+    return SimilarityDecomposition(terms, float(similarity), tuple(query_grid), tuple(case_grid))
 
 
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:

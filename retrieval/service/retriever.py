@@ -353,8 +353,9 @@ class CaseRetriever:
             t1 = time.perf_counter()
             if self.region_index is not None:  # from the bundle: no neighbour image is read
                 sel = refined.selection if refined is not None else None
+                qcells = self.query_cells(q)
                 for nb in neighbors:
-                    self.stored_regions(q, nb, selection=sel)
+                    self.stored_regions(q, nb, selection=sel, qcells=qcells)
                 ctxs = self._neighbor_contexts(neighbors) if methods else []
             else:
                 ctxs = self._neighbor_contexts(neighbors)
@@ -532,12 +533,16 @@ class CaseRetriever:
         out.region_scores = {h.row: h.score for h in found}
         return [(float(qe @ self.case_embedding(h.row)), h.row) for h in found], out
 
-    def stored_regions(self, q: ImageContext, nb: Neighbor, n_regions: int = 3, selection=None):
-        """nb's matched regions and similarity maps from the region index (no image read)."""
+    def stored_regions(
+        self, q: ImageContext, nb: Neighbor, n_regions: int = 3, selection=None, qcells=None
+    ):
+        """nb's matched regions and similarity maps from the region index (no image read).
+
+        qcells: query_cells(q), when the caller computes it once for all neighbours."""
         from retrieval.model.preprocess import Geometry
 
         ri = self.region_index
-        qz, qw = self.query_cells(q)
+        qz, qw = self.query_cells(q) if qcells is None else qcells
         cz, cw = ri.case(nb.row)
         dec = refine.stored_decomposition(qz, qw, cz, cw, nb.similarity, q.grid, ri.grid)
         nb.completeness_error = dec.completeness_error
