@@ -11,6 +11,7 @@ import pytest
 
 from index import bundle
 from retrieval.cli import main
+from retrieval.data.phantom import FACTOR_COLUMNS
 from retrieval.service.retriever import CaseRetriever
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -167,7 +168,7 @@ def test_cli_table_and_errors(tiny_index, phantom_dir, tmp_path, capsys):
     )  # fails before embedding: no progress bar
     assert err == (
         "casebase audit: error: unknown attribute(s) shoe_size; the index has: site, sex, age, "
-        "scanner"
+        "scanner, " + ", ".join(FACTOR_COLUMNS)
     )
     assert main(["audit", str(idx), manifest, "--split", "nosuch"]) == 2
     assert "no cases in split" in capsys.readouterr().err
