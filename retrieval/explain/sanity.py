@@ -19,13 +19,17 @@ and over ``SEEDS`` (>= 3) re-initialisations; ``*_sd`` is the spread over seeds.
 
 Verdict: a method **fails** when its trained maps are constant or empty on
 half of the cases or more (a map that shows nothing cannot be checked and
-cannot explain), or when, with every block randomised, its maps keep a mean
-``spearman_abs`` >= ``SANITY_THRESHOLD`` (0.5) with the trained maps: then the
-map explains the image (edges, intensity), not the model. Adebayo et al. report
-rank correlations of roughly 0.1-0.4 at full randomisation for methods that
-respond and > 0.6 for guided backprop and guided Grad-CAM. A randomised map
-that is constant counts as "no rank kept" (ρ = 0): the model's change did reach
-it.
+cannot explain), or when its cascading ``spearman_abs`` curve, averaged over
+the cascade's steps (``cascade_mean``, the area under the paper's Fig. 2
+curve), is >= ``SANITY_THRESHOLD`` (0.5): the map then survives randomising
+the weights that make the decision and changes only once the first
+convolutions (the edge detectors) are replaced. Judging only the fully
+randomised end point would pass such a method: on the photo phantom model
+guided backprop keeps |ρ| 0.95 with the logits randomised and 0.74 with the
+top four blocks, and only falls to 0.35 when the first convolution goes too
+(Grad-CAM: -0.22 at the first step, mean 0.09). Adebayo et al. report the
+same for guided backprop and guided Grad-CAM. A randomised map that is
+constant counts as "no rank kept" (ρ = 0): the model's change did reach it.
 
 Data randomisation (opt-in, costs a training run): the same architecture
 trained from scratch for a few epochs on the split's training cases with the
@@ -204,18 +208,23 @@ def sanity_checks(
     for n in names:
         constant = sum(is_constant(m) for m in trained[n])
         c, i = cascade[n].summary(), indep[n].summary()
-        full = c["spearman_abs"][-1]
+        mean = float(np.mean(c["spearman_abs"]))
         if constant * 2 >= len(cases):
             verdict, reason = "fail", f"constant or empty map on {constant} of {len(cases)} cases"
-        elif not full < threshold:
+        elif not mean < threshold:
             verdict = "fail"
             reason = (
-                f"with every block randomised the map keeps |rank| correlation {full:.2f} "
-                f">= {threshold:g}: it does not depend on the model"
+                f"the map keeps a mean |rank| correlation of {mean:.2f} >= {threshold:g} with "
+                f"the trained map over the cascade ({c['spearman_abs'][0]:.2f} with the top "
+                f"block randomised, {c['spearman_abs'][-1]:.2f} with all): it hardly depends "
+                "on the weights that make the decision"
             )
         else:
             verdict = "pass"
-            reason = f"with every block randomised |rank| correlation falls to {full:.2f}"
+            reason = (
+                f"mean |rank| correlation over the cascade {mean:.2f} ({c['spearman_abs'][0]:.2f} "
+                f"with the top block randomised, {c['spearman_abs'][-1]:.2f} with all)"
+            )
         entry = {
             "blocks": labels,
             "seeds": list(seeds),
@@ -224,6 +233,7 @@ def sanity_checks(
             "independent": i,
             "constant_maps": int(constant),
             "full_randomization": {m: c[m][-1] for m in METRICS},
+            "cascade_mean": {m: float(np.mean(c[m])) for m in METRICS},
             "verdict": verdict,
             "reason": reason,
             "threshold_abs_spearman": threshold,
