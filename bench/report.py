@@ -258,6 +258,177 @@ def _ray_scaling(r: Path) -> str:
     )
 
 
+def _runs_table(rows_spec, runs: dict) -> str:
+    return md_table(
+        [h for h, _ in rows_spec], [[fn(k, v) for _, fn in rows_spec] for k, v in runs.items()]
+    )
+
+
+def _matched_regions(r: Path) -> str:
+    d = load("matched_regions", r)
+    spec = [
+        ("index", lambda k, v: f"{k} ({v['n_queries']} queries × {v['pairs_per_query']})"),
+        ("P@5", lambda k, v: f"{v['precision_at_5']:.2f}"),
+        ("regions carry (median)", lambda k, v: f"{v['carried_median']:.2f}"),
+        (
+            "top region on the lesion, worst class",
+            lambda k, v: (
+                f"{v['top_touches_lesion_min_class']:.2f} "
+                f"({min(v['top_touches_lesion_by_class'], key=v['top_touches_lesion_by_class'].get)})"
+            ),
+        ),
+        ("score gap top-1 − top-10", lambda k, v: f"{v['score_gap_median']:.3f}"),
+        ("cosine gap", lambda k, v: f"{v['cosine_gap_median']:.4f}"),
+        (
+            "lesion × lesion share (chance)",
+            lambda k, v: (
+                f"{v['lesion_x_lesion_median']:.2f} ({v['lesion_x_lesion_chance_median']:.3f})"
+            ),
+        ),
+    ]
+    return f"{_runs_table(spec, d['runs'])}\n\n{machine_line(d)}"
+
+
+def _refine(r: Path) -> str:
+    d = load("refine", r)
+    lat = [
+        [
+            k,
+            f"{v['per_query_median_s']['no_regions'] * 1000:.0f}",
+            f"{v['ratio_regions_vs_no_regions']:.2f}×",
+            f"{v['ratio_reencoded_vs_no_regions']:.2f}×",
+            f"{v['ratio_no_regions_vs_bare_forward']:.2f}×",
+        ]
+        for k, v in d["latency"].items()
+    ]
+    t1 = md_table(
+        [
+            "index",
+            "retrieval-only ms",
+            "with matched regions (from the bundle)",
+            "re-encoding neighbours",
+            "retrieval-only vs bare forward",
+        ],
+        lat,
+    )
+    ph = [
+        [
+            k,
+            v["n_queries"],
+            f"{v['precision_at_5']['lesion_box']:.2f}",
+            f"{v['precision_at_5']['whole_image']:.2f}",
+            f"{v['top_region_case_box_on_case_lesion']:.2f}",
+            f"{v['site_share_at_5']['lesion_box']:.2f} / {v['site_share_at_5']['whole_image']:.2f}",
+        ]
+        for k, v in d["phantom"].items()
+    ]
+    t2 = md_table(
+        [
+            "phantom index",
+            "queries",
+            "P@5, lesion box",
+            "P@5, whole image",
+            "neighbour's top region on its lesion",
+            "same site, box / whole",
+        ],
+        ph,
+    )
+    sc = []
+    for n, v in d.get("scale", {}).items():
+        for s in v["sweep"]:
+            sc.append(
+                [
+                    f"{int(n):,}",
+                    v["factory"],
+                    s["shortlist"],
+                    f"{s['recall_at_10']:.3f}",
+                    f"{s['p50_ms']:.0f}",
+                    f"{v['faiss_bytes'] / 1e9:.2f} GB + {v['cells_npy_bytes'] / 1e9:.2f} GB cells on disk",
+                ]
+            )
+    t3 = md_table(
+        ["cases", "cell index", "shortlist", "recall@10 vs exact", "p50 ms", "memory"], sc
+    )
+    return f"{t1}\n\n{t2}\n\n{t3}\n\n{machine_line(d)}"
+
+
+def _conformal(r: Path) -> str:
+    d = load("conformal", r)
+    rows = []
+    for k, v in d["datasets"].items():
+        t = v["test"]
+        ps, cal = t["prediction_sets"], t["calibration"]
+        lo, hi = ps["coverage_ci95"]
+        rows.append(
+            [
+                k,
+                v["n_indexed"],
+                f"{t['classifier_accuracy']:.2f}",
+                ps["n"],
+                f"{ps['coverage']:.3f} [{lo:.2f}, {hi:.2f}]",
+                f"{ps['mean_size']:.2f}",
+                f"{ps['randomized']['coverage']:.3f}",
+                f"{cal['ece_before']:.3f} → {cal['ece_after']:.3f}",
+            ]
+        )
+    t = md_table(
+        [
+            "phantom",
+            "indexed",
+            "accuracy",
+            "test cases",
+            "coverage (95% CI)",
+            "mean set size",
+            "coverage, randomised sets",
+            "ECE before → after",
+        ],
+        rows,
+    )
+    return f"Target coverage {d['target_coverage']}.\n\n{t}\n\n{machine_line(d)}"
+
+
+def _concepts(r: Path) -> str:
+    d = load("concepts", r)
+    rows = []
+    for ph, v in d["tcav"].items():
+        if not isinstance(v, dict):  # "measured": a timestamp
+            continue
+        for f in v["findings"]:
+            rows.append(
+                [
+                    ph,
+                    f"`{f['concept']}`",
+                    f.get("class", "—"),
+                    f["target"],
+                    "yes" if f["significant"] else "no",
+                    f"{f['tcav_score']:.2f}" if "tcav_score" in f else "—",
+                ]
+            )
+    t1 = md_table(["phantom", "concept", "class", "target", "significant", "TCAV score"], rows)
+    srows = []
+    for ph, v in d["search"].items():
+        if not isinstance(v, dict):
+            continue
+        share = next(k for k in v["before"] if k.startswith("share"))
+        srows.append(
+            [
+                ph,
+                share.replace("share_", ""),
+                f"{v['before'][share]:.3f} → {v['weight_-1'][share]:.3f}",
+                f"{v['chance_share']:.3f}",
+                f"{v['before']['precision_at_5']:.3f} → {v['weight_-1']['precision_at_5']:.3f}",
+            ]
+        )
+    t2 = md_table(
+        ["phantom", "neighbours sharing", "before → concept weight −1", "chance", "P@5"], srows
+    )
+    tm = d["timing"]["default_layer"]
+    return (
+        f"{t1}\n\n{t2}\n\n{tm['concepts']} concepts × {tm['classes']} classes × {tm['random_runs']} random "
+        f"runs on a {d['timing']['n_indexed']:,}-case index: {tm['wall_s']:.0f} s wall, {tm['cpu_s']:.0f} s CPU.\n\n{machine_line(d)}"
+    )
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "build_throughput": _build_throughput,
     "search_scale": _search_scale("search_scale"),
@@ -268,6 +439,10 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "audit_seeds": _audit_seeds,
     "audit_null": _audit_null,
     "ray_scaling": _ray_scaling,
+    "matched_regions": _matched_regions,
+    "refine": _refine,
+    "conformal": _conformal,
+    "concepts": _concepts,
 }
 
 
@@ -288,6 +463,11 @@ def render_text(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
             body = fn(results).rstrip("\n") + "\n"
         except ReportError as e:
             problems.append(f"block {name}: {e}")
+            return m.group(0)
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # the JSON's shape changed
+            problems.append(
+                f"block {name}: the JSON lacks what the table needs ({type(e).__name__}: {e})"
+            )
             return m.group(0)
         return f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->"
 
