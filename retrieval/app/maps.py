@@ -12,6 +12,10 @@ PER_ROW = 4
 
 
 def trust_caption(result, method: str) -> str:
+    if result.ood.flag:
+        return (
+            "No trust figure: it was measured on cases like the index's, and this image is not one."
+        )
     t = (result.trust or {}).get(method)
     if isinstance(t, dict) and t.get("summary"):
         n = t.get("n_cases")

@@ -369,7 +369,10 @@ class CaseRetriever:
                 t2 = time.perf_counter()
                 explain_query(self, q, neighbors, ctxs, methods, result)
                 timings["explain"] = time.perf_counter() - t2
-        result.trust = {m: self.trust[m] for m in methods if m in self.trust}
+        # Trust was measured on in-distribution cases: it says nothing about a query flagged
+        # "I don't know", so such a query carries none rather than a borrowed caption.
+        if not result.ood.flag:
+            result.trust = {m: self.trust[m] for m in methods if m in self.trust}
         self.attach_sets(result.prediction, q.embedding, coverage, group, exclude_patient)
         result.explanation_text = self.describe(result)
         timings["total"] = time.perf_counter() - t0

@@ -152,3 +152,17 @@ def test_eval_reports_contract_keys(tiny_index, phantom_dir, capsys):
     assert js["n_queries"] == len(_test_cases(phantom_dir))
     meta = bundle.verify(tiny_index)
     assert meta["embedding"]["weighting"] == "saliency"
+
+
+def test_ood_query_borrows_no_trust(tiny_index, phantom_dir):
+    """Trust measured in distribution is not shown for a query flagged "I don't know"."""
+    r = CaseRetriever.load(tiny_index)
+    r.trust = {"gradcam": {"summary": "points at the lesion 90% of the time", "n_cases": 12}}
+    image = phantom_dir / _test_cases(phantom_dir)["image"].iloc[0]
+    r.meta.setdefault("ood", {})["threshold"] = float("inf")  # nothing is out of distribution
+    inside = r.query(image, k=3, explain=("gradcam",))
+    assert not inside.ood.flag and inside.trust["gradcam"]["n_cases"] == 12
+    r.meta["ood"]["threshold"] = -1.0  # everything is
+    flagged = r.query(image, k=3, explain=("gradcam",))
+    assert flagged.ood.flag
+    assert flagged.trust == {} and flagged.to_json()["trust"] == {}
