@@ -87,7 +87,7 @@ def test_decoded_dicom_matches_the_rendered_density(tmp_path):
     seen = set()
     for case in cases:
         patient = patients[case.patient]
-        dens, _ = ph._xray_image(np.random.default_rng(case.index), case, patient, 64)
+        dens, _, _ = ph._xray_image(np.random.default_rng(case.index), case, patient, 64)
         path = tmp_path / f"{case.case_id}.dcm"
         ph._write_dicom(path, dens, case, patient, np.random.default_rng(case.index), "t")
         img = read_image(path)

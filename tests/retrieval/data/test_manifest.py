@@ -12,6 +12,7 @@ import pytest
 
 from retrieval.cli import main
 from retrieval.data.manifest import Problem, load_manifest, validate_manifest
+from retrieval.data.phantom import FACTOR_COLUMNS
 from retrieval.errors import ManifestError
 
 
@@ -40,7 +41,7 @@ def test_phantoms_validate_clean(fixture, request, capsys):
 def test_load_manifest_api(phantom_dir):
     m = load_manifest(phantom_dir / "manifest.csv")
     assert m.root == phantom_dir.resolve() and len(m.df) == 60
-    assert m.attribute_columns == ["site", "sex", "age", "scanner"]
+    assert m.attribute_columns == ["site", "sex", "age", "scanner", *FACTOR_COLUMNS]
     assert all(isinstance(v, str) for v in m.df.iloc[0])
     assert m.resolve(m.df["image"].iat[0]).is_file()
     assert m.resolve("/abs/x.png") == Path("/abs/x.png")
