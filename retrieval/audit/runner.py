@@ -25,6 +25,7 @@ from retrieval.audit.groups import group_precision, label_precision, spread
 from retrieval.audit.leakage import audit_leakage
 from retrieval.audit.probe import probe_attribute
 from retrieval.errors import CasebaseError
+from retrieval.jsonsafe import clean
 from retrieval.service.evaluate import embed_split
 
 K = 5
@@ -242,17 +243,4 @@ def run_audit(
     if concept_data is not None:
         data["concepts"] = concept_data
         data["concept_shortcuts"] = concept_data["shortcuts"]
-    return AuditResult(_clean(data), ex, concept_ex)
-
-
-def _clean(obj):
-    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+    return AuditResult(clean(data), ex, concept_ex)

@@ -21,13 +21,14 @@ import sys
 from index import bundle
 from retrieval.errors import CasebaseError
 from retrieval.explain import sanity, trust
+from retrieval.jsonsafe import clean
 from retrieval.service.retriever import TRUST_FILE, CaseRetriever
 
 
 def _store(index_dir, previous: dict, report: dict) -> None:
     merged = {k: v for k, v in (previous or {}).items() if isinstance(v, dict)}
     merged.update(report["methods"])
-    data = bundle.canonical_json(merged)
+    data = bundle.canonical_json(clean(merged))
     bundle.update(index_dir, files={TRUST_FILE: data})
 
 
@@ -62,7 +63,7 @@ def run(args) -> int:
         _store(args.index_dir, r.trust, report)
         report["stored"] = f"{args.index_dir}/{TRUST_FILE}"
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True, allow_nan=True))
+        print(json.dumps(clean(report), indent=2, sort_keys=True))
         return 0
     print(trust.format_table(report))
     if report.get("plot"):
