@@ -116,7 +116,6 @@ class QueryResult:
     region_note: str = ""
     feedback: dict | None = None
     concepts: dict[str, float] | None = None  # concept weights the query was moved by
-    concepts: dict[str, float] | None = None  # concept weights the query was moved by
 
     @property
     def outcome(self) -> str:
@@ -183,8 +182,6 @@ class QueryResult:
                 out["region_note"] = self.region_note
         if self.feedback is not None:
             out["feedback"] = dict(self.feedback)
-        if self.concepts:
-            out["concepts"] = dict(self.concepts)
         if self.concepts:
             out["concepts"] = dict(self.concepts)
         return out
