@@ -97,6 +97,8 @@ def fmt(value, spec: str | None) -> str:
 
 def machine_line(doc: dict) -> str:
     m = doc.get("machine", {})
+    if m and all(isinstance(v, dict) for v in m.values()):  # one record per part run side by side
+        m = next(iter(m.values()))
     cpu = m.get("cpu_model") or m.get("cpu") or "?"
     cores = m.get("cpus_usable") or m.get("cpu_count") or m.get("cores") or "?"
     gpu = m.get("cuda_device") or "no GPU"
@@ -429,6 +431,121 @@ def _concepts(r: Path) -> str:
     )
 
 
+def _depth(r: Path) -> str:
+    d = load("depth", r)
+    rows = []
+    for k, v in d["phantoms"].items():
+        ph, tr = v["phantom"], v["train"]
+        fr = v["factor_ratio"]
+        rows.append(
+            [
+                f"{k} ({ph['modality']}, {ph['n']:,} cases, {ph['size']} px)",
+                v["n_queries"],
+                f"{v['precision_at_1']:.3f}",
+                f"{v['precision_at_5']:.3f}",
+                f"{v['map_at_r']:.3f}",
+                " / ".join(
+                    f"{fr[f]:.2f}"
+                    for f in (
+                        "lesion_size",
+                        "lesion_x",
+                        "lesion_y",
+                        "lesion_shape",
+                        "lesion_contrast",
+                    )
+                ),
+                f"{v['raw_gap_top1_top10_median']:.4f}",
+                f"{tr['epochs_run']}",
+                f"{tr['cpu_seconds']:.0f}",
+            ]
+        )
+    t = md_table(
+        [
+            "phantom",
+            "test queries",
+            "P@1",
+            "P@5",
+            "MAP@R",
+            "factor ratio: size / x / y / shape / contrast (≤ 0.5 wanted)",
+            "raw cosine gap top-1 − top-10",
+            "epochs",
+            "training CPU s",
+        ],
+        rows,
+    )
+    return (
+        f"{t}\n\nFactor ratio: mean |difference| of a lesion factor between a query and its same-label "
+        f"top-5 neighbours, over that of random same-label pairs (1 = neighbours no more alike than chance).\n\n"
+        f"{machine_line(d)}"
+    )
+
+
+def _demo_and_tests(r: Path) -> str:
+    d = load("demo_and_tests", r)
+    parts = []
+    if "demo" in d:
+        st = d["demo"]["stages_s"]
+        rows = [[k, f"{v:.0f}"] for k, v in st.items()]
+        parts.append(
+            "`casebase demo --no-app` on a fresh clone, venv already made:\n\n"
+            + md_table(["stage", "seconds"], rows)
+        )
+    if "tests" in d:
+        parts.append(
+            f"The test suite (`python -m pytest -q`): {d['tests']['summary']} "
+            f"({d['tests']['wall_s'] / 60:.1f} minutes wall)."
+        )
+    return "\n\n".join(parts + [f"Commit {d['repo_commit']}. " + machine_line(d)])
+
+
+def _explain_eval(name: str) -> Callable[[Path], str]:
+    def render(r: Path) -> str:
+        d = load(name, r)
+        c = d["config"]
+        parts = []
+        for ds, rep in d["datasets"].items():
+            rows = []
+            for m, v in rep["methods"].items():
+                lo, hi = v["deletion_gain_ci95"]
+                ci = "n/a" if lo is None else f"[{lo:+.2f}, {hi:+.2f}]"
+                rows.append(
+                    [
+                        f"`{m}`",
+                        v["family"],
+                        v["n_cases"],
+                        f"{v['pointing_game']:.2f}",
+                        f"{v['mask_energy']:.2f}" if v.get("mask_energy") is not None else "—",
+                        f"{v['deletion_auc']:.3f} ({v['deletion_auc_random']:.3f})",
+                        ci,
+                        v["faithfulness"],
+                        f"{v['sanity']['cascade_mean']['spearman_abs']:.2f}",
+                        f"**{v['sanity_check']}**",
+                    ]
+                )
+            parts.append(
+                f"**{ds}** ({rep['n_cases']} test cases with masks; sanity on "
+                f"{c['sanity_cases']} case(s) × {c['sanity_seeds']} seeds)\n\n"
+                + md_table(
+                    [
+                        "method",
+                        "family",
+                        "cases",
+                        "pointing game",
+                        "energy",
+                        "deletion AUC (random)",
+                        "deletion gain 95% CI",
+                        "faithfulness",
+                        "cascade mean |ρ|",
+                        "sanity",
+                    ],
+                    rows,
+                )
+            )
+        return "\n\n".join(parts + [machine_line(d)])
+
+    return render
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "build_throughput": _build_throughput,
     "search_scale": _search_scale("search_scale"),
@@ -443,6 +560,11 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "refine": _refine,
     "conformal": _conformal,
     "concepts": _concepts,
+    "depth": _depth,
+    "explain_eval_table_photo": _explain_eval("explain_eval_table_photo"),
+    "explain_eval_sanity_chest_core": _explain_eval("explain_eval_sanity_chest_core"),
+    "explain_eval_sanity_photo_core": _explain_eval("explain_eval_sanity_photo_core"),
+    "demo_and_tests": _demo_and_tests,
 }
 
 
