@@ -368,7 +368,7 @@ class GradCAM:
         self.upsample = upsample
 
     def attribute(self, model, inputs, target):
-        from captum.attr import LayerAttribution, LayerGradCam
+        from captum.attr import LayerGradCam
 
         model = inference_model(model)
         p = _prepare(model, inputs, target)
@@ -376,12 +376,18 @@ class GradCAM:
             cam = LayerGradCam(p.forward, model.target_layer).attribute(
                 inputs, additional_forward_args=p.args, relu_attributions=True
             )
-        cam = cam.detach()
-        if self.upsample:
-            cam = LayerAttribution.interpolate(
-                cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
-            )
-        return cam[:, 0]
+        return cam_map(cam.detach(), inputs, self.upsample)
+
+
+def cam_map(cam, inputs, upsample: bool):
+    """(N, 1, h, w) CAM -> (N, H, W) map, bilinearly upsampled to the input when asked."""
+    if upsample:
+        from captum.attr import LayerAttribution
+
+        cam = LayerAttribution.interpolate(
+            cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
+        )
+    return cam[:, 0]
 
 
 class Gradient:

@@ -27,9 +27,8 @@ class GradCAMPlusPlus:
 
     def attribute(self, model, inputs, target):
         from captum._utils.gradient import compute_layer_gradients_and_eval
-        from captum.attr import LayerAttribution
 
-        from retrieval.explain.registry import _grad_mode, _prepare, inference_model
+        from retrieval.explain.registry import _grad_mode, _prepare, cam_map, inference_model
 
         model = inference_model(model)
         p = _prepare(model, inputs, target)
@@ -46,11 +45,7 @@ class GradCAMPlusPlus:
         alpha = torch.where(g != 0, g2 / (denom + 1e-6), 0.0)  # eps as pytorch-grad-cam
         weights = (alpha * g.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
         cam = (weights * a).sum(dim=1, keepdim=True).clamp_min(0)
-        if self.upsample:
-            cam = LayerAttribution.interpolate(
-                cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
-            )
-        return cam[:, 0]
+        return cam_map(cam, inputs, self.upsample)
 
 
 class GuidedGradCAM:
