@@ -703,6 +703,8 @@ def _read_image(src: Any, max_pixels: int) -> LoadedImage:
     try:
         if not path.exists():
             raise ImageReadError(source, "file not found")
+        if _is_volume(path):
+            return _volume_middle_slice(path, source)
         if path.is_dir():
             raise ImageReadError(source, "is a directory, not an image file")
         data = path.read_bytes()
@@ -713,6 +715,42 @@ def _read_image(src: Any, max_pixels: int) -> LoadedImage:
     except OSError as err:
         raise ImageReadError(source, f"cannot read the file ({err.strerror or err})") from None
     return _read_bytes(data, source, path.suffix.lower(), max_pixels)
+
+
+def _is_volume(path: Path) -> bool:
+    from retrieval.data.volume import volume_kind
+
+    kind = volume_kind(path)
+    if kind == "dicom-series":  # a folder is a volume only when it holds DICOM files
+        from retrieval.data.dicom_ingest import is_dicom_file
+
+        try:
+            return any(f.is_file() and is_dicom_file(f) for f in path.iterdir())
+        except OSError:
+            return False
+    return kind is not None
+
+
+def _volume_middle_slice(path: Path, source: str) -> LoadedImage:
+    """A volume (see retrieval.data.volume) read as its middle axial slice, for 2-D code."""
+    from retrieval.data.volume import VolumeError, read_volume
+
+    try:
+        vol = read_volume(path)
+    except VolumeError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        if path.is_dir():
+            reason = f"is a directory, not an image file, nor one usable DICOM series ({reason})"
+        raise ImageReadError(source, reason) from None
+    k = vol.shape[0] // 2
+    meta = {
+        "format": vol.meta.get("format", "volume"),
+        "volume_shape": list(vol.shape),
+        "slice_index": k,
+        "spacing": list(vol.spacing),
+        "modality": vol.modality,
+    }
+    return _finish(vol.array[k][:, :, None], source, meta)
 
 
 def read_mask(path: Any, expected_size: tuple[int, int] | None = None) -> np.ndarray:

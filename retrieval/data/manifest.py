@@ -309,7 +309,8 @@ def validate_manifest(
 
     Checks: the file parses; required columns exist; case_id non-empty and
     unique; label non-empty; image present and (with ``check_images``)
-    readable; mask readable and of the image's geometry; split known; no
+    readable; mask readable and of the image's geometry (a volume: a DICOM series folder, NIfTI
+    or 3-D NPY, see retrieval.data.volume, with a (D, H, W) mask); split known; no
     patient in two splits; every label has at least two cases.
     """
     p = Path(path).expanduser()
@@ -405,11 +406,12 @@ def validate_manifest(
 
 def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Problem]:
     from retrieval.data.imageio import read_image, read_mask
+    from retrieval.data.volume import VolumeError, is_volume_path, read_volume, read_volume_mask
 
     df = man.df
     problems: list[Problem] = []
     has_mask = "mask" in df.columns
-    cache: dict[str, tuple[tuple[int, int] | None, str | None]] = {}
+    cache: dict[str, tuple[tuple[int, ...] | None, str | None]] = {}
     rows = range(len(df))
     bar = None
     if check_images and progress:
@@ -420,7 +422,7 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
         for i in rows:
             r = i + 1
             rel = df["image"].iat[i]
-            size: tuple[int, int] | None = None
+            size: tuple[int, ...] | None = None
             if not rel:
                 problems.append(Problem(r, "image", "empty image path"))
             else:
@@ -436,10 +438,15 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                     else:
                         size, reason = None, None
                         try:
-                            if not path.is_file():
+                            if is_volume_path(path):  # a volume: a series folder, NIfTI, 3-D NPY
+                                if check_images:
+                                    size = read_volume(path).shape
+                            elif not path.is_file():
                                 reason = "file not found" if not path.exists() else "not a file"
                             elif check_images:
                                 size = read_image(path).original_size
+                        except VolumeError as err:
+                            reason = str(err).removeprefix(f"{path}: ")
                         except ImageReadError as err:
                             reason = err.reason
                         except OSError as err:
@@ -455,8 +462,16 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                         if not mpath.is_file():
                             msg = "mask file not found" if not mpath.exists() else "not a file"
                             problems.append(Problem(r, "mask", f"{_clip(mrel)}: {msg}"))
+                        elif check_images and size is not None and len(size) == 3:
+                            read_volume_mask(mpath, expected_shape=size)
                         elif check_images:
                             read_mask(mpath, expected_size=size)
+                    except VolumeError as err:
+                        problems.append(
+                            Problem(
+                                r, "mask", f"{_clip(mrel)}: {str(err).removeprefix(f'{mpath}: ')}"
+                            )
+                        )
                     except ImageReadError as err:
                         problems.append(Problem(r, "mask", f"{_clip(mrel)}: {err.reason}"))
                     except (ValueError, OSError) as err:
