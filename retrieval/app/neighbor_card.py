@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import streamlit as st
 
@@ -18,7 +20,15 @@ def similarity_text(nb) -> tuple[str, str]:
     return f"sim {nb.similarity:.3f}", f"cosine similarity {nb.similarity:.3f}"
 
 
-def show_all(result, pixels: np.ndarray, methods: list[str]) -> None:
+def show_all(
+    result,
+    pixels: np.ndarray,
+    methods: list[str],
+    thumbs: Callable[[str], str] | None = None,
+    liked: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """thumbs: case id -> the session key of that card's 👍 / 👎 (none shown without it);
+    liked: cases liked in an earlier step of the refinement trail."""
     st.subheader("Nearest cases")
     if not result.neighbors:
         st.caption("No indexed case matches the filters.")
@@ -30,11 +40,23 @@ def show_all(result, pixels: np.ndarray, methods: list[str]) -> None:
     scale = getattr(result, "similarity_scale", None) or {}
     if scale.get("method"):
         st.caption(f"Similarity score: {scale['method']}.")
+    if thumbs is not None:
+        st.caption(
+            "👍 / 👎 on a card marks it as like / not like what you are looking for; "
+            "**Refine** searches again with the marks."
+        )
     for rank, nb in enumerate(result.neighbors, 1):
-        card(rank, nb, pixels, methods)
+        card(rank, nb, pixels, methods, thumbs(nb.case_id) if thumbs else None, nb.case_id in liked)
 
 
-def card(rank: int, nb, pixels: np.ndarray, methods: list[str]) -> None:
+def card(
+    rank: int,
+    nb,
+    pixels: np.ndarray,
+    methods: list[str],
+    thumbs_key: str | None = None,
+    was_liked: bool = False,
+) -> None:
     short, long = similarity_text(nb)
     with st.container(border=True):
         c_query, c_case, c_info = st.columns([1, 1, 1.4])
@@ -58,6 +80,17 @@ def card(rank: int, nb, pixels: np.ndarray, methods: list[str]) -> None:
             if attrs:
                 st.caption(attrs)
             st.caption(f"patient {nb.patient_id or '—'} (pseudonymised)")
+            region_score = getattr(nb, "region_score", None)
+            if region_score is not None:
+                st.caption(
+                    f"region match {region_score:.3f} (mean over the box's cells of the best "
+                    "matching cell of this case)"
+                )
+            if thumbs_key is not None:
+                with st.container(key=f"thumbs_{nb.case_id}", horizontal=True):
+                    st.feedback("thumbs", key=thumbs_key)
+                    if was_liked:
+                        st.caption("liked in an earlier step")
             for i, g in enumerate(regions, 1):
                 q, c = g.query_box, g.case_box
                 st.caption(

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from retrieval.app import maps, neighbor_card, prediction
+from retrieval.app import maps, neighbor_card, prediction, refine
 from retrieval.app.sidebar import Settings
 from retrieval.app.state import (
-    IMAGE_PX,
     MAX_PIXELS,
     MAX_UPLOAD_MB,
     QueryInput,
@@ -20,6 +19,7 @@ from retrieval.app.state import (
     read_case,
     read_upload,
 )
+from retrieval.app.trail import Refinement, Trail
 from retrieval.data.imageio import to_uint8_rgb
 from retrieval.errors import CasebaseError
 
@@ -83,8 +83,20 @@ def choose_input(r, index_dir: Path, manifest: Path | None, index_stamp: float):
     return chosen, bool(exclude and patient)
 
 
-def run(r, chosen: QueryInput, s: Settings, exclude_patient: bool) -> None:
-    """Query the service; the answer goes to the session (or an error on the page)."""
+def run(
+    r,
+    chosen: QueryInput,
+    s: Settings,
+    exclude_patient: bool,
+    refinement: Refinement | None = None,
+    extend: bool = False,
+) -> bool:
+    """Query the service; the answer goes to the session (or an error on the page).
+
+    refinement: the region / liked / unliked cases to ask as well; extend: add the answer as
+    the next step of the stored result's trail instead of starting a new trail. True on success.
+    """
+    refinement = refinement or Refinement()
     with (
         st.spinner(
             f"Searching {len(r.cases)} cases and computing {', '.join(s.methods) or 'no'} maps…"
@@ -100,40 +112,70 @@ def run(r, chosen: QueryInput, s: Settings, exclude_patient: bool) -> None:
                 filters=s.filters or None,
                 case_id=chosen.case_id,
                 exclude_self=s.exclude_self,
+                **refinement.query_kwargs(),
             )
         except CasebaseError as err:
             st.error(f"The query failed: {err}")
-            return
+            return False
         except Exception as err:  # noqa: BLE001 - a message for the user, the traceback for the log
             traceback.print_exc()
             st.error(
                 f"Internal error while querying ({type(err).__name__}: {err}). "
                 "The details are in the server's log."
             )
-            return
+            return False
     st.session_state["show_anyway"] = False  # a new answer starts hidden again when OOD
+    stored = st.session_state.get("result")
+    trail = stored["trail"] if extend and stored is not None else Trail()
+    trail.push(refinement, res)
     st.session_state["result"] = {
         "input": chosen.input_id,
         "settings": s.key(exclude_patient),
         "res": res,
+        "trail": trail,
         "methods": list(s.methods),
         "truth": chosen.truth,
     }
+    return True
 
 
-def answer(stored: dict, pixels) -> None:
-    """The answer page: notices, then the prediction, maps and neighbours (gated when OOD)."""
-    res = stored["res"]
+def answer(stored: dict, pixels, act) -> None:
+    """The answer page: notices, the refinement trail, then the prediction, maps and
+    neighbours (gated when OOD). act(refinement) runs the trail's next step."""
+    trail = stored["trail"]
+    res = trail.current.result
+    ids = [nb.case_id for nb in res.neighbors]
+    action, marks = refine.trail_bar(trail, ids)
+    if action == "whole":
+        act(trail.refinement.with_region(None))
+    elif action in ("undo", "reset"):
+        if action == "undo":
+            trail.undo()
+        else:
+            trail.reset()
+        stored["res"] = trail.current.result
+        st.rerun()
     prediction.self_match_notice(res)
     if not prediction.ood_gate(res):
         if stored["truth"]:
             st.caption(f"Ground truth from the manifest: **{stored['truth']}**")
         return
     with prediction.greyed() if res.ood.flag else st.container():
+        refine.region_notes(res)
         prediction.show(res, stored["truth"])
         maps.show(res, pixels, stored["methods"])
-        neighbor_card.show_all(res, pixels, stored["methods"])
+        region = trail.refinement.region
+        neighbor_card.show_all(
+            res,
+            refine.with_region(pixels, region),
+            stored["methods"],
+            thumbs=lambda cid: refine.thumbs_key(trail, cid),
+            liked=set(trail.refinement.like),
+        )
+    marks = refine.refine_button(trail, ids, key="refine_bottom") or marks
     st.caption(" · ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
+    if marks is not None:
+        act(trail.refinement.with_feedback(*marks))
 
 
 def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Settings) -> None:
@@ -142,11 +184,23 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
         chosen, exclude_patient = choose_input(r, index_dir, manifest, index_stamp)
         clicked = st.button("Run query", type="primary", disabled=chosen is None)
     pixels = to_uint8_rgb(chosen.image) if chosen is not None else None
+    stored = st.session_state.get("result")
+    current = stored is not None and chosen is not None and stored["input"] == chosen.input_id
+    box, search_region = None, False
     with c_preview:
         if pixels is not None:
-            st.image(pixels, caption="query", width=IMAGE_PX)
+            box = refine.region_picker(pixels, tuple(chosen.image.original_size), chosen.input_id)
+            search_region = st.button(
+                "Search this region",
+                disabled=box is None,
+                key="search_region",
+                help="Rank the cases by how well a region of theirs matches this box",
+            )
     if clicked and chosen is not None:
         run(r, chosen, s, exclude_patient)
+    elif search_region and chosen is not None and box is not None:
+        base = stored["trail"].refinement if current else Refinement()
+        run(r, chosen, s, exclude_patient, base.with_region(box), extend=current)
     stored = st.session_state.get("result")
     if stored is None or chosen is None or stored["input"] != chosen.input_id:
         if chosen is not None:
@@ -154,4 +208,9 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
         return
     if stored["settings"] != s.key(exclude_patient):
         st.caption("The settings changed since this result: press **Run query** to refresh it.")
-    answer(stored, pixels)
+
+    def act(step: Refinement) -> None:
+        if run(r, chosen, s, exclude_patient, step, extend=True):
+            st.rerun()
+
+    answer(stored, pixels, act)
