@@ -32,6 +32,10 @@ neighbours' decomposition maps) is scored by:
   CI over cases (``BOOTSTRAP`` resamples) of the deletion gain excludes 0;
   otherwise "not faithful on this data" (``deletion_gain_ci95``). Every summary
   states the number of cases it rests on.
+* **faithfulness correlation** and **max-sensitivity** (Quantus's metrics,
+  retrieval.explain.fidelity): do the map's magnitudes predict the score drop of
+  random pixel subsets (Pearson r, higher is better), and how far does the map
+  move under small input noise (lower is better; on the sanity cases)?
 * **sanity checks** (Adebayo et al. 2018; retrieval.explain.sanity): cascading
   and independent per-block randomisation over 3 seeds, Spearman of absolute
   and signed values, SSIM and HOG similarity; ``sanity`` holds the curves,
@@ -64,7 +68,7 @@ import torch
 from scipy import ndimage
 
 from retrieval.errors import CasebaseError
-from retrieval.explain import registry, sanity
+from retrieval.explain import fidelity, registry, sanity
 from retrieval.explain.methods import family_of
 from retrieval.explain.pipeline import weighted_query_map
 from retrieval.explain.registry import ScoreTarget, resize_maps
@@ -224,13 +228,20 @@ class _Acc:
     insertion_random: list
     seconds: list
     labels: list
+    faithcorr: list
+    sensitivity: list
 
     @classmethod
     def new(cls) -> _Acc:
-        return cls(*([] for _ in range(10)))
+        return cls(*([] for _ in range(12)))
 
 
 def _mean(v: list) -> float:
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _nanmean(v: list) -> float:
+    v = [x for x in v if not math.isnan(x)]
     return float(np.mean(v)) if v else float("nan")
 
 
@@ -354,6 +365,15 @@ def evaluate_cases(
                 rd, ri = perturbation_curves(fast, x[0], cls, random_ranks, base, score=score)
             else:
                 rd, ri = rand_del, rand_ins
+            a.faithcorr.append(
+                fidelity.faithfulness_correlation(
+                    score or (lambda b, c=cls: fast(b).float().softmax(1)[:, c]),
+                    x[0],
+                    h_in,
+                    base,
+                    seed=seed + i,
+                )
+            )
             a.deletion.append(auc(d))
             a.insertion.append(auc(ins))
             a.deletion_random.append(auc(rd))
@@ -367,6 +387,15 @@ def evaluate_cases(
         nbrs = None if nbrs is None else nbrs.to(device)
         heat = query_map(mdl, name, explainers[name], x, case["_cls"], weighting, nbrs)
         return resize_maps(heat[None], tuple(x.shape[-2:]))[0].numpy()
+
+    for j, case in enumerate(tqdm(picks, desc="max-sensitivity", disable=not progress)):
+        for name in explainers:
+            x0 = case["x"].to(device)[None]
+
+            def explain(xp, name=name, case=case):
+                return torch.from_numpy(qmap(model, name, {**case, "x": xp[0]}))
+
+            acc[name].sensitivity.append(fidelity.max_sensitivity(explain, x0, seed=seed + j))
 
     checks = (
         sanity.sanity_checks(
@@ -410,6 +439,13 @@ def evaluate_cases(
             "seconds_per_map": _mean(a.seconds),
             "faithfulness": faithful,
             "deletion_gain_ci95": ci,
+            # Quantus metrics (retrieval.explain.fidelity)
+            "faithfulness_correlation": _nanmean(a.faithcorr),
+            "faithfulness_correlation_ci95": list(
+                bootstrap_ci([v for v in a.faithcorr if not math.isnan(v)], seed=seed)
+            ),
+            "max_sensitivity": _nanmean(a.sensitivity),
+            "max_sensitivity_n_cases": len(a.sensitivity),
         }
         m["by_label"] = {
             lab: {
@@ -646,6 +682,12 @@ def evaluate(
             "faithfulness": "deletion gain over a random order, 95% bootstrap CI over cases "
             f"({BOOTSTRAP} resamples) must exclude 0",
             "random_seed": seed,
+            "faithfulness_correlation": f"{fidelity.FAITHCORR_RUNS} random subsets of "
+            f"{fidelity.FAITHCORR_FRACTION:g} of the pixels replaced by the blurred copy; Pearson r "
+            "of the map's sum on the subset vs the drop in the curve's score",
+            "max_sensitivity": f"max over {fidelity.SENSITIVITY_SAMPLES} draws of uniform noise "
+            f"+-{fidelity.SENSITIVITY_RADIUS:g} (normalised input units) of "
+            "||map(x+noise) - map(x)|| / ||map(x)|| (captum sensitivity_max), on the sanity cases",
             "weighting": retriever.weighting,
             "samples": {
                 "smoothgrad": registry.SMOOTHGRAD_SAMPLES,
@@ -754,6 +796,8 @@ COLUMNS = [
     ("randomization_ssim", "rand ssim", "{:.2f}"),
     ("sanity_check", "sanity", "{}"),
     ("deletion_gain", "del gain", "{:+.3f}"),
+    ("faithfulness_correlation", "faith r", "{:+.2f}"),
+    ("max_sensitivity", "max sens", "{:.2f}"),
     ("seconds_per_map", "s/map", "{:.2f}"),
 ]
 
@@ -780,7 +824,8 @@ def format_table(report: dict) -> str:
         "share of positive map mass on the lesion (area: chance level); del/ins: deletion / "
         "insertion AUC of the predicted-class probability (rnd: random pixel order; lower del and "
         f"higher ins are better); rand rho/ssim: trained vs re-initialised model maps (pass: "
-        f"mean |rho| < {SANITY_THRESHOLD:g})."
+        f"mean |rho| < {SANITY_THRESHOLD:g}); faith r: faithfulness correlation (higher is "
+        "better); max sens: max-sensitivity to small input noise (lower is better)."
     )
     for name in order:
         lines.append(f"  {name}: {methods[name]['summary']}")

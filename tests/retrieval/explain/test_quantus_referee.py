@@ -115,3 +115,116 @@ def test_deletion_curve_agrees_with_pixel_flipping(setup):
             p0 = float(model(x[i : i + 1]).softmax(1)[0, y[i]])
         # our AUC = trapezoid over [unperturbed, Quantus's curve]
         assert trust.auc(d) == pytest.approx(trust.auc([p0, *theirs[i]]), abs=TOL)
+
+
+# ------------------------------------------------ the Quantus metrics explain-eval adds
+def test_faithfulness_correlation_agrees_with_quantus(setup):
+    """Same maps, same random subsets (Quantus's draws, recorded), same blurred
+    replacement: our Pearson r equals Quantus's FaithfulnessCorrelation."""
+    from retrieval.explain import fidelity
+
+    model, x, y, cam, noise, masks = setup
+    heat = np.stack([cam[i] + 0.5 * noise[i] for i in range(6)])
+    base = torch.stack([trust.blurred(x[i]) for i in range(6)])
+    base_flat = base.reshape(6, -1).numpy()
+    drawn = []
+
+    def to_blur(arr, indices, **kwargs):
+        drawn.append(np.array(indices))
+        out = arr.copy()
+        rows = np.arange(len(arr))[:, None]
+        out[rows, indices] = base_flat[rows, indices]
+        return out
+
+    k = SIZE * SIZE // 16
+    np.random.seed(3)
+    theirs = quantus.FaithfulnessCorrelation(
+        nr_runs=40,
+        subset_size=k,
+        normalise=False,
+        abs=False,
+        perturb_func=to_blur,
+        return_aggregate=False,
+        disable_warnings=True,
+    )(
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=y.numpy(),
+        a_batch=heat[:, None],
+        channel_first=True,
+        softmax=True,
+    )
+    assert len(drawn) == 40
+    fast = registry.inference_model(model)
+    ours = []
+    for i in range(6):
+        subsets = np.stack([d[i] for d in drawn])
+        ours.append(
+            fidelity.faithfulness_correlation(
+                lambda b, c=int(y[i]): fast(b).softmax(1)[:, c],
+                x[i],
+                heat[i],
+                base[i],
+                subsets=subsets,
+            )
+        )
+    assert np.all(np.isfinite(ours)) and np.ptp(ours) > 0.05  # not a degenerate comparison
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+
+
+def test_max_sensitivity_agrees_with_quantus(setup):
+    """captum's sensitivity_max (what explain-eval runs) and Quantus's MaxSensitivity on
+    the same explanation function and the same noise draws."""
+    from retrieval.explain import fidelity
+
+    model, x, y, cam, noise, masks = setup
+    gradient = registry.get("gradient")
+    samples, radius = 4, 0.3
+
+    def explain_one(xi, cls):
+        return gradient.attribute(model, xi, [cls])[0]
+
+    ours = []
+    for i in range(6):
+        ours.append(
+            fidelity.max_sensitivity(
+                lambda xp, c=int(y[i]): explain_one(xp, c),
+                x[i : i + 1],
+                radius=radius,
+                samples=samples,
+                seed=11,
+            )
+        )
+    # the noise our seeded perturb_func draws: one (C, S, S) field per sample
+    g = torch.Generator().manual_seed(11)
+    fields = (torch.rand((samples, 1, SIZE, SIZE), generator=g) * 2 - 1).numpy() * radius
+    step = {"k": 0}
+
+    def same_noise(arr, indices, **kwargs):
+        out = arr + fields[step["k"]].reshape(1, -1)
+        step["k"] += 1
+        return out
+
+    def explain_func(model, inputs, targets, **kwargs):
+        xs = torch.as_tensor(inputs)
+        return np.stack(
+            [explain_one(xs[j : j + 1], int(targets[j])).numpy() for j in range(len(xs))]
+        )[:, None]
+
+    a = explain_func(model, x.numpy(), y.numpy())
+    theirs = quantus.MaxSensitivity(
+        nr_samples=samples,
+        perturb_func=same_noise,
+        normalise=False,
+        abs=False,
+        disable_warnings=True,
+    )(
+        model=model,
+        x_batch=x.numpy(),
+        y_batch=y.numpy(),
+        a_batch=a,
+        explain_func=explain_func,
+        channel_first=True,
+    )
+    assert np.all(np.asarray(ours) > 0.01)  # the noise moves the maps
+    np.testing.assert_allclose(ours, theirs, rtol=TOL, atol=TOL)
