@@ -36,9 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, machine  # noqa: E402
 
+# the training options a variant may change (recorded with every result)
+LOSS_OPTIONS = ("loss", "temperature", "instance_weight", "instance_temperature", "aug_scale")
 FACTORS = ("lesion_size", "lesion_x", "lesion_y", "lesion_shape", "lesion_contrast")
 # Sized so that both phantoms together train, index and evaluate in about 20 minutes on 2
 # CPU cores: 1,200 chest films (the issue's `phantom --n 1200 --seed 21`) and 1,200 photos.
+KEEP = "/work/artifacts/depth"
 PHANTOMS = {
     "chest": {"modality": "xray", "n": 1200, "seed": 21, "size": 128},
     "photo": {"modality": "photo", "n": 1200, "seed": 21, "size": 128},
@@ -168,35 +171,121 @@ def evaluate_index(index_dir, manifest_path) -> dict:
     return _metrics_from_frames(q_df, qs.vectors, g_df, g_vec)
 
 
-def run_one(name: str, spec: dict, work: Path, keep: Path | None) -> dict:
+def parse_train_args(pairs: list[str]) -> dict:
+    """``["temperature=0.5", "aug_scale=0"]`` -> TrainOptions overrides, typed by the field."""
+    from dataclasses import fields
+
+    from retrieval.model.train import TrainOptions
+
+    kinds = {}
+    for f in fields(TrainOptions):
+        hint = str(f.type)  # annotations are strings here (from __future__ import annotations)
+        kinds[f.name] = next(
+            (k for n, k in (("bool", bool), ("int", int), ("float", float)) if n in hint), str
+        )
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in kinds or not value:
+            raise SystemExit(
+                f"--train-arg {pair!r}: expected NAME=VALUE, NAME one of {sorted(kinds)}"
+            )
+        kind = kinds[key]
+        if kind is bool:
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = kind(float(value)) if kind is int else kind(value)
+    return out
+
+
+def alternative_features(model_dir, manifest_path) -> dict:
+    """depth_metrics of the same model on other retrieval vectors: the uniform-pooled embedding,
+    both embeddings concatenated, and the pooled backbone features before the projection."""
+    import torch
+
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.embedding import embed_paths
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
+
+    man = load_manifest(manifest_path)
+    model = load_model(model_dir)
+    pre = Preprocessor(model.config)
+    pooled: list[torch.Tensor] = []
+    handle = model.backbone.register_forward_hook(
+        lambda _m, _i, out: pooled.append(out.detach().mean(dim=(2, 3)))
+    )
+
+    def embed(splits):
+        df = man.select(splits).reset_index(drop=True)
+        paths = [str(man.resolve(p)) for p in df["image"]]
+        pooled.clear()
+        uni = embed_paths(model, pre, paths, "uniform", progress=False)
+        feats = torch.cat(pooled).numpy() if pooled else np.zeros((0, 0))
+        sal = embed_paths(model, pre, paths, "saliency", progress=False)
+        ok = np.intersect1d(uni.ok, sal.ok)
+        feats = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
+        vecs = {
+            "uniform": uni.vectors,
+            "concat": np.hstack([sal.vectors, uni.vectors]) / np.sqrt(2.0),
+            "pooled_features": feats[: len(uni.vectors)],
+        }
+        return df.iloc[ok].reset_index(drop=True), vecs
+
+    try:
+        g_df, g = embed(["train", "val"])
+        q_df, q = embed(["test"])
+    finally:
+        handle.remove()
+    return {k: _metrics_from_frames(q_df, q[k], g_df, g[k]) for k in g}
+
+
+def run_one(
+    name: str,
+    spec: dict,
+    work: Path,
+    keep: Path | None,
+    train_args: dict | None = None,
+    phantom_dir: Path | None = None,
+    alternatives: bool = False,
+) -> dict:
     from index.builder import build_index
     from retrieval.data.phantom import make_phantom
     from retrieval.model.train import TrainOptions, train_model
 
-    ph = work / f"{name}_phantom"
+    ph = phantom_dir or work / f"{name}_phantom"
     t0 = time.perf_counter()
-    manifest = make_phantom(ph, **spec)
+    if phantom_dir and (phantom_dir / "manifest.csv").exists():
+        manifest = phantom_dir / "manifest.csv"  # made earlier with the same spec: reuse it
+    else:
+        manifest = make_phantom(ph, **spec)
     t_phantom = time.perf_counter() - t0
     load_before = os.getloadavg()
     cpu0 = os.times()
-    report = train_model(manifest, work / f"{name}_model", TrainOptions())
+    opts = TrainOptions(**(train_args or {}))
+    report = train_model(manifest, work / f"{name}_model", opts)
     cpu1 = os.times()
     load_after = os.getloadavg()
     index_dir = (keep / name) if keep else work / f"{name}_index"
     if keep:
         index_dir.parent.mkdir(parents=True, exist_ok=True)
         # the phantom travels with the index, so its manifest paths stay valid
-        if (keep / f"{name}_phantom").exists():
-            shutil.rmtree(keep / f"{name}_phantom")
-        shutil.copytree(ph, keep / f"{name}_phantom")
+        if ph.resolve() != (keep / f"{name}_phantom").resolve():
+            if (keep / f"{name}_phantom").exists():
+                shutil.rmtree(keep / f"{name}_phantom")
+            shutil.copytree(ph, keep / f"{name}_phantom")
         manifest = keep / f"{name}_phantom" / "manifest.csv"
     t1 = time.perf_counter()
     build_index(work / f"{name}_model", manifest, index_dir, progress=False)
     t_index = time.perf_counter() - t1
     metrics = evaluate_index(index_dir, manifest)
+    if alternatives:
+        metrics["alternatives"] = alternative_features(work / f"{name}_model", manifest)
     cfg = report.best_val or {}
     return {
         "phantom": spec,
+        "train_options": {k: getattr(opts, k) for k in LOSS_OPTIONS},
         "manifest": str(manifest),
         "index": str(index_dir),
         **metrics,
@@ -224,19 +313,44 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="override both phantoms' case count")
     ap.add_argument("--quick", action="store_true", help="300 cases per phantom; *_quick.json")
     ap.add_argument("--work", default="/tmp/casebase-depth")
-    ap.add_argument("--keep", default="/work/artifacts/depth", help="where the indexes stay")
+    ap.add_argument("--keep", default=None, help=f"where the indexes stay (default {KEEP})")
+    ap.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a TrainOptions override, e.g. temperature=0.5 or aug_scale=0 (repeatable)",
+    )
+    ap.add_argument(
+        "--variant",
+        default=None,
+        help="record under this label in depth_variants.json (no index kept unless --keep)",
+    )
+    ap.add_argument(
+        "--phantom-dir",
+        default=None,
+        help="phantom folder, {name} = chest/photo; reused if its manifest.csv exists",
+    )
+    ap.add_argument(
+        "--alternatives",
+        action="store_true",
+        help="also measure the uniform, concatenated and pooled-feature retrieval vectors",
+    )
     args = ap.parse_args(argv)
+    train_args = parse_train_args(args.train_arg)
     info = machine()
     started = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    keep = Path(args.keep) if args.keep and not args.quick else None
+    keep_dir = args.keep if args.keep is not None else (None if args.variant else KEEP)
+    keep = Path(keep_dir) if keep_dir and not args.quick else None
     results = {}
     for name, spec in PHANTOMS.items():
         if args.only and name != args.only:
             continue
         spec = dict(spec, n=args.n or (300 if args.quick else spec["n"]))
-        res = run_one(name, spec, work, keep)
+        ph = Path(args.phantom_dir.format(name=name)) if args.phantom_dir else None
+        res = run_one(name, spec, work, keep, train_args, ph, args.alternatives)
         results[name] = res
         print(
             f"{name}: P@1 {res['precision_at_1']:.3f} P@5 {res['precision_at_5']:.3f} "
@@ -246,6 +360,9 @@ def main(argv=None) -> int:
             flush=True,
         )
     targets = {"chest_p5": 0.95, "photo_p5": 0.9, "size_ratio": 0.5}
+    if args.variant:
+        record_variant(args.variant, train_args, info, results, started)
+        return 0
     # one phantom per process (--only) writes depth_<name>.json; --merge joins them
     finish(
         ("depth" + (f"_{args.only}" if args.only else "")) + ("_quick" if args.quick else ""),
@@ -254,6 +371,31 @@ def main(argv=None) -> int:
         started,
     )
     return 0
+
+
+def record_variant(label: str, train_args: dict, info: dict, results: dict, started: float) -> None:
+    """Add one variant's per-phantom results to bench/results/depth_variants.json (under a
+    lock, so that two variant runs side by side both land)."""
+    import fcntl
+    import json
+
+    from _common import RESULTS
+
+    path = RESULTS / "depth_variants.json"
+    info = dict(info, loadavg_end=list(os.getloadavg()), wall_s=round(time.time() - started, 1))
+    with open("/tmp/casebase-depth-variants.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = json.loads(path.read_text()) if path.exists() else {"benchmark": "depth_variants"}
+        doc.setdefault("targets", {"chest_p5": 0.95, "photo_p5": 0.9, "size_ratio": 0.5})
+        entry = doc.setdefault("variants", {}).setdefault(label, {})
+        entry["train_args"] = train_args
+        for name, res in results.items():
+            entry.setdefault("phantoms", {})[name] = dict(res, machine=info)
+        doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+    print(f"recorded variant {label!r} in {path}")
 
 
 def merge() -> int:

@@ -113,6 +113,12 @@ def _add_train(sub) -> None:
         default=None,
         help="weight of the two-view NT-Xent term (default 0.5; 0 = one view, no term)",
     )
+    p.add_argument(
+        "--aug-scale",
+        type=float,
+        default=None,
+        help="zoom jitter of the augmented views, +- this fraction (default 0.1; 0 = none)",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

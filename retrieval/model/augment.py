@@ -13,9 +13,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Default scale jitter (± this fraction). Scale changes what lesion size looks like, so every
+# view pair that differs in scale teaches the embedding to ignore size; see TrainOptions.aug_scale.
+DEFAULT_SCALE_JITTER = 0.1
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x: (B, C, S, S) float in [0, 1] -> augmented, same shape, in [0, 1]."""
+
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    scale_jitter: float = DEFAULT_SCALE_JITTER,
+) -> torch.Tensor:
+    """x: (B, C, S, S) float in [0, 1] -> augmented, same shape, in [0, 1].
+
+    ``scale_jitter``: zoom drawn in [1 - j, 1 + j]; 0 keeps every view at its own scale.
+    """
     b = x.shape[0]
     dev = x.device
 
@@ -23,7 +34,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> 
         return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
 
     angle = u(-10, 10) * math.pi / 180
-    scale = u(0.9, 1.1)
+    scale = u(1.0 - scale_jitter, 1.0 + scale_jitter)
     tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from retrieval.data.imageio import read_image
 from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
-from retrieval.model.augment import augment_batch
+from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch
 from retrieval.model.dataset import decode_all
 from retrieval.model.device import resolve_device
 from retrieval.model.network import CaseNet, ModelConfig, save_model
@@ -60,6 +60,7 @@ class TrainOptions:
     temperature: float = 0.1  # supervised contrastive temperature
     instance_weight: float = 0.5  # weight of the two-view NT-Xent term (0: one view, no term)
     instance_temperature: float = 0.2
+    aug_scale: float = DEFAULT_SCALE_JITTER  # zoom jitter of the augmented views (0: none)
     margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
@@ -339,6 +340,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "temperature": opts.temperature,
             "instance_weight": opts.instance_weight,
             "instance_temperature": opts.instance_temperature,
+            "aug_scale": opts.aug_scale,
             "margin": opts.margin,
         },
     }
@@ -504,7 +506,7 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
         for s in range(d.steps_per_epoch):
             idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
             x = d.train_x[idx].to(device).float() / 255.0
-            xb = torch.cat([augment_batch(x, generator=gen) for _ in range(d.views)])
+            xb = torch.cat([augment_batch(x, gen, opts.aug_scale) for _ in range(d.views)])
             yb = d.train_y[idx].to(device).repeat(d.views)
             case_ids = torch.arange(len(idx), device=device).repeat(d.views)
             with torch.autocast(device.type, enabled=use_amp):
