@@ -29,8 +29,29 @@ def _add_phantom(sub) -> None:
         "phantom", help="write a synthetic chest-radiograph-like data set (DICOM + masks)"
     )
     p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=600, help="number of cases (default 600)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument(
+        "--n", type=int, default=None, help="number of cases (default 600; 300 with --dim 3)"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels (default 128; with --dim 3 the in-plane side, default 64)",
+    )
+    p.add_argument(
+        "--dim",
+        type=int,
+        choices=[2, 3],
+        default=2,
+        help="3: volumes (--modality ct: chest CT, the default; mr: head MR), see --depth, --format",
+    )
+    p.add_argument("--depth", type=int, default=32, help="--dim 3: slices per volume (default 32)")
+    p.add_argument(
+        "--format",
+        default="npy",
+        help="--dim 3: npy (default), nifti, dicom, a comma list or all; the first one is "
+        "manifest.csv, the others manifest_<format>.csv",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--confounder",
@@ -47,9 +68,10 @@ def _add_phantom(sub) -> None:
     )
     p.add_argument(
         "--modality",
-        choices=["xray", "photo"],
-        default="xray",
-        help="xray: grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs",
+        choices=["xray", "photo", "ct", "mr"],
+        default=None,
+        help="xray (2-D default): grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs; "
+        "ct (3-D default): chest CT volumes; mr: head MR volumes",
     )
     p.set_defaults(_module="phantom")
 

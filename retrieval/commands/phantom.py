@@ -1,26 +1,65 @@
-"""`casebase phantom OUT_DIR`: write a synthetic data set (see retrieval.data.phantom)."""
+"""`casebase phantom OUT_DIR`: write a synthetic data set (retrieval.data.phantom, phantom3d)."""
 
 from __future__ import annotations
 
 import sys
 
+from retrieval.errors import CasebaseError
+
 
 def run(args) -> int:
+    dim = int(getattr(args, "dim", 2) or 2)
+    modality = getattr(args, "modality", None)
+    if dim == 3:
+        return _run3d(args, modality or "ct")
+    modality = modality or "xray"
+    if modality in ("ct", "mr"):
+        raise CasebaseError(f"--modality {modality} makes volumes: add --dim 3")
     from retrieval.data.phantom import make_phantom
 
+    n = 600 if args.n is None else args.n
+    size = 128 if args.size is None else args.size
     manifest = make_phantom(
         args.out_dir,
-        n=args.n,
-        size=args.size,
+        n=n,
+        size=size,
         seed=args.seed,
         confounder=args.confounder,
         strength=args.strength,
-        modality=getattr(args, "modality", "xray"),
+        modality=modality,
         progress=True,
     )
     print(
-        f"wrote {args.n} {getattr(args, 'modality', 'xray')} cases "
-        f"(size {args.size}, seed {args.seed}, confounder {args.confounder}) to {manifest}",
+        f"wrote {n} {modality} cases "
+        f"(size {size}, seed {args.seed}, confounder {args.confounder}) to {manifest}",
+        file=sys.stderr,
+    )
+    print(manifest)
+    return 0
+
+
+def _run3d(args, modality: str) -> int:
+    from retrieval.data.phantom3d import make_phantom3d
+
+    if modality not in ("ct", "mr"):
+        raise CasebaseError(f"--dim 3 makes ct or mr volumes (got --modality {modality})")
+    if getattr(args, "confounder", "none") != "none":
+        raise CasebaseError("--confounder is not available with --dim 3")
+    n = 300 if args.n is None else args.n
+    size = 64 if args.size is None else args.size
+    manifest = make_phantom3d(
+        args.out_dir,
+        n=n,
+        size=size,
+        depth=args.depth,
+        seed=args.seed,
+        modality=modality,
+        formats=args.format,
+        progress=True,
+    )
+    print(
+        f"wrote {n} {modality} volumes ({args.depth} x {size} x {size}, seed {args.seed}, "
+        f"format {args.format}) to {manifest}",
         file=sys.stderr,
     )
     print(manifest)

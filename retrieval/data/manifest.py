@@ -462,8 +462,9 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                         if not mpath.is_file():
                             msg = "mask file not found" if not mpath.exists() else "not a file"
                             problems.append(Problem(r, "mask", f"{_clip(mrel)}: {msg}"))
-                        elif check_images and size is not None and len(size) == 3:
-                            read_volume_mask(mpath, expected_shape=size)
+                        elif check_images and is_volume_path(path):
+                            shape = size if size is not None and len(size) == 3 else None
+                            read_volume_mask(mpath, expected_shape=shape)
                         elif check_images:
                             read_mask(mpath, expected_size=size)
                     except VolumeError as err:
