@@ -76,6 +76,36 @@ def sample_counts(name: str, image_size: int) -> str:
     return ", ".join(bits) or "-"
 
 
+def per_map_seconds(r, image: str, methods: list[str], rounds: int) -> dict:
+    """Median seconds of one map per method: the query's predicted class, and the similarity
+    to one neighbour (the registry's attribute() alone, no query around it)."""
+    import torch
+
+    from retrieval.explain import registry
+    from retrieval.explain.registry import ScoreTarget
+
+    model, w = r.model, r.weighting
+    x = r.preprocess(image)
+    x = x[None] if x.dim() == 3 else x
+    with torch.no_grad():
+        cls = int(model(x).argmax(1)[0])
+        e_other = model.run(x.flip(-1), w).embedding  # a stand-in neighbour: the mirrored image
+    out = {}
+    for m in methods:
+        e = registry.get(m)
+        cls_t = ScoreTarget.for_classes([cls], model.config.embedding_dim, w, device=x.device)
+        sim_t = ScoreTarget.for_similarity(e_other, w)
+        e.attribute(model, x, cls_t)  # warm-up
+        times = {"class": [], "similarity": []}
+        for _ in range(rounds):
+            for kind, t in (("class", cls_t), ("similarity", sim_t)):
+                t0 = time.perf_counter()
+                e.attribute(model, x, t)
+                times[kind].append(time.perf_counter() - t0)
+        out[m] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
 def _random_init_index(manifest: str, n_cases: int) -> Path:
     """A seeded random-init compact model at 224 px, indexed over the manifest's first cases."""
     import pandas as pd
@@ -180,6 +210,8 @@ def main() -> int:
                     forwards[m] = (counter.images - 1 - len(res.neighbors), counter.with_grad)
     finally:
         counter.close()
+    print("per map (class and similarity targets) ...")
+    per_map = per_map_seconds(r, images[0], methods, max(3, args.rounds))
     rows, out = [], {}
     for m in methods:
         e = registry.get(m)
@@ -187,9 +219,12 @@ def main() -> int:
         med_e, med_t = statistics.median(explain_s[m]), statistics.median(total_s[m])
         fw, fw_grad = forwards[m]
         counts = sample_counts(m, size)
-        rows.append([m, med_e, med_t, pairs, fw, fw_grad, counts])
+        pm = per_map[m]
+        rows.append([m, pm["class"], pm["similarity"], med_e, med_t, pairs, fw, fw_grad, counts])
         out[m] = {
             "family": family_of(m),
+            "class_map_s": pm["class"],
+            "similarity_map_s": pm["similarity"],
             "explain_s_median": med_e,
             "query_total_s_median": med_t,
             "explain_s_all": explain_s[m],
@@ -203,6 +238,8 @@ def main() -> int:
     table(
         [
             "method",
+            "class map s",
+            "sim map s",
             "explain s",
             "query total s",
             "pairs",

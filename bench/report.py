@@ -207,14 +207,41 @@ def _gradcam_vs_reference(r: Path) -> str:
 
 def _explain_cost(r: Path) -> str:
     d = load("explain_cost", r)
+    def sec(v):
+        return "—" if v is None else f"{v:.3f}"
+
     rows = [
-        [f"`{m}`", f"{v['explain_s_median']:.3f}", v["image_forwards"], v["sample_counts"]]
+        [
+            f"`{m}`",
+            v.get("family", ""),
+            sec(v.get("class_map_s")),
+            sec(v.get("similarity_map_s")),
+            f"{v['explain_s_median']:.3f}",
+            v["image_forwards"],
+            v["sample_counts"],
+        ]
         for m, v in d["methods"].items()
     ]
     c = d["config"]
-    t = md_table(["method", "seconds per query", "image forwards", "samples"], rows)
+    t = md_table(
+        [
+            "method",
+            "family",
+            "s per class map",
+            "s per similarity map",
+            "s per query (k pairs)",
+            "image forwards",
+            "samples",
+        ],
+        rows,
+    )
+    model = "a seeded random-init" if c.get("random_init") else "the trained"
     return (
-        f"One query with k = {c['k']} neighbours at {c['image_size']} px, median of {c['images']} queries.\n\n"
+        f"{model} {c.get('backbone', '')} model at {c['image_size']} px. Per map: one "
+        "query image's map for its predicted class, and for its similarity to one other "
+        "image (the registry's attribute() alone, median of 3). Per query: "
+        f"`query(k={c['k']}, explain=(method,))`'s explain time (the query's class map "
+        f"and the neighbour pairs' maps), median of {c['images']} queries.\n\n"
         f"{t}\n\nAll methods: {d['all_methods_explain_s']:.1f} s.\n\n{machine_line(d)}"
     )
 
@@ -480,6 +507,59 @@ def _depth(r: Path) -> str:
     )
 
 
+def _depth_variants(r: Path) -> str:
+    """One row per training variant and phantom (bench/depth.py --variant): label precision
+    and the lesion-size ratio of the index's embedding, and of the other retrieval vectors."""
+    d = load("depth_variants", r)
+    alts = ("uniform", "concat", "pooled_features")
+    rows, loads = [], []
+    for label, v in d["variants"].items():
+        args = ", ".join(f"{k}={val}" for k, val in v.get("train_args", {}).items()) or "defaults"
+        for name, p in v["phantoms"].items():
+            alt = p.get("alternatives", {})
+            rows.append(
+                [
+                    f"{label} ({args})",
+                    f"{name} ({p['phantom']['n']:,})",
+                    f"{p['precision_at_5']:.3f}",
+                    f"{p['size_ratio']:.2f}",
+                    f"{p['factor_ratio']['lesion_x']:.2f} / {p['factor_ratio']['lesion_y']:.2f}",
+                    " · ".join(
+                        f"{alt[a]['size_ratio']:.2f} ({alt[a]['precision_at_5']:.2f})"
+                        if a in alt
+                        else "–"
+                        for a in alts
+                    ),
+                    f"{p['raw_gap_top1_top10_median']:.4f}",
+                    f"{p['train']['epochs_run']}",
+                    f"{p['train']['cpu_seconds']:.0f}",
+                ]
+            )
+            m = p.get("machine", {})
+            loads += [*m.get("loadavg_start", [])[:1], *m.get("loadavg_end", [])[:1]]
+    t = md_table(
+        [
+            "variant (train options)",
+            "phantom (cases)",
+            "P@5",
+            "size ratio (≤ 0.5 wanted)",
+            "x / y ratio",
+            "size ratio (P@5) on uniform · concatenated · pooled features",
+            "raw cosine gap top-1 − top-10",
+            "epochs",
+            "training CPU s",
+        ],
+        rows,
+    )
+    load_text = f"load {min(loads):.1f}–{max(loads):.1f}" if loads else "load not recorded"
+    return (
+        f"{t}\n\nSize ratio: mean |lesion size difference| between a query and its same-label "
+        "top-5 neighbours over that of random same-label cases (own patient excluded); the first "
+        "ratio is the index's embedding (saliency-weighted), the others retrieve on other vectors "
+        f"of the same model. One process per phantom, one thread each; {load_text}.\n"
+    )
+
+
 def _demo_and_tests(r: Path) -> str:
     d = load("demo_and_tests", r)
     parts = []
@@ -496,6 +576,11 @@ def _demo_and_tests(r: Path) -> str:
             f"({d['tests']['wall_s'] / 60:.1f} minutes wall)."
         )
     return "\n\n".join(parts + [f"Commit {d['repo_commit']}. " + machine_line(d)])
+
+
+def _num(v, fmt: str) -> str:
+    """A figure, or a dash where the JSON predates the key or has null (too few cases)."""
+    return "—" if v is None else fmt.format(v)
 
 
 def _explain_eval(name: str) -> Callable[[Path], str]:
@@ -520,6 +605,14 @@ def _explain_eval(name: str) -> Callable[[Path], str]:
                         v["faithfulness"],
                         f"{v['sanity']['cascade_mean']['spearman_abs']:.2f}",
                         f"**{v['sanity_check']}**",
+                        _num(v.get("faithfulness_correlation"), "{:+.2f}"),
+                        _num(v.get("max_sensitivity"), "{:.2f}")
+                        + (
+                            f" (n={v['max_sensitivity_n_cases']})"
+                            if v.get("max_sensitivity_n_cases")
+                            else ""
+                        ),
+                        _num(v.get("seconds_per_map"), "{:.2f}"),
                     ]
                 )
             parts.append(
@@ -537,6 +630,9 @@ def _explain_eval(name: str) -> Callable[[Path], str]:
                         "faithfulness",
                         "cascade mean |ρ|",
                         "sanity",
+                        "faithfulness corr.",
+                        "max-sensitivity",
+                        "s/map",
                     ],
                     rows,
                 )
@@ -561,6 +657,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "conformal": _conformal,
     "concepts": _concepts,
     "depth": _depth,
+    "depth_variants": _depth_variants,
+    "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),
     "explain_eval_table_photo": _explain_eval("explain_eval_table_photo"),
     "explain_eval_sanity_chest_core": _explain_eval("explain_eval_sanity_chest_core"),
     "explain_eval_sanity_photo_core": _explain_eval("explain_eval_sanity_photo_core"),

@@ -1,4 +1,4 @@
-"""The explanation maps of the query, each with its measured trust."""
+"""The explanation maps of the query, grouped by family, each with its measured trust."""
 
 from __future__ import annotations
 
@@ -10,6 +10,39 @@ from retrieval.explain.overlay import overlay
 
 PER_ROW = 4
 
+# one line per family: what its maps are, so a user knows what to compare
+FAMILY_NOTES = {
+    "CAM family": "coarse maps from the last convolution's activations and gradients",
+    "gradients": "pixel-level maps from (modified) gradients",
+    "perturbation": "what changes the answer when regions are hidden",
+    "Shapley": "Shapley-value estimates: each region's share of the score",
+    "relevance": "layer-wise relevance propagation (rules per layer)",
+    "other": "",
+}
+
+
+def grouped(methods: list[str]) -> list[tuple[str, list[str]]]:
+    """Methods in the registry's family order, families with none left out."""
+    from retrieval.explain.methods import FAMILIES, family_of
+
+    order = list(FAMILIES) + ["other"]
+    groups: dict[str, list[str]] = {}
+    for m in methods:
+        groups.setdefault(family_of(m), []).append(m)
+    return [(f, groups[f]) for f in order if f in groups]
+
+
+def verdict_line(t: dict) -> str:
+    """'sanity pass · faithful · 24 cases': the measured verdicts at a glance."""
+    parts = []
+    if t.get("sanity_check") in ("pass", "fail"):
+        parts.append("sanity " + ("pass" if t["sanity_check"] == "pass" else "FAIL"))
+    if t.get("faithfulness"):
+        parts.append(t["faithfulness"])
+    if t.get("n_cases"):
+        parts.append(f"{t['n_cases']} cases")
+    return " · ".join(parts)
+
 
 def trust_caption(result, method: str) -> str:
     if result.ood.flag:
@@ -20,7 +53,9 @@ def trust_caption(result, method: str) -> str:
     if isinstance(t, dict) and t.get("summary"):
         n = t.get("n_cases")
         on = f" (measured on {n} {t.get('split', 'test')} cases)" if n else ""
-        return f"Measured trust{on}: {t['summary']}."
+        head = verdict_line(t)
+        head = f"**{head}**. " if head else ""
+        return f"{head}Measured trust{on}: {t['summary']}."
     return "Trust not measured yet — run `casebase explain-eval INDEX MANIFEST`."
 
 
@@ -30,14 +65,14 @@ def show(result, pixels: np.ndarray, methods: list[str]) -> None:
     if not shown:
         st.caption("No map asked for: choose methods in the sidebar.")
         return
-    items = [("query", None), *[(m, result.maps[m]) for m in shown]]
-    for start in range(0, len(items), PER_ROW):
-        cols = st.columns(PER_ROW)
-        for col, (name, heat) in zip(cols, items[start : start + PER_ROW], strict=False):
-            with col:
-                if heat is None:
-                    st.image(pixels, caption="query image", width=IMAGE_PX)
-                    st.caption(f"{pixels.shape[1]}×{pixels.shape[0]} px")
-                else:
-                    st.image(overlay(pixels, heat), caption=name, width=IMAGE_PX)
+    st.image(pixels, caption="query image", width=IMAGE_PX)
+    st.caption(f"{pixels.shape[1]}×{pixels.shape[0]} px")
+    for family, names in grouped(shown):
+        note = FAMILY_NOTES.get(family, "")
+        st.markdown(f"##### {family}" + (f" — {note}" if note else ""))
+        for start in range(0, len(names), PER_ROW):
+            cols = st.columns(PER_ROW)
+            for col, name in zip(cols, names[start : start + PER_ROW], strict=False):
+                with col:
+                    st.image(overlay(pixels, result.maps[name]), caption=name, width=IMAGE_PX)
                     st.caption(trust_caption(result, name))
