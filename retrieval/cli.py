@@ -195,6 +195,20 @@ def _add_query(sub) -> None:
     p.add_argument("--explain", type=_csv_list, default=[], help="methods, e.g. gradcam,similarity")
     p.add_argument("--json", action="store_true")
     p.add_argument("--save-maps", default=None, metavar="DIR")
+    p.add_argument(
+        "--dicom-sr",
+        default=None,
+        metavar="OUT.dcm",
+        help="DICOM query: write the answer as a DICOM Structured Report (and each --explain "
+        "map as a Parametric Map beside it, OUT_map1.dcm, ...)",
+    )
+    p.add_argument(
+        "--stow",
+        default=None,
+        metavar="URL",
+        help="store the --dicom-sr objects over DICOMweb (STOW-RS) at this base URL "
+        "(credentials from CASEBASE_DICOMWEB_TOKEN or CASEBASE_DICOMWEB_USERNAME/PASSWORD)",
+    )
     p.add_argument("--exclude-patient", default=None)
     p.add_argument("--filter", action="append", default=[], metavar="ATTR=VALUE")
     p.add_argument(

@@ -44,6 +44,35 @@ def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
     return paths
 
 
+def _dicom_out(args, src, result) -> dict:
+    """--dicom-sr OUT.dcm [--stow URL]: the answer as a DICOM SR + parametric maps (dicom_out)."""
+    out = getattr(args, "dicom_sr", None)
+    url = getattr(args, "stow", None)
+    if url and not out:
+        raise CasebaseError("--stow needs --dicom-sr OUT.dcm (the objects to store)")
+    if not out:
+        return {}
+    from retrieval.data import dicom_out
+
+    datasets = dicom_out.load_query_datasets(src)
+    sr = dicom_out.build_sr(result, datasets)
+    maps = dicom_out.build_parametric_maps(result.maps, datasets)
+    written = dicom_out.write_objects(sr, maps, out)
+    info = {
+        "sr": str(written[0]),
+        "maps": [str(p) for p in written[1:]],
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+    }
+    lines = [f"DICOM SR: {written[0]}" + (f" (+ {len(maps)} parametric maps)" if maps else "")]
+    if url:
+        from retrieval.data.dicomweb import sanitize_url
+
+        info["stored"] = dicom_out.stow(url, [sr, *maps])
+        lines.append(f"stored {info['stored']} DICOM objects at {sanitize_url(url)}")
+    info["lines"] = lines
+    return info
+
+
 def _concept_weights(items) -> dict:
     """--concept NAME=WEIGHT (repeatable) -> {"concepts": {name: weight}}; {} when not given."""
     if not items:
@@ -80,9 +109,15 @@ def run(args) -> int:
         from retrieval.data.imageio import read_image
 
         paths = save_maps(result, args.save_maps, read_image(src))
+    dicom_paths = _dicom_out(args, src, result)
     if args.json:
-        print(json.dumps(result.to_json(paths), indent=2))
+        out = result.to_json(paths)
+        if dicom_paths:
+            out["dicom_sr"] = {k: v for k, v in dicom_paths.items() if k != "lines"}
+        print(json.dumps(out, indent=2))
         return 0
+    for line in dicom_paths.get("lines", []):
+        print(line)
     print(result.explanation_text)
     if result.region is not None:
         print(f"region {result.region} (feature cells searched: {result.region_searched})")

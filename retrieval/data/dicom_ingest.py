@@ -5,7 +5,8 @@ is recognised by content: the ``DICM`` magic, or a file without preamble that
 parses as DICOM), reads each header, decodes the pixels with
 :func:`retrieval.data.imageio.read_image` to prove the image can be used, and
 writes one manifest row per decodable image (CSV or Parquet by the output's
-extension, atomically).
+extension, atomically), except that a CT / MR series of at least 3 slices becomes
+one row, a volume (the rule: :mod:`retrieval.data.series_ingest`).
 
 What goes into the manifest:
 
@@ -459,7 +460,10 @@ def ingest_dicom(
     out_dir = out_path.resolve().parent
     exclude = {out_path.resolve()}
     links = PseudonymousLinks(out_path.resolve(), root)
-    files = _walk(root, exclude, {links.final.resolve()})
+    from retrieval.data.series_ingest import collapse_series, series_dir_for
+
+    series_dir = series_dir_for(out_path.resolve())
+    files = _walk(root, exclude, {links.final.resolve(), series_dir.resolve()})
 
     def say(line: str) -> None:
         if log is not None:
@@ -469,6 +473,7 @@ def ingest_dicom(
 
     report = IngestReport(manifest=None, n_ingested=0)
     rows: list[dict[str, str]] = []
+    records: list[tuple[Path, str, dict[str, str]]] = []
     used_ids: set[str] = set()
     bar = tqdm(files, desc="ingesting DICOM", unit="file", disable=not progress, leave=False)
     for path in bar:
@@ -486,8 +491,17 @@ def ingest_dicom(
             report.skipped.append((str(path), reason))
             say(f"skipped: {path}: {reason}")
             continue
-        rows.append(row)
+        records.append((path, rel, row))
     bar.close()
+    # CT / MR series -> one row each (retrieval.data.series_ingest states the rule)
+    rows, broken = collapse_series(records, out_path.resolve(), used_ids)
+    for where, reason in broken:
+        if strict:
+            raise CasebaseError(
+                f"{where}: {reason} (--strict: stopping at the first broken series)"
+            )
+        report.skipped.append((where, reason))
+        say(f"skipped: {where}: {reason}")
 
     report.n_ingested = len(rows)
     if not rows:

@@ -821,7 +821,7 @@ def ingest_dicomweb(
                 return None, str(err)
             raise
 
-    rows: list[dict[str, str]] = []
+    records: list[tuple[Path, str, dict[str, str]]] = []
     used_ids: set[str] = set()
     bar = tqdm(
         total=len(refs),
@@ -844,7 +844,7 @@ def ingest_dicomweb(
                 rel = f"{ref.study}/{ref.series}/{ref.sop}"
                 row, fail = _record(path, rel, labeler, uid_labels, ref, used_ids, out_dir)
                 if row is not None:
-                    rows.append(row)
+                    records.append((path, rel, row))
                     continue
             where = f"{path} ({ref.where})" if path is not None else ref.where
             if strict:
@@ -856,6 +856,15 @@ def ingest_dicomweb(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    # CT / MR series -> one row each (retrieval.data.series_ingest states the rule)
+    from retrieval.data.series_ingest import collapse_series
+
+    rows, broken = collapse_series(records, out_path.resolve(), used_ids)
+    for where, fail in broken:
+        if strict:
+            raise CasebaseError(f"{where}: {fail} (--strict: stopping at the first broken series)")
+        report.skipped.append((where, fail))
+        say(f"skipped: {where}: {fail}")
 
     report.n_ingested = len(rows)
     if not rows:
