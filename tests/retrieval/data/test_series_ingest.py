@@ -4,10 +4,19 @@ skips broken series, and keeps every other file one case per image."""
 from __future__ import annotations
 
 import pandas as pd
+import pydicom
+import pytest
 
 from retrieval.data.dicom_ingest import ingest_dicom
 from retrieval.data.manifest import validate_manifest
 from retrieval.data.volume import read_volume
+from tests.retrieval.data.test_dicomweb_orthanc import (  # noqa: F401 - pytest fixtures
+    PASSWORD,
+    USER,
+    env,
+    orthanc,
+    phantom,
+)
 from tests.retrieval.data.test_volume import _ramp, write_series
 
 
@@ -47,3 +56,33 @@ def test_one_row_per_series_broken_series_skipped(tmp_path):
     # a rerun replaces the link folder and gives the same rows
     ingest_dicom(data, out, label_from="Modality", progress=False, log=lines.append)
     assert pd.read_csv(out, dtype=str, keep_default_na=False).equals(df)
+
+
+@pytest.mark.orthanc
+def test_ingest_dicomweb_makes_one_row_per_series(orthanc, tmp_path):  # noqa: F811
+    import requests
+
+    from retrieval.data.dicomweb import DicomWebAuth, ingest_dicomweb
+
+    good = write_series(tmp_path / "good", _ramp(d=4), patient_id="PHX0000010")
+    bad = write_series(tmp_path / "bad", _ramp(d=4), positions=[0, 2, 4, 8],
+                       patient_id="PHX0000011")  # fmt: skip
+    for f in good + bad:
+        r = requests.post(f"{orthanc.rest}/instances", data=f.read_bytes(),
+                          auth=(USER, PASSWORD), timeout=30)  # fmt: skip
+        assert r.status_code == 200
+    studies = [str(pydicom.dcmread(p[0]).StudyInstanceUID) for p in (good, bad)]
+    out = tmp_path / "web.csv"
+    report = ingest_dicomweb(
+        orthanc.dicomweb,
+        out,
+        studies=studies,
+        label_from="Modality",
+        auth=DicomWebAuth(username=USER, password=PASSWORD),
+        progress=False,
+        log=lambda _line: None,
+    )
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(df["case_id"].str[:2]) == ["s_"] and df["label"].iloc[0] == "CT"
+    assert read_volume(tmp_path / df["image"].iloc[0]).shape == (4, 6, 7)
+    assert any("missing slice" in reason for _, reason in report.skipped)
