@@ -31,7 +31,8 @@ Axis conventions (stated once, used everywhere): ``D`` is the slice axis,
   ``W`` = R flipped (patient right -> left): the same display as the DICOM one.
 * ``.npy``: taken as already ``(D, H, W)``; spacing ``(1, 1, 1)`` unless known
   (``meta["spacing_known"]`` says). A ``.npy`` is a volume when it is 3-D and
-  neither channel-first ``(1|3, H, W)`` nor channel-last ``(H, W, 1..4)``.
+  neither channel-first ``(1|3, H, W)`` nor narrower than 8 columns (so ``(H, W, C)``
+  images with up to 7 channels are never taken for volumes).
 
 Broken series raise :class:`VolumeError` (a :class:`CasebaseError`) with one
 clear line: several series in one folder, several orientations, missing
@@ -132,7 +133,8 @@ def is_volume_path(path: str | os.PathLike) -> bool:
 
 
 def _is_volume_shape(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 3 and shape[0] not in (1, 3) and shape[2] > 4
+    # (H, W, C) images have C <= 4 channels; 5-7 "channels" stay refused as images, not volumes
+    return len(shape) == 3 and shape[0] not in (1, 3) and shape[2] >= 8
 
 
 def _npy_shape(p: Path) -> tuple[int, ...] | None:
