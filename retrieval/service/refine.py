@@ -174,6 +174,39 @@ def stored_decomposition(
     return SimilarityDecomposition(terms, float(similarity), tuple(query_grid), tuple(case_grid))
 
 
+def stored_decompositions(
+    qz: np.ndarray,
+    qw: np.ndarray,
+    cz: np.ndarray,
+    cw: np.ndarray,
+    similarities,
+    query_grid: tuple[int, int],
+    case_grid: tuple[int, int],
+) -> list[SimilarityDecomposition]:
+    """stored_decomposition for k cases at once: cz (k, n, D), cw (k, n) -> k decompositions
+    (one batched matmul; a query's neighbours are decomposed together)."""
+    import torch
+
+    qa = torch.as_tensor(np.asarray(qw, np.float64).reshape(-1, 1) * np.asarray(qz, np.float64))
+    ca = torch.as_tensor(np.asarray(cw, np.float64)[..., None] * np.asarray(cz, np.float64))
+    norm = qa.sum(0).norm().clamp_min(1e-12) * ca.sum(1).norm(dim=1).clamp_min(1e-12)  # (k,)
+    terms = (torch.matmul(qa, ca.transpose(1, 2)) / norm[:, None, None]).numpy()  # (k, m, n)
+    return [
+        SimilarityDecomposition(t, float(s), tuple(query_grid), tuple(case_grid))
+        for t, s in zip(terms, similarities, strict=True)
+    ]
+
+
+def maps_to_original(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Geometry.map_to_original for a stack (k, h, w) of maps of one original size -> (k, H, W)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return np.nan_to_num(out[:, 0].numpy())
+
+
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:
     """The decomposition with every term whose query cell lies outside `cells` set to zero:
     matched regions of a region query then start inside the region."""

@@ -353,9 +353,7 @@ class CaseRetriever:
             t1 = time.perf_counter()
             if self.region_index is not None:  # from the bundle: no neighbour image is read
                 sel = refined.selection if refined is not None else None
-                qcells = self.query_cells(q)
-                for nb in neighbors:
-                    self.stored_regions(q, nb, selection=sel, qcells=qcells)
+                self.stored_regions_many(q, neighbors, selection=sel)
                 ctxs = self._neighbor_contexts(neighbors) if methods else []
             else:
                 ctxs = self._neighbor_contexts(neighbors)
@@ -542,37 +540,68 @@ class CaseRetriever:
         """nb's matched regions and similarity maps from the region index (no image read).
 
         qcells: query_cells(q), when the caller computes it once for all neighbours."""
+        self.stored_regions_many(q, [nb], n_regions, selection, qcells)
+
+    def stored_regions_many(
+        self,
+        q: ImageContext,
+        neighbors: list[Neighbor],
+        n_regions: int = 3,
+        selection=None,
+        qcells=None,
+    ) -> None:
+        """Every neighbour's matched regions and similarity maps from the region index, no image
+        read; the neighbours are decomposed in one batched matmul and their maps resized in one
+        interpolation per image size (a query with matched regions then costs little more than
+        one without: bench/refine.py)."""
         from retrieval.model.preprocess import Geometry
 
+        if not neighbors:
+            return
         ri = self.region_index
         qz, qw = self.query_cells(q) if qcells is None else qcells
-        cz, cw = ri.case(nb.row)
-        dec = refine.stored_decomposition(qz, qw, cz, cw, nb.similarity, q.grid, ri.grid)
-        nb.completeness_error = dec.completeness_error
-        size = tuple(int(v) for v in ri.sizes[nb.row])
-        c_geom = Geometry(size, q.geometry.input_size)
-        nb.original_size = size
-        shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
-        boxes = []
-        for p in region_pairs(shown, n_regions):
-            qbox = _cells_box(q.geometry, p.query_cells)
-            if selection is not None:
-                qbox = refine.clip_box(qbox, selection.clip)
-            boxes.append(
-                MatchedRegion(
-                    qbox,
-                    _cells_box(c_geom, p.case_cells),
-                    p.contribution,
-                    p.share,
-                    p.crosses_sides,
-                    (int(p.query_cells.sum()), int(p.case_cells.sum())),
+        rows = np.array([nb.row for nb in neighbors], np.int64)
+        order = np.argsort(rows)  # sorted reads from the memory map
+        cz = np.empty((len(rows),) + ri.cells.shape[1:], np.float64)
+        cz[order] = ri.cells[rows[order]]
+        decs = refine.stored_decompositions(
+            qz, qw, cz, ri.weights[rows], [nb.similarity for nb in neighbors], q.grid, ri.grid
+        )
+        q_maps = refine.maps_to_original(
+            np.stack([d.query_map() for d in decs]), q.geometry.original_size
+        )
+        sizes = [tuple(int(v) for v in ri.sizes[r]) for r in rows]
+        c_maps: list = [None] * len(rows)
+        for size in set(sizes):
+            at = [i for i, sz in enumerate(sizes) if sz == size]
+            for i, m in zip(
+                at,
+                refine.maps_to_original(np.stack([decs[i].case_map() for i in at]), size),
+                strict=True,
+            ):
+                c_maps[i] = m
+        for nb, dec, size, q_map, c_map in zip(neighbors, decs, sizes, q_maps, c_maps, strict=True):
+            nb.completeness_error = dec.completeness_error
+            c_geom = Geometry(size, q.geometry.input_size)
+            nb.original_size = size
+            shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
+            boxes = []
+            for p in region_pairs(shown, n_regions):
+                qbox = _cells_box(q.geometry, p.query_cells)
+                if selection is not None:
+                    qbox = refine.clip_box(qbox, selection.clip)
+                boxes.append(
+                    MatchedRegion(
+                        qbox,
+                        _cells_box(c_geom, p.case_cells),
+                        p.contribution,
+                        p.share,
+                        p.crosses_sides,
+                        (int(p.query_cells.sum()), int(p.case_cells.sum())),
+                    )
                 )
-            )
-        nb.matched_regions = boxes
-        nb.maps["similarity"] = {
-            "query": q.geometry.map_to_original(dec.query_map()),
-            "case": c_geom.map_to_original(dec.case_map()),
-        }
+            nb.matched_regions = boxes
+            nb.maps["similarity"] = {"query": q_map, "case": c_map}
 
 
 class _Refined:

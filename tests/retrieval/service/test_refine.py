@@ -109,6 +109,32 @@ def test_matched_regions_from_the_bundle_equal_re_encoding(r, phantom_dir, monke
     assert not any(n.matched_regions for n in r.query(img, k=4, regions=False).neighbors)
 
 
+def test_batched_stored_regions_equal_one_neighbour_at_a_time(r, phantom_dir):
+    """The query decomposes its neighbours in one batch; one by one gives the same answer."""
+    img = _query_image(phantom_dir, 1)
+    res = r.query(img, k=5)
+    q = r.encode(img)
+    sel = refine.select_cells((8, 8, 40, 40), q.geometry, q.grid)
+    for selection in (None, sel):
+        batch = copy.deepcopy(res.neighbors)
+        r.stored_regions_many(q, batch, selection=selection)
+        for nb in batch:
+            one = copy.deepcopy(nb)
+            one.matched_regions, one.maps = [], {}
+            r.stored_regions(q, one, selection=selection)
+            assert [m.query_box for m in one.matched_regions] == [
+                m.query_box for m in nb.matched_regions
+            ]
+            assert [m.case_box for m in one.matched_regions] == [
+                m.case_box for m in nb.matched_regions
+            ]
+            for side in ("query", "case"):
+                np.testing.assert_allclose(
+                    one.maps["similarity"][side], nb.maps["similarity"][side], atol=1e-6
+                )
+            assert abs(one.completeness_error - nb.completeness_error) < 1e-9
+
+
 def test_like_and_unlike(r, phantom_dir):
     img = _query_image(phantom_dir, 1)
     base = r.query(img, k=5, regions=False)
