@@ -15,6 +15,9 @@ times on a shared machine):
   lesion (case box ∩ mask), and how often the top region of the *unrestricted* decomposition
   (whole-image similarity) starts inside the box. (The served matched regions of a region query
   lie in the box by construction: reported, not a finding.)
+* ``boxcells`` (``--index``, ``--manifest``, ``--label``): no model run; how many feature cells
+  each test lesion box covers and how often one is widened to a cell (region search is as fine
+  as the model's feature grid).
 * ``scale`` (``--cases 100000 ...``): synthetic cells (``_common.clustered_unit_vectors``,
   64 cells per case, D = 128), written and searched through ``index.region_index`` (the
   product's code: float16 cells.npy, auto factory), recall@10 of the top cases against exact
@@ -267,6 +270,46 @@ def part_phantom(index: Path, manifest: Path, k: int = 5) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- box cells
+def part_box_cells(index: Path, manifest: Path) -> dict:
+    """How many feature cells each test lesion box covers (no model run): region search can
+    only be as fine as the model's feature grid, and a box under half a cell is widened."""
+    from index import bundle
+    from retrieval.model.preprocess import Geometry
+    from retrieval.service.refine import select_cells
+
+    meta = bundle.read_meta(index)
+    grid, size = tuple(meta["regions"]["grid"]), int(meta["model"]["image_size"])
+    cells, widened, area, shape = [], [], [], None
+    for _, rec in _test_rows(manifest).iterrows():
+        if not rec.get("mask"):
+            continue
+        box, m = _mask_box(manifest.parent / rec["mask"])
+        if box is None:
+            continue
+        shape = m.shape
+        sel = select_cells(box, Geometry(m.shape, size), grid)
+        cells.append(int(sel.cells.sum()))
+        widened.append(bool(sel.note))
+        area.append((box[2] - box[0]) * (box[3] - box[1]) / m.size)
+    out = {
+        "index": str(index),
+        "grid": list(grid),
+        "model_input_px": size,
+        "image_px": list(shape) if shape else None,
+        "n_boxes": len(cells),
+        "cells_per_box_median": float(np.median(cells)) if cells else None,
+        "cells_per_box_mean": float(np.mean(cells)) if cells else None,
+        "widened_to_one_cell": float(np.mean(widened)) if widened else None,
+        "box_area_share_median": float(np.median(area)) if area else None,
+    }
+    print(
+        f"{index.name}: grid {grid} at {size} px; cells per lesion box median "
+        f"{out['cells_per_box_median']}, widened {out['widened_to_one_cell']:.2f}"
+    )
+    return out
+
+
 # --------------------------------------------------------------------------- scale
 def _exact_maxsim(cells32: np.ndarray, q: np.ndarray, k: int, chunk: int = 8192) -> np.ndarray:
     """Top-k case rows by exact MaxSim of unit q (m, D) over unit cells (N, hw, D)."""
@@ -376,6 +419,8 @@ def main() -> int:
             doc.setdefault("latency", {})[lab] = part_latency(idx, man, args.queries, args.reps)
         if "phantom" in parts:
             doc.setdefault("phantom", {})[lab] = part_phantom(idx, man)
+        if "boxcells" in parts:
+            doc.setdefault("box_cells", {})[lab] = part_box_cells(idx, man)
     if "scale" in parts:
         for n in args.cases or [100_000]:
             doc.setdefault("scale", {})[str(n)] = part_scale(
