@@ -1,12 +1,14 @@
 """One manifest row per CT / MR series, for ``ingest-dicom`` and ``ingest-dicomweb``.
 
 The rule: files whose Modality is CT or MR, single-frame, sharing one
-SeriesInstanceUID, at least :data:`MIN_SERIES_SLICES` of them, make **one series
-case** (a volume, see :mod:`retrieval.data.volume`). Every other file stays one
-case per image, as before. A series that is not one regular volume (several
-orientations, missing slices, uneven spacing, duplicate positions, slices of
-different sizes) is reported with the reason and skipped, file by file it is
-not ingested either; the rest of the batch goes on.
+SeriesInstanceUID and one ImageOrientationPatient, at least
+:data:`MIN_SERIES_SLICES` of them, make **one series case** (a volume, see
+:mod:`retrieval.data.volume`). Every other file stays one case per image, as
+before (so a 3-plane localizer, several orientations in one series, stays per
+image). A series that is not one regular volume (missing slices, uneven
+spacing, duplicate positions, slices of different sizes or without positions)
+is reported with the reason and skipped, none of its files ingested; the rest
+of the batch goes on.
 
 A series case's ``image`` is a folder ``<manifest stem>.series/<case_id>/``
 holding links ``0000.dcm``, ``0001.dcm``, ... (in slice order) to the series'
@@ -76,7 +78,11 @@ def collapse_series(records, out_manifest: Path, used_ids: set[str]):
             continue
         headers[i] = ds
         groups[uid].append(i)
-    groups = {u: ix for u, ix in groups.items() if len(ix) >= MIN_SERIES_SLICES}
+    groups = {
+        u: ix
+        for u, ix in groups.items()
+        if len(ix) >= MIN_SERIES_SLICES and len({_orientation(headers[i]) for i in ix}) == 1
+    }
     if not groups:
         return [r for _, _, r in records], []
 
@@ -132,6 +138,15 @@ def collapse_series(records, out_manifest: Path, used_ids: set[str]):
     if links:
         _write_links(final, links)
     return rows, skipped
+
+
+def _orientation(ds) -> tuple:
+    """ImageOrientationPatient rounded (a series of several, e.g. a 3-plane localizer, stays
+    per image)."""
+    try:
+        return tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
+    except (AttributeError, TypeError, ValueError):
+        return ()
 
 
 def _order(datasets, vol) -> list[int]:

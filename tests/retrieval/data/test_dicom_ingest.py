@@ -52,11 +52,14 @@ def test_pydicom_corpus_acceptance(tmp_path, capsys):
         "columns",
         "photometric",
     ]
-    assert df["case_id"].is_unique and df["case_id"].str.match(r"c_[0-9a-f]{16}").all()
+    # c_: one image; s_: one CT / MR series (retrieval.data.series_ingest), a folder of links
+    assert df["case_id"].is_unique and df["case_id"].str.match(r"[cs]_[0-9a-f]{16}").all()
     assert df["patient_id"].str.fullmatch(r"p_[0-9a-f]{16}").all()
     assert set(df["split"]) <= {"train", "val", "test"}
     m = load_manifest(out)
-    assert all(m.resolve(p).is_file() for p in m.df["image"])
+    series = m.df["case_id"].str.startswith("s_")
+    assert all(m.resolve(p).is_file() for p in m.df["image"][~series])
+    assert all(m.resolve(p).is_dir() for p in m.df["image"][series])
     assert "MR_truncated" not in " ".join(df["image"])
 
 

@@ -58,6 +58,16 @@ def test_one_row_per_series_broken_series_skipped(tmp_path):
     assert pd.read_csv(out, dtype=str, keep_default_na=False).equals(df)
 
 
+def test_a_three_plane_localizer_stays_per_image(tmp_path):
+    planes = [[1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1], [0, 1, 0, 0, 0, -1]]
+    write_series(tmp_path / "d" / "loc", _ramp(d=3), orientations=planes)
+    write_series(tmp_path / "d" / "ax", _ramp(d=3), patient_id="PHX0000009")
+    out = tmp_path / "m.csv"
+    report = ingest_dicom(tmp_path / "d", out, label_from="Modality", progress=False)
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(df["case_id"].str[:2]) == ["c_", "c_", "c_", "s_"] and report.skipped == []
+
+
 @pytest.mark.orthanc
 def test_ingest_dicomweb_makes_one_row_per_series(orthanc, tmp_path):  # noqa: F811
     import requests
