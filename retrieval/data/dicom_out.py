@@ -128,7 +128,7 @@ def _region_items(box, datasets, volume_dz: float | None):
     item = ScoordContentItem(
         name=name, graphic_type="POLYLINE", graphic_data=pts, relationship_type="CONTAINS"
     )
-    ds = datasets[0]
+    ds = datasets[len(datasets) // 2]  # a 2-D answer on a series is about its middle slice
     item.ContentSequence = [
         ImageContentItem(
             name=_code("CB-SRC", "Source image"),
@@ -253,11 +253,14 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     for k, (method, heat) in enumerate(sorted(maps.items())):
         arr = np.nan_to_num(np.asarray(heat, np.float32))
+        src = datasets
+        if arr.ndim == 2 and n_frames > 1:  # a 2-D map of a series: its middle slice
+            src = [datasets[n_frames // 2]]
         arr = arr[None] if arr.ndim == 2 else arr
-        if arr.shape != (n_frames, rows, cols):
+        if arr.shape != (len(src), rows, cols):
             raise CasebaseError(
                 f"--dicom-sr: the {method} map's shape {tuple(arr.shape)} differs from the "
-                f"query's ({n_frames}, {rows}, {cols})"
+                f"query's ({len(src)}, {rows}, {cols})"
             )
         lo, hi = float(arr.min()), float(arr.max())
         mapping = pm.RealWorldValueMapping(
@@ -270,8 +273,8 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
         )
         out.append(
             pm.ParametricMap(
-                source_images=datasets,
-                pixel_array=arr if n_frames > 1 else arr[0],
+                source_images=src,
+                pixel_array=arr if len(src) > 1 else arr[0],
                 series_instance_uid=generate_uid(),
                 series_number=series_number + k,
                 sop_instance_uid=generate_uid(),

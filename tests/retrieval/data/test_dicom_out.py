@@ -99,6 +99,12 @@ def test_sr_and_maps_of_a_volume_query(tmp_path):
     np.testing.assert_allclose(by_z, heat)
     with pytest.raises(CasebaseError, match="shape"):
         build_parametric_maps({"gradcam": heat[:4]}, dss)
+    # a 2-D answer on a series (today's 2-D model reads its middle slice) maps onto that slice
+    (flat,) = build_parametric_maps({"gradcam": heat[4]}, dss)
+    assert [r.ReferencedSOPInstanceUID for r in flat.SourceImageSequence] == [dss[4].SOPInstanceUID]
+    sr2 = build_sr(_fake_result([1, 2, 5, 6]), dss)
+    img = [it for it in _walk(sr2.ContentSequence) if it.ValueType == "IMAGE"]
+    assert img[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == dss[4].SOPInstanceUID
 
 
 def test_non_dicom_query_is_refused(tmp_path):
