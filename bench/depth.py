@@ -238,7 +238,37 @@ def alternative_features(model_dir, manifest_path) -> dict:
         q_df, q = embed(["test"])
     finally:
         handle.remove()
-    return {k: _metrics_from_frames(q_df, q[k], g_df, g[k]) for k in g}
+    out = {k: _metrics_from_frames(q_df, q[k], g_df, g[k]) for k in g}
+    for k in out:
+        out[k]["size_probe_r2"] = size_probe(g_df, g[k], q_df, q[k])
+    return out
+
+
+def size_probe(g_df, g_vec, q_df, q_vec) -> float | None:
+    """Within-class R² of a ridge fit of lesion size on the vectors (fitted on the gallery,
+    scored on the queries; each class's mean size removed): is size in the vectors at all?"""
+    from sklearn.linear_model import RidgeCV
+
+    gf, qf = _factor_arrays(g_df), _factor_arrays(q_df)
+    if "lesion_size" not in gf:
+        return None
+
+    def centred(df, vec, size):
+        keep = np.isfinite(size)
+        lab = df["label"].to_numpy()[keep]
+        x, y = np.asarray(vec)[keep].astype(np.float64), size[keep].copy()
+        for c in np.unique(lab):
+            m = lab == c
+            x[m] -= x[m].mean(0)
+            y[m] -= y[m].mean()
+        return x, y
+
+    gx, gy = centred(g_df, g_vec, gf["lesion_size"])
+    qx, qy = centred(q_df, q_vec, qf["lesion_size"])
+    if len(gy) < 10 or len(qy) < 5:
+        return None
+    fit = RidgeCV(alphas=np.logspace(-4, 2, 13)).fit(gx, gy)
+    return float(fit.score(qx, qy))
 
 
 def run_one(

@@ -515,7 +515,7 @@ def _depth_variants(r: Path) -> str:
     rows, loads = [], []
     for label, v in d["variants"].items():
         args = ", ".join(f"{k}={val}" for k, val in v.get("train_args", {}).items()) or "defaults"
-        for name, p in v["phantoms"].items():
+        for name, p in sorted(v["phantoms"].items()):
             alt = p.get("alternatives", {})
             rows.append(
                 [
