@@ -13,8 +13,11 @@
   ``[x0, y0, x1, y1]``; SCOORD3D (the 8 corners as a MULTIPOINT in patient mm,
   in the query series' frame of reference) for a volume ``[x0, y0, z0, x1, y1, z1]``.
 * **Maps** (:func:`build_parametric_maps`): each explanation map as a
-  Parametric Map (float32, the query's geometry, one frame per slice), which
-  viewers overlay on the source image.
+  Parametric Map (float32, the query's geometry, one frame per slice) for a
+  CT / MR query, which viewers overlay on the source image; a projection
+  image (CR / DX / SC, no patient frame of reference) gets a FRACTIONAL
+  Segmentation of the map scaled to [0, 1] instead (highdicom cannot build a
+  Parametric Map without plane geometry).
 * **STOW** (:func:`stow`): every object stored over DICOMweb (dicomweb-client).
 
 Privacy: the objects copy the patient / study modules from the query's own
@@ -263,6 +266,9 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
                 f"query's ({len(src)}, {rows}, {cols})"
             )
         lo, hi = float(arr.min()), float(arr.max())
+        if not _has_geometry(src):
+            out.append(_fractional_segmentation(method, arr, lo, hi, src, series_number + k))
+            continue
         mapping = pm.RealWorldValueMapping(
             lut_label=method[:16],
             lut_explanation=f"casebase {method} saliency"[:64],
@@ -295,6 +301,47 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
             )
         )
     return out
+
+
+def _has_geometry(datasets) -> bool:
+    ds = datasets[0]
+    return all(k in ds for k in ("FrameOfReferenceUID", "ImagePositionPatient", "PixelSpacing"))
+
+
+def _fractional_segmentation(method: str, arr, lo: float, hi: float, src, series_number: int):
+    """A projection image (CR / DX / SC: no patient frame of reference) gets its map as a
+    FRACTIONAL Segmentation (the map min-max scaled to [0, 1]): highdicom 0.28 cannot build a
+    Parametric Map without plane geometry, and viewers overlay segmentations as well."""
+    from highdicom import AlgorithmIdentificationSequence, seg
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    desc = seg.SegmentDescription(
+        segment_number=1,
+        segment_label=f"{method} saliency"[:64],
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue,
+        algorithm_type="AUTOMATIC",
+        algorithm_identification=AlgorithmIdentificationSequence(
+            name="casebase", version="1", family=codes.DCM.ArtificialIntelligence
+        ),
+    )
+    return seg.Segmentation(
+        source_images=src,
+        pixel_array=scaled.astype(np.float32)[0] if len(src) == 1 else scaled.astype(np.float32),
+        segmentation_type="FRACTIONAL",
+        segment_descriptions=[desc],
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+        manufacturer_model_name="casebase",
+        software_versions="casebase",
+        device_serial_number="0",
+        series_description=f"casebase {method} map"[:64],
+    )
 
 
 def write_objects(sr, maps: list, out: str | os.PathLike) -> list[Path]:
