@@ -153,6 +153,8 @@ def settle(page) -> None:
     """Wait until Streamlit has stopped running the script (and images have loaded)."""
     page.wait_for_timeout(300)
     page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=WAIT_MS)
+    # elements of a run still streaming in are skeletons (the status widget can be gone already)
+    page.wait_for_selector('[data-testid="stSkeleton"]', state="detached", timeout=WAIT_MS)
     page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=WAIT_MS)
 
 
