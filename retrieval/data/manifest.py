@@ -422,6 +422,7 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
         for i in rows:
             r = i + 1
             rel = df["image"].iat[i]
+            path = None
             size: tuple[int, ...] | None = None
             if not rel:
                 problems.append(Problem(r, "image", "empty image path"))
@@ -462,7 +463,7 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                         if not mpath.is_file():
                             msg = "mask file not found" if not mpath.exists() else "not a file"
                             problems.append(Problem(r, "mask", f"{_clip(mrel)}: {msg}"))
-                        elif check_images and is_volume_path(path):
+                        elif check_images and path is not None and is_volume_path(path):
                             shape = size if size is not None and len(size) == 3 else None
                             read_volume_mask(mpath, expected_shape=shape)
                         elif check_images:

@@ -118,7 +118,7 @@ def volume_kind(path: str | os.PathLike) -> str | None:
     try:
         if p.is_dir():
             return "dicom-series"
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or a NUL in the name
         return None
     if name.endswith(".npy"):
         shape = _npy_shape(p)
@@ -276,7 +276,7 @@ def read_volume(
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise VolumeError(f"{p}: not found")
+        raise VolumeError(f"{p}: file not found")
     kind = volume_kind(p)
     if kind == "nifti":
         return _read_nifti(p, window, max_voxels)
