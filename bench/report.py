@@ -235,7 +235,7 @@ def _explain_cost(r: Path) -> str:
         ],
         rows,
     )
-    model = "a seeded random-init" if c.get("random_init") else "the trained"
+    model = "A seeded random-init" if c.get("random_init") else "The trained"
     return (
         f"{model} {c.get('backbone', '')} model at {c['image_size']} px. Per map: one "
         "query image's map for its predicted class, and for its similarity to one other "
