@@ -1,0 +1,263 @@
+"""The shortcut audit scored out of sample: data its cut-offs were NOT chosen on.
+
+The flag rule's cut-offs (retrieval/audit/verdict.py: Holm p < 0.01, lift >= 1.05, probe
+margin >= 0.10, label association) were chosen and scored on x-ray phantoms with a burned-in
+site letter (bench/audit_seeds.py, bench/audit_null.py). Here they are frozen and scored on
+another generator family (RGB photographs) and other confounders, >= 10 seeds each:
+
+* ``ruler``   photo, ruler tied to one class (strength 0.9): ``ruler`` must be flagged;
+* ``marker``  photo, burned-in site letter tied to the class (0.9): ``site`` must be flagged;
+* ``tag``     photo, no confounder in the pixels, plus a manifest column ``tag`` that copies
+  the label on 90 % of train/val cases (random on test): associated with the label but
+  invisible to the model, so it must NOT be flagged (the hard case);
+* ``none``    the same clean photo runs: nothing may be flagged.
+
+Power = share of ruler/marker runs flagging their attribute; false flags = share of runs
+flagging ``tag`` (hard case) and share of clean runs flagging anything, each with a 95 %
+Clopper-Pearson interval. A strong-shortcut run only counts toward power when the model has
+learned the shortcut (``learned``: test P@5 with the confounder re-drawn at random is checked
+against the run's train-like val P@5; recorded, reported, never used to drop a run silently).
+
+Decision rule, fixed before any held-out score was seen: the cut-offs hold iff pooled power
+>= 0.95 and pooled false-flag rate <= 0.05 (point estimates; with 10 runs per condition an
+interval cannot certify 5 %: the exact upper bound of 0/10 is 0.31, so the intervals are
+reported next to them). No cut-off is changed by this script.
+
+One JSON record per run is appended to ``<work>/runs.jsonl`` as soon as it finishes, so a
+killed sweep keeps its results and resumes; every training goes through the caller's slot
+wrapper (run this under /work/notes/heavy):
+
+    /work/notes/heavy .venv/bin/python bench/audit_heldout.py --seeds 0-9 > /tmp/heldout.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+TAG_STRENGTH = 0.9
+LEARNED_GAP = 0.05  # P@5 drop for confounder-contradicting queries that counts as "uses it"
+CONDITIONS = {
+    # name: (phantom confounder, attribute that is the truth, must it be flagged?)
+    "ruler": ("ruler", "ruler", True),
+    "marker": ("site-marker", "site", True),
+    "tag": ("none", "tag", False),
+}
+
+
+def add_label_tag(manifest: Path, seed: int, strength: float = TAG_STRENGTH) -> None:
+    """Add a ``tag`` column associated with the label but absent from the pixels: on train/val
+    it names the case's label with probability ``strength`` (else a random label), on other
+    splits it is random. Deterministic in ``seed``; rewrites the manifest atomically."""
+    from retrieval.atomic import write_text as atomic_write_text
+
+    text = manifest.read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows or "tag" in rows[0]:
+        return
+    labels = sorted({r["label"] for r in rows})
+    rng = np.random.default_rng(10_000 + seed)
+    for r in rows:
+        tied = r.get("split") in ("train", "val")
+        if tied and rng.random() < strength:
+            r["tag"] = f"t{labels.index(r['label'])}"
+        else:
+            r["tag"] = f"t{int(rng.integers(0, len(labels)))}"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(manifest, buf.getvalue())
+
+
+def rate_ci(k: int, n: int) -> dict:
+    """Rate k/n with its exact (Clopper-Pearson) 95 % interval."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci95": None}
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return {"k": k, "n": n, "rate": k / n, "ci95": [float(ci.low), float(ci.high)]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per condition: n, flags, rate + CI; then power and the false-flag rates."""
+    out: dict = {"conditions": {}}
+    for cond, (_, attr, want) in CONDITIONS.items():
+        rs = [r for r in runs if r["condition"] == cond]
+        k = sum(bool(r["attributes"].get(attr, {}).get("flagged")) for r in rs)
+        out["conditions"][cond] = {"attribute": attr, "should_flag": want, **rate_ci(k, len(rs))}
+    clean = [r for r in runs if r["condition"] == "tag"]
+    others = sum(any(v["flagged"] for n, v in r["attributes"].items() if n != "tag") for r in clean)
+    out["conditions"]["none"] = {"attribute": "any but tag", "should_flag": False}
+    out["conditions"]["none"].update(rate_ci(others, len(clean)))
+    pw = [out["conditions"][c] for c in ("ruler", "marker")]
+    out["power"] = rate_ci(sum(c["k"] for c in pw), sum(c["n"] for c in pw))
+    used = [r for r in runs if r.get("learned")]
+    out["power_where_learned"] = rate_ci(
+        sum(bool(r["attributes"][CONDITIONS[r["condition"]][1]]["flagged"]) for r in used),
+        len(used),
+    )
+    out["learned"] = rate_ci(len(used), sum(c["n"] for c in pw))
+    ff = [out["conditions"][c] for c in ("tag", "none")]
+    out["false_flags"] = rate_ci(sum(c["k"] for c in ff), sum(c["n"] for c in ff))
+    p, f = out["power"]["rate"], out["false_flags"]["rate"]
+    out["cutoffs_held"] = None if p is None or f is None else bool(p >= 0.95 and f <= 0.05)
+    return out
+
+
+def shortcut_gap(r, manifest: Path, cond: str) -> float | None:
+    """Ground truth of shortcut use: test P@5 of queries whose confounder agrees with the
+    training tie minus that of queries where it contradicts it (the test split draws the
+    confounder at random, so both groups exist). A model that ignores the confounder shows
+    ~0; one that uses it retrieves worse for contradicting queries."""
+    from retrieval.data.phantom import PHOTO_CLASSES, RULER_CLASS, SITES
+    from retrieval.service.evaluate import embed_split
+
+    if cond not in ("ruler", "marker"):
+        return None
+    qs = embed_split(r, manifest, "test", 5, progress=False)
+    labels = r.cases["label"].astype(str).to_numpy()
+    site_of = {c: SITES[i % len(SITES)] for i, c in enumerate(PHOTO_CLASSES)}
+    agree, prec = [], []
+    for (_, row), hits in zip(qs.cases.iterrows(), qs.hits, strict=True):
+        if cond == "ruler":
+            agree.append((row["ruler"] == "yes") == (row["label"] == RULER_CLASS))
+        else:
+            agree.append(row["site"] == site_of[row["label"]])
+        prec.append(np.mean([labels[i] == row["label"] for _, i in hits[:5]]))
+    agree, prec = np.array(agree), np.array(prec)
+    if agree.all() or not agree.any():
+        return None
+    return float(prec[agree].mean() - prec[~agree].mean())
+
+
+def run_one(work: Path, seed: int, cond: str, args) -> dict:
+    from index.builder import build_index
+    from retrieval.audit import run_audit
+    from retrieval.data.phantom import make_phantom
+    from retrieval.model.train import TrainOptions, train_model
+    from retrieval.service.retriever import CaseRetriever
+
+    conf = CONDITIONS[cond][0]
+    root = work / f"{cond}-s{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    man = root / "data" / "manifest.csv"
+    if not man.is_file():
+        make_phantom(
+            root / "data",
+            n=args.n,
+            size=args.size,
+            seed=1000 + seed,
+            confounder=conf,
+            strength=args.strength,
+            modality="photo",
+        )
+    if cond == "tag":
+        add_label_tag(man, seed)
+    if not (root / "model" / "config.json").is_file():
+        train_model(
+            man,
+            root / "model",
+            TrainOptions(
+                epochs=args.epochs,
+                seed=seed,
+                progress=False,
+                image_size=args.image_size,
+                patience=args.epochs,
+            ),
+        )
+    if not (root / "index" / "bundle.json").is_file():
+        build_index(root / "model", man, root / "index", progress=False)
+    r = CaseRetriever.load(root / "index")
+    res = run_audit(
+        r,
+        man,
+        "test",
+        None,
+        args.permutations,
+        seed,
+        progress=False,
+        max_counterfactual=args.counterfactual,
+        examples=False,
+    )
+    d = res.data
+    gap = shortcut_gap(r, man, cond)
+    return {
+        "shortcut_gap": gap,
+        "learned": None if gap is None else gap >= LEARNED_GAP,
+        "condition": cond,
+        "seed": seed,
+        "n": args.n,
+        "size": args.size,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "precision_at_5": d["precision_at_5"],
+        "attributes": {
+            n: {
+                k: v.get(k)
+                for k in (
+                    "lift",
+                    "p_value_holm",
+                    "probe_balanced_accuracy",
+                    "chance",
+                    "label_association",
+                    "flagged",
+                    "retrieval_bias",
+                )
+            }
+            for n, v in d["attributes"].items()
+        },
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    from _common import finish, machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0-9")
+    ap.add_argument("--conditions", default="ruler,marker,tag")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--strength", type=float, default=0.9)
+    ap.add_argument("--permutations", type=int, default=500)
+    ap.add_argument("--counterfactual", type=int, default=20)
+    ap.add_argument("--work", default="/tmp/audit_heldout")
+    args = ap.parse_args()
+    a, _, b = args.seeds.partition("-")
+    seeds = list(range(int(a), int(b) + 1)) if b else [int(s) for s in args.seeds.split(",")]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "runs.jsonl"
+    runs = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    done = {(r["condition"], r["seed"]) for r in runs}
+    started, info = time.time(), machine()
+    for seed in seeds:
+        for cond in args.conditions.split(","):
+            if (cond, seed) in done:
+                continue
+            rec = run_one(work, seed, cond, args)
+            with log.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            runs.append(rec)
+            print(
+                f"done {cond} seed {seed}: {json.dumps({k: v['flagged'] for k, v in rec['attributes'].items()})}",
+                flush=True,
+            )
+    summary = summarize(runs)
+    print(json.dumps(summary, indent=1))
+    finish("audit_heldout", info, {"args": vars(args), "runs": runs, **summary}, started)
+
+
+if __name__ == "__main__":
+    main()
