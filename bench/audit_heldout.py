@@ -114,8 +114,8 @@ def summarize(runs: list[dict]) -> dict:
 
 def shortcut_gap(r, manifest: Path, cond: str) -> float | None:
     """Ground truth of shortcut use: test P@5 of queries whose confounder agrees with the
-    training tie minus that of queries where it contradicts it (the test split draws the
-    confounder at random, so both groups exist). A model that ignores the confounder shows
+    training tie minus that of queries where it contradicts it, within each class, weighted by
+    class size (the test split draws the confounder at random, so both groups exist). A model that ignores the confounder shows
     ~0; one that uses it retrieves worse for contradicting queries."""
     from retrieval.data.phantom import PHOTO_CLASSES, RULER_CLASS, SITES
     from retrieval.service.evaluate import embed_split
@@ -133,9 +133,14 @@ def shortcut_gap(r, manifest: Path, cond: str) -> float | None:
             agree.append(row["site"] == site_of[row["label"]])
         prec.append(np.mean([labels[i] == row["label"] for _, i in hits[:5]]))
     agree, prec = np.array(agree), np.array(prec)
-    if agree.all() or not agree.any():
-        return None
-    return float(prec[agree].mean() - prec[~agree].mean())
+    lab = qs.cases["label"].astype(str).to_numpy()
+    gaps, weights = [], []
+    for c in np.unique(lab):  # within each class: class difficulty must not pose as shortcut use
+        a, m = agree[lab == c], prec[lab == c]
+        if a.any() and (~a).any():
+            gaps.append(m[a].mean() - m[~a].mean())
+            weights.append(len(m))
+    return float(np.average(gaps, weights=weights)) if gaps else None
 
 
 def run_one(work: Path, seed: int, cond: str, args) -> dict:
@@ -227,12 +232,12 @@ def main() -> None:
     ap.add_argument("--conditions", default="ruler,marker,tag")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--strength", type=float, default=0.9)
     ap.add_argument("--permutations", type=int, default=500)
     ap.add_argument("--counterfactual", type=int, default=20)
-    ap.add_argument("--work", default="/tmp/audit_heldout")
+    ap.add_argument("--work", default="/tmp/audit_heldout96")
     args = ap.parse_args()
     a, _, b = args.seeds.partition("-")
     seeds = list(range(int(a), int(b) + 1)) if b else [int(s) for s in args.seeds.split(",")]

@@ -271,6 +271,50 @@ def _audit_null(r: Path) -> str:
     return f"{t}\n\n{machine_line(d)}"
 
 
+def _audit_heldout(r: Path) -> str:
+    """The held-out audit table: frozen cut-offs on photo phantoms, the hard case its own row."""
+    d = load("audit_heldout", r)
+
+    def cell(c: dict) -> list:
+        if not c["n"]:
+            return [0, 0, "n/a"]
+        lo, hi = c["ci95"]
+        return [c["n"], c["k"], f"{c['rate']:.2f} [{lo:.2f}, {hi:.2f}]"]
+
+    what = {
+        "ruler": "ruler tied to melanoma (0.9): `ruler` flagged",
+        "marker": "burned-in site letter tied to the class (0.9): `site` flagged",
+        "tag": "**hard case**: `tag` column = label on 90 % of train/val, not in the pixels: "
+        "`tag` flagged",
+        "none": "same clean runs: anything else flagged",
+    }
+    def used(cond: str) -> str:
+        gaps = [x["shortcut_gap"] for x in d["runs"] if x["condition"] == cond]
+        gaps = [g for g in gaps if g is not None]
+        if not gaps:
+            return "—"
+        return f"{sum(g >= 0.05 for g in gaps)}/{len(gaps)} (mean gap {sum(gaps) / len(gaps):+.3f})"
+
+    rows = [[what[k], *cell(v), used(k)] for k, v in d["conditions"].items()]
+    rows.append(["**power** (ruler + marker, as pre-registered)", *cell(d["power"]), ""])
+    rows.append(["power where the model uses the shortcut", *cell(d["power_where_learned"]), ""])
+    rows.append(["**false flags** (hard case + clean)", *cell(d["false_flags"]), ""])
+    a = d["args"]
+    head = (
+        f"{a['n']}-case RGB photo phantoms at {a['size']} px, models at {a['image_size']} px, "
+        f"{a['epochs']} epochs, seeds {a['seeds']}, {a['permutations']} permutations. "
+        "Model uses it = test P@5 of queries whose confounder agrees with the "
+        "training tie minus that of contradicting ones >= 0.05 (a noisy ground truth on "
+        f"{a['n'] * 15 // 100}-query test splits)."
+    )
+    t = md_table(
+        ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"], rows
+    )
+    held = {True: "yes", False: "no", None: "n/a"}[d["cutoffs_held"]]
+    tail = f"Cut-offs held (power >= 0.95 and false flags <= 0.05): **{held}**."
+    return f"{head}\n\n{t}\n\n{tail}\n\n{machine_line(d)}"
+
+
 def _ray_scaling(r: Path) -> str:
     d = load("ray_scaling", r)
     rows = [[k, f"{v:.1f}"] for k, v in d["images_per_second_median"].items()]
@@ -651,6 +695,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "explain_cost": _explain_cost,
     "audit_seeds": _audit_seeds,
     "audit_null": _audit_null,
+    "audit_heldout": _audit_heldout,
     "ray_scaling": _ray_scaling,
     "matched_regions": _matched_regions,
     "refine": _refine,
