@@ -303,7 +303,7 @@ def _audit_heldout(r: Path) -> str:
     head = (
         f"{a['n']}-case RGB photo phantoms at {a['size']} px, models at {a['image_size']} px, "
         f"{a['epochs']} epochs, seeds {a['seeds']}, {a['permutations']} permutations. "
-        "Model uses it = test P@5 of queries whose confounder agrees with the "
+        "Model uses it = within-class test P@5 of queries whose confounder agrees with the "
         "training tie minus that of contradicting ones >= 0.05 (a noisy ground truth on "
         f"{a['n'] * 15 // 100}-query test splits)."
     )
