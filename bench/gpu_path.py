@@ -54,8 +54,8 @@ def check_training_amp(manifest, device, n_cases):
     import pandas as pd
     import torch
 
-    from retrieval.model import train
     from retrieval.data.manifest import load_manifest
+    from retrieval.model import train
 
     calls, scalers = [], []
     real_autocast, real_scaler = torch.autocast, torch.amp.GradScaler

@@ -207,6 +207,7 @@ def _gradcam_vs_reference(r: Path) -> str:
 
 def _explain_cost(r: Path) -> str:
     d = load("explain_cost", r)
+
     def sec(v):
         return "—" if v is None else f"{v:.3f}"
 
@@ -288,6 +289,7 @@ def _audit_heldout(r: Path) -> str:
         "`tag` flagged",
         "none": "same clean runs: anything else flagged",
     }
+
     def used(cond: str) -> str:
         gaps = [x["shortcut_gap"] for x in d["runs"] if x["condition"] == cond]
         gaps = [g for g in gaps if g is not None]

@@ -322,8 +322,10 @@ def _add_explain_eval(sub) -> None:
         help="also retrain on permuted labels for EPOCHS epochs (Adebayo et al.'s data test)",
     )
     p.add_argument(
-        "--subclass", default=None, metavar="COLUMN", help="manifest column for the "
-        "identical-subclass test of the neighbours (Hanawa et al.)"
+        "--subclass",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column for the identical-subclass test of the neighbours (Hanawa et al.)",
     )
     p.add_argument("--plot", default=None, metavar="PNG", help="write the sanity curves here")
     p.set_defaults(_module="explain_eval")

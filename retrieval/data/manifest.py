@@ -464,8 +464,16 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                             msg = "mask file not found" if not mpath.exists() else "not a file"
                             problems.append(Problem(r, "mask", f"{_clip(mrel)}: {msg}"))
                         elif check_images and path is not None and is_volume_path(path):
-                            shape = size if size is not None and len(size) == 3 else None
-                            read_volume_mask(mpath, expected_shape=shape)
+                            if size is not None:
+                                shape = size if len(size) == 3 else None
+                                read_volume_mask(mpath, expected_shape=shape)
+                            else:
+                                # the unreadable volume is reported above: the mask is
+                                # judged on its own, as a volume's or an image's
+                                try:
+                                    read_volume_mask(mpath, expected_shape=None)
+                                except VolumeError:
+                                    read_mask(mpath, expected_size=None)
                         elif check_images:
                             read_mask(mpath, expected_size=size)
                     except VolumeError as err:
