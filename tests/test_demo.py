@@ -16,6 +16,7 @@ def _shrink(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(demo, "PHANTOM", dict(demo.PHANTOM, n=60, size=64))
     mp.setattr(demo, "EPOCHS", 1)
     mp.setattr(demo, "EXPLAIN_CASES", 2)
+    mp.setattr(demo, "SANITY_CASES", 1)
     mp.setattr(demo, "_methods", lambda: ["gradcam", "similarity"])
 
 
@@ -48,10 +49,12 @@ def test_demo_builds_then_reuses(small_demo, built, capsys):
     bundle.verify(out / "index")
     trust = json.loads((out / "index" / "trust.json").read_text())
     assert set(trust) == {"gradcam", "similarity"} and trust["gradcam"]["summary"]
+    # the demo's smaller sanity check is what ran, and its verdict says so
+    assert trust["gradcam"]["sanity"]["n_cases"] == 1
     if demo._audit_available():
         assert (out / "index" / "audit" / "report.html").is_file()
     stamp = json.loads((out / demo.STAMP).read_text())
-    assert stamp["timings_s"]["total"] > 0
+    assert stamp["timings_s"]["total"] > 0 and stamp["sanity_cases"] == 1
     assert "streamlit run" in err  # --no-app says how to open it
 
     t0 = time.perf_counter()
