@@ -518,4 +518,11 @@ searched again with the lesion filled by blurred surrounding background, or with
 lesion replaced by its mean. <b>Leakage</b>: embedding near-duplicates, identical decoded pixels,
 shared case ids and own-patient neighbours between the split and the index.
 Only case ids appear in this report.</p>
+<p class=muted><b>How far a verdict goes.</b> The flag rule's cut-offs were chosen on grayscale
+phantoms with a burned-in site marker. Scored on data they were not chosen on (RGB photo phantoms,
+bench/audit_heldout.py in the repository, docs/results.md) they never flagged a label-free attribute
+or a label-tied column the model could not see, and flagged a ruler tied to the class, but missed a
+burned-in site letter tied to the class in every run, including runs where the model used it.
+"Not flagged" is therefore not proof that the model ignores an attribute: look at the probe and the
+counterfactual columns, and test a suspected artefact directly with <code>--concept</code>.</p>
 """

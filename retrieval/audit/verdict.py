@@ -46,6 +46,14 @@ label-preserving nulls cap a label-tied attribute's lift (1.06-1.32 for the
 marker across seeds). Ground truth for "the model uses the marker" comes from
 swapping the burned-in letter (how many neighbours change to the new letter's
 site), which only a phantom allows.
+
+Out of sample (bench/audit_heldout.py: RGB photo phantoms, 10 seeds per
+condition, cut-offs frozen) the rule kept its false-flag rate (no flag on
+clean runs, nor on a label-tied column absent from the pixels) and flagged a
+class-tied ruler every time, but never flagged a class-tied burned-in site
+letter: its within-label probe margin stayed under the 0.10 floor even where
+the model used the letter. The cut-offs are not validated beyond the
+generator they were chosen on; the report says so next to its verdicts.
 """
 
 from __future__ import annotations
