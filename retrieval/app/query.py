@@ -112,6 +112,7 @@ def run(
                 filters=s.filters or None,
                 case_id=chosen.case_id,
                 exclude_self=s.exclude_self,
+                concepts=s.concepts or None,
                 **refinement.query_kwargs(),
             )
         except CasebaseError as err:

@@ -17,6 +17,7 @@ class Settings:
     methods: list[str]
     filters: dict = field(default_factory=dict)
     exclude_self: bool = True  # leave the query out when it is an indexed case itself
+    concepts: dict = field(default_factory=dict)  # {stored concept: weight != 0}, as in SMILY
 
     def key(self, exclude_patient: bool) -> tuple:
         """What a stored result must match to still be the answer to the current settings."""
@@ -26,6 +27,7 @@ class Settings:
             exclude_patient,
             self.exclude_self,
             tuple(sorted((n, tuple(v)) for n, v in self.filters.items())),
+            tuple(sorted(self.concepts.items())),
         )
 
 
@@ -58,6 +60,41 @@ def filters(r) -> dict:
     return chosen_filters
 
 
+def concept_sliders(index_dir: Path) -> dict[str, float]:
+    """One slider per concept stored in the bundle (casebase concepts --store), as in SMILY:
+    a negative weight moves the search away from the concept, a positive one towards it."""
+    from retrieval.concepts.store import stored_concepts
+    from retrieval.errors import CasebaseError
+
+    try:
+        info = stored_concepts(index_dir)
+    except CasebaseError as err:
+        st.sidebar.warning(f"Stored concepts unreadable: {err}")
+        return {}
+    if not info:
+        return {}
+    st.sidebar.subheader("Refine by concept")
+    weights = {}
+    for name, v in sorted(info.items()):
+        sig = v.get("significant_classes") or []
+        w = st.sidebar.slider(
+            name,
+            -2.0,
+            2.0,
+            0.0,
+            0.5,
+            key=f"concept_{name}",
+            help=f"{v.get('kind', '')} concept ({v.get('spec', '')}); TCAV-significant for "
+            f"{', '.join(sig) or 'no class'}. -1 drops the concept's part of every similarity, "
+            "-2 prefers cases without it, +1 doubles it.",
+        )
+        if w != 0.0:
+            weights[name] = float(w)
+    if weights:
+        st.sidebar.caption("The query is moved along the concepts before the search.")
+    return weights
+
+
 def settings(r, index_dir: Path, manifest: Path | None) -> Settings:
     sb = st.sidebar
     sb.header("Query settings")
@@ -79,6 +116,7 @@ def settings(r, index_dir: Path, manifest: Path | None) -> Settings:
         "says nothing about other patients.",
     )
     chosen = filters(r)
+    concepts = concept_sliders(index_dir)
     with sb.expander("About this index"):
         cfg = r.meta.get("model", {})
         st.caption(
@@ -87,4 +125,4 @@ def settings(r, index_dir: Path, manifest: Path | None) -> Settings:
             f"{r.weighting} weighting · FAISS {r.meta.get('faiss', {}).get('factory', '?')}"
         )
         st.caption(f"Index: `{index_dir}`" + (f" · manifest: `{manifest}`" if manifest else ""))
-    return Settings(k, list(methods), chosen, exclude_self)
+    return Settings(k, list(methods), chosen, exclude_self, concepts)
