@@ -13,7 +13,7 @@ def shortcuts(concepts_json: dict) -> list[dict]:
     for name, v in concepts_json.get("concepts", {}).items():
         for target in ("classes", "similarity"):
             for c, t in (v.get(target) or {}).items():
-                if t["significant"] and t["tcav_score"] > t["random_mean"]:
+                if t["significant"] and t.get("rises", t["tcav_score"] > t["random_mean"]):
                     what = "logit" if target == "classes" else "similarity to the class's cases"
                     out.append(
                         {

@@ -89,7 +89,8 @@ def target_gradients(
     weighting: str,
     batch: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-input gradients at block `index` of (the class logit, the similarity to the class).
+    """Per-input gradients at block `index` of (the class's centred logit z_c - mean_k z_k,
+    the similarity to the class).
 
     The similarity target is e(x) · m_c with m_c the mean of the class's indexed embeddings:
     the mean cosine similarity of the query to the cases of class c, computed exactly as
@@ -111,7 +112,10 @@ def target_gradients(
             h, ww = f.shape[-2:]
             w = f.new_full((f.shape[0], h, ww), 1.0 / (h * ww))
         sim = model.embed_features(f, w) @ mean
-        (gl,) = torch.autograd.grad(logits[:, class_idx].sum(), a, retain_graph=True)
+        # the centred logit: softmax ignores a shift common to every class, so a concept that
+        # raises all logits alike changes no probability (bench/concepts.py, part variants)
+        centred = logits[:, class_idx] - logits.mean(dim=1)
+        (gl,) = torch.autograd.grad(centred.sum(), a, retain_graph=True)
         (gs,) = torch.autograd.grad(sim.sum(), a)
         g_logit.append(gl.flatten(1).cpu().numpy())
         g_sim.append(gs.flatten(1).cpu().numpy())

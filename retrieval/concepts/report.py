@@ -31,7 +31,7 @@ def findings(data: dict) -> list[dict]:
             sig = {c: t for c, t in tests.items() if t.get("significant")}
             if sig:
                 for c, t in sig.items():
-                    up = t["tcav_score"] > t["random_mean"]
+                    up = t.get("rises", t["tcav_score"] > t["random_mean"])
                     what = WHAT[target].format(c=c)
                     text = (
                         f"Along '{name}', {what} {'rises' if up else 'falls'} for "

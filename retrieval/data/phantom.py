@@ -880,7 +880,7 @@ def make_phantom(
 
 # --------------------------------------------------------------------------- concept images
 
-CONCEPT_KINDS = ("marker", "ruler", "control")
+CONCEPT_KINDS = ("marker", "ruler", "control", "plain")
 
 
 def write_concept_images(
@@ -898,8 +898,11 @@ def write_concept_images(
 
     ``marker``: the site letter ``site`` burned into cases drawn like the data (lesions of
     every class); ``ruler`` (photo): the ruler on such cases; ``control``: cases drawn like the
-    data itself (the data set's own ``confounder`` at its test-split rate), a concept that
-    should be significant for no class. ``background_only``: the marker / ruler on the
+    data set itself (``confounder`` and its strength 0.9 as in ``make_phantom``, over the same
+    train/val/test mix), a concept that should be significant for no class; ``plain``: the
+    very cases ``marker`` / ``ruler`` draw with the same seed, without the artefact
+    (pixel-identical elsewhere: the artefact is burned in last), so the pair measures what
+    adding the artefact does to a model. ``background_only``: the marker / ruler on the
     background alone (no lesion); against random data images such a concept also carries
     "no lesion", which the classes do depend on (bench/concepts.py measures both). Same file
     formats as ``make_phantom`` (DICOM for x-ray, PNG for photo); a seed of its own so that no
@@ -917,7 +920,7 @@ def write_concept_images(
         raise CasebaseError(f"--n must be between 1 and 10000 (got {n})")
     classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
     vendors = SCANNERS if modality == "xray" else DEVICES
-    # test-split rates for the control (site uniform, ruler 1/3); n >= 12 for the planner
+    # n >= 12 for the planner
     cases, patients = _plan(max(12, int(n)), int(seed), confounder, 0.9, classes, vendors)
     out = Path(out_dir)
     try:
@@ -932,10 +935,11 @@ def write_concept_images(
             case.marker, case.site, case.ruler = True, site, False
         elif kind == "ruler":
             case.marker, case.ruler = False, True
-        else:  # the test split's rates: site uniform, ruler 1/3 (a stream of its own)
-            ctl = np.random.default_rng([seed, case.index, 0xC7])
-            case.site = SITES[int(ctl.integers(0, len(SITES)))]
-            case.ruler = confounder == "ruler" and bool(ctl.random() < 1.0 / 3.0)
+        elif kind == "plain":
+            case.marker, case.ruler = False, False
+        # control: the planner's own draw, like a manifest of the data set (its train/val/test
+        # mix, the confounder tied as often as there), so that it is exchangeable with the
+        # random counterexamples TCAV draws from a manifest
         lesion = kind == "control" or not background_only
         name = f"{kind}_{case.index:04d}"
         try:

@@ -25,27 +25,56 @@ def test_fit_cav_points_towards_the_concept():
     assert c.direction[3] > 0.5  # along the concept's axis, pointing towards it
 
 
-def test_tcav_scores_and_two_sided_test():
+def test_runs_and_the_set_level_test():
+    """A concept shifting the activations along the class's gradient: every score 1, effect
+    about the shift; a random set of the pool: no evidence; the opposite concept: score 0,
+    as significant (two-sided); the prediction-interval p is exact under the null."""
     rng = np.random.default_rng(1)
-    d = 20
-    grads = rng.normal(size=(50, d)) * 0.2
+    d, n_pool, n_set = 20, 150, 24
+    grads = rng.normal(size=(40, d)) * 0.2
     grads[:, 0] += 1.0  # every input's score rises along axis 0
-    concept = np.tile(np.eye(d)[0], (20, 1)) + rng.normal(size=(20, d)) * 0.05
-    null = rng.normal(size=(20, d))
-    s_c, s_n = tcav._scores(grads, concept), tcav._scores(grads, null)
-    assert np.all(s_c == 1.0)
-    t = tcav._test(s_c, s_n)
-    assert t.p_value < 0.01 and t.tcav_score == 1.0
-    # the opposite direction is as significant (two-sided), with a score of 0
-    t_neg = tcav._test(tcav._scores(grads, -concept), s_n)
-    assert t_neg.p_value < 0.01 and t_neg.tcav_score == 0.0
-    # random against random: no evidence
-    other = tcav._scores(grads, rng.normal(size=(20, d)))
-    assert tcav._test(other, s_n).p_value > 0.01
+    pool = rng.normal(size=(n_pool, d))
+    concept = rng.normal(size=(n_set, d)) + 2.0 * np.eye(d)[0]
+    anti = rng.normal(size=(n_set, d)) - 2.0 * np.eye(d)[0]
+    a = np.concatenate([concept, anti, pool])
+    proj = {("classes", "c"): grads @ a.T}
+    gram = a @ a.T
+    rows_c, rows_a = np.arange(n_set), np.arange(n_set, 2 * n_set)
+    rows_pool = np.arange(2 * n_set, 2 * n_set + n_pool)
+    runs = 10
+    conc = tcav._runs(proj, gram, rows_c, rows_pool, runs, seed=0)
+    neg = tcav._runs(proj, gram, rows_a, rows_pool, runs, seed=0)
+    null = []
+    for j in range(20):
+        perm = np.random.default_rng(j).permutation(rows_pool)
+        null.append(tcav._runs(proj, gram, perm[:n_set], perm[n_set:], runs, seed=0))
+    key = ("classes", "c")
+    ns = np.array([x["scores"][key].mean() for x in null])
+    ne = np.array([x["effects"][key].mean() for x in null])
+    t = tcav._test(conc["scores"][key], conc["effects"][key], ns, ne)
+    assert t.tcav_score > 0.95 and 1.5 < t.effect < 2.5  # mean g·shift = 1 x 2
+    assert t.p_value_effect < 1e-4 and t.p_value_score < 0.05
+    # held-out halves separate along the direction (Bayes accuracy ~0.84); random sets do not
+    assert conc["accuracy"].mean() > 0.65
+    assert np.mean([x["accuracy"].mean() for x in null]) < 0.6
+    t_neg = tcav._test(neg["scores"][key], neg["effects"][key], ns, ne)
+    assert (
+        t_neg.tcav_score == 0.0
+        and t_neg.p_value_effect < 1e-4
+        and t_neg.to_json()["rises"] is False
+    )
+    # a random set against the other random sets: no evidence
+    t_null = tcav._test(null[0]["scores"][key], null[0]["effects"][key], ns[1:], ne[1:])
+    assert t_null.p_value_effect > 0.01
+    # the prediction-interval p is uniform under the null: 5% of Gaussian draws below 0.05
+    draws = np.random.default_rng(3).normal(size=(4000, 21))
+    ps = np.array([tcav._predictive_p(x[0], x[1:]) for x in draws])
+    assert abs((ps < 0.05).mean() - 0.05) < 0.012
 
 
 def test_layer_gradients_match_finite_differences():
-    """∇ at a block of (class logit, similarity to a class mean) agrees with finite differences."""
+    """∇ at a block of (centred class logit, similarity to a class mean) agrees with finite
+    differences."""
     torch.manual_seed(0)
     model = CaseNet(ModelConfig(classes=["a", "b", "c"], image_size=32, width=8)).eval()
     x = torch.randn(3, 1, 32, 32)
@@ -61,7 +90,8 @@ def test_layer_gradients_match_finite_differences():
 
         def targets(act):
             f = feats[idx + 1 :](act)
-            logit = model.classifier(f.mean(dim=(2, 3)))[:, 1]
+            z = model.classifier(f.mean(dim=(2, 3)))
+            logit = z[:, 1] - z.mean(dim=1)  # the centred logit
             h, w = f.shape[-2:]
             wts = f.new_full((f.shape[0], h, w), 1.0 / (h * w))
             sim = model.embed_features(f, wts) @ torch.as_tensor(mean)
