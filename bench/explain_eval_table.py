@@ -22,6 +22,19 @@ from pathlib import Path
 from _common import RESULTS, finish, machine, table
 
 
+def _binned(manifest: str, column: str) -> str:
+    """A copy of the manifest with ``<column>_class``: low / high against the label's median."""
+    import pandas as pd
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    value = pd.to_numeric(df[column])
+    median = value.groupby(df["label"]).transform("median")
+    df[f"{column}_class"] = (value > median).map({True: "high", False: "low"})
+    out = Path(manifest).with_name(f"{Path(manifest).stem}.{column}_class.csv")
+    df.to_csv(out, index=False)
+    return str(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", action="append", required=True, metavar="NAME=INDEX:MANIFEST")
@@ -30,7 +43,15 @@ def main() -> int:
     ap.add_argument("--sanity-seeds", type=int, default=3)
     ap.add_argument("--methods", default=None)
     ap.add_argument("--split", default="test")
-    ap.add_argument("--subclass", default=None)
+    ap.add_argument("--subclass", default=None, help="manifest column of subclasses")
+    ap.add_argument(
+        "--subclass-bin",
+        default=None,
+        metavar="COLUMN",
+        help="a continuous lesion factor (e.g. lesion_size) split at its median within each "
+        "label into low / high: the subclass of Hanawa et al.'s identical-subclass test "
+        "(written to a manifest copy beside the original)",
+    )
     ap.add_argument("--name", default="explain_eval_table")
     ap.add_argument("--plot-dir", default=str(RESULTS))
     args = ap.parse_args()
@@ -41,10 +62,13 @@ def main() -> int:
     started = time.time()
     info = machine()
     methods = args.methods.split(",") if args.methods else list(registry.METHODS)
+    subclass = f"{args.subclass_bin}_class" if args.subclass_bin else args.subclass
     out = {}
     for spec in args.index:
         name, rest = spec.split("=", 1)
         index, manifest = rest.split(":", 1)
+        if args.subclass_bin:
+            manifest = _binned(manifest, args.subclass_bin)
         r = CaseRetriever.load(index, device="cpu")
         t0 = time.time()
         report = trust.evaluate(
@@ -56,7 +80,7 @@ def main() -> int:
             progress=True,
             sanity_cases=args.sanity_cases,
             sanity_seeds=tuple(range(args.sanity_seeds)),
-            subclass=args.subclass,
+            subclass=subclass,
         )
         report["wall_s"] = round(time.time() - t0, 1)
         report["model"] = {
@@ -68,9 +92,10 @@ def main() -> int:
                 for k in ("best_val", "epochs_run", "epochs_total")
             },
         }
-        png = Path(args.plot_dir) / f"{args.name}_{name}_sanity.png"
-        sanity.plot_curves(report["methods"], png, f"{name}: {index}")
-        report["plot"] = str(png)
+        if any(m.get("sanity") for m in report["methods"].values()):  # not with 0 cases
+            png = Path(args.plot_dir) / f"{args.name}_{name}_sanity.png"
+            sanity.plot_curves(report["methods"], png, f"{name}: {index}")
+            report["plot"] = str(png)
         out[name] = report
         rows = []
         for m in methods:
@@ -120,6 +145,8 @@ def main() -> int:
                 "sanity_seeds": args.sanity_seeds,
                 "split": args.split,
                 "methods": methods,
+                "subclass": subclass,
+                "subclass_binned_from": args.subclass_bin,
             },
             "datasets": out,
         },

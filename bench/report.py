@@ -688,7 +688,39 @@ def _explain_eval(name: str) -> Callable[[Path], str]:
     return render
 
 
+def _neighbour_tests(r: Path) -> str:
+    """Hanawa et al.'s minimal tests of the neighbours as explanations, per phantom."""
+    d = load("explain_eval_subclass_size", r)
+    rows = []
+    for ds, rep in d["datasets"].items():
+        t = rep["neighbour_tests"]
+        mr, ic = t["model_randomization"], t["identical_class"]
+        sub = t.get("identical_subclass") or {}
+        rows.append(
+            [
+                ds,
+                t["n_queries"],
+                f"ρ {mr['spearman']:+.2f}: **{mr['verdict']}**",
+                f"{ic['rate']:.2f} (chance {ic['chance']:.2f}): **{ic['verdict']}**",
+                f"{sub['rate']:.2f} (chance {sub['chance']:.2f}, p {sub['p_value']:.3f}): "
+                f"**{sub['verdict']}**"
+                if sub
+                else "—",
+            ]
+        )
+    head = [
+        "phantom",
+        "queries",
+        "model randomisation (similarity ranks, trained vs random)",
+        "identical class (top neighbour)",
+        f"identical subclass: {d['config']['subclass_binned_from']} above / below the "
+        "label's median",
+    ]
+    return "\n\n".join([md_table(head, rows), machine_line(d)])
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
+    "neighbour_tests": _neighbour_tests,
     "build_throughput": _build_throughput,
     "search_scale": _search_scale("search_scale"),
     "search_scale_100k": _search_scale("search_scale_100k"),

@@ -500,6 +500,19 @@ def load_cases(
             f"{manifest_path}: no case in split {split!r} has a mask "
             "(the manifest's `mask` column); explain-eval needs lesion masks"
         )
+    # a neighbour's attributes as the manifest has them, where the index lacks a column
+    # (e.g. a subclass column added to the manifest after the index was built)
+    everyone = manifest.df.drop_duplicates("case_id").set_index("case_id", drop=False)
+    extra = [c for c in everyone.columns if c not in ("image", "mask")]
+
+    def neighbour_attributes(n) -> dict[str, str]:
+        out = {}
+        if n.case_id in everyone.index:
+            r = everyone.loc[n.case_id]
+            out = {c: str(r[c]) for c in extra}
+        out.update({a: str(v) for a, v in n.attributes.items()})
+        return out
+
     skipped: list[str] = []
     cases: list[dict] = []
     for pos in _pick(len(table), max_cases):
@@ -543,7 +556,7 @@ def load_cases(
                     {
                         "label": n.label,
                         "patient_id": str(n.patient_id),
-                        "attributes": {a: str(v) for a, v in n.attributes.items()},
+                        "attributes": neighbour_attributes(n),
                     }
                     for n in found
                 ],
@@ -711,6 +724,11 @@ def neighbour_tests(retriever, cases: list[dict], subclass: str | None, seed: in
             info.extend(c.get("neighbour_info", []))
     if not pool or len(info) != sum(len(p) for p in pool):
         return {}
+    if subclass and not any(n["attributes"].get(subclass) for n in info):
+        raise CasebaseError(
+            f"--subclass {subclass}: no retrieved neighbour has a value in that column "
+            "(neither in the index nor in the manifest)"
+        )
     model, w = retriever.model, retriever.weighting
     device = next(model.parameters()).device
     rnd = randomized_copy(model, seed)

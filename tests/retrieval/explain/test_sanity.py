@@ -114,6 +114,9 @@ def test_hanawa_tests_on_controlled_embeddings():
     assert out["identical_class"]["rate"] == 1.0 and out["identical_class"]["verdict"] == "pass"
     assert out["identical_subclass"]["rate"] == 1.0
     assert out["identical_subclass"]["chance"] == pytest.approx(0.5)
+    # 4 of 4 queries agreeing at chance 0.5: one-sided binomial p = 0.5**4, not yet a pass
+    assert out["identical_subclass"]["p_value"] == pytest.approx(0.0625)
+    assert out["identical_subclass"]["verdict"] == "fail"
     assert out["model_randomization"]["verdict"] == "pass"
     labels_q, labels_p = [k[0] for k in q_keys], [k[0] for k in keys]
     blind = sanity.neighbour_tests(trained, trained, queries, pool, labels_q, labels_p, labels_q)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from retrieval.errors import CasebaseError
 from retrieval.explain import registry, trust
 from retrieval.model.network import BACKBONES, CaseNet, ModelConfig, _conv_bn
 from retrieval.model.preprocess import Geometry
@@ -242,3 +243,28 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
     assert report["methods"]["similarity"]["lesion_x_lesion_share"] == lesion["median_share"]
     assert "lesion x lesion" in table
     json.dumps(report, allow_nan=False)
+
+
+def test_identical_subclass_reads_a_column_the_index_lacks(retriever, phantom_dir, tmp_path):
+    """Hanawa et al.'s identical-subclass test on a subclass column added to the manifest after
+    the index was built: the neighbours' values come from the manifest, so the chance rate is
+    that of the real pool (not 0 against empty strings), and a column no one has is an error."""
+    import pandas as pd
+
+    df = pd.read_csv(phantom_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    size = pd.to_numeric(df["lesion_size"])
+    df["size_class"] = (size > size.groupby(df["label"]).transform("median")).map(
+        {True: "large", False: "small"}
+    )
+    df["image"] = [str(phantom_dir / p) for p in df["image"]]
+    df["mask"] = [str(phantom_dir / p) if p else "" for p in df["mask"]]
+    man = tmp_path / "manifest.csv"
+    df.to_csv(man, index=False)
+    kw = dict(max_cases=4, progress=False, sanity_cases=0, sanity_seeds=(0,))
+    report = trust.evaluate(retriever, man, "test", ["gradcam"], subclass="size_class", **kw)
+    sub = report["neighbour_tests"]["identical_subclass"]
+    assert sub["n"] >= 1 and 0 < sub["chance"] < 1 and 0 <= sub["rate"] <= 1
+    assert sub["verdict"] == ("pass" if sub["p_value"] < 0.05 else "fail")
+    assert sub["verdict"] == "fail" or sub["rate"] > sub["chance"]
+    with pytest.raises(CasebaseError, match="no_such_column"):
+        trust.evaluate(retriever, man, "test", ["gradcam"], subclass="no_such_column", **kw)
