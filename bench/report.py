@@ -464,44 +464,153 @@ def _conformal(r: Path) -> str:
 
 def _concepts(r: Path) -> str:
     d = load("concepts", r)
+    use, tcav = d.get("use", {}), d["tcav"]
     rows = []
-    for ph, v in d["tcav"].items():
-        if not isinstance(v, dict):  # "measured": a timestamp
+    for ph, v in tcav.items():
+        if not isinstance(v, dict) or "concepts" not in v:  # "measured": a timestamp
             continue
-        for f in v["findings"]:
-            rows.append(
-                [
-                    ph,
-                    f"`{f['concept']}`",
-                    f.get("class", "—"),
-                    f["target"],
-                    "yes" if f["significant"] else "no",
-                    f"{f['tcav_score']:.2f}" if "tcav_score" in f else "—",
-                ]
-            )
-    t1 = md_table(["phantom", "concept", "class", "target", "significant", "TCAV score"], rows)
+        truth = use.get(ph, {})
+        for name, c in v["concepts"].items():
+            for cls, t in c["classes"].items():
+                gt = truth.get("classes", {}).get(cls) if name == truth.get("artefact") else None
+                rows.append(
+                    [
+                        ph,
+                        f"`{name}`",
+                        cls,
+                        f"{t['tcav_score']:.2f} ({t['random_mean']:.2f} ± {t['random_std']:.2f})",
+                        f"{t['effect']:+.2f} (± {t['effect_random_std']:.2f})",
+                        f"{t['p_value']:.2g}",
+                        "**yes**" if t["significant"] else "no",
+                        f"{gt['delta_centred_logit']:+.2f}" if gt else "—",
+                    ]
+                )
+    t1 = md_table(
+        [
+            "phantom",
+            "concept",
+            "class",
+            "TCAV score (random sets)",
+            "effect (random sd)",
+            "corrected p",
+            "significant",
+            "pasting the artefact in",
+        ],
+        rows,
+    )
+    arows = []
+    for ph, v in tcav.items():
+        if not isinstance(v, dict) or "acceptance" not in v:
+            continue
+        acc = v["acceptance"][v["layer"]]["checks"]
+        arows += [[ph, text, "pass" if ok else "**FAIL**"] for text, ok in acc.items()]
+    t_acc = md_table(["phantom", "acceptance at the default layer", "result"], arows)
+    urows = []
+    for ph, u in use.items():
+        if not isinstance(u, dict) or "classes" not in u:
+            continue
+        tied = u.get("tied_class")
+        lead = (
+            u["classes"][tied]
+            if tied
+            else max(u["classes"].values(), key=lambda x: abs(x["delta_centred_logit"]))
+        )
+        ts = u.get("test_split")
+        urows.append(
+            [
+                ph,
+                f"`{u['artefact']}`" + (f" (tied to {tied})" if tied else " (never seen)"),
+                f"{u['prediction_changed']:.0%}",
+                ", ".join(f"{c} {x['delta_centred_logit']:+.2f}" for c, x in u["classes"].items()),
+                f"{lead['share_rising']:.0%}" if tied else "—",
+                f"{ts['p_tied_with_artefact']:.3f} / {ts['p_tied_without_artefact']:.3f}"
+                if ts
+                else "—",
+            ]
+        )
+    t_use = md_table(
+        [
+            "phantom",
+            "artefact",
+            "predictions changed",
+            "Δ centred logit per class",
+            "tied class rises in",
+            "test split P(tied) with / without",
+        ],
+        urows,
+    )
     srows = []
-    for ph, v in d["search"].items():
-        if not isinstance(v, dict):
+    for ph, v in d.get("search", {}).items():
+        if not isinstance(v, dict) or "before" not in v:
             continue
         share = next(k for k in v["before"] if k.startswith("share"))
         srows.append(
             [
                 ph,
-                share.replace("share_", ""),
-                f"{v['before'][share]:.3f} → {v['weight_-1'][share]:.3f}",
+                share.replace("share_", "").replace("_", " "),
+                f"{v['before'][share]:.3f} → {v['weight_-1'][share]:.3f} → "
+                f"{v['weight_-2'][share]:.3f}",
                 f"{v['chance_share']:.3f}",
-                f"{v['before']['precision_at_5']:.3f} → {v['weight_-1']['precision_at_5']:.3f}",
+                f"{v['before']['precision_at_5']:.3f} → {v['weight_-1']['precision_at_5']:.3f}"
+                f" → {v['weight_-2']['precision_at_5']:.3f}",
             ]
         )
-    t2 = md_table(
-        ["phantom", "neighbours sharing", "before → concept weight −1", "chance", "P@5"], srows
+    t2 = md_table(["phantom", "top-5 sharing", "before → weight −1 → −2", "chance", "P@5"], srows)
+    lc = d.get("layer_choice", {})
+    lrows = [
+        [
+            f"`{layer.replace('backbone.', '')}`"
+            + (" (default)" if layer == lc.get("chosen") else ""),
+            ", ".join(v["phantoms_passing"]) or "none",
+            f"{v['effect_vs_pasting_r']:.2f}",
+            v["sign_agreement"],
+        ]
+        for layer, v in lc.items()
+        if isinstance(v, dict)
+    ]
+    t_layer = md_table(["layer", "acceptance holds on", "effect vs pasting: r", "same sign"], lrows)
+    sd = d.get("seeds", {})
+    srows2 = []
+    for ph, v in sd.items():
+        if isinstance(v, dict) and "summary" in v:
+            row = [ph]
+            for design in ("set", "runs"):
+                u = v["summary"][design]
+                tied = u.get("artefact_tied_significant")
+                row += [
+                    f"{tied:.0%} (tied class)"
+                    if tied is not None
+                    else f"{u['artefact_any_significant']:.0%} (any class)",
+                    f"{u['control_any_significant']:.0%}",
+                ]
+            srows2.append(row)
+    n = sd.get("n_seeds")
+    t_seeds = (
+        md_table(
+            [
+                "phantom",
+                f"artefact significant ({n} seeds)",
+                "control significant",
+                "Kim et al.'s null: artefact",
+                "control",
+            ],
+            srows2,
+        )
+        if srows2
+        else ""
     )
-    tm = d["timing"]["default_layer"]
-    return (
-        f"{t1}\n\n{t2}\n\n{tm['concepts']} concepts × {tm['classes']} classes × {tm['random_runs']} random "
-        f"runs on a {d['timing']['n_indexed']:,}-case index: {tm['wall_s']:.0f} s wall, {tm['cpu_s']:.0f} s CPU.\n\n{machine_line(d)}"
-    )
+    parts = [t_use, t1, t_acc, t_layer, t_seeds, t2]
+    parts = [p for p in parts if p]
+    tm = d.get("timing", {}).get("default_layer")
+    if tm:
+        la = tm["loadavg_before"][0]
+        parts.append(
+            f"{tm['concepts']} concepts × {tm['classes']} classes × {tm['random_runs']} random "
+            f"runs on the {d['timing']['n_indexed']:,}-case index: {tm['wall_s']:.0f} s wall, "
+            f"{tm['cpu_s']:.0f} s CPU ({tm['torch_threads']} threads, load {la:.1f} before)."
+        )
+    parts.append(machine_line(d))
+    return "\n\n".join(parts)
 
 
 def _depth(r: Path) -> str:

@@ -28,7 +28,8 @@ def print_table(data: dict) -> None:
         f"headline layer {data['layer']}"
     )
     print(
-        f"  {'concept':<14}{'layer':<20}{'target':<11}{'class':<12}{'TCAV':>6}{'random':>14}{'p_corr':>9}  sig"
+        f"  {'concept':<14}{'layer':<20}{'target':<11}{'class':<12}{'TCAV':>6}{'random':>14}"
+        f"{'effect':>10}{'random sd':>11}{'p_corr':>9}  sig"
     )
     for name, v in data["concepts"].items():
         for layer, lv in v["layers"].items():
@@ -37,7 +38,8 @@ def print_table(data: dict) -> None:
                     rnd = f"{t['random_mean']:.2f}±{t['random_std']:.2f}"
                     print(
                         f"  {name:<14}{layer:<20}{'logit' if target == 'classes' else 'similarity':<11}"
-                        f"{c:<12}{t['tcav_score']:>6.2f}{rnd:>14}{t['p_value']:>9.3g}  "
+                        f"{c:<12}{t['tcav_score']:>6.2f}{rnd:>14}{t['effect']:>+10.3g}"
+                        f"{t['effect_random_std']:>11.3g}{t['p_value']:>9.3g}  "
                         f"{'YES' if t['significant'] else 'no'}"
                     )
             print(f"  {name:<14}{layer:<20}CAV accuracy {lv['cav_accuracy']:.2f}")

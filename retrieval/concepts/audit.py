@@ -27,7 +27,7 @@ def shortcuts(concepts_json: dict) -> list[dict]:
                             "p_value": t["p_value"],
                             "text": (
                                 f"{name} is a shortcut for {c}: its {what} rises along {name} "
-                                f"for {t['tcav_score']:.0%} of {c} cases (random directions "
+                                f"for {t['tcav_score']:.0%} of {c} cases (random image sets "
                                 f"{t['random_mean']:.0%} ± {t['random_std']:.0%}, corrected "
                                 f"p = {t['p_value']:.2g})."
                             ),

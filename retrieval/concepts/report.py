@@ -35,7 +35,7 @@ def findings(data: dict) -> list[dict]:
                     what = WHAT[target].format(c=c)
                     text = (
                         f"Along '{name}', {what} {'rises' if up else 'falls'} for "
-                        f"{t['tcav_score']:.0%} of {c} cases (random directions: "
+                        f"{t['tcav_score']:.0%} of {c} cases (random image sets: "
                         f"{t['random_mean']:.0%} ± {t['random_std']:.0%}; corrected p = "
                         f"{t['p_value']:.2g}, layer {_short(v['layer'])}): "
                         + (f"{what} depends on {name}." if up else f"{name} counts against {c}.")

@@ -43,8 +43,10 @@ from retrieval.concepts import sources
 from retrieval.errors import CasebaseError
 
 ALPHA = 0.05
-# chosen by measurement (bench/concepts.py): the fewest control false positives
-DEFAULT_LAYER = "backbone.features.5"
+# chosen by measurement (bench/concepts.py, default-trained phantoms): features.2 and .4 meet
+# the acceptance on 3 of 4 phantoms (.5 on 2); of the two, .2's effects agree best with what
+# pasting the artefact into the images does (r 0.84 over 4 phantoms x 3 classes; .4: 0.67)
+DEFAULT_LAYER = "backbone.features.2"
 TARGETS = ("classes", "similarity")
 TEST = "effect"  # chosen by measurement (bench/concepts.py part variants)
 
@@ -61,6 +63,9 @@ class ClassTest:
     effect_random_std: float = 0.0
     p_value_score: float = 1.0  # the TCAV score against the null sets' scores
     p_value_effect: float = 1.0  # the effect against the null sets' effects
+    # Kim et al.'s design for comparison: the concept's runs against as many random-vs-random
+    # runs (Welch t on the effects); not the decision (bench/concepts.py, part seeds)
+    p_value_runs: float = 1.0
     p_value_holm: float = 1.0
     significant: bool = False
     scores: list[float] = field(default_factory=list)  # the concept's runs
@@ -80,6 +85,7 @@ class ClassTest:
             "p_value_uncorrected": self.p_value,
             "p_value_score": self.p_value_score,
             "p_value_effect": self.p_value_effect,
+            "p_value_runs": self.p_value_runs,
             "significant": self.significant,
             "scores": self.scores,
             "random_scores": self.random_scores,
@@ -183,7 +189,16 @@ def _predictive_p(x: float, null: np.ndarray) -> float:
     return float(2.0 * stats.t.sf(abs(t), len(null) - 1))
 
 
-def _test(scores, effects, null_scores, null_effects) -> ClassTest:
+def _welch(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.allclose(a, a[0]) and np.allclose(b, b[0]):
+        return 1.0 if np.isclose(a[0], b[0]) else 0.0
+    with np.errstate(all="ignore"):
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return float(p) if np.isfinite(p) else 1.0
+
+
+def _test(scores, effects, null_scores, null_effects, null_run_effects=None) -> ClassTest:
     """The concept's runs against the null's random sets (each set's mean over its runs)."""
     scores, effects = np.asarray(scores, np.float64), np.asarray(effects, np.float64)
     p_score = _predictive_p(float(scores.mean()), null_scores)
@@ -199,6 +214,7 @@ def _test(scores, effects, null_scores, null_effects) -> ClassTest:
         effect_random_std=float(np.std(null_effects)),
         p_value_score=p_score,
         p_value_effect=p_effect,
+        p_value_runs=_welch(effects, null_run_effects) if null_run_effects is not None else 1.0,
         scores=[float(v) for v in scores],
         random_scores=[float(v) for v in null_scores],
     )
@@ -355,10 +371,11 @@ def run_concepts(
             for tg, c in keys:
                 null_scores = np.array([nl["scores"][tg, c].mean() for nl in null])
                 null_effects = np.array([nl["effects"][tg, c].mean() for nl in null])
+                null_runs = np.array([nl["effects"][tg, c][0] for nl in null])
                 for n in names:
                     tests[n][tg][c] = _test(
                         conc[n]["scores"][tg, c], conc[n]["effects"][tg, c],
-                        null_scores, null_effects,
+                        null_scores, null_effects, null_runs,
                     )  # fmt: skip
             for target in TARGETS:
                 flat = [(n, c) for n in names for c in tests[n][target]]
