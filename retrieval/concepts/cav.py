@@ -9,8 +9,10 @@ Hand-written, and why: captum's TCAV keeps its CAVs with torch.save (a pickle,
 which casebase never loads) and runs one forward per target and per layer; here
 one forward through the head of the backbone and one through its tail serve every
 target (class logits and similarity to each class's cases), because the backbone
-is an nn.Sequential that splits at any block. The CAV itself is scikit-learn's
-linear SGD classifier, as in Kim et al.'s reference code.
+is an nn.Sequential that splits at any block. The TCAV test (tcav.py) uses "pattern"
+CAVs, the difference of mean activations, chosen by measurement; `fit_cav` (scikit-learn's
+linear SGD classifier, as in Kim et al.'s reference code) is kept for that comparison
+(bench/concepts.py, part variants).
 """
 
 from __future__ import annotations
