@@ -6,6 +6,7 @@ Phantoms of 1,200 cases (seed 21, 128 px), models trained with the CLI defaults
     sm  x-ray, --confounder site-marker (letter A/B/C tied to nodule/mass/cavity in train/val)
         ARTIFACTS/h20/{sm,m_sm,i_sm}
     ru  photo, --confounder ruler (ruler tied to melanoma in train/val)   ARTIFACTS/h20/…
+    ru1 the same with --strength 1.0 (every train/val melanoma has the ruler, no other case)
     cl  x-ray, no confounder: the shared default-trained ARTIFACTS/depth/chest
     pc  photo, no confounder: the shared default-trained ARTIFACTS/depth/photo
 
@@ -84,6 +85,16 @@ PHANTOMS = {
         "tied": "melanoma",
         "attr": ("ruler", "yes"),
     },
+    "ru1": {  # the ruler on every train/val melanoma and on no other case (--strength 1.0)
+        "index": ART / "i_ru1",
+        "manifest": ART / "ru1" / "manifest.csv",
+        "modality": "photo",
+        "confounder": "ruler",
+        "artefact": "ruler",
+        "tied": "melanoma",
+        "attr": ("ruler", "yes"),
+        "strength": 1.0,
+    },
     "pc": {
         "index": DEPTH / "photo",
         "manifest": DEPTH / "photo_phantom" / "manifest.csv",
@@ -108,15 +119,18 @@ def concept_dirs(n: int = N_IMAGES) -> dict[str, Path]:
     todo["plain_marker_A"] = ("plain", "xray", "A", "none")
     todo["ruler"] = ("ruler", "photo", "A", "none")
     todo["plain_ruler"] = ("plain", "photo", "A", "none")
+    strength = {}
     for key, ph in PHANTOMS.items():
         todo[f"control_{key}"] = ("control", ph["modality"], "A", ph["confounder"])
+        strength[f"control_{key}"] = ph.get("strength", 0.9)
     out = {}
     for name, (kind, modality, site, conf) in todo.items():
         d = out[name] = base / name
         if d.is_dir() and len(list(d.iterdir())) >= n:
             continue
         seed = 2000 if kind == "control" else 1000
-        write_concept_images(d, kind, modality, n=n, site=site, confounder=conf, seed=seed)
+        write_concept_images(d, kind, modality, n=n, site=site, confounder=conf, seed=seed,
+                             strength=strength.get(name, 0.9))  # fmt: skip
     return out
 
 
@@ -288,7 +302,11 @@ def part_search(dirs: dict[str, Path], runs: int, keys) -> dict:
     from retrieval.service.retriever import CaseRetriever
 
     out = {}
-    plan = {"sm": ("site", ["marker_A", "marker_B", "marker_C"]), "ru": ("ruler", ["ruler"])}
+    plan = {
+        "sm": ("site", ["marker_A", "marker_B", "marker_C"]),
+        "ru": ("ruler", ["ruler"]),
+        "ru1": ("ruler", ["ruler"]),
+    }
     for key, ph in _available([k for k in keys if k in plan]).items():
         attr, names = plan[key]
         idx = ART / f"i_{key}_concepts"
@@ -518,7 +536,8 @@ def part_seeds(runs: int, keys, n_seeds: int = 10) -> dict:
     inputs, runs). The controls' rate of 'significant for some class' is the test's false
     positive rate (Holm at 0.05 over 2 concepts x 3 classes: at most 0.05 if calibrated).
     Both nulls: "set" (the library's: random sets of the concept's size) and "runs" (Kim et
-    al.'s: the concept's runs against random-vs-random runs, Welch t on the effects)."""
+    al.'s: the concept's runs against random-vs-random runs, Welch t on the effects); and
+    "similarity": the library's test on the similarity to each class's cases."""
     from retrieval.audit.concordance import holm
     from retrieval.concepts.tcav import DEFAULT_LAYER, run_concepts
     from retrieval.data.phantom import write_concept_images
@@ -533,7 +552,8 @@ def part_seeds(runs: int, keys, n_seeds: int = 10) -> dict:
             ctl = ART / "concepts" / "seeds" / f"control_{key}_{j}"
             if not (ctl.is_dir() and len(list(ctl.iterdir())) >= N_IMAGES):
                 write_concept_images(ctl, "control", ph["modality"], n=N_IMAGES,
-                                     confounder=ph["confounder"], seed=2000 + j)  # fmt: skip
+                                     confounder=ph["confounder"], seed=2000 + j,
+                                     strength=ph.get("strength", 0.9))  # fmt: skip
             art = ph["artefact"]
             res = run_concepts(
                 r,
@@ -556,10 +576,14 @@ def part_seeds(runs: int, keys, n_seeds: int = 10) -> dict:
                 row[design] = {
                     n: {c: sig[m, c] for (m, c) in tests if m == n} for n in (art, "control")
                 }
+            row["similarity"] = {
+                n: {c: t["significant"] for c, t in res["concepts"][n]["similarity"].items()}
+                for n in (art, "control")
+            }
             rows.append(row)
         art = ph["artefact"]
         summ = {}
-        for design in ("set", "runs"):
+        for design in ("set", "runs", "similarity"):
             xs = [x[design] for x in rows]
             s = {
                 "control_any_significant": sum(any(x["control"].values()) for x in xs) / n_seeds,
@@ -632,7 +656,7 @@ def main() -> None:
             "seeds": lambda: part_seeds(args.runs, keys),
         }[p]
         new = fn()
-        if p in ("timing", "seeds"):
+        if p == "timing":
             payload[p] = new
         else:  # per phantom, kept from earlier runs when not run again
             kept = {k: v for k, v in _previous(path).get(p, {}).items() if k in PHANTOMS}

@@ -574,7 +574,10 @@ def _concepts(r: Path) -> str:
     for ph, v in sd.items():
         if isinstance(v, dict) and "summary" in v:
             row = [ph]
-            for design in ("set", "runs"):
+            for design in ("set", "runs", "similarity"):
+                if design not in v["summary"]:
+                    row += ["—", "—"]
+                    continue
                 u = v["summary"][design]
                 tied = u.get("artefact_tied_significant")
                 row += [
@@ -592,6 +595,8 @@ def _concepts(r: Path) -> str:
                 f"artefact significant ({n} seeds)",
                 "control significant",
                 "Kim et al.'s null: artefact",
+                "control",
+                "similarity target: artefact",
                 "control",
             ],
             srows2,

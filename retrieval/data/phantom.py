@@ -893,12 +893,13 @@ def write_concept_images(
     site: str = "A",
     confounder: str = "none",
     background_only: bool = False,
+    strength: float = 0.9,
 ) -> list[Path]:
     """Example images of one concept for TCAV (``casebase concepts --concept NAME=DIR``).
 
     ``marker``: the site letter ``site`` burned into cases drawn like the data (lesions of
     every class); ``ruler`` (photo): the ruler on such cases; ``control``: cases drawn like the
-    data set itself (``confounder`` and its strength 0.9 as in ``make_phantom``, over the same
+    data set itself (``confounder`` at ``strength`` as in ``make_phantom``, over the same
     train/val/test mix), a concept that should be significant for no class; ``plain``: the
     very cases ``marker`` / ``ruler`` draw with the same seed, without the artefact
     (pixel-identical elsewhere: the artefact is burned in last), so the pair measures what
@@ -921,7 +922,7 @@ def write_concept_images(
     classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
     vendors = SCANNERS if modality == "xray" else DEVICES
     # n >= 12 for the planner
-    cases, patients = _plan(max(12, int(n)), int(seed), confounder, 0.9, classes, vendors)
+    cases, patients = _plan(max(12, int(n)), int(seed), confounder, strength, classes, vendors)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
