@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from index import bundle, region_index
+from index import bundle, fingerprints, region_index
 from index.case_store import MANIFEST_RELATIVE, write_cases
 from index.vector_index import VectorIndex
 from retrieval import atomic
@@ -106,6 +106,7 @@ def embed_manifest(
             progress,
             num_workers=num_workers,
             cells=True,  # the region index (index.region_index), from the same forward pass
+            fingerprints=True,  # pixel fingerprints (index.fingerprints), from the same decode
         )
     return model, cases, emb
 
@@ -192,6 +193,8 @@ def write_bundle(
                 **region_index.write(tmp, emb.cells, emb.cell_weights, emb.sizes),
                 "grid": list(emb.grid),
             }
+        if emb.pixel_sha256 is not None:  # self-match without reading images (self_match.py)
+            meta["pixel_fingerprints"] = fingerprints.write(tmp, emb.pixel_sha256, emb.pixel_thumbs)
         meta = bundle.seal(tmp, meta)
     return meta
 

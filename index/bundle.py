@@ -8,6 +8,8 @@
     INDEX_DIR/model/          weights.safetensors + config.json
     INDEX_DIR/regions/        every case's projected feature cells + their FAISS index
                               (format 2; index.region_index)
+    INDEX_DIR/fingerprints/   every case's pixel hash + thumbnail, for the self-match check
+                              (optional, index.fingerprints; without it images are read)
     INDEX_DIR/similarity_quantiles.npy   calibration of similarity_score (absent in bundles
                               built before it: the service falls back to (1 + cosine) / 2)
     INDEX_DIR/...             later additions (trust.json, audit/) are listed too

@@ -28,9 +28,12 @@ class Failure:
 
 
 class _Decode(Dataset):
-    def __init__(self, paths: Sequence[str], preprocessor: Preprocessor):
+    def __init__(
+        self, paths: Sequence[str], preprocessor: Preprocessor, fingerprints: bool = False
+    ):
         self.paths = list(paths)
         self.pre = preprocessor
+        self.fingerprints = fingerprints
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,7 +41,12 @@ class _Decode(Dataset):
     def __getitem__(self, i: int):
         try:
             image = read_image(self.paths[i])
-            return i, self.pre.to_uint8(image), None, tuple(image.original_size)
+            fp = None
+            if self.fingerprints:  # index.fingerprints: from the pixels decoded anyway
+                from retrieval.audit.leakage import fingerprint  # lazy: the audit imports a lot
+
+                fp = fingerprint(image.pixels)
+            return i, self.pre.to_uint8(image), None, (tuple(image.original_size), fp)
         except ImageReadError as err:
             return i, None, str(err), None
         except Exception as err:  # noqa: BLE001 - any decoder bug becomes a per-file message
@@ -62,15 +70,18 @@ def iter_decoded(
     strict: bool = False,
     progress: bool = True,
     sizes: dict[int, tuple[int, int]] | None = None,
+    fingerprints: dict[int, tuple[str, object]] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[Failure]]]:
     """Yield (indices, uint8 batch, failures) in manifest order; decoding overlaps compute.
 
     sizes: filled with index -> original (H, W) of every decoded image (the region index maps
     feature cells back to original pixels with it).
+    fingerprints: filled with index -> the audit's pixel fingerprint (hash, thumbnail) of every
+    decoded image (index.fingerprints).
     """
     workers = default_workers() if num_workers is None else num_workers
     loader = DataLoader(
-        _Decode(paths, preprocessor),
+        _Decode(paths, preprocessor, fingerprints is not None),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -82,7 +93,9 @@ def iter_decoded(
             good = [(i, t) for i, t, _, _ in items if t is not None]
             fails = [Failure(i, msg) for i, _, msg, _ in items if msg is not None]
             if sizes is not None:
-                sizes.update({i: hw for i, t, _, hw in items if t is not None})
+                sizes.update({i: ex[0] for i, t, _, ex in items if t is not None})
+            if fingerprints is not None:
+                fingerprints.update({i: ex[1] for i, t, _, ex in items if t is not None})
             if strict and fails:
                 raise CasebaseError(
                     f"{fails[0].message} (--strict: stopping at the first bad file)"

@@ -32,6 +32,9 @@ class EmbeddedSet:
     cell_weights: np.ndarray | None = None  # (N_ok, h*w) float32 pooling weights
     sizes: np.ndarray | None = None  # (N_ok, 2) int32 original (H, W)
     grid: tuple[int, int] | None = None
+    # With fingerprints=True (index builds): index.fingerprints, from the same decode
+    pixel_sha256: np.ndarray | None = None  # (N_ok, 32) uint8
+    pixel_thumbs: np.ndarray | None = None  # (N_ok, T) float16
 
 
 @torch.no_grad()
@@ -62,13 +65,16 @@ def embed_paths(
     desc: str = "embedding",
     num_workers: int | None = None,
     cells: bool = False,
+    fingerprints: bool = False,
 ) -> EmbeddedSet:
     """cells: also keep every image's projected feature cells and pooling weights (the region
-    index), taken from the same forward pass: no image is decoded or encoded twice."""
+    index), taken from the same forward pass: no image is decoded or encoded twice.
+    fingerprints: also keep every image's pixel fingerprint (index.fingerprints)."""
     model.eval()
     vecs, probs, oods, ok, failures = [], [], [], [], []
     zs, ws, sizes = [], [], {}
     grid = None
+    fps: dict | None = {} if fingerprints else None
     for idx, batch, fails in iter_decoded(
         paths,
         pre,
@@ -78,6 +84,7 @@ def embed_paths(
         desc=desc,
         num_workers=num_workers,
         sizes=sizes if cells else None,
+        fingerprints=fps,
     ):
         failures += fails
         if batch is None:
@@ -110,6 +117,12 @@ def embed_paths(
         res.cell_weights = np.concatenate(ws)
         res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(-1, 2)
         res.grid = grid
+    if fps is not None and ok:
+        from index.fingerprints import pack
+
+        packed = [pack(*fps[i]) for i in ok]
+        res.pixel_sha256 = np.stack([p[0] for p in packed])
+        res.pixel_thumbs = np.stack([p[1] for p in packed])
     return res
 
 

@@ -17,6 +17,7 @@ import torch
 
 from index import bundle
 from index.case_store import attribute_columns, image_root, read_cases
+from index.fingerprints import PixelFingerprints
 from index.region_index import RegionIndex
 from index.vector_index import VectorIndex
 from retrieval.errors import BundleError, CasebaseError
@@ -82,6 +83,8 @@ class CaseRetriever:
         # Stored feature cells (bundle format 2): matched regions without re-encoding neighbours,
         # and search by region. None for older bundles (matched regions re-encode, said once).
         self.region_index = RegionIndex.load(self.index_dir, meta)
+        # stored pixel fingerprints: the self-match check reads no image (None: older bundles)
+        self.fingerprints = PixelFingerprints.load(self.index_dir, len(cases))
         self._case_rows: dict[str, int] | None = None
         if self.region_index is None:
             _say_once(

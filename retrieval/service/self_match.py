@@ -14,13 +14,20 @@ recognised as an indexed case when
 
 The thumbnail and hash are the audit's leakage fingerprints
 (`retrieval.audit.leakage.fingerprint`), so the app and the audit agree on
-what a duplicate is.
+what a duplicate is. Bundles store every case's fingerprint (index.fingerprints),
+so a candidate is judged without reading its image: equal hashes are identical
+pixels; a stored float16 thumbnail clearly below the threshold is not the same
+picture. Only a thumbnail correlation within THUMB_ERROR of the threshold (or
+above it: the reason states the exact value), or a bundle built before the
+fingerprints, reads the candidate's image, so the answers are those of reading
+every candidate. Stored fingerprints describe the pixels that were indexed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from index.fingerprints import THUMB_ERROR
 from retrieval.errors import CasebaseError
 from retrieval.service.results import SelfMatch
 
@@ -43,9 +50,15 @@ def find_self_match(r, q, case_id: str | None = None) -> tuple[SelfMatch, int] |
     if not hits or hits[0][0] < SELF_COSINE:
         return None
     q_hash, q_thumb = fingerprint(q.image.pixels)
+    stored = getattr(r, "fingerprints", None)
     for sim, row in hits:
         if sim < SELF_COSINE:
             break
+        if stored is not None:
+            if stored.same_hash(row, q_hash):
+                return SelfMatch(str(ids[row]), "identical pixels", float(sim)), int(row)
+            if stored.correlation(row, q_thumb) < SELF_THUMB - THUMB_ERROR:
+                continue  # not the same picture, whatever the rounding: no image read
         try:
             c_hash, c_thumb = fingerprint(read_image(r.cases.at[row, "image"]).pixels)
         except CasebaseError:
