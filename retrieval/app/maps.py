@@ -76,3 +76,27 @@ def show(result, pixels: np.ndarray, methods: list[str]) -> None:
                 with col:
                     st.image(overlay(pixels, result.maps[name]), caption=name, width=IMAGE_PX)
                     st.caption(trust_caption(result, name))
+                    sanity_panel(result, name)
+
+
+def sanity_panel(result, method: str) -> None:
+    """The method's measured randomisation curves (Adebayo et al.'s Fig. 2) under its map,
+    folded: the verdict in the caption rests on them. Nothing for an OOD query or an
+    unmeasured method."""
+    from retrieval.explain import sanity
+
+    t = (result.trust or {}).get(method)
+    if result.ood.flag or not sanity.has_curves(t):
+        return
+    import matplotlib.pyplot as plt
+
+    with st.expander(f"sanity check: {t['sanity'].get('verdict', t.get('sanity_check'))}"):
+        # a small panel, so that its text stays legible at the column's width
+        fig = sanity.curves_figure({method: t}, suptitle=False, panel=(2.6, 2.6))
+        st.pyplot(fig)
+        plt.close(fig)
+        st.caption(
+            "Similarity of the map to the trained model's as blocks are randomised from the "
+            "top (solid) or one at a time (dashed); a map that stays alike (|ρ| above the "
+            "dotted line) shows the network, not what it learnt."
+        )

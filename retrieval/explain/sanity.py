@@ -379,23 +379,29 @@ def neighbour_tests(
 
 
 # ---------------------------------------------------------------- the figure
-def plot_curves(methods: dict, path, title: str = "") -> None:
-    """Adebayo et al.'s Fig. 2 per method: similarity to the trained map as the blocks are
-    randomised from the top (cascading, solid) and one at a time (independent, dashed).
-    Written atomically as PNG."""
+def has_curves(entry: dict | None) -> bool:
+    """Whether an explain-eval method entry carries per-block sanity curves to draw."""
+    s = (entry or {}).get("sanity") or {}
+    return bool(s.get("blocks")) and all(k in s for k in ("cascading", "independent"))
+
+
+def curves_figure(
+    methods: dict, title: str = "", suptitle: bool = True, panel: tuple[float, float] = (3.6, 3.0)
+):
+    """Adebayo et al.'s Fig. 2 per method, as a matplotlib Figure (the explain-eval PNG and
+    the app's per-map panel draw the same picture): similarity to the trained map as the
+    blocks are randomised from the top (cascading, solid) and one at a time (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from retrieval import atomic
-
-    names = [n for n, m in methods.items() if m.get("sanity")]
+    names = [n for n, m in methods.items() if has_curves(m)]
     if not names:
         raise ValueError("no method carries sanity curves")
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows), squeeze=False)
     colours = dict(zip(METRICS, ("C0", "C1", "C2", "C3"), strict=True))
     for ax, name in zip(axes.ravel(), names, strict=False):
         s = methods[name]["sanity"]
@@ -415,15 +421,26 @@ def plot_curves(methods: dict, path, title: str = "") -> None:
     for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
     axes[0, 0].legend(fontsize=6, loc="lower left")
-    fig.suptitle(
-        (title + "\n" if title else "")
-        + "similarity to the trained model's map; solid: cascading randomisation from the top, "
-        "dashed: one block at a time",
-        fontsize=8,
-    )
+    if suptitle:
+        fig.suptitle(
+            (title + "\n" if title else "")
+            + "similarity to the trained model's map; solid: cascading randomisation from the "
+            "top, dashed: one block at a time",
+            fontsize=8,
+        )
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(methods: dict, path, title: str = "") -> None:
+    """:func:`curves_figure` written atomically as PNG."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from retrieval import atomic
+
+    fig = curves_figure(methods, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -21,3 +21,29 @@ def test_verdict_line_states_sanity_faithfulness_and_cases():
     t = {"sanity_check": "fail", "faithfulness": "not faithful on this data", "n_cases": 12}
     assert maps.verdict_line(t) == "sanity FAIL · not faithful on this data · 12 cases"
     assert maps.verdict_line({"sanity_check": "not run"}) == ""
+
+
+def test_sanity_curves_are_drawn_only_for_a_method_that_carries_them():
+    from retrieval.explain import sanity
+
+    blocks = ["head", "features.5", "features.4"]
+    curve = {m: [0.9, 0.4, 0.1] for m in sanity.METRICS}
+    t = {
+        "sanity_check": "pass",
+        "sanity": {
+            "blocks": blocks,
+            "cascading": curve,
+            "independent": curve,
+            "threshold_abs_spearman": 0.5,
+            "verdict": "pass",
+        },
+    }
+    assert sanity.has_curves(t)
+    assert not sanity.has_curves({"sanity_check": "pass"})
+    assert not sanity.has_curves({"sanity": {"blocks": [], "cascading": {}, "independent": {}}})
+    fig = sanity.curves_figure({"gradcam": t, "unmeasured": {"sanity_check": "not run"}})
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert len(drawn) == 1  # one panel: the method without curves is left out
+    # original + 3 blocks per line; 4 metrics x (cascading, independent) + the threshold
+    assert len(drawn[0].lines) == 2 * len(sanity.METRICS) + 1
+    assert all(len(line.get_xdata()) == len(blocks) + 1 for line in drawn[0].lines[:-1])

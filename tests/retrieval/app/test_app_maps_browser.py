@@ -101,5 +101,14 @@ def test_maps_grouped_by_family_with_trust(browser_ready, trusted_index, phantom
         assert maps_part.count("Measured trust (measured on 4 test cases)") == len(METHODS)
         assert maps_part.count("sanity pass") + maps_part.count("sanity FAIL") == len(METHODS)
         assert "Trust not measured yet" not in maps_part
+        # each map carries its folded sanity curves (the paper's Fig. 2); unfolding one draws it
+        panels = page.locator('[data-testid="stExpander"]').filter(has_text="sanity check:")
+        assert panels.count() == len(METHODS)
+        images_before = page.locator('[data-testid="stImage"] img').count()
+        panels.first.locator("summary").click()
+        settle(page)
+        panels.first.get_by_text("randomised from the top").wait_for(timeout=WAIT_MS)
+        assert panels.first.locator("img").count() == 1
+        assert page.locator('[data-testid="stImage"] img').count() >= images_before
         full_page_screenshot(page, ARTIFACTS / "app-maps.png")
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
