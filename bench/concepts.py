@@ -228,22 +228,27 @@ def _acceptance(key: str, data: dict, names: list[str], statistic: str | None = 
         else:
             adj = holm([t[f"p_value_{statistic}"] for t in tests.values()])
             sig = {k: bool(p < 0.05) for k, p in zip(tests, adj, strict=True)}
-        ok = {}
-        for n in names:
-            sig_n = [c for (m, c), v in sig.items() if m == n and v]
-            if n.startswith("control") or ph["tied"] is None:
-                ok[f"{n}: significant for no class"] = not sig_n
-            else:
-                t = tests[n, ph["tied"]]
-                ok[f"{n}: significant for {ph['tied']} with TCAV > 0.5"] = bool(
-                    sig[n, ph["tied"]] and t["tcav_score"] > 0.5
-                )
-        checks[layer] = {
-            "checks": ok,
-            "all_pass": all(ok.values()),
-            "significant": [f"{n}/{c}" for (n, c), v in sig.items() if v],
-        }
+        checks[layer] = _acceptance(names, sig, tests, ph["tied"])
     return checks
+
+
+def _acceptance(names, sig: dict, tests: dict, tied: str | None) -> dict:
+    """The issue's acceptance per concept: an artefact significant for its tied class with
+    TCAV > 0.5; a control (or any concept on a phantom with no tie) significant for none.
+    ``sig`` and ``tests`` are keyed by (concept, class)."""
+    ok = {}
+    for n in names:
+        if n.startswith("control") or tied is None:
+            ok[f"{n}: significant for no class"] = not any(v for (m, _), v in sig.items() if m == n)
+        else:
+            ok[f"{n}: significant for {tied} with TCAV > 0.5"] = bool(
+                sig[n, tied] and tests[n, tied]["tcav_score"] > 0.5
+            )
+    return {
+        "checks": ok,
+        "all_pass": all(ok.values()),
+        "significant": [f"{n}/{c}" for (n, c), v in sig.items() if v],
+    }
 
 
 def part_tcav(dirs: dict[str, Path], runs: int, keys) -> dict:
@@ -493,21 +498,7 @@ def part_variants(dirs: dict[str, Path], runs: int, keys, seed: int = 0) -> dict
                             and (decision == "score" or t["p_effect_holm"] < 0.05)
                             for k, t in tests.items()
                         }
-                        ok = {}
-                        for n in names:
-                            sig_n = [c for c in r.classes if sig[n, c]]
-                            if n.startswith("control") or ph["tied"] is None:
-                                ok[f"{n}: significant for no class"] = not sig_n
-                            else:
-                                t = tests[n, ph["tied"]]
-                                ok[f"{n}: significant for {ph['tied']} with TCAV > 0.5"] = bool(
-                                    sig[n, ph["tied"]] and t["tcav_score"] > 0.5
-                                )
-                        layer_out[v] = {
-                            "checks": ok,
-                            "all_pass": all(ok.values()),
-                            "significant": [f"{n}/{c}" for (n, c), s in sig.items() if s],
-                        }
+                        layer_out[v] = _acceptance(names, sig, tests, ph["tied"])
                     layer_out[f"{kind}/{target}/tests"] = {
                         f"{n}/{c}": t for (n, c), t in tests.items()
                     }

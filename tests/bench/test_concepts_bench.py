@@ -78,3 +78,22 @@ def test_concepts_block_shows_failed_checks_and_significance(tmp_path):
     assert len(fails) == 1 and fails[0].startswith(f"| {phs[0]} |")
     yes = [line for line in lines if "**yes**" in line]
     assert len(yes) == 1 and yes[0].startswith(f"| {phs[0]} | `{name}` | {cls} |")
+
+
+def test_acceptance_needs_the_tied_class_above_half_and_controls_silent():
+    tests = {
+        ("marker", "nodule"): {"tcav_score": 0.9},
+        ("marker", "mass"): {"tcav_score": 0.4},
+        ("control", "nodule"): {"tcav_score": 0.6},
+        ("control", "mass"): {"tcav_score": 0.5},
+    }
+    sig = {k: False for k in tests} | {("marker", "nodule"): True}
+    got = bench_concepts._acceptance(["marker", "control"], sig, tests, "nodule")
+    assert got["all_pass"] and got["significant"] == ["marker/nodule"]
+    # the tied class significant but with TCAV <= 0.5: fails
+    low = tests | {("marker", "nodule"): {"tcav_score": 0.5}}
+    assert not bench_concepts._acceptance(["marker", "control"], sig, low, "nodule")["all_pass"]
+    # a control significant for any class: fails; with no tie every concept must be silent
+    loud = sig | {("control", "mass"): True}
+    assert not bench_concepts._acceptance(["marker", "control"], loud, tests, "nodule")["all_pass"]
+    assert not bench_concepts._acceptance(["marker", "control"], sig, tests, None)["all_pass"]
