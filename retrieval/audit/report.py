@@ -438,6 +438,8 @@ def render_html(
         )
     for f in data.get("concept_shortcuts") or []:  # TCAV evidence (retrieval/concepts/audit.py)
         summary += f'<div class="summary"><b>Concept shortcut:</b> {html.escape(f["text"])}</div>'
+    for f in data.get("concept_influences") or []:  # significant, the class's score falling
+        summary += f'<div class="summary"><b>Concept influence:</b> {html.escape(f["text"])}</div>'
     skipped = data.get("skipped_attributes") or {}
     skipped_html = (
         (

@@ -243,4 +243,5 @@ def run_audit(
     if concept_data is not None:
         data["concepts"] = concept_data
         data["concept_shortcuts"] = concept_data["shortcuts"]
+        data["concept_influences"] = concept_data.get("influences", [])
     return AuditResult(clean(data), ex, concept_ex)

@@ -77,6 +77,8 @@ def print_table(data: dict, stored: str | None, out: str | None, replaced: bool 
         print(f"  retrieval bias (not label-associated): {', '.join(data['retrieval_bias'])}")
     for f in data.get("concept_shortcuts") or []:
         print(f"  CONCEPT SHORTCUT: {f['text']}")
+    for f in data.get("concept_influences") or []:
+        print(f"  concept influence: {f['text']}")
     if data.get("concepts") and not data.get("concept_shortcuts"):
         print(f"  concepts tested, no shortcut: {', '.join(data['concepts']['concepts'])}")
     print("  precision@5 per group:")

@@ -10,7 +10,7 @@ import pytest
 
 from index import bundle
 from retrieval.cli import main
-from retrieval.concepts.audit import shortcuts
+from retrieval.concepts.audit import influences, shortcuts
 from retrieval.data.phantom import write_concept_images
 
 
@@ -132,5 +132,19 @@ def test_audit_shortcut_rule_and_section():
     assert [(f["concept"], f["class"], f["target"]) for f in found] == [
         ("marker", "nodule", "classes")
     ]
-    html = render_html({"attributes": {}, "concepts": concepts, "concept_shortcuts": found})
+    # the significant falling one is an influence (the artefact moves the model away from mass)
+    moved = influences(concepts)
+    assert [(f["concept"], f["class"], f["direction"]) for f in moved] == [
+        ("marker", "mass", "falls")
+    ]
+    assert "away from mass" in moved[0]["text"] and found[0]["direction"] == "rises"
+    html = render_html(
+        {
+            "attributes": {},
+            "concepts": concepts,
+            "concept_shortcuts": found,
+            "concept_influences": moved,
+        }
+    )
     assert "Concept shortcut:" in html and "Concepts (TCAV)" in html
+    assert "Concept influence:" in html and "away from mass" in html
