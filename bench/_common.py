@@ -212,7 +212,10 @@ def clustered_unit_vectors(
     with σ per cluster in [0.4, 1.0] (cosine to its centre ~0.7-0.93), so
     near neighbours sit in the same cluster as on trained embeddings.
     Returns (vectors, sampler) where sampler(m, seed) draws m fresh points of
-    the same mixture (queries that are not in the database).
+    the same mixture (queries that are not in the database); with n = 0 only the
+    sampler is built, and ``sampler.fill(out, seed + 1)`` writes the n vectors
+    into an array of your own (a memory map, for sets larger than RAM; give
+    n_clusters then, as k depends on n).
     """
     import numpy as np
 
@@ -225,8 +228,13 @@ def clustered_unit_vectors(
     sigma = rng.uniform(0.4, 1.0, k).astype(np.float32)
 
     def sample(m: int, s: int) -> np.ndarray:
+        return fill(np.empty((m, d), np.float32), s)
+
+    def fill(out: np.ndarray, s: int) -> np.ndarray:
+        """Draw len(out) points into out (e.g. a float16 memory map too large for RAM as
+        float32); the same points as sample(len(out), s)."""
         r = np.random.default_rng(s)
-        out = np.empty((m, d), np.float32)
+        m = len(out)
         for start in range(0, m, chunk):
             stop = min(m, start + chunk)
             lab = r.choice(k, size=stop - start, p=probs)
@@ -237,4 +245,5 @@ def clustered_unit_vectors(
             out[start:stop] = x
         return out
 
+    sample.fill = fill  # type: ignore[attr-defined]
     return sample(n, seed + 1), sample

@@ -102,14 +102,29 @@ def build_cell_index(cells: np.ndarray, factory: str = "auto", seed: int = 0) ->
     return index
 
 
+def cells_dtype(n_cells: int, dim: int) -> type:
+    """float32 up to CELLS_F32_LIMIT bytes of cells, float16 beyond."""
+    return np.float32 if n_cells * dim * 4 <= CELLS_F32_LIMIT else np.float16
+
+
 def write(
-    root: Path, cells: np.ndarray, weights: np.ndarray, sizes: np.ndarray, factory="auto"
+    root: Path,
+    cells: np.ndarray,
+    weights: np.ndarray,
+    sizes: np.ndarray,
+    factory="auto",
+    cells_saved: bool = False,
 ) -> dict:
-    """Write the region files under root/regions/; returns the bundle.json entry."""
+    """Write the region files under root/regions/; returns the bundle.json entry.
+    ``cells_saved``: cells is already root/regions/cells.npy, memory-mapped (a set too large
+    to hold in RAM, written in place; its dtype must be :func:`cells_dtype`'s)."""
     n, hw, d = cells.shape
     (root / REGION_DIR).mkdir(exist_ok=True)
-    dtype = np.float32 if cells.nbytes <= CELLS_F32_LIMIT else np.float16
-    np.save(root / CELLS_FILE, cells.astype(dtype, copy=False), allow_pickle=False)
+    dtype = cells_dtype(n * hw, d)
+    if not cells_saved:
+        np.save(root / CELLS_FILE, cells.astype(dtype, copy=False), allow_pickle=False)
+    elif cells.dtype != dtype:
+        raise ValueError(f"cells saved as {cells.dtype}, the bundle keeps {np.dtype(dtype)}")
     np.save(root / WEIGHTS_FILE, np.asarray(weights, np.float32), allow_pickle=False)
     np.save(root / SIZES_FILE, np.asarray(sizes, np.int32), allow_pickle=False)
     index = build_cell_index(cells, factory)

@@ -113,3 +113,32 @@ def test_disagreeing_files_are_refused(tmp_path):
     with pytest.raises(BundleError, match="disagree"):
         ri.RegionIndex.load(tmp_path, {"regions": {**entry, "grid": [4, 4]}})
     assert ri.RegionIndex.load(tmp_path, {}) is None  # a format-1 bundle has none
+
+
+def test_cells_written_in_place_give_the_same_index(tmp_path, monkeypatch):
+    """A set too large for RAM is drawn straight into cells.npy (bench/refine.py at 1M cases):
+    write(cells_saved=True) keeps that file and indexes it as if it had been handed over."""
+    cells, w = _cells(n=60)
+    monkeypatch.setattr(ri, "CELLS_F32_LIMIT", 1)  # float16, as at scale
+    sizes = np.tile([[64, 48]], (len(cells), 1))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    entry_ref = ri.write(ref, cells, w, sizes)
+    mine = tmp_path / "mine"
+    (mine / ri.REGION_DIR).mkdir(parents=True)
+    mm = np.lib.format.open_memmap(mine / ri.CELLS_FILE, "w+", np.float16, cells.shape)
+    mm[:] = cells
+    mm.flush()
+    entry = ri.write(mine, mm, w, sizes, cells_saved=True)
+    assert entry == entry_ref
+    a = ri.RegionIndex.load(ref, {"regions": {**entry_ref, "grid": [4, 4]}})
+    b = ri.RegionIndex.load(mine, {"regions": {**entry, "grid": [4, 4]}})
+    np.testing.assert_array_equal(np.asarray(a.cells), np.asarray(b.cells))
+    q = cells[5, [0, 1]]
+    assert [h.row for h in a.search(q, 5)] == [h.row for h in b.search(q, 5)]
+    # a saved file of another dtype than the bundle keeps is refused, not silently indexed
+    bad = tmp_path / "bad"
+    (bad / ri.REGION_DIR).mkdir(parents=True)
+    mm32 = np.lib.format.open_memmap(bad / ri.CELLS_FILE, "w+", np.float32, cells.shape)
+    with pytest.raises(ValueError, match="float16"):
+        ri.write(bad, mm32, w, sizes, cells_saved=True)
