@@ -105,7 +105,9 @@ def embed_manifest(
             strict,
             progress,
             num_workers=num_workers,
-            cells=True,  # the region index (index.region_index), from the same forward pass
+            # the region index (index.region_index), from the same forward pass; none for a
+            # volume model yet (its cells are 2-D: matched regions re-encode the neighbours)
+            cells=not model.is_volume,
             fingerprints=True,  # pixel fingerprints (index.fingerprints), from the same decode
         )
     return model, cases, emb

@@ -39,17 +39,17 @@ class _Decoder:
 
         cfg = ModelConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
         self.pre = Preprocessor(cfg)
-        self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        # a volume model (cnn3d, cfg.depth > 0) takes (C, D', S, S)
+        spatial = (cfg.image_size, cfg.image_size)
+        self.shape = (cfg.in_channels, *((cfg.depth,) if cfg.depth else ()), *spatial)
 
     def __call__(self, batch: dict) -> dict:
-        from retrieval.data.imageio import read_image
-
         n = len(batch["row"])
         pixels = np.zeros((n, *self.shape), np.uint8)
         errors = [""] * n
         for i, path in enumerate(batch["path"]):
             try:
-                pixels[i] = self.pre.to_uint8(read_image(str(path))).numpy()
+                pixels[i] = self.pre.to_uint8(self.pre.read(str(path))).numpy()
             except CasebaseError as err:
                 errors[i] = str(err)
             except Exception as err:  # noqa: BLE001 - any decoder bug is a per-file message

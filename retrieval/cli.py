@@ -109,7 +109,21 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--epochs", type=int, default=None, help="maximum epochs (default: sized to the data)"
     )
-    p.add_argument("--backbone", default="compact", help="compact (default) | resnet18")
+    p.add_argument(
+        "--backbone",
+        default="auto",
+        help="auto (default: cnn3d when the manifest's images are volumes, else compact) | "
+        "compact | resnet18 | cnn3d | slices (2.5D: the compact 2-D backbone on every slice, "
+        "pooled over the slices by saliency)",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="cnn3d: slices of the network input (default: the volumes' median depth rounded "
+        "down to a multiple of 8, at most 32); the in-plane side is --image-size (default: the "
+        "median side rounded down to a multiple of 8, at most 64)",
+    )
     p.add_argument(
         "--image-size",
         type=int,

@@ -24,7 +24,10 @@ def _filters(items: list[str]) -> dict:
 
 
 def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
-    """Each query map as .npy (H×W float32, original size) plus an overlay PNG."""
+    """Each query map as .npy (H×W float32, original size) plus an overlay PNG.
+
+    A volume's maps are .npy of its (D, H, W); the PNG overlays the slice holding the most
+    of the map's positive mass (``image``: the volume as a LoadedImage, pixels (D, H, W, 1))."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -40,7 +43,12 @@ def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
         if image is not None:
             from retrieval.explain.overlay import overlay_png
 
-            atomic.write_bytes(out / f"{method}.png", overlay_png(image.pixels, arr))
+            pixels, heat2d = image.pixels, arr
+            if arr.ndim == 3 and pixels.ndim == 4 and pixels.shape[0] == arr.shape[0]:
+                k = int(np.clip(arr, 0, None).sum(axis=(1, 2)).argmax())
+                pixels, heat2d = pixels[k], arr[k]
+            if heat2d.ndim == 2 and pixels.ndim == 3:
+                atomic.write_bytes(out / f"{method}.png", overlay_png(pixels, heat2d))
     return paths
 
 
@@ -106,9 +114,7 @@ def run(args) -> int:
     )
     paths = {}
     if args.save_maps:
-        from retrieval.data.imageio import read_image
-
-        paths = save_maps(result, args.save_maps, read_image(src))
+        paths = save_maps(result, args.save_maps, r.preprocessor.read(src))
     dicom_paths = _dicom_out(args, src, result)
     if args.json:
         out = result.to_json(paths)

@@ -250,7 +250,9 @@ def inference_model(model: nn.Module) -> nn.Module:
     for mod in fused.modules():
         if isinstance(mod, nn.Sequential):
             for i in range(len(mod) - 1):
-                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                if (isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d)) or (
+                    isinstance(mod[i], nn.Conv3d) and isinstance(mod[i + 1], nn.BatchNorm3d)
+                ):
                     mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
                     mod[i + 1] = nn.Identity()
                     changed = True
@@ -380,13 +382,15 @@ class GradCAM:
 
 
 def cam_map(cam, inputs, upsample: bool):
-    """(N, 1, h, w) CAM -> (N, H, W) map, bilinearly upsampled to the input when asked."""
+    """(N, 1, h, w) CAM -> (N, H, W) map, bilinearly upsampled to the input when asked.
+
+    A volume's (N, 1, d, h, w) CAM -> (N, D, H, W), trilinearly upsampled."""
     if upsample:
         from captum.attr import LayerAttribution
 
-        cam = LayerAttribution.interpolate(
-            cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
-        )
+        size = tuple(inputs.shape[2:])
+        mode = "trilinear" if len(size) == 3 else "bilinear"
+        cam = LayerAttribution.interpolate(cam, size, interpolate_mode=mode)
     return cam[:, 0]
 
 
@@ -585,18 +589,20 @@ class Similarity:
         with torch.no_grad():
             out = model.run(inputs, t.weighting)
             f, w = out.features, out.weights
-            hw = f.shape[-2] * f.shape[-1]
+            grid = f.shape[2:]  # (h, w), or (d, h, w) for a volume model
+            f, w = f.flatten(2), w.flatten(1)
+            hw = grid.numel()
             # class rows: class activation map, W_c · F_ij / hw (sums to logit - bias)
             cam = (
-                torch.einsum("bc,bchw->bhw", model.classifier.weight[t.classes.clamp_min(0)], f)
-                / hw
+                torch.einsum("bc,bcn->bn", model.classifier.weight[t.classes.clamp_min(0)], f) / hw
             )
             # similarity rows: w_ij (P F_ij) · e_other / ‖P p‖ (sums to the cosine similarity)
-            z = torch.einsum("dc,bchw->bdhw", model.projection.weight, f)
-            pooled = torch.einsum("bhw,bdhw->bd", w, z)
-            sim = w * torch.einsum("bdhw,bd->bhw", z, t.others.to(z.dtype))
-            sim = sim / pooled.norm(dim=1).clamp_min(1e-12)[:, None, None]
-            return torch.where((t.classes >= 0)[:, None, None], cam, sim)
+            z = torch.einsum("dc,bcn->bdn", model.projection.weight, f)
+            pooled = torch.einsum("bn,bdn->bd", w, z)
+            sim = w * torch.einsum("bdn,bd->bn", z, t.others.to(z.dtype))
+            sim = sim / pooled.norm(dim=1).clamp_min(1e-12)[:, None]
+            out = torch.where((t.classes >= 0)[:, None], cam, sim)
+            return out.reshape(out.shape[0], *grid)
 
 
 # the rest of the J. Imaging 2020 review's table, one module per family (retrieval.explain.methods)
@@ -650,10 +656,26 @@ def finite(maps: Tensor) -> np.ndarray:
     return np.nan_to_num(maps.detach().float().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, h, w) -> (B, *size), bilinear (how coarse maps reach the input grid)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
+def resize_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
+    """(B, h, w) -> (B, *size), bilinear (how coarse maps reach the input grid); a volume's
+    (B, d, h, w) maps -> (B, *size), trilinear."""
+    if tuple(maps.shape[1:]) == tuple(size):
         return maps
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return F.interpolate(maps[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
+
+
+# methods that run on a volume model (cnn3d); the others are 2-D only for now
+VOLUME_METHODS: tuple[str, ...] = ("gradcam", "similarity", "gradient")
+
+
+def check_volume_methods(methods: Iterable[str]) -> list[str]:
+    """For a volume model: raise CasebaseError naming any method that is 2-D only for now."""
+    methods = list(methods)
+    bad = [m for m in methods if m not in VOLUME_METHODS]
+    if bad:
+        raise CasebaseError(
+            f"{', '.join(bad)}: not available for volumes yet (2-D only); a volume model "
+            f"explains with {', '.join(VOLUME_METHODS)}"
+        )
+    return methods

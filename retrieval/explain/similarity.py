@@ -9,6 +9,10 @@ so the (h·w) × (h'·w') matrix T of query-location × case-location terms sums
 to the similarity exactly (completeness, up to float rounding). Its row sums
 give a query map, its column sums a case map, and its largest entries the
 matched regions. No library does this; it follows from the model's design.
+
+For a volume model (cnn3d) the locations are the voxels of the (d, h, w) feature volume:
+the same code runs over flattened cells, grids are (d, h, w) tuples, regions are
+26-connected blobs of voxels, and maps are (d, h, w).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from retrieval.model.network import CaseNet
 
 @dataclass
 class SimilarityDecomposition:
-    terms: np.ndarray  # (hq*wq, hc*wc) float64, sums to `similarity`
+    terms: np.ndarray  # (hq*wq, hc*wc) float64, sums to `similarity` (voxels for volumes)
     similarity: float  # e_q · e_c from the embeddings themselves
-    query_grid: tuple[int, int]
-    case_grid: tuple[int, int]
+    query_grid: tuple[int, ...]  # (h, w), or (d, h, w) for a volume model
+    case_grid: tuple[int, ...]
 
     @property
     def completeness_error(self) -> float:
@@ -39,12 +43,10 @@ class SimilarityDecomposition:
     def case_map(self) -> np.ndarray:
         return self.terms.sum(axis=0).reshape(self.case_grid)
 
-    def top_pairs(self, n: int = 3) -> list[tuple[tuple[int, int], tuple[int, int], float]]:
+    def top_pairs(self, n: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...], float]]:
         """Largest positive terms, each query cell and each case cell used once (greedy)."""
         order = np.argsort(self.terms, axis=None)[::-1]
         used_q, used_c, out = set(), set(), []
-        wc = self.case_grid[1]
-        wq = self.query_grid[1]
         for flat in order:
             qi, cj = divmod(int(flat), self.terms.shape[1])
             val = float(self.terms[qi, cj])
@@ -54,7 +56,9 @@ class SimilarityDecomposition:
                 continue
             used_q.add(qi)
             used_c.add(cj)
-            out.append(((qi // wq, qi % wq), (cj // wc, cj % wc), val))
+            qc = tuple(int(v) for v in np.unravel_index(qi, self.query_grid))
+            cc = tuple(int(v) for v in np.unravel_index(cj, self.case_grid))
+            out.append((qc, cc, val))
         return out
 
 
@@ -65,12 +69,13 @@ def decompose(
     c_features: torch.Tensor,
     c_weights: torch.Tensor,
 ) -> SimilarityDecomposition:
-    """Decompose sim(e_q, e_c) for one pair: features (C, h, w), weights (h, w) summing to 1."""
+    """Decompose sim(e_q, e_c) for one pair: features (C, h, w), weights (h, w) summing to 1
+    (features (C, d, h, w) and weights (d, h, w) for a volume model)."""
     with torch.no_grad():
         P = model.projection.weight.double()  # (D, C)
-        qf, cf = q_features.double(), c_features.double()
-        qz = torch.einsum("dc,chw->hwd", P, qf).reshape(-1, P.shape[0])  # (hq*wq, D)
-        cz = torch.einsum("dc,chw->hwd", P, cf).reshape(-1, P.shape[0])
+        qf, cf = q_features.double().flatten(1), c_features.double().flatten(1)
+        qz = torch.einsum("dc,cn->nd", P, qf)  # (hq*wq, D)
+        cz = torch.einsum("dc,cn->nd", P, cf)
         qw, cw = q_weights.double().reshape(-1), c_weights.double().reshape(-1)
         qp, cp = (qw[:, None] * qz).sum(0), (cw[:, None] * cz).sum(0)
         norm = qp.norm().clamp_min(1e-12) * cp.norm().clamp_min(1e-12)
@@ -79,7 +84,7 @@ def decompose(
         ec = model.embed_features(c_features[None].float(), c_weights[None].float())[0]
         sim = float((eq.double() * ec.double()).sum())
     return SimilarityDecomposition(
-        terms.cpu().numpy(), sim, tuple(q_features.shape[-2:]), tuple(c_features.shape[-2:])
+        terms.cpu().numpy(), sim, tuple(q_features.shape[1:]), tuple(c_features.shape[1:])
     )
 
 
@@ -108,7 +113,7 @@ SIDE_MARGIN = 1 / 8
 
 @dataclass
 class RegionPair:
-    query_cells: np.ndarray  # (hq, wq) bool
+    query_cells: np.ndarray  # (hq, wq) bool ((d, h, w) for volumes)
     case_cells: np.ndarray  # (hc, wc) bool
     contribution: float  # Σ of T over query_cells × case_cells
     share: float  # contribution / similarity
@@ -136,7 +141,7 @@ def segment(
     selected = (heat >= vals[last]) & (heat > 0)
     max_cells = max(1, int(max_fraction * heat.size))
     out: list[np.ndarray] = []
-    eight = np.ones((3, 3), bool)
+    eight = np.ones((3,) * heat.ndim, bool)  # 8-neighbourhood (26 in a feature volume)
 
     def place(within: np.ndarray, again: bool) -> None:
         labels, n = ndimage.label(within, structure=eight)
@@ -154,7 +159,7 @@ def segment(
 
 def _side(cells: np.ndarray) -> int:
     """-1 left, +1 right, 0 central: the region's centre against the middle of the width."""
-    x = (np.nonzero(cells)[1].mean() + 0.5) / cells.shape[1] - 0.5
+    x = (np.nonzero(cells)[-1].mean() + 0.5) / cells.shape[-1] - 0.5
     return 0 if abs(x) <= SIDE_MARGIN else (1 if x > 0 else -1)
 
 
@@ -323,10 +328,16 @@ def calibrate_scale(
     return np.quantile(flat, np.linspace(0.0, 1.0, levels)), meta
 
 
-def lesion_cells(mask: np.ndarray, geometry, grid: tuple[int, int]) -> np.ndarray:
-    """(h, w) bool: the feature-map cells whose original-pixel footprint holds any lesion pixel."""
+def lesion_cells(mask: np.ndarray, geometry, grid: tuple[int, ...]) -> np.ndarray:
+    """(h, w) bool: the feature-map cells whose original-pixel footprint holds any lesion pixel
+    ((d, h, w) voxels of the feature volume for a volume model)."""
     mask = np.asarray(mask, bool)
     out = np.zeros(grid, bool)
+    if len(grid) == 3:
+        for z, r, c in np.ndindex(*grid):
+            x0, y0, z0, x1, y1, z1 = geometry.cell_box(z, r, c, grid)
+            out[z, r, c] = bool(mask[z0:z1, y0:y1, x0:x1].any())
+        return out
     for r in range(grid[0]):
         for c in range(grid[1]):
             x0, y0, x1, y1 = geometry.cell_box(r, c, grid)

@@ -85,7 +85,8 @@ SIMILARITY_NEIGHBORS = 5
 def pointing_game(
     heat: np.ndarray, mask: np.ndarray, tolerance: int | tuple[int, int] = 0
 ) -> float:
-    """1 if the map's maximum lies in the mask dilated by ``tolerance`` (rows, cols) px.
+    """1 if the map's maximum lies in the mask dilated by ``tolerance`` (rows, cols) px
+    ((slices, rows, cols) voxels for a volume's (D, H, W) map and mask).
 
     Tied maxima score the share of them that hit (a random tie-break's expected score).
     """
@@ -93,11 +94,24 @@ def pointing_game(
     mask = np.asarray(mask, bool)
     if heat.shape != mask.shape:
         raise ValueError(f"map {heat.shape} and mask {mask.shape} differ in size")
-    ty, tx = (tolerance, tolerance) if isinstance(tolerance, int) else tolerance
-    if ty > 0 or tx > 0:
-        mask = ndimage.binary_dilation(mask, structure=np.ones((2 * ty + 1, 2 * tx + 1), bool))
+    # one tolerance per axis: (rows, cols), or (slices, rows, cols) for a volume
+    tol = (tolerance,) * heat.ndim if isinstance(tolerance, int) else tuple(tolerance)
+    if any(t > 0 for t in tol):
+        mask = ndimage.binary_dilation(mask, structure=np.ones([2 * t + 1 for t in tol], bool))
     top = heat >= heat.max() - 1e-12 * max(1.0, abs(float(heat.max())))
     return float(mask[top].mean())
+
+
+def read_case_mask(path, geometry) -> np.ndarray:
+    """A case's lesion mask in its original size: (H, W) for an image, (D, H, W) for a volume."""
+    size = tuple(geometry.original_size)
+    if len(size) == 3:
+        from retrieval.data.volume import read_volume_mask
+
+        return read_volume_mask(path, expected_shape=size)
+    from retrieval.data.imageio import read_mask
+
+    return read_mask(path, expected_size=size)
 
 
 def mask_energy(heat: np.ndarray, mask: np.ndarray) -> float:
@@ -208,7 +222,7 @@ def query_map(
             eq = model.run(x, weighting).embedding[0]
             ec = model.run(neighbours, weighting).embedding
         maps = explainer.attribute(
-            model, x.expand(len(ec), -1, -1, -1), ScoreTarget.for_similarity(ec, weighting)
+            model, x.expand(len(ec), *x.shape[1:]), ScoreTarget.for_similarity(ec, weighting)
         )
         return torch.from_numpy(weighted_query_map(registry.finite(maps), (ec @ eq).tolist()))
     target = ScoreTarget.for_classes([cls], model.config.embedding_dim, weighting, device=x.device)
@@ -486,7 +500,6 @@ def load_cases(
 ) -> tuple[list[dict], list[str]]:
     """The split's cases with a non-empty mask, preprocessed, with their top-k index neighbours."""
     from index.builder import case_table
-    from retrieval.data.imageio import read_mask
     from retrieval.data.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
@@ -519,7 +532,7 @@ def load_cases(
         row = table.iloc[pos]
         try:
             ctx = retriever.encode(row["image"])
-            mask = read_mask(row["mask"], expected_size=tuple(ctx.geometry.original_size))
+            mask = read_case_mask(row["mask"], ctx.geometry)
         except CasebaseError as err:
             skipped.append(f"{row['case_id']}: {err}")
             continue
@@ -573,7 +586,6 @@ def lesion_pair_shares(retriever, q, q_mask, neighbours, contexts) -> list[dict]
     share a decomposition spread evenly over all cell pairs would give (the product of the two
     lesion-cell fractions).
     """
-    from retrieval.data.imageio import read_mask
     from retrieval.explain.similarity import cell_mask_share, decompose, lesion_cells
 
     out = []
@@ -583,7 +595,7 @@ def lesion_pair_shares(retriever, q, q_mask, neighbours, contexts) -> list[dict]
         if c is None or not path:
             continue
         try:
-            c_mask = read_mask(path, expected_size=tuple(c.geometry.original_size))
+            c_mask = read_case_mask(path, c.geometry)
         except CasebaseError:
             continue
         if not c_mask.any():
@@ -640,7 +652,13 @@ def evaluate(
 
     ``data_randomization_epochs`` > 0 adds Adebayo et al.'s data-randomisation test (a
     model trained that many epochs on the train split with permuted labels);
-    ``subclass`` names a manifest column for Hanawa et al.'s identical-subclass test."""
+    ``subclass`` names a manifest column for Hanawa et al.'s identical-subclass test.
+
+    A volume model (cnn3d) gets the 3-D report of retrieval.explain.volume_trust."""
+    if getattr(retriever.model, "is_volume", False):
+        from retrieval.explain import volume_trust
+
+        return volume_trust.evaluate(retriever, manifest_path, split, methods, max_cases, progress)
     names = registry.check_names(list(methods) if methods else list(registry.METHODS))
     if len(sanity_seeds) < 1:
         raise CasebaseError("the sanity check needs at least one seed")

@@ -50,3 +50,46 @@ def augment_batch(
     x = (x - mean) * contrast + mean + brightness
     noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev) * 0.015
     return (x + noise).clamp(0.0, 1.0)
+
+
+def augment_volume_batch(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    scale_jitter: float = DEFAULT_SCALE_JITTER,
+) -> torch.Tensor:
+    """x: (B, C, D, H, W) float in [0, 1] -> augmented, same shape, in [0, 1] (cnn3d training).
+
+    Light 3-D augmentation: flips along the slice axis and along the columns (each p = 0.5),
+    a shift of ±6% along each axis with zoom in [1 - j, 1 + j] (trilinear, border padding),
+    and the 2-D intensity changes (gamma, contrast, brightness, a little noise). No rotation.
+    """
+    b = x.shape[0]
+    dev = x.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+
+    flip_z = (u(0, 1) < 0.5).float() * -2 + 1  # -1 flips
+    flip_x = (u(0, 1) < 0.5).float() * -2 + 1
+    scale = 1.0 / u(1.0 - scale_jitter, 1.0 + scale_jitter)
+    tx, ty, tz = u(-0.06, 0.06), u(-0.06, 0.06), u(-0.06, 0.06)
+    zero = torch.zeros_like(scale)
+    theta = torch.stack(
+        [
+            torch.stack([scale * flip_x, zero, zero, tx], 1),
+            torch.stack([zero, scale, zero, ty], 1),
+            torch.stack([zero, zero, scale * flip_z, tz], 1),
+        ],
+        1,
+    )  # (B, 3, 4); grid order (x, y, z)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    shape = (b, 1, 1, 1, 1)
+    gamma = u(0.8, 1.25).view(shape)
+    x = x.clamp(1e-6, 1.0) ** gamma
+    contrast = u(0.85, 1.15).view(shape)
+    brightness = u(-0.08, 0.08).view(shape)
+    mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+    x = (x - mean) * contrast + mean + brightness
+    noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev) * 0.015
+    return (x + noise).clamp(0.0, 1.0)

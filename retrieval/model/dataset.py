@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from retrieval.data.imageio import read_image
 from retrieval.errors import CasebaseError, ImageReadError
 from retrieval.model.preprocess import Preprocessor
 
@@ -40,17 +39,23 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = read_image(self.paths[i])
+            image = self.pre.read(self.paths[i])
             fp = None
             if self.fingerprints:  # index.fingerprints: from the pixels decoded anyway
                 from retrieval.audit.leakage import fingerprint  # lazy: the audit imports a lot
 
-                fp = fingerprint(image.pixels)
+                fp = fingerprint(fingerprint_pixels(image.pixels))
             return i, self.pre.to_uint8(image), None, (tuple(image.original_size), fp)
         except ImageReadError as err:
             return i, None, str(err), None
         except Exception as err:  # noqa: BLE001 - any decoder bug becomes a per-file message
             return i, None, f"{self.paths[i]}: cannot decode ({type(err).__name__}: {err})", None
+
+
+def fingerprint_pixels(pixels):
+    """A volume (D, H, W, C) is fingerprinted on its middle slice, as read_image reads it
+    (so the audit's fingerprints of the same file agree)."""
+    return pixels[pixels.shape[0] // 2] if pixels.ndim == 4 else pixels
 
 
 def _collate(items):

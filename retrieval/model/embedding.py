@@ -50,7 +50,7 @@ def embed_tensor(model: CaseNet, batch: torch.Tensor, weighting: str):
 
 def ood_features(features: torch.Tensor) -> torch.Tensor:
     """Unit-norm global-average-pooled feature map: the space the OOD score searches."""
-    return torch.nn.functional.normalize(features.float().mean(dim=(2, 3)), dim=1)
+    return torch.nn.functional.normalize(features.float().flatten(2).mean(dim=2), dim=1)
 
 
 def embed_paths(
@@ -97,7 +97,7 @@ def embed_paths(
             oods.append(ood_features(out.features).cpu().numpy())
             zs.append(cell_vectors(model, out.features))
             ws.append(out.weights.float().flatten(1).cpu().numpy())
-            grid = tuple(out.features.shape[-2:])
+            grid = tuple(out.features.shape[2:])
         else:
             v, p, o = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
             vecs.append(v)
@@ -128,6 +128,7 @@ def embed_paths(
 
 @torch.no_grad()
 def cell_vectors(model: CaseNet, features: torch.Tensor) -> np.ndarray:
-    """(B, C, h, w) feature maps -> (B, h*w, D) float32 P·F per cell (the decomposition's factors)."""
-    z = torch.einsum("dc,bchw->bhwd", model.projection.weight, features.float())
-    return z.reshape(z.shape[0], -1, z.shape[-1]).cpu().numpy().astype(np.float32)
+    """(B, C, *grid) feature maps -> (B, cells, D) float32 P·F per cell (the decomposition's
+    factors; cells = h*w, or d*h*w voxels of a feature volume)."""
+    z = torch.einsum("dc,bcn->bnd", model.projection.weight, features.float().flatten(2))
+    return z.cpu().numpy().astype(np.float32)

@@ -12,6 +12,11 @@ W_ck / hw everywhere, so Grad-CAM's channel weights are exactly W_c / hw: the
 saliency map costs one (C × h·w) product and no second forward or backward
 pass. (tests check it against pytorch-grad-cam to 1e-5.)
 
+The same maths holds for volumes (``--backbone cnn3d``): F is (C, d, h, w), the mean runs
+over all d·h·w voxels of the feature volume, Grad-CAM's channel weights are exactly
+W_c / (d·h·w), and every sum over cells i, j runs over voxels. The code works on the
+flattened spatial axes, so 2-D and 3-D share one implementation.
+
 With uniform weighting s_ij = 1/hw. Because P is linear and the pooling is a
 weighted sum, the cosine similarity of two embeddings splits exactly into
 query-location × case-location terms (see retrieval.explain.similarity).
@@ -49,6 +54,9 @@ class ModelConfig:
     # compact backbone: channels of the first stage (then 2x, 4x, 8x). 32 for models saved
     # before the option existed; training picks its own default (see retrieval.model.train).
     width: int = 32
+    # 0: a 2-D model (images resized to image_size x image_size). > 0: a volume model
+    # (cnn3d): volumes resized to depth x image_size x image_size (D, H, W).
+    depth: int = 0
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
     format_version: int = MODEL_FORMAT_VERSION
@@ -140,7 +148,102 @@ class ResNet18Backbone(nn.Module):
         return self.features(x)
 
 
-BACKBONES = {"compact": CompactBackbone, "resnet18": ResNet18Backbone}
+def _conv_bn3d(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm3d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Residual3d(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(ch, ch, 3, padding=1, bias=False),
+            nn.BatchNorm3d(ch),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(ch, ch, 3, padding=1, bias=False),
+            nn.BatchNorm3d(ch),
+        )
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class Compact3DBackbone(nn.Module):
+    """The compact backbone in 3-D (Conv3d / BatchNorm3d / ReLU; widths w, 2w, 4w, 8w).
+
+    Stride 8 along every axis (the last stage keeps its resolution): a 32 x 64 x 64
+    volume gives a 4 x 8 x 8 feature volume, the in-plane grid the 2-D model has at
+    128 px, fine enough for matched regions and the pointing game.
+    """
+
+    stride = 8
+
+    def __init__(self, in_channels: int, width: int = 32):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.out_channels = widths[-1]
+        layers: list[nn.Module] = [_conv_bn3d(in_channels, widths[0], stride=2)]
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers += [_conv_bn3d(cin, cout, stride=2 if i < 2 else 1), _Residual3d(cout)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class _ToSlices(nn.Module):
+    """(B, C, D, H, W) -> (B·D, C, H, W): every slice through the 2-D backbone."""
+
+    def forward(self, x):
+        b, c, d, h, w = x.shape
+        return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+
+
+class _FromSlices(nn.Module):
+    """(B·D, C, h, w) -> (B, C, D, h, w): the slices' feature maps stacked into a feature volume."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.depth = depth
+
+    def forward(self, x):
+        bd, c, h, w = x.shape
+        return x.reshape(bd // self.depth, self.depth, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class SliceBackbone(nn.Module):
+    """2.5D (``--backbone slices``): the compact 2-D backbone run on every axial slice.
+
+    The slices' (C, h, w) maps are stacked into a (C, D, h, w) feature volume, so the head,
+    the Grad-CAM (channel weights W / (D·h·w)) and the saliency-weighted pooling are the
+    volume ones: the saliency weights over (slice, row, col) pool the slices by their
+    saliency. Stride 16 in plane, 1 along the slices (a 32 x 64 x 64 input gives 32 x 4 x 4).
+    The last module stacks the slices, so ``target_layer`` sees the feature volume.
+    """
+
+    stride = 16
+
+    def __init__(self, in_channels: int, width: int = 32, depth: int = 32):
+        super().__init__()
+        inner = CompactBackbone(in_channels, width)
+        self.out_channels = inner.out_channels
+        self.features = nn.Sequential(_ToSlices(), *inner.features, _FromSlices(depth))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+BACKBONES = {
+    "compact": CompactBackbone,
+    "resnet18": ResNet18Backbone,
+    "cnn3d": Compact3DBackbone,
+    "slices": SliceBackbone,
+}
+# backbones whose input is a volume (B, C, D, H, W)
+VOLUME_BACKBONES = frozenset({"cnn3d", "slices"})
 
 
 @dataclass
@@ -149,8 +252,8 @@ class EmbeddingOutput:
 
     embedding: torch.Tensor  # (B, D) L2-normalised
     logits: torch.Tensor  # (B, K)
-    features: torch.Tensor  # (B, C, h, w) last feature map
-    weights: torch.Tensor  # (B, h, w) pooling weights, each summing to 1
+    features: torch.Tensor  # (B, C, h, w) last feature map ((B, C, d, h, w) for volumes)
+    weights: torch.Tensor  # (B, h, w) pooling weights, each summing to 1 ((B, d, h, w))
     predicted: torch.Tensor  # (B,) class index whose Grad-CAM weighted the pooling
 
 
@@ -162,9 +265,17 @@ class CaseNet(nn.Module):
                 f"unknown backbone {config.backbone!r}: choose one of {', '.join(BACKBONES)}"
             )
         self.config = config
+        if (config.backbone in VOLUME_BACKBONES) != (config.depth > 0):
+            raise BundleError(
+                f"backbone {config.backbone!r} with depth {config.depth}: volume backbones "
+                "need a depth > 0 and image backbones depth 0"
+            )
         if config.width < 4:
             raise BundleError(f"backbone width {config.width}: must be at least 4")
-        self.backbone = BACKBONES[config.backbone](config.in_channels, config.width)
+        if config.backbone == "slices":
+            self.backbone = SliceBackbone(config.in_channels, config.width, config.depth)
+        else:
+            self.backbone = BACKBONES[config.backbone](config.in_channels, config.width)
         channels = self.backbone.out_channels
         self.classifier = nn.Linear(channels, len(config.classes))
         self.projection = nn.Linear(channels, config.embedding_dim, bias=False)
@@ -174,37 +285,51 @@ class CaseNet(nn.Module):
         """The last block: where Grad-CAM and the similarity decomposition look."""
         return self.backbone.features[-1]
 
+    @property
+    def is_volume(self) -> bool:
+        return self.config.backbone in VOLUME_BACKBONES
+
+    @staticmethod
+    def pool(features: torch.Tensor) -> torch.Tensor:
+        """Global average pooling over every spatial axis: (B, C, *grid) -> (B, C)."""
+        return features.flatten(2).mean(dim=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (what captum's class explanations differentiate)."""
-        return self.classifier(self.backbone(x).mean(dim=(2, 3)))
+        return self.classifier(self.pool(self.backbone(x)))
 
     def gradcam(self, features: torch.Tensor, class_idx: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM at the last block, in closed form: ReLU(Σ_k W_ck/hw · F_k)."""
-        h, w = features.shape[-2:]
-        weights = self.classifier.weight[class_idx] / (h * w)  # (B, C)
-        return F.relu(torch.einsum("bc,bchw->bhw", weights, features))
+        """Grad-CAM at the last block, in closed form: ReLU(Σ_k W_ck/hw · F_k).
+
+        (B, C, *grid) -> (B, *grid); the channel weights are W_c / n for n = h·w cells
+        (d·h·w voxels for a volume)."""
+        grid = features.shape[2:]
+        weights = self.classifier.weight[class_idx] / grid.numel()  # (B, C)
+        cam = torch.einsum("bc,bcn->bn", weights, features.flatten(2))
+        return F.relu(cam).reshape(features.shape[0], *grid)
 
     @staticmethod
     def saliency_weights(cam: torch.Tensor) -> torch.Tensor:
-        """Normalise a (B, h, w) map to pooling weights; uniform where the map is all zero."""
-        total = cam.sum(dim=(1, 2), keepdim=True)
-        uniform = torch.full_like(cam, 1.0 / (cam.shape[1] * cam.shape[2]))
+        """Normalise a (B, *grid) map to pooling weights; uniform where the map is all zero."""
+        dims = tuple(range(1, cam.dim()))
+        total = cam.sum(dim=dims, keepdim=True)
+        uniform = torch.full_like(cam, 1.0 / cam[0].numel())
         return torch.where(total > 1e-12, cam / total.clamp_min(1e-12), uniform)
 
     def embed_features(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        pooled = torch.einsum("bhw,bchw->bc", weights, features)
+        pooled = torch.einsum("bn,bcn->bc", weights.flatten(1), features.flatten(2))
         return F.normalize(self.projection(pooled), dim=1)
 
     def run(self, x: torch.Tensor, weighting: str = "saliency") -> EmbeddingOutput:
         """One forward: logits, Grad-CAM of the predicted class, pooled embedding."""
         features = self.backbone(x)
-        logits = self.classifier(features.mean(dim=(2, 3)))
+        logits = self.classifier(self.pool(features))
         predicted = logits.argmax(dim=1)
         if weighting == "saliency":
             weights = self.saliency_weights(self.gradcam(features, predicted).detach())
         elif weighting == "uniform":
-            h, w = features.shape[-2:]
-            weights = features.new_full((features.shape[0], h, w), 1.0 / (h * w))
+            grid = features.shape[2:]
+            weights = features.new_full((features.shape[0], *grid), 1.0 / grid.numel())
         else:
             raise ValueError(f"unknown weighting {weighting!r}")
         return EmbeddingOutput(

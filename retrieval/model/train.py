@@ -40,19 +40,20 @@ from tqdm.auto import tqdm
 from retrieval.data.imageio import read_image
 from retrieval.data.manifest import load_manifest
 from retrieval.errors import CasebaseError
-from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch
+from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch, augment_volume_batch
 from retrieval.model.dataset import decode_all
 from retrieval.model.device import resolve_device
-from retrieval.model.network import CaseNet, ModelConfig, save_model
+from retrieval.model.network import VOLUME_BACKBONES, CaseNet, ModelConfig, save_model
 from retrieval.model.preprocess import Preprocessor
 
 
 @dataclass
 class TrainOptions:
     epochs: int | None = None  # None: sized to the data (see default_epochs)
-    backbone: str = "compact"
+    backbone: str = "compact"  # compact | resnet18 | cnn3d | auto (cnn3d for volumes)
     width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
+    depth: int | None = None  # cnn3d: slices of the model input; None: from the data
     embedding_dim: int = 128
     batch_size: int | None = None  # images per step (both views of a case count)
     lr: float = 1e-3
@@ -139,6 +140,43 @@ def _probe_images(paths: list[str], limit: int = 64) -> tuple[int, int]:
     if not sides:
         raise CasebaseError("none of the sampled training images could be read")
     return channels, int(np.median(sides))
+
+
+def _probe_volumes(paths: list[str], limit: int = 16) -> tuple[int, int]:
+    """(median depth, median shorter in-plane side) of up to `limit` volumes spread over the set."""
+    from retrieval.data.volume import read_volume
+
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(limit, len(paths)))})
+    depths, sides = [], []
+    for i in picks:
+        try:
+            shape = read_volume(paths[i]).shape
+        except CasebaseError:
+            continue
+        depths.append(shape[0])
+        sides.append(min(shape[1:]))
+    if not sides:
+        raise CasebaseError("none of the sampled training volumes could be read")
+    return int(np.median(depths)), int(np.median(sides))
+
+
+def default_volume_size(median_depth: int, median_side: int) -> tuple[int, int]:
+    """(depth, side) of a cnn3d input: the volumes' median size rounded down to a multiple of 8,
+    at most 32 slices x 64 x 64 (2-core training budget), at least 8 x 16 x 16."""
+    depth = int(max(8, min(32, (median_depth // 8) * 8)))
+    side = int(max(16, min(64, (median_side // 8) * 8)))
+    return depth, side
+
+
+def resolve_backbone(backbone: str, paths: list[str], limit: int = 16) -> str:
+    """``auto``: cnn3d when most sampled manifest images are volumes, else compact."""
+    if backbone != "auto":
+        return backbone
+    from retrieval.data.volume import is_volume_path
+
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(limit, len(paths)))})
+    n_vol = sum(1 for i in picks if is_volume_path(paths[i]))
+    return "cnn3d" if picks and n_vol * 2 > len(picks) else "compact"
 
 
 def default_image_size(median_side: int) -> int:
@@ -228,15 +266,31 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     if len(classes) < 2:
         raise CasebaseError(f"{manifest_path}: need at least two labels to train, found {classes}")
 
-    channels, median_side = _probe_images(df["path"].tolist())
-    size = opts.image_size or default_image_size(median_side)
-    if size < 32 or size % 16:
-        raise CasebaseError(f"--image-size {size}: use a multiple of 16, at least 32")
+    backbone = resolve_backbone(opts.backbone, df["path"].tolist())
+    depth = 0
+    if backbone in VOLUME_BACKBONES:
+        channels = 1
+        auto_depth, auto_side = default_volume_size(*_probe_volumes(df["path"].tolist()))
+        size = opts.image_size or auto_side
+        depth = opts.depth or auto_depth
+        if size < 16 or size % 8 or depth < 8 or depth % 8:
+            raise CasebaseError(
+                f"volume input {depth} x {size} x {size}: use multiples of 8, at least 8 slices "
+                "and 16 pixels (--depth, --image-size)"
+            )
+    else:
+        if opts.depth:
+            raise CasebaseError(f"--depth is for volume backbones (cnn3d), not {backbone}")
+        channels, median_side = _probe_images(df["path"].tolist())
+        size = opts.image_size or default_image_size(median_side)
+        if size < 32 or size % 16:
+            raise CasebaseError(f"--image-size {size}: use a multiple of 16, at least 32")
     cfg = ModelConfig(
         classes=classes,
-        backbone=opts.backbone,
+        backbone=backbone,
         in_channels=channels,
         image_size=size,
+        depth=depth,
         embedding_dim=opts.embedding_dim,
         width=opts.width or DEFAULT_WIDTH,
         mean=[0.0] * channels,
@@ -506,17 +560,17 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
         for s in range(d.steps_per_epoch):
             idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
             x = d.train_x[idx].to(device).float() / 255.0
-            xb = torch.cat([augment_batch(x, gen, opts.aug_scale) for _ in range(d.views)])
+            aug = augment_volume_batch if x.dim() == 5 else augment_batch
+            xb = torch.cat([aug(x, gen, opts.aug_scale) for _ in range(d.views)])
             yb = d.train_y[idx].to(device).repeat(d.views)
             case_ids = torch.arange(len(idx), device=device).repeat(d.views)
             with torch.autocast(device.type, enabled=use_amp):
                 feats = model.backbone(d.pre.normalize(xb))
-                logits = model.classifier(feats.mean(dim=(2, 3)))
-                h, w = feats.shape[-2:]
+                logits = model.classifier(model.pool(feats))
                 sal = model.saliency_weights(
                     model.gradcam(feats.float(), logits.argmax(1)).detach()
                 )
-                uni = torch.full_like(sal, 1.0 / (h * w))
+                uni = torch.full_like(sal, 1.0 / sal[0].numel())
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids)

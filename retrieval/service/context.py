@@ -13,7 +13,7 @@ from retrieval.model.preprocess import Geometry
 @dataclass
 class ImageContext:
     image: LoadedImage
-    tensor: torch.Tensor  # (C, S, S) normalised model input
+    tensor: torch.Tensor  # (C, S, S) normalised model input ((C, D', S, S) for a volume)
     geometry: Geometry
     embedding: torch.Tensor  # (D,)
     logits: torch.Tensor  # (K,)
@@ -22,5 +22,6 @@ class ImageContext:
     predicted: int
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.features.shape[-2:])
+    def grid(self) -> tuple[int, ...]:
+        """(h, w) of the feature map; (d, h, w) of a volume model's feature volume."""
+        return tuple(self.features.shape[1:])

@@ -37,7 +37,14 @@ TRUST_FILE = "trust.json"
 
 
 def _cells_box(geometry, cells: np.ndarray) -> list[int]:
-    """Original-pixel bounding box of a region's feature-map cells (bool (h, w))."""
+    """Original-pixel bounding box of a region's feature-map cells (bool (h, w)): [x0, y0, x1, y1];
+    of a volume's feature voxels (bool (d, h, w)): [x0, y0, z0, x1, y1, z1] in original voxels."""
+    if cells.ndim == 3:
+        zs, rows, cols = np.nonzero(cells)
+        grid = tuple(cells.shape)
+        a = geometry.cell_box(int(zs.min()), int(rows.min()), int(cols.min()), grid)
+        b = geometry.cell_box(int(zs.max()), int(rows.max()), int(cols.max()), grid)
+        return [a[0], a[1], a[2], b[3], b[4], b[5]]
     rows, cols = np.nonzero(cells)
     grid = tuple(cells.shape)
     a = geometry.cell_box(int(rows.min()), int(cols.min()), grid)
@@ -45,7 +52,10 @@ def _cells_box(geometry, cells: np.ndarray) -> list[int]:
     return [a[0], a[1], b[2], b[3]]
 
 
-def _where(box: list[int], size: tuple[int, int]) -> str:
+def _where(box: list[int], size: tuple[int, ...]) -> str:
+    if len(box) == 6:  # a volume: [x0, y0, z0, x1, y1, z1] in (D, H, W)
+        where = _where([box[0], box[1], box[3], box[4]], size[1:])
+        return f"{where} of slices {box[2]}–{box[5] - 1}"
     h, w = size
     cx, cy = (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h
     vert = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else "middle"
@@ -86,7 +96,14 @@ class CaseRetriever:
         # stored pixel fingerprints: the self-match check reads no image (None: older bundles)
         self.fingerprints = PixelFingerprints.load(self.index_dir, len(cases))
         self._case_rows: dict[str, int] | None = None
-        if self.region_index is None:
+        if self.region_index is None and model.is_volume:
+            _say_once(
+                self.index_dir,
+                f"note: {self.index_dir} holds a volume model (cnn3d): there is no region index "
+                "for volumes yet, so matched regions re-encode each neighbour's volume and "
+                "--region is unavailable",
+            )
+        elif self.region_index is None:
             _say_once(
                 self.index_dir,
                 f"note: {self.index_dir} has no region index (built before bundle format 2): "
@@ -313,6 +330,8 @@ class CaseRetriever:
             from retrieval.explain import registry
 
             registry.check_names(methods)
+            if self.model.is_volume:
+                registry.check_volume_methods(methods)
         q = self.encode(image_or_path)
         timings["encode"] = time.perf_counter() - t0
         # the query may be an indexed case itself (case_id: its id when the caller knows it);
@@ -452,10 +471,16 @@ class CaseRetriever:
             tops = [n.matched_regions[0] for n in res.neighbors if n.matched_regions]
             if tops:
                 b = np.median(np.array([t.query_box for t in tops]), axis=0).astype(int).tolist()
-                text += (
-                    f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} in the "
-                    f"{_where(b, res.original_size)} of the image"
-                )
+                if len(b) == 6:
+                    text += (
+                        f"; they match mainly on the region at x {b[0]}–{b[3]}, y {b[1]}–{b[4]}, "
+                        f"z {b[2]}–{b[5]} in the {_where(b, res.original_size)} of the volume"
+                    )
+                else:
+                    text += (
+                        f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} "
+                        f"in the {_where(b, res.original_size)} of the image"
+                    )
                 carried = [sum(r.share for r in n.matched_regions) for n in res.neighbors]
                 text += (
                     f" (the matched regions carry a median {np.median(carried):.0%} of each "
@@ -512,6 +537,11 @@ class CaseRetriever:
             )
             hits = self.search(vec, k + len(drop), exclude_patient, filters)[0]
             return [h for h in hits if h[1] not in drop][:k], out
+        if self.region_index is None and self.model.is_volume:
+            raise CasebaseError(
+                f"{self.index_dir}: --region is not available for volumes yet (no region "
+                "index for a cnn3d model)"
+            )
         if self.region_index is None:
             raise CasebaseError(
                 f"{self.index_dir} has no region index (built before bundle format 2); "

@@ -49,7 +49,9 @@ def find_self_match(r, q, case_id: str | None = None) -> tuple[SelfMatch, int] |
     hits = r.search(q.embedding.float().cpu().numpy(), CANDIDATES)[0]
     if not hits or hits[0][0] < SELF_COSINE:
         return None
-    q_hash, q_thumb = fingerprint(q.image.pixels)
+    from retrieval.model.dataset import fingerprint_pixels
+
+    q_hash, q_thumb = fingerprint(fingerprint_pixels(q.image.pixels))
     stored = getattr(r, "fingerprints", None)
     for sim, row in hits:
         if sim < SELF_COSINE:

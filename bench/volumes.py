@@ -1,0 +1,196 @@
+"""Volumes (issue 23, model side): the CLI defaults on a 3-D CT phantom and an MR phantom.
+
+Per phantom (CT: ``casebase phantom OUT --dim 3 --n 300 --seed 0``, the one tuned on;
+MR: ``--modality mr --seed 11``, never tuned on) through the CLI, with its defaults
+(``--backbone auto`` picks cnn3d, 32 x 64 x 64 input):
+
+* ``casebase train`` wall time (300 volumes of 32 x 64 x 64; target under 15 min on 2 cores;
+  run the script under ``/work/notes/heavy --exclusive`` so nothing else shares the cores);
+* ``casebase index build``, then ``casebase eval --json``: precision@5 on the test split
+  (own patient excluded; target >= 0.85);
+* ``casebase explain-eval --methods gradcam,similarity --json``: the 3-D pointing game on the
+  test cases (target >= 0.8 for gradcam);
+* every test case queried through CaseRetriever (the code `casebase query` runs): the share of
+  matched boxes [x0, y0, z0, x1, y1, z1] inside the volume (target 1.0), and the map shapes.
+
+Results merge into bench/results/volumes.json (one entry per phantom, with the load).
+
+    /work/notes/heavy --exclusive .venv/bin/python bench/volumes.py --only ct
+    /work/notes/heavy .venv/bin/python bench/volumes.py --only mr
+    /work/notes/heavy .venv/bin/python bench/volumes.py --only ct --backbone slices   # 2.5D
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine  # noqa: E402
+
+PHANTOMS = {
+    "ct": {"modality": "ct", "n": 300, "seed": 0},
+    "mr": {"modality": "mr", "n": 300, "seed": 11},
+}
+WORK = "/work/artifacts/vol3d/bench"
+CASEBASE = [sys.executable, "-m", "retrieval.cli"]
+
+
+def sh(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        CASEBASE + [str(a) for a in args], check=True, text=True, capture_output=True, **kw
+    )
+
+
+def boxes_inside(index_dir, manifest, max_queries: int | None = None) -> dict:
+    from retrieval.data.manifest import load_manifest
+    from retrieval.service.retriever import CaseRetriever
+
+    r = CaseRetriever.load(index_dir, device="cpu")
+    man = load_manifest(manifest)
+    test = man.select(["test"]).reset_index(drop=True)
+    if max_queries:
+        test = test.iloc[:max_queries]
+    n_box = n_in = 0
+    shapes_ok = True
+    for _, row in test.iterrows():
+        res = r.query(
+            str(man.resolve(row["image"])),
+            k=5,
+            explain=("gradcam",),
+            exclude_patient=row["patient_id"] or None,
+        )
+        d, h, w = res.original_size
+        shapes_ok &= tuple(res.maps["gradcam"].shape) == (d, h, w)
+        for nb in res.neighbors:
+            cd, ch, cw = nb.original_size
+            for reg in nb.matched_regions:
+                for box, (bd, bh, bw) in ((reg.query_box, (d, h, w)), (reg.case_box, (cd, ch, cw))):
+                    n_box += 1
+                    x0, y0, z0, x1, y1, z1 = box
+                    n_in += int(0 <= x0 < x1 <= bw and 0 <= y0 < y1 <= bh and 0 <= z0 < z1 <= bd)
+    return {
+        "queries": len(test),
+        "boxes": n_box,
+        "inside": n_in,
+        "fraction_inside": n_in / max(1, n_box),
+        "gradcam_map_shape_is_DHW": bool(shapes_ok),
+    }
+
+
+def run_one(name: str, spec: dict, work: Path, backbone: str | None = None) -> dict:
+    ph = work / f"{name}_phantom"
+    if not (ph / "manifest.csv").is_file():
+        sh(
+            [
+                "phantom",
+                ph,
+                "--dim",
+                3,
+                "--n",
+                spec["n"],
+                "--seed",
+                spec["seed"],
+                "--modality",
+                spec["modality"],
+            ]
+        )
+    manifest = ph / "manifest.csv"
+    tag = f"{name}_{backbone}" if backbone else name
+    model, index = work / f"{tag}_model", work / f"{tag}_index"
+    load0 = list(os.getloadavg())
+    t0 = time.time()
+    out = sh(["train", manifest, "--out", model, *(["--backbone", backbone] if backbone else [])])
+    train_s = time.time() - t0
+    load1 = list(os.getloadavg())
+    cfg = json.loads((model / "config.json").read_text())
+    sh(["index", "build", model, manifest, "--out", index])
+    ev = json.loads(sh(["eval", index, manifest, "--json"]).stdout)
+    ee = json.loads(
+        sh(
+            [
+                "explain-eval",
+                index,
+                manifest,
+                "--methods",
+                "gradcam,similarity",
+                "--json",
+                "--no-store",
+                "--max-cases",
+                60,
+            ]
+        ).stdout
+    )
+    boxes = boxes_inside(index, manifest)
+    p5 = ev.get("precision_at_5", ev.get("retrieval", {}).get("precision_at_5"))
+    return {
+        "phantom": {
+            **spec,
+            "command": f"casebase phantom OUT --dim 3 --n {spec['n']} "
+            f"--seed {spec['seed']} --modality {spec['modality']}",
+        },
+        "train_seconds": round(train_s, 1),
+        "train_loadavg_start": load0,
+        "train_loadavg_end": load1,
+        "train_output": out.stdout.strip().splitlines()[-3:],
+        "model": {k: cfg[k] for k in ("backbone", "depth", "image_size", "width")},
+        "epochs": {k: cfg["training"].get(k) for k in ("epochs_run", "epochs_total", "max_epochs")},
+        "n_train": cfg["training"].get("n_train"),
+        "precision_at_5": p5,
+        "eval": ev,
+        "pointing_game": {m: v["pointing_game"] for m, v in ee["methods"].items()},
+        "pointing_game_strict": {m: v["pointing_game_strict"] for m, v in ee["methods"].items()},
+        "mask_energy": {m: v["mask_energy"] for m, v in ee["methods"].items()},
+        "mask_area": {m: v["mask_area"] for m, v in ee["methods"].items()},
+        "explain_eval_cases": ee["n_cases"],
+        "similarity_lesion_share": ee.get("similarity_lesion_share"),
+        "boxes": boxes,
+        "targets": {
+            "precision_at_5": 0.85,
+            "gradcam_pointing_game": 0.8,
+            "fraction_inside": 1.0,
+            "train_seconds": 900,
+        },
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=sorted(PHANTOMS))
+    ap.add_argument("--work", default=WORK)
+    ap.add_argument(
+        "--backbone", help="train with this backbone instead of the default (e.g. slices: 2.5D)"
+    )
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "volumes.json"
+    for name in [args.only] if args.only else list(PHANTOMS):
+        info = machine()
+        t0 = time.time()
+        res = run_one(name, PHANTOMS[name], work, args.backbone)
+        info["loadavg_end"] = list(os.getloadavg())
+        info["wall_s"] = round(time.time() - t0, 1)
+        res["machine"] = info
+        res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        # re-read: another run (the other phantom) may have written meanwhile
+        doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
+        key = f"{name} --backbone {args.backbone}" if args.backbone else name
+        res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
+        doc.setdefault("phantoms", {})[key] = res
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(
+            f"{name}: train {res['train_seconds']} s, P@5 {res['precision_at_5']}, pointing "
+            f"{res['pointing_game']}, boxes inside {res['boxes']['fraction_inside']:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

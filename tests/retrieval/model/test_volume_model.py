@@ -1,0 +1,146 @@
+"""The 3-D backbone (cnn3d): shapes, the Grad-CAM weight identity, preprocessing of volumes."""
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.errors import BundleError, CasebaseError
+from retrieval.model.augment import augment_volume_batch
+from retrieval.model.network import CaseNet, ModelConfig, load_model, save_model
+from retrieval.model.preprocess import Geometry3D, Preprocessor
+from retrieval.model.train import default_volume_size, resolve_backbone
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        classes=["a", "b", "c"],
+        backbone="cnn3d",
+        image_size=16,
+        depth=8,
+        width=4,
+        embedding_dim=8,
+        **kw,
+    )
+    return CaseNet(cfg).eval()
+
+
+def test_cnn3d_shapes_unit_norm_and_weights():
+    m = _model()
+    out = m.run(torch.randn(2, 1, 8, 16, 16))
+    assert out.features.shape == (2, 32, 1, 2, 2)  # stride 8, width 4 -> 8w channels
+    assert out.weights.shape == (2, 1, 2, 2)
+    assert out.embedding.shape == (2, 8) and out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.embedding.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(out.weights.sum(dim=(1, 2, 3)), torch.ones(2))
+
+
+def test_cnn3d_gradcam_weights_are_exactly_w_over_dhw():
+    m = _model()
+    x = torch.randn(1, 1, 16, 32, 32)
+    feats = m.backbone(x)
+    feats.retain_grad()
+    logits = m.classifier(feats.mean(dim=(2, 3, 4)))
+    c = int(logits.argmax())
+    logits[0, c].backward()
+    alpha = feats.grad.mean(dim=(2, 3, 4))
+    d, h, w = feats.shape[2:]
+    torch.testing.assert_close(
+        feats.grad[0, :, 0, 0, 0], m.classifier.weight[c].detach() / (d * h * w)
+    )
+    ref = torch.relu((alpha[:, :, None, None, None] * feats).sum(1))
+    got = m.gradcam(feats.detach(), torch.tensor([c]))
+    torch.testing.assert_close(got, ref.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_cnn3d_captum_gradcam_matches_closed_form():
+    from retrieval.explain import registry
+
+    m = _model()
+    x = torch.randn(1, 1, 8, 16, 16)
+    out = m.run(x)
+    c = int(out.predicted[0])
+    cam = registry.GradCAM(upsample=False).attribute(m, x, c)
+    torch.testing.assert_close(cam, m.gradcam(out.features, out.predicted), atol=1e-5, rtol=1e-4)
+    up = registry.get("gradcam").attribute(m, x, c)
+    assert up.shape == (1, 8, 16, 16)
+
+
+def test_cnn3d_save_load_roundtrip(tmp_path):
+    m = _model()
+    save_model(m, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.config.depth == 8 and back.config.backbone == "cnn3d"
+    x = torch.randn(1, 1, 8, 16, 16)
+    np.testing.assert_allclose(
+        back.run(x).embedding.detach(), m.run(x).embedding.detach(), atol=1e-6
+    )
+
+
+def test_depth_must_match_the_backbone():
+    with pytest.raises(BundleError, match="depth"):
+        CaseNet(ModelConfig(classes=["a", "b"], backbone="cnn3d", depth=0))
+    with pytest.raises(BundleError, match="depth"):
+        CaseNet(ModelConfig(classes=["a", "b"], backbone="compact", depth=8))
+
+
+def test_preprocessor_reads_and_resizes_volumes(tmp_path):
+    vol = np.random.default_rng(0).random((12, 20, 24)).astype(np.float32)
+    p = tmp_path / "v.npy"
+    np.save(p, vol)
+    pre = Preprocessor(_model().config)
+    image, tensor, geo = pre.load(str(p))
+    assert image.original_size == (12, 20, 24) and image.pixels.shape == (12, 20, 24, 1)
+    assert tensor.shape == (1, 8, 16, 16)
+    assert isinstance(geo, Geometry3D)
+    box = geo.cell_box(0, 1, 1, (1, 2, 2))
+    assert box == [12, 10, 0, 24, 20, 12]
+    heat = geo.map_to_original(np.ones((1, 2, 2), np.float32))
+    assert heat.shape == (12, 20, 24)
+    # a 2-D image given to a volume model: one clear line
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(CasebaseError, match="volume"):
+        pre.load(str(tmp_path / "x.png"))
+
+
+def test_volume_augmentation_keeps_shape_and_range():
+    x = torch.rand(3, 1, 8, 16, 16)
+    y = augment_volume_batch(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+def test_volume_size_rule_and_auto_backbone(tmp_path):
+    assert default_volume_size(32, 64) == (32, 64)
+    assert default_volume_size(48, 128) == (32, 64)
+    assert default_volume_size(9, 17) == (8, 16)
+    np.save(tmp_path / "v.npy", np.zeros((8, 16, 16), np.float32))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
+    assert resolve_backbone("auto", [str(tmp_path / "v.npy")]) == "cnn3d"
+    assert resolve_backbone("auto", [str(tmp_path / "x.png")]) == "compact"
+    assert resolve_backbone("resnet18", [str(tmp_path / "v.npy")]) == "resnet18"
+
+
+def test_slices_backbone_is_2d_per_slice_with_volume_head():
+    """2.5D: the compact 2-D backbone per slice; Grad-CAM over (slice, row, col) as for cnn3d."""
+    from retrieval.explain import registry
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        classes=["a", "b"], backbone="slices", image_size=32, depth=4, width=4, embedding_dim=8
+    )
+    m = CaseNet(cfg).eval()
+    x = torch.randn(2, 1, 4, 32, 32)
+    out = m.run(x)
+    assert out.features.shape == (2, 32, 4, 2, 2) and out.weights.shape == (2, 4, 2, 2)
+    # slice k's features are the 2-D backbone's on slice k alone
+    inner = m.backbone.features[1:-1]
+    with torch.no_grad():
+        torch.testing.assert_close(out.features[1, :, 2], inner(x[1:2, :, 2])[0])
+    cam = registry.GradCAM(upsample=False).attribute(m, x[:1], int(out.predicted[0]))
+    torch.testing.assert_close(
+        cam, m.gradcam(out.features[:1], out.predicted[:1]), atol=1e-5, rtol=1e-4
+    )
