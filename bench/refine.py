@@ -330,7 +330,9 @@ def _exact_maxsim(cells: np.ndarray, queries: list[np.ndarray], k: int, chunk: i
     return [np.argsort(-row, kind="stable")[:k] for row in scores]
 
 
-def part_scale(n_cases: int, workdir: Path, n_queries: int, shortlists: list[int]) -> dict:
+def part_scale(
+    n_cases: int, workdir: Path, n_queries: int, shortlists: list[int], nprobes: list[int]
+) -> dict:
     import faiss
 
     from index import region_index as ri
@@ -368,21 +370,27 @@ def part_scale(n_cases: int, workdir: Path, n_queries: int, shortlists: list[int
     del cells
     rows = []
     faiss.omp_set_num_threads(1)
-    for sl in shortlists:
-        rec, times = [], []
-        for q, t in zip(queries, truth, strict=True):
-            t1 = time.perf_counter()
-            hits = idx.search(q, 10, shortlist=sl)
-            times.append(time.perf_counter() - t1)
-            rec.append(len({h.row for h in hits} & set(t.tolist())) / 10)
-        rows.append(
-            {
-                "shortlist": sl,
-                "recall_at_10": float(np.mean(rec)),
-                "p50_ms": 1000 * statistics.median(times),
-                "p95_ms": 1000 * float(np.percentile(times, 95)),
-            }
-        )
+    ivf = faiss.try_extract_index_ivf(idx.index)
+    default_nprobe = ivf.nprobe if ivf is not None else None
+    for nprobe in nprobes if ivf is not None else [None]:
+        if ivf is not None:
+            ivf.nprobe = min(ivf.nlist, nprobe)
+        for sl in shortlists:
+            rec, times = [], []
+            for q, t in zip(queries, truth, strict=True):
+                t1 = time.perf_counter()
+                hits = idx.search(q, 10, shortlist=sl)
+                times.append(time.perf_counter() - t1)
+                rec.append(len({h.row for h in hits} & set(t.tolist())) / 10)
+            rows.append(
+                {
+                    "shortlist": sl,
+                    "nprobe": ivf.nprobe if ivf is not None else None,
+                    "recall_at_10": float(np.mean(rec)),
+                    "p50_ms": 1000 * statistics.median(times),
+                    "p95_ms": 1000 * float(np.percentile(times, 95)),
+                }
+            )
     n_cells = n_cases * hw
     per_cell = faiss_bytes / n_cells
     out = {
@@ -401,14 +409,14 @@ def part_scale(n_cases: int, workdir: Path, n_queries: int, shortlists: list[int
         "n_queries": n_queries,
         "query_cells": 4,
         "default_shortlist": ri.SHORTLIST,
-        "nprobe": ri.NPROBE,
+        "nprobe": default_nprobe,
         "sweep": rows,
         "omp_threads": 1,
         "loadavg": list(os.getloadavg()),
     }
     table(
-        ["shortlist", "recall@10", "p50 ms", "p95 ms"],
-        [[r["shortlist"], r["recall_at_10"], r["p50_ms"], r["p95_ms"]] for r in rows],
+        ["nprobe", "shortlist", "recall@10", "p50 ms", "p95 ms"],
+        [[r["nprobe"], r["shortlist"], r["recall_at_10"], r["p50_ms"], r["p95_ms"]] for r in rows],
         title=f"region search, {n_cases:,} cases ({n_cells:,} cells, {entry['factory']}); "
         f"FAISS {faiss_bytes / 1e9:.2f} GB, cells.npy {cells_bytes / 1e9:.2f} GB, build {build_s:.0f} s",
     )
@@ -427,6 +435,7 @@ def main() -> int:
     ap.add_argument("--cases", type=int, action="append", default=[])
     ap.add_argument("--scale-queries", type=int, default=50)
     ap.add_argument("--shortlists", default="128,512,2048")
+    ap.add_argument("--nprobes", default="32", help="IVF lists probed (swept with --shortlists)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/casebase-refine-bench"))
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -448,6 +457,7 @@ def main() -> int:
                 args.workdir,
                 args.scale_queries,
                 [int(s) for s in args.shortlists.split(",")],
+                [int(s) for s in args.nprobes.split(",")],
             )
     merged = _load_existing()  # parts run by another process meanwhile are kept
     for key, val in doc.items():

@@ -415,6 +415,7 @@ def _refine(r: Path) -> str:
                 [
                     f"{int(n):,}",
                     v["factory"],
+                    s.get("nprobe") or v.get("nprobe") or "—",
                     s["shortlist"],
                     f"{s['recall_at_10']:.3f}",
                     f"{s['p50_ms']:.0f}",
@@ -422,7 +423,8 @@ def _refine(r: Path) -> str:
                 ]
             )
     t3 = md_table(
-        ["cases", "cell index", "shortlist", "recall@10 vs exact", "p50 ms", "memory"], sc
+        ["cases", "cell index", "nprobe", "shortlist", "recall@10 vs exact", "p50 ms", "memory"],
+        sc,
     )
     return f"{t1}\n\n{t2}\n\n{t3}\n\n{machine_line(d)}"
 

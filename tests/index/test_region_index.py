@@ -142,3 +142,9 @@ def test_cells_written_in_place_give_the_same_index(tmp_path, monkeypatch):
     mm32 = np.lib.format.open_memmap(bad / ri.CELLS_FILE, "w+", np.float32, cells.shape)
     with pytest.raises(ValueError, match="float16"):
         ri.write(bad, mm32, w, sizes, cells_saved=True)
+
+
+def test_probed_lists_grow_with_the_list_count():
+    assert ri.nprobe_for(64) == 32  # never under 32 lists ...
+    assert ri.nprobe_for(16) == 16  # ... nor more than there are
+    assert ri.nprobe_for(2048) == 128 and ri.nprobe_for(8192) == 512  # 100k, 1M cases
