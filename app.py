@@ -71,12 +71,6 @@ def main() -> None:
     except CasebaseError as err:
         st.error(f"Cannot open the index: {err}")
         st.stop()
-    if r.model.is_volume:
-        st.error(
-            f"`{index_dir}` holds a volume model (cnn3d): the app shows 2-D images only for now; "
-            "query volumes with `casebase query INDEX VOLUME --json`."
-        )
-        st.stop()
     manifest = Path(args.manifest) if args.manifest else default_manifest(index_dir, r.meta)
     settings = sidebar.settings(r, index_dir, manifest)
     tab_query, tab_audit = st.tabs(["Query", "Audit"])

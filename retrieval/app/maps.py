@@ -79,6 +79,45 @@ def show(result, pixels: np.ndarray, methods: list[str]) -> None:
                     sanity_panel(result, name)
 
 
+def show_volume(result, volume, methods: list[str]) -> None:
+    """A volume query's maps: one plane / slice control for the query and every map (the
+    same voxels side by side). A 2-D model's maps (it read the middle axial slice) are drawn
+    on that slice only, and the caption says so."""
+    from retrieval.app import volume_view as vv
+
+    st.subheader("Explanation maps")
+    shown = [m for m in methods if m in result.maps]
+    if not shown:
+        st.caption("No map asked for: choose methods in the sidebar.")
+        return
+    flat = [m for m in shown if np.ndim(result.maps[m]) == 2]
+    if flat:
+        k = vv.middle(volume.shape)
+        st.caption(
+            f"This index's model is 2-D: it read the volume's middle axial slice (z {k}), so "
+            f"{', '.join(flat)} {'is a map' if len(flat) == 1 else 'are maps'} of that slice, "
+            "drawn on it only; scroll to it (axial) to see the overlay."
+        )
+    with st.container(key="vv_maps"):
+        plane, index = vv.controls("maps", volume.shape, "explanation maps")
+        st.caption(vv.slice_caption(volume, plane, index))
+    st.image(vv.render_slice(volume, plane, index), caption="query volume", width=IMAGE_PX)
+    for family, names in grouped(shown):
+        note = FAMILY_NOTES.get(family, "")
+        st.markdown(f"##### {family}" + (f" — {note}" if note else ""))
+        for start in range(0, len(names), PER_ROW):
+            cols = st.columns(PER_ROW)
+            for col, name in zip(cols, names[start : start + PER_ROW], strict=False):
+                with col:
+                    st.image(
+                        vv.render_slice(volume, plane, index, result.maps[name]),
+                        caption=name,
+                        width=IMAGE_PX,
+                    )
+                    st.caption(trust_caption(result, name))
+                    sanity_panel(result, name)
+
+
 def sanity_panel(result, method: str) -> None:
     """The method's measured randomisation curves (Adebayo et al.'s Fig. 2) under its map,
     folded: the verdict in the caption rests on them. Nothing for an OOD query or an

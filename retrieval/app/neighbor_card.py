@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import streamlit as st
 
-from retrieval.app.state import IMAGE_PX, display_pixels, expensive_methods
+from retrieval.app import volume_view as vv
+from retrieval.app.state import IMAGE_PX, display_pixels, display_volume, expensive_methods
 from retrieval.explain.overlay import draw_boxes, overlay
 
 
@@ -20,19 +21,12 @@ def similarity_text(nb) -> tuple[str, str]:
     return f"sim {nb.similarity:.3f}", f"cosine similarity {nb.similarity:.3f}"
 
 
-def show_all(
-    result,
-    pixels: np.ndarray,
-    methods: list[str],
-    thumbs: Callable[[str], str] | None = None,
-    liked: set[str] | frozenset[str] = frozenset(),
-) -> None:
-    """thumbs: case id -> the session key of that card's 👍 / 👎 (none shown without it);
-    liked: cases liked in an earlier step of the refinement trail."""
+def _header(result, thumbs) -> bool:
+    """The gallery's heading and captions; False when there is no neighbour."""
     st.subheader("Nearest cases")
     if not result.neighbors:
         st.caption("No indexed case matches the filters.")
-        return
+        return False
     st.caption(
         "Boxes: the matched regions (green: the largest term of the similarity "
         "decomposition, orange: the next ones), in the same order on both images."
@@ -45,6 +39,150 @@ def show_all(
             "👍 / 👎 on a card marks it as like / not like what you are looking for; "
             "**Refine** searches again with the marks."
         )
+    return True
+
+
+def region_text(i: int, g) -> str:
+    """'region 1: query x 0–8, y 8–16[, z 2–5] ↔ case ... (12.0% of the similarity)'."""
+
+    def where(b) -> str:
+        if len(b) == 6:
+            return f"x {b[0]}–{b[3]}, y {b[1]}–{b[4]}, z {b[2]}–{b[5]}"
+        return f"x {b[0]}–{b[2]}, y {b[1]}–{b[3]}"
+
+    return (
+        f"region {i}: query {where(g.query_box)} ↔ case {where(g.case_box)} "
+        f"({g.share:.1%} of the similarity)"
+    )
+
+
+def _info(rank: int, nb, thumbs_key: str | None, was_liked: bool) -> None:
+    """The card's text column: what the case is, its scores, 👍 / 👎 and its regions."""
+    _, long = similarity_text(nb)
+    st.markdown(f"**#{rank} {nb.case_id}** — {nb.label}, {long}")
+    attrs = " · ".join(f"{k}: {v}" for k, v in nb.attributes.items() if str(v) != "")
+    if attrs:
+        st.caption(attrs)
+    st.caption(f"patient {nb.patient_id or '—'} (pseudonymised)")
+    region_score = getattr(nb, "region_score", None)
+    if region_score is not None:
+        st.caption(
+            f"region match {region_score:.3f} (mean over the box's cells of the best "
+            "matching cell of this case)"
+        )
+    if thumbs_key is not None:
+        with st.container(key=f"thumbs_{nb.case_id}", horizontal=True):
+            st.feedback("thumbs", key=thumbs_key)
+            if was_liked:
+                st.caption("liked in an earlier step")
+    for i, g in enumerate(nb.matched_regions, 1):
+        st.caption(region_text(i, g))
+
+
+def show_all_volumes(
+    result,
+    volume: vv.ShownVolume,
+    methods: list[str],
+    thumbs: Callable[[str], str] | None = None,
+    liked: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """The gallery of a volume query: per card, a slice scroller for the query and one for
+    the case, and a button moving both to the matched region's slice."""
+    if not _header(result, thumbs):
+        return
+    st.caption(
+        "Each card scrolls on its own: pick the plane and the slice, or jump to the slice "
+        "through the centre of the green region."
+    )
+    for rank, nb in enumerate(result.neighbors, 1):
+        volume_card(
+            rank,
+            nb,
+            volume,
+            methods,
+            thumbs(nb.case_id) if thumbs else None,
+            nb.case_id in liked,
+        )
+
+
+def volume_card(
+    rank: int,
+    nb,
+    volume: vv.ShownVolume,
+    methods: list[str],
+    thumbs_key: str | None = None,
+    was_liked: bool = False,
+) -> None:
+    short, _ = similarity_text(nb)
+    regions = nb.matched_regions
+    q_key, c_key = f"nb{rank}_query", f"nb{rank}_case"
+    case_vol = display_volume(str(nb.image))
+    with st.container(border=True, key=f"volume_card_{rank}"):
+        c_query, c_case, c_info = st.columns([1, 1, 1.4])
+        with c_query:
+            vv.show(q_key, volume, boxes=[g.query_box for g in regions], caption=f"query · #{rank}")
+        with c_case:
+            if case_vol is not None:
+                vv.show(c_key, case_vol, boxes=[g.case_box for g in regions])
+            else:
+                case_px = display_pixels(nb.image)
+                if case_px is None:
+                    st.caption("(image unavailable)")
+                else:
+                    st.image(draw_boxes(case_px, [g.case_box for g in regions]), width=IMAGE_PX)
+            st.caption(f"{nb.case_id} · {nb.label} · {short}")
+        with c_info:
+            _info(rank, nb, thumbs_key, was_liked)
+            targets = []
+            if regions:
+                targets.append((q_key, regions[0].query_box, volume.shape))
+                if case_vol is not None:
+                    targets.append((c_key, regions[0].case_box, case_vol.shape))
+            vv.jump_button(targets, key=f"jump_{rank}")
+        volume_pair_maps(nb, volume, case_vol, methods, q_key, c_key)
+
+
+def volume_pair_maps(nb, volume, case_vol, methods, q_key: str, c_key: str) -> None:
+    """The pair's maps on the slices the card's two scrollers show."""
+    pair = [m for m in methods if m in nb.maps]
+    skipped = [m for m in methods if m not in nb.maps and m in expensive_methods()]
+    if not (pair or skipped):
+        return
+    with st.expander(f"Maps of this pair: {', '.join(pair) or 'none'}"):
+        st.caption(
+            "Each map explains the similarity score: on the query with this case held fixed, "
+            "and on the case with the query held fixed; on the slices the card shows."
+        )
+        qp, qi = vv.current(q_key, volume.shape)
+        for m in pair:
+            a, b = st.columns(2)
+            a.image(
+                vv.render_slice(volume, qp, qi, nb.maps[m]["query"]),
+                caption=f"{m} · query · {qp} {qi}",
+                width=IMAGE_PX,
+            )
+            if case_vol is not None:
+                cp, ci = vv.current(c_key, case_vol.shape)
+                b.image(
+                    vv.render_slice(case_vol, cp, ci, nb.maps[m]["case"]),
+                    caption=f"{m} · {nb.case_id} · {cp} {ci}",
+                    width=IMAGE_PX,
+                )
+        if skipped:
+            st.caption(f"{', '.join(skipped)}: expensive, computed for the top neighbour only.")
+
+
+def show_all(
+    result,
+    pixels: np.ndarray,
+    methods: list[str],
+    thumbs: Callable[[str], str] | None = None,
+    liked: set[str] | frozenset[str] = frozenset(),
+) -> None:
+    """thumbs: case id -> the session key of that card's 👍 / 👎 (none shown without it);
+    liked: cases liked in an earlier step of the refinement trail."""
+    if not _header(result, thumbs):
+        return
     for rank, nb in enumerate(result.neighbors, 1):
         card(rank, nb, pixels, methods, thumbs(nb.case_id) if thumbs else None, nb.case_id in liked)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from retrieval.app import maps, neighbor_card, prediction, refine
+from retrieval.app import maps, neighbor_card, prediction, refine, volume_view
 from retrieval.app.sidebar import Settings
 from retrieval.app.state import (
     MAX_PIXELS,
@@ -20,10 +20,12 @@ from retrieval.app.state import (
     read_upload,
 )
 from retrieval.app.trail import Refinement, Trail
-from retrieval.data.imageio import to_uint8_rgb
 from retrieval.errors import CasebaseError
 
 UPLOAD = "Upload an image"
+UPLOAD_TYPES = (
+    "DICOM, PNG, JPEG, TIFF or NPY images; NIfTI (.nii, .nii.gz) or 3-D NPY (D, H, W) volumes"
+)
 
 
 def _cases(r, index_dir: Path, manifest: Path | None, index_stamp: float):
@@ -51,15 +53,15 @@ def choose_input(r, index_dir: Path, manifest: Path | None, index_stamp: float):
     chosen: QueryInput | None = None
     if source == UPLOAD:
         upload = st.file_uploader(
-            f"DICOM, PNG, JPEG, TIFF or NPY (up to {MAX_UPLOAD_MB} MB, "
-            f"{MAX_PIXELS // 1_000_000} megapixels)",
+            f"{UPLOAD_TYPES} (up to {MAX_UPLOAD_MB} MB, "
+            f"{MAX_PIXELS // 1_000_000} megapixels a slice)",
             type=None,
             key="upload",
             max_upload_size=MAX_UPLOAD_MB,
         )
         if upload is not None:
             try:
-                chosen = read_upload(upload)
+                chosen = read_upload(upload, r.model.is_volume)
             except CasebaseError as err:
                 st.error(f"Cannot use this file: {_reason(err)}")
     else:
@@ -67,7 +69,7 @@ def choose_input(r, index_dir: Path, manifest: Path | None, index_stamp: float):
         case_id = st.selectbox(pick_label, cases["case_id"].tolist(), key="case")
         row = cases[cases["case_id"] == case_id].iloc[0]
         try:
-            chosen = read_case(row, origin)
+            chosen = read_case(row, origin, r.model.is_volume)
         except CasebaseError as err:
             st.error(f"Cannot read {case_id}'s image: {_reason(err)}")
     patient = chosen.patient if chosen else None
@@ -140,9 +142,10 @@ def run(
     return True
 
 
-def answer(stored: dict, pixels, act) -> None:
+def answer(stored: dict, pixels, act, volume=None) -> None:
     """The answer page: notices, the refinement trail, then the prediction, maps and
-    neighbours (gated when OOD). act(refinement) runs the trail's next step."""
+    neighbours (gated when OOD). act(refinement) runs the trail's next step. volume: the
+    query's ShownVolume (then the query and the neighbours get slice scrollers)."""
     trail = stored["trail"]
     res = trail.current.result
     ids = [nb.case_id for nb in res.neighbors]
@@ -164,15 +167,25 @@ def answer(stored: dict, pixels, act) -> None:
     with prediction.greyed() if res.ood.flag else st.container():
         refine.region_notes(res)
         prediction.show(res, stored["truth"])
-        maps.show(res, pixels, stored["methods"])
-        region = trail.refinement.region
-        neighbor_card.show_all(
-            res,
-            refine.with_region(pixels, region),
-            stored["methods"],
-            thumbs=lambda cid: refine.thumbs_key(trail, cid),
-            liked=set(trail.refinement.like),
-        )
+        if volume is not None:
+            maps.show_volume(res, volume, stored["methods"])
+            neighbor_card.show_all_volumes(
+                res,
+                volume,
+                stored["methods"],
+                thumbs=lambda cid: refine.thumbs_key(trail, cid),
+                liked=set(trail.refinement.like),
+            )
+        else:
+            maps.show(res, pixels, stored["methods"])
+            region = trail.refinement.region
+            neighbor_card.show_all(
+                res,
+                refine.with_region(pixels, region),
+                stored["methods"],
+                thumbs=lambda cid: refine.thumbs_key(trail, cid),
+                liked=set(trail.refinement.like),
+            )
     marks = refine.refine_button(trail, ids, key="refine_bottom") or marks
     st.caption(" · ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
     if marks is not None:
@@ -184,12 +197,16 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
     with c_in:
         chosen, exclude_patient = choose_input(r, index_dir, manifest, index_stamp)
         clicked = st.button("Run query", type="primary", disabled=chosen is None)
-    pixels = to_uint8_rgb(chosen.image) if chosen is not None else None
+    pixels = chosen.pixels if chosen is not None else None
+    volume = chosen.volume if chosen is not None else None
     stored = st.session_state.get("result")
     current = stored is not None and chosen is not None and stored["input"] == chosen.input_id
     box, search_region = None, False
     with c_preview:
-        if pixels is not None:
+        if volume is not None:
+            volume_view.show("preview", volume, caption="query volume")
+            st.caption("Region search is for 2-D images only for now.")
+        elif pixels is not None:
             box = refine.region_picker(pixels, tuple(chosen.image.original_size), chosen.input_id)
             search_region = st.button(
                 "Search this region",
@@ -214,4 +231,4 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
         if run(r, chosen, s, exclude_patient, step, extend=True):
             st.rerun()
 
-    answer(stored, pixels, act)
+    answer(stored, pixels, act, volume)

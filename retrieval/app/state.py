@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from retrieval.app.volume_view import ShownVolume, shown_volume
 from retrieval.data.imageio import LoadedImage, read_image, to_uint8_rgb
 from retrieval.errors import CasebaseError
 
@@ -44,6 +45,15 @@ class QueryInput:
     patient: str | None = None  # pseudonymised patient id, when known
     patient_source: str = ""  # "manifest" / "DICOM header"
     case_id: str | None = None  # the picked case's id (an indexed one is a self-match)
+    volume: ShownVolume | None = None  # a volume query: what the slice scroller shows
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """(H, W, 3) uint8 for 2-D display: the image, or a volume's middle axial slice."""
+        if self.volume is not None:
+            k = self.volume.shape[0] // 2
+            return to_uint8_rgb(self.volume.array[k])
+        return to_uint8_rgb(self.image)
 
 
 def cli_args(argv: list[str]) -> argparse.Namespace:
@@ -132,9 +142,60 @@ def display_pixels(path: str) -> np.ndarray | None:
         return None
 
 
-def read_upload(upload) -> QueryInput:
+@st.cache_data(show_spinner=False, max_entries=64)
+def display_volume(path: str) -> ShownVolume | None:
+    """An indexed case's volume for the slice scroller; None when unreadable or not a volume."""
+    from retrieval.data.volume import is_volume_path, read_volume
+
+    try:
+        return shown_volume(read_volume(path)) if is_volume_path(path) else None
+    except CasebaseError:
+        return None
+
+
+def upload_suffix(name: str) -> str:
+    """The upload's extension as read_image / read_volume want it ('.nii.gz' whole)."""
+    low = (name or "").lower()
+    return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix[:10]
+
+
+def _upload_volume(data: bytes, suffix: str, volume_model: bool, input_id: str):
+    """The uploaded bytes as a volume QueryInput when they are one (NIfTI, 3-D NPY), else None."""
+    import tempfile
+
+    from retrieval.data.volume import volume_kind
+
+    if suffix not in (".nii", ".nii.gz", ".npy"):
+        return None
+    if suffix == ".npy" and data[:6] != b"\x93NUMPY":
+        return None
+    with tempfile.TemporaryDirectory(prefix="casebase-upload-") as tmp:
+        path = Path(tmp) / f"upload{suffix}"  # never the user's file name
+        path.write_bytes(data)
+        if volume_kind(path) is None:
+            return None  # a 2-D .npy
+        return _volume_input(path, volume_model, input_id)
+
+
+def _volume_input(path, volume_model: bool, input_id: str, **kw) -> QueryInput:
+    """A volume file as a QueryInput: the whole volume for a volume model (cnn3d), its middle
+    axial slice (read_image's, as the index read it) for a 2-D model; the scroller shows the
+    volume."""
+    from retrieval.data.volume import read_volume
+
+    vol = read_volume(path)
+    if volume_model:
+        from retrieval.model.preprocess import read_volume_image
+
+        image = read_volume_image(vol)
+    else:
+        image = read_image(path, max_pixels=MAX_PIXELS)
+    return QueryInput(image, input_id, volume=shown_volume(vol), **kw)
+
+
+def read_upload(upload, volume_model: bool = False) -> QueryInput:
     """An uploaded file as a QueryInput (its DICOM patient pseudonymised as on ingest);
-    raises CasebaseError with the reason."""
+    a NIfTI or 3-D NPY upload is a volume. Raises CasebaseError with the reason."""
     from retrieval.data.upload import upload_patient
 
     if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
@@ -142,28 +203,36 @@ def read_upload(upload) -> QueryInput:
             f"the file is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB"
         )
     data = upload.getvalue()
-    stream = io.BytesIO(data)
+    input_id = f"upload:{hashlib.sha256(data).hexdigest()}"
     # the user's file name may carry a patient's name: keep only its extension
-    stream.name = "upload" + Path(upload.name or "").suffix.lower()[:10]
+    suffix = upload_suffix(upload.name)
+    chosen = _upload_volume(data, suffix, volume_model, input_id)
+    if chosen is not None:
+        return chosen
+    stream = io.BytesIO(data)
+    stream.name = "upload" + suffix
     image = read_image(stream, max_pixels=MAX_PIXELS)
     patient = upload_patient(data)
     return QueryInput(
         image,
-        f"upload:{hashlib.sha256(data).hexdigest()}",
+        input_id,
         patient=patient,
         patient_source="DICOM header" if patient else "",
     )
 
 
-def read_case(row, origin: str) -> QueryInput:
+def read_case(row, origin: str, volume_model: bool = False) -> QueryInput:
     """A picked case (a manifest row) as a QueryInput; raises CasebaseError when unreadable."""
-    image = read_image(row["image"], max_pixels=MAX_PIXELS)
+    from retrieval.data.volume import is_volume_path
+
     patient = str(row.get("patient_id") or "") or None
-    return QueryInput(
-        image,
-        f"case:{origin}:{row['case_id']}",
+    kw = dict(
         truth=str(row["label"]),
         patient=patient,
         patient_source="manifest" if patient else "",
         case_id=str(row["case_id"]),
     )
+    input_id = f"case:{origin}:{row['case_id']}"
+    if is_volume_path(row["image"]):
+        return _volume_input(row["image"], volume_model, input_id, **kw)
+    return QueryInput(read_image(row["image"], max_pixels=MAX_PIXELS), input_id, **kw)
