@@ -67,6 +67,12 @@ def show(result, pixels: np.ndarray, methods: list[str]) -> None:
         return
     st.image(pixels, caption="query image", width=IMAGE_PX)
     st.caption(f"{pixels.shape[1]}×{pixels.shape[0]} px")
+    _grid(result, shown, lambda name: overlay(pixels, result.maps[name]))
+
+
+def _grid(result, shown: list[str], picture) -> None:
+    """The maps by family, PER_ROW to a row, each with its trust caption and sanity panel;
+    picture(name) draws one map."""
     for family, names in grouped(shown):
         note = FAMILY_NOTES.get(family, "")
         st.markdown(f"##### {family}" + (f" — {note}" if note else ""))
@@ -74,7 +80,7 @@ def show(result, pixels: np.ndarray, methods: list[str]) -> None:
             cols = st.columns(PER_ROW)
             for col, name in zip(cols, names[start : start + PER_ROW], strict=False):
                 with col:
-                    st.image(overlay(pixels, result.maps[name]), caption=name, width=IMAGE_PX)
+                    st.image(picture(name), caption=name, width=IMAGE_PX)
                     st.caption(trust_caption(result, name))
                     sanity_panel(result, name)
 
@@ -102,20 +108,7 @@ def show_volume(result, volume, methods: list[str]) -> None:
         plane, index = vv.controls("maps", volume.shape, "explanation maps")
         st.caption(vv.slice_caption(volume, plane, index))
     st.image(vv.render_slice(volume, plane, index), caption="query volume", width=IMAGE_PX)
-    for family, names in grouped(shown):
-        note = FAMILY_NOTES.get(family, "")
-        st.markdown(f"##### {family}" + (f" — {note}" if note else ""))
-        for start in range(0, len(names), PER_ROW):
-            cols = st.columns(PER_ROW)
-            for col, name in zip(cols, names[start : start + PER_ROW], strict=False):
-                with col:
-                    st.image(
-                        vv.render_slice(volume, plane, index, result.maps[name]),
-                        caption=name,
-                        width=IMAGE_PX,
-                    )
-                    st.caption(trust_caption(result, name))
-                    sanity_panel(result, name)
+    _grid(result, shown, lambda name: vv.render_slice(volume, plane, index, result.maps[name]))
 
 
 def sanity_panel(result, method: str) -> None:

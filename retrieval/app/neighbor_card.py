@@ -213,28 +213,7 @@ def card(
                 st.image(draw_boxes(case_px, [g.case_box for g in regions]), width=IMAGE_PX)
             st.caption(f"{nb.case_id} · {nb.label} · {short}")
         with c_info:
-            st.markdown(f"**#{rank} {nb.case_id}** — {nb.label}, {long}")
-            attrs = " · ".join(f"{k}: {v}" for k, v in nb.attributes.items() if str(v) != "")
-            if attrs:
-                st.caption(attrs)
-            st.caption(f"patient {nb.patient_id or '—'} (pseudonymised)")
-            region_score = getattr(nb, "region_score", None)
-            if region_score is not None:
-                st.caption(
-                    f"region match {region_score:.3f} (mean over the box's cells of the best "
-                    "matching cell of this case)"
-                )
-            if thumbs_key is not None:
-                with st.container(key=f"thumbs_{nb.case_id}", horizontal=True):
-                    st.feedback("thumbs", key=thumbs_key)
-                    if was_liked:
-                        st.caption("liked in an earlier step")
-            for i, g in enumerate(regions, 1):
-                q, c = g.query_box, g.case_box
-                st.caption(
-                    f"region {i}: query x {q[0]}–{q[2]}, y {q[1]}–{q[3]} ↔ case x "
-                    f"{c[0]}–{c[2]}, y {c[1]}–{c[3]} ({g.share:.1%} of the similarity)"
-                )
+            _info(rank, nb, thumbs_key, was_liked)
         pair_maps(nb, pixels, case_px, methods)
 
 

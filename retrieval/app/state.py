@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from retrieval.app.volume_view import ShownVolume, shown_volume
-from retrieval.data.imageio import LoadedImage, read_image, to_uint8_rgb
+from retrieval.app.volume_view import ShownVolume, middle, shown_volume
+from retrieval.data.imageio import LoadedImage, read_image, to_uint8_rgb, volume_middle_slice
 from retrieval.errors import CasebaseError
 
 MAX_UPLOAD_MB = 50  # also server.maxUploadSize in .streamlit/config.toml
@@ -51,8 +51,7 @@ class QueryInput:
     def pixels(self) -> np.ndarray:
         """(H, W, 3) uint8 for 2-D display: the image, or a volume's middle axial slice."""
         if self.volume is not None:
-            k = self.volume.shape[0] // 2
-            return to_uint8_rgb(self.volume.array[k])
+            return to_uint8_rgb(self.volume.array[middle(self.volume.shape)])
         return to_uint8_rgb(self.image)
 
 
@@ -183,13 +182,13 @@ def _volume_input(path, volume_model: bool, input_id: str, **kw) -> QueryInput:
     volume."""
     from retrieval.data.volume import read_volume
 
-    vol = read_volume(path)
+    vol = read_volume(path)  # once: the model's input and the scroller both come from it
     if volume_model:
         from retrieval.model.preprocess import read_volume_image
 
         image = read_volume_image(vol)
     else:
-        image = read_image(path, max_pixels=MAX_PIXELS)
+        image = volume_middle_slice(vol, str(path))
     return QueryInput(image, input_id, volume=shown_volume(vol), **kw)
 
 

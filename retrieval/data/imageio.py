@@ -742,6 +742,12 @@ def _volume_middle_slice(path: Path, source: str) -> LoadedImage:
         if path.is_dir():
             reason = f"is a directory, not an image file, nor one usable DICOM series ({reason})"
         raise ImageReadError(source, reason) from None
+    return volume_middle_slice(vol, source)
+
+
+def volume_middle_slice(vol, source: str) -> LoadedImage:
+    """A read :class:`~retrieval.data.volume.Volume`'s middle axial slice as a 2-D image (what
+    a 2-D model reads of a volume), without reading the volume again."""
     k = vol.shape[0] // 2
     meta = {
         "format": vol.meta.get("format", "volume"),

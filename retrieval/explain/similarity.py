@@ -333,13 +333,9 @@ def lesion_cells(mask: np.ndarray, geometry, grid: tuple[int, ...]) -> np.ndarra
     ((d, h, w) voxels of the feature volume for a volume model)."""
     mask = np.asarray(mask, bool)
     out = np.zeros(grid, bool)
-    if len(grid) == 3:
-        for z, r, c in np.ndindex(*grid):
-            x0, y0, z0, x1, y1, z1 = geometry.cell_box(z, r, c, grid)
-            out[z, r, c] = bool(mask[z0:z1, y0:y1, x0:x1].any())
-        return out
-    for r in range(grid[0]):
-        for c in range(grid[1]):
-            x0, y0, x1, y1 = geometry.cell_box(r, c, grid)
-            out[r, c] = bool(mask[y0:y1, x0:x1].any())
+    k = len(grid)
+    for cell in np.ndindex(*grid):
+        box = geometry.cell_box(*cell, grid)  # [x0, y0(, z0), x1, y1(, z1)]
+        lo, hi = box[:k][::-1], box[k:][::-1]  # in array order: (z,) y, x
+        out[cell] = bool(mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))].any())
     return out

@@ -26,6 +26,7 @@ import torch
 
 from retrieval.errors import CasebaseError
 from retrieval.explain import registry
+from retrieval.explain.methods import family_of
 
 NOT_MEASURED = (
     "deletion / insertion curves, faithfulness correlation, max-sensitivity, the "
@@ -92,10 +93,9 @@ def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40,
         geo = case["geometry"]
         nbrs = case.get("neighbours")
         nbrs = None if nbrs is None else nbrs.to(device)
-        with torch.no_grad():
-            cls = int(model(x).argmax(1)[0])
-        with torch.no_grad():
-            grid = tuple(model.backbone(x).shape[2:])
+        with torch.no_grad():  # one forward: the predicted class and the feature grid
+            fwd = model.run(x, retriever.weighting)
+        cls, grid = int(fwd.predicted[0]), tuple(fwd.features.shape[2:])
         tol = tolerance(geo, grid)
         for name in names:
             t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40,
     out = {}
     for name, a in acc.items():
         m = {
-            "family": registry_family(name),
+            "family": family_of(name),
             "pointing_game": _mean(a["point"]),
             "pointing_game_strict": _mean(a["strict"]),
             "mask_energy": _mean(a["energy"]),
@@ -167,9 +167,3 @@ def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40,
             "weighting": retriever.weighting,
         },
     }
-
-
-def registry_family(name: str) -> str:
-    from retrieval.explain.trust import family_of
-
-    return family_of(name)

@@ -18,6 +18,29 @@ import torch.nn.functional as F
 DEFAULT_SCALE_JITTER = 0.1
 
 
+def _uniform(x: torch.Tensor, generator):
+    """u(lo, hi): one uniform draw per batch item, on x's device (drawn on the CPU generator)."""
+    b, dev = x.shape[0], x.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+
+    return u
+
+
+def _intensity(x: torch.Tensor, u, generator) -> torch.Tensor:
+    """Gamma, contrast, brightness per item and a little noise, for images and volumes alike."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    gamma = u(0.8, 1.25).view(shape)
+    x = x.clamp(1e-6, 1.0) ** gamma
+    contrast = u(0.85, 1.15).view(shape)
+    brightness = u(-0.08, 0.08).view(shape)
+    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    x = (x - mean) * contrast + mean + brightness
+    noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device) * 0.015
+    return (x + noise).clamp(0.0, 1.0)
+
+
 def augment_batch(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
@@ -27,11 +50,7 @@ def augment_batch(
 
     ``scale_jitter``: zoom drawn in [1 - j, 1 + j]; 0 keeps every view at its own scale.
     """
-    b = x.shape[0]
-    dev = x.device
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+    u = _uniform(x, generator)
 
     angle = u(-10, 10) * math.pi / 180
     scale = u(1.0 - scale_jitter, 1.0 + scale_jitter)
@@ -42,14 +61,7 @@ def augment_batch(
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gamma = u(0.8, 1.25).view(b, 1, 1, 1)
-    x = x.clamp(1e-6, 1.0) ** gamma
-    contrast = u(0.85, 1.15).view(b, 1, 1, 1)
-    brightness = u(-0.08, 0.08).view(b, 1, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean + brightness
-    noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev) * 0.015
-    return (x + noise).clamp(0.0, 1.0)
+    return _intensity(x, u, generator)
 
 
 def augment_volume_batch(
@@ -63,11 +75,7 @@ def augment_volume_batch(
     a shift of ±6% along each axis with zoom in [1 - j, 1 + j] (trilinear, border padding),
     and the 2-D intensity changes (gamma, contrast, brightness, a little noise). No rotation.
     """
-    b = x.shape[0]
-    dev = x.device
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+    u = _uniform(x, generator)
 
     flip_z = (u(0, 1) < 0.5).float() * -2 + 1  # -1 flips
     flip_x = (u(0, 1) < 0.5).float() * -2 + 1
@@ -84,12 +92,4 @@ def augment_volume_batch(
     )  # (B, 3, 4); grid order (x, y, z)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    shape = (b, 1, 1, 1, 1)
-    gamma = u(0.8, 1.25).view(shape)
-    x = x.clamp(1e-6, 1.0) ** gamma
-    contrast = u(0.85, 1.15).view(shape)
-    brightness = u(-0.08, 0.08).view(shape)
-    mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
-    x = (x - mean) * contrast + mean + brightness
-    noise = torch.randn(x.shape, generator=generator, device="cpu").to(dev) * 0.015
-    return (x + noise).clamp(0.0, 1.0)
+    return _intensity(x, u, generator)

@@ -71,23 +71,29 @@ class ModelConfig:
         return cls(**known)
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+# the convolution and batch norm of 2-D images and of volumes (cnn3d): one block definition
+_CONV_BN = {2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, dims: int = 2) -> nn.Sequential:
+    conv, bn = _CONV_BN[dims]
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
+        conv(cin, cout, 3, stride=stride, padding=1, bias=False),
+        bn(cout),
         nn.ReLU(inplace=True),
     )
 
 
 class _Residual(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, dims: int = 2):
         super().__init__()
+        conv, bn = _CONV_BN[dims]
         self.body = nn.Sequential(
-            nn.Conv2d(ch, ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ch),
+            conv(ch, ch, 3, padding=1, bias=False),
+            bn(ch),
             nn.ReLU(inplace=True),
-            nn.Conv2d(ch, ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(ch),
+            conv(ch, ch, 3, padding=1, bias=False),
+            bn(ch),
         )
 
     def forward(self, x):
@@ -148,29 +154,6 @@ class ResNet18Backbone(nn.Module):
         return self.features(x)
 
 
-def _conv_bn3d(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm3d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class _Residual3d(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv3d(ch, ch, 3, padding=1, bias=False),
-            nn.BatchNorm3d(ch),
-            nn.ReLU(inplace=True),
-            nn.Conv3d(ch, ch, 3, padding=1, bias=False),
-            nn.BatchNorm3d(ch),
-        )
-
-    def forward(self, x):
-        return F.relu(x + self.body(x))
-
-
 class Compact3DBackbone(nn.Module):
     """The compact backbone in 3-D (Conv3d / BatchNorm3d / ReLU; widths w, 2w, 4w, 8w).
 
@@ -185,9 +168,9 @@ class Compact3DBackbone(nn.Module):
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.out_channels = widths[-1]
-        layers: list[nn.Module] = [_conv_bn3d(in_channels, widths[0], stride=2)]
+        layers: list[nn.Module] = [_conv_bn(in_channels, widths[0], stride=2, dims=3)]
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            layers += [_conv_bn3d(cin, cout, stride=2 if i < 2 else 1), _Residual3d(cout)]
+            layers += [_conv_bn(cin, cout, stride=2 if i < 2 else 1, dims=3), _Residual(cout, 3)]
         self.features = nn.Sequential(*layers)
 
     def forward(self, x):

@@ -39,17 +39,11 @@ TRUST_FILE = "trust.json"
 def _cells_box(geometry, cells: np.ndarray) -> list[int]:
     """Original-pixel bounding box of a region's feature-map cells (bool (h, w)): [x0, y0, x1, y1];
     of a volume's feature voxels (bool (d, h, w)): [x0, y0, z0, x1, y1, z1] in original voxels."""
-    if cells.ndim == 3:
-        zs, rows, cols = np.nonzero(cells)
-        grid = tuple(cells.shape)
-        a = geometry.cell_box(int(zs.min()), int(rows.min()), int(cols.min()), grid)
-        b = geometry.cell_box(int(zs.max()), int(rows.max()), int(cols.max()), grid)
-        return [a[0], a[1], a[2], b[3], b[4], b[5]]
-    rows, cols = np.nonzero(cells)
+    idx = np.nonzero(cells)
     grid = tuple(cells.shape)
-    a = geometry.cell_box(int(rows.min()), int(cols.min()), grid)
-    b = geometry.cell_box(int(rows.max()), int(cols.max()), grid)
-    return [a[0], a[1], b[2], b[3]]
+    a = list(geometry.cell_box(*(int(i.min()) for i in idx), grid))  # the first cell's box
+    b = list(geometry.cell_box(*(int(i.max()) for i in idx), grid))  # the last cell's box
+    return a[: cells.ndim] + b[cells.ndim :]
 
 
 def _where(box: list[int], size: tuple[int, ...]) -> str:
