@@ -620,6 +620,69 @@ def _concepts(r: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _volumes(r: Path) -> str:
+    d = load("volumes", r)
+    rows = []
+    for v in d["phantoms"].values():
+        ph, ep, tg = v["phantom"], v["epochs"], v["targets"]
+        m = v["machine"]
+        pg, pgs = v["pointing_game"], v["pointing_game_strict"]
+        per = v["eval"].get("per_class", {})
+        worst = min(per.items(), key=lambda kv: kv[1]["precision_at_5"]) if per else None
+        rows.append(
+            [
+                f"{ph['modality']} ({ph['n']} volumes, seed {ph['seed']}): {v.get('cli', 'defaults')}",
+                f"{v['precision_at_5']:.2f}"
+                + (f" ({worst[0]} {worst[1]['precision_at_5']:.2f})" if worst else ""),
+                f"{pg['gradcam']:.2f} ({pgs['gradcam']:.2f})",
+                f"{v['similarity_lesion_share']['median_share']:.3f} "
+                f"({v['similarity_lesion_share']['median_chance']:.4f})",
+                f"{v['boxes']['inside']}/{v['boxes']['boxes']}",
+                f"{v['train_seconds']:.0f}",
+                f"{ep['epochs_run']} of {ep['max_epochs']} ({ep['epochs_total']} in all)",
+                f"{str(v['date'])[:10]}, load {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}",
+            ]
+        )
+    t = md_table(
+        [
+            "phantom: CLI",
+            f"P@5 (≥ {tg['precision_at_5']} wanted; worst class)",
+            f"Grad-CAM pointing game, half-cell tolerance (strict) (≥ {tg['gradcam_pointing_game']})",
+            "similarity in lesion × lesion cells, median (chance)",
+            "matched boxes inside the volume",
+            f"training s (≤ {tg['train_seconds']})",
+            "epochs kept (all schedules)",
+            "measured",
+        ],
+        rows,
+    )
+    m = next(iter(d["phantoms"].values()))["machine"]
+    gpu = m.get("cuda_device") or "no GPU"
+    return (
+        f"{t}\n\nEach row: the phantom made, `casebase train` (210 train / 45 val volumes of 32 x 64 x 64), "
+        f"`index build`, `eval --json` (45 test queries, own patient excluded) and `explain-eval` on the "
+        f"test volumes. *{m['cpu_model']}, {m['cpus_usable']} cores, {gpu}, torch "
+        f"{m['torch'].split('+')[0]}.*"
+    )
+
+
+def _volume_ceiling(r: Path) -> str:
+    d = load("volume_ceiling", r)
+    rows = [
+        [
+            f"{k} ({v['phantom']['n']} volumes, seed {v['phantom']['seed']})",
+            " x ".join(str(c) for c in v["crop"]),
+            len(v["runs"]),
+            f"{v['test_accuracy_mean']:.2f} ({v['test_accuracy_min']:.2f}–{v['test_accuracy_max']:.2f})",
+        ]
+        for k, v in d["phantoms"].items()
+    ]
+    t = md_table(
+        ["phantom", "box around the lesion (voxels)", "seeds", "test accuracy, mean (range)"], rows
+    )
+    return f"{t}\n\n{machine_line(d)}"
+
+
 def _depth(r: Path) -> str:
     d = load("depth", r)
     rows = []
@@ -852,6 +915,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "conformal": _conformal,
     "concepts": _concepts,
     "depth": _depth,
+    "volumes": _volumes,
+    "volume_ceiling": _volume_ceiling,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),
     "explain_eval_table_photo": _explain_eval("explain_eval_table_photo"),

@@ -8,7 +8,7 @@ from retrieval.errors import BundleError, CasebaseError
 from retrieval.model.augment import augment_volume_batch
 from retrieval.model.network import CaseNet, ModelConfig, load_model, save_model
 from retrieval.model.preprocess import Geometry3D, Preprocessor
-from retrieval.model.train import default_volume_size, resolve_backbone
+from retrieval.model.train import TrainOptions, default_volume_size, resolve_backbone
 
 
 def _model(**kw):
@@ -122,6 +122,9 @@ def test_volume_size_rule_and_auto_backbone(tmp_path):
     assert resolve_backbone("auto", [str(tmp_path / "v.npy")]) == "cnn3d"
     assert resolve_backbone("auto", [str(tmp_path / "x.png")]) == "compact"
     assert resolve_backbone("resnet18", [str(tmp_path / "v.npy")]) == "resnet18"
+    # the Python API's default is the CLI's: a volume manifest gets the 3-D model, not a 2-D
+    # model on each volume's middle slice
+    assert resolve_backbone(TrainOptions().backbone, [str(tmp_path / "v.npy")]) == "cnn3d"
 
 
 def test_slices_backbone_is_2d_per_slice_with_volume_head():
