@@ -50,7 +50,7 @@ from retrieval.model.preprocess import Preprocessor
 @dataclass
 class TrainOptions:
     epochs: int | None = None  # None: sized to the data (see default_epochs)
-    backbone: str = "auto"  # auto (cnn3d for volumes, else compact) | compact | resnet18 | cnn3d | slices
+    backbone: str = "auto"  # auto: cnn3d for volumes, else compact | resnet18 | slices
     width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
     depth: int | None = None  # cnn3d: slices of the model input; None: from the data
