@@ -105,9 +105,9 @@ def embed_manifest(
             strict,
             progress,
             num_workers=num_workers,
-            # the region index (index.region_index), from the same forward pass; none for a
-            # volume model yet (its cells are 2-D: matched regions re-encode the neighbours)
-            cells=not model.is_volume,
+            # the region index (index.region_index), from the same forward pass (a volume's
+            # cells are the voxels of its feature volume)
+            cells=True,
             fingerprints=True,  # pixel fingerprints (index.fingerprints), from the same decode
         )
     return model, cases, emb

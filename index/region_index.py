@@ -12,9 +12,13 @@ Files, under INDEX_DIR/regions/ (covered by bundle.json's checksums like every f
     cells.npy    (N, h·w, D) z = P·F: float32, or float16 beyond CELLS_F32_LIMIT bytes;
                  memory-mapped at load, so a query reads only its neighbours' rows
     weights.npy  (N, h·w) float32 pooling weights (each row sums to 1)
-    sizes.npy    (N, 2) int32 original (H, W) of each case image (cells -> original pixels)
+    sizes.npy    (N, 2) int32 original (H, W) of each case image (cells -> original pixels);
+                 (N, 3) (D, H, W) for volumes
     cells.faiss  unit cell vectors; FAISS id = row·h·w + (i·w + j), so the mapping to
                  (case row, cell i, j) is arithmetic and costs no memory
+
+A volume's cells are the voxels of its feature volume (d·h·w of them, row-major (k, i, j)):
+the same files, the same search, boxes in voxels (4×8×8 = 256 cells per 32×64×64 volume).
 
 Memory budget, default 8×8 grid (128 px, stride 16) and D = 128, i.e. 64 cells per case:
 
@@ -147,7 +151,7 @@ def write(
         "dtype": np.dtype(dtype).name,
         "factory": auto_region_factory(n * hw, d) if factory == "auto" else factory,
         "vector": "z = P·F per last-feature-map cell (unit-normalised in cells.faiss)",
-        "id": "row * cells_per_case + (i * grid_w + j)",
+        "id": "row * cells_per_case + the cell's row-major position in the grid",
         "score": "mean over the query box's cells of the best cosine with any cell of the case",
     }
 
@@ -176,7 +180,7 @@ class RegionIndex:
                 f"{self.root / REGION_DIR}: unreadable region index ({err})"
             ) from None
         n, hw = self.weights.shape
-        if self.cells.shape[:2] != (n, hw) or hw != grid[0] * grid[1] or len(self.sizes) != n:
+        if self.cells.shape[:2] != (n, hw) or hw != int(np.prod(grid)) or len(self.sizes) != n:
             raise BundleError(f"{self.root / REGION_DIR}: region files disagree in shape")
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
@@ -214,7 +218,7 @@ class RegionIndex:
         kk = min(shortlist, self.index.ntotal)
         _, ids = self.index.search(np.ascontiguousarray(q, np.float32), kk)
         ids = ids[ids >= 0]
-        return np.unique(ids // (self.grid[0] * self.grid[1]))
+        return np.unique(ids // int(np.prod(self.grid)))
 
     def rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact MaxSim of unit query cells (m, D) against each row's cells -> (scores, best)."""

@@ -28,10 +28,10 @@ class EmbeddedSet:
     )
     failures: list[Failure] = field(default_factory=list)
     # With cells=True (index builds): what the region index stores (index.region_index)
-    cells: np.ndarray | None = None  # (N_ok, h*w, D) float32: P·F per feature-map cell
+    cells: np.ndarray | None = None  # (N_ok, h*w, D) float32: P·F per feature-map cell (d*h*w)
     cell_weights: np.ndarray | None = None  # (N_ok, h*w) float32 pooling weights
-    sizes: np.ndarray | None = None  # (N_ok, 2) int32 original (H, W)
-    grid: tuple[int, int] | None = None
+    sizes: np.ndarray | None = None  # (N_ok, 2) int32 original (H, W); (N_ok, 3) (D, H, W)
+    grid: tuple[int, ...] | None = None
     # With fingerprints=True (index builds): index.fingerprints, from the same decode
     pixel_sha256: np.ndarray | None = None  # (N_ok, 32) uint8
     pixel_thumbs: np.ndarray | None = None  # (N_ok, T) float16
@@ -115,7 +115,7 @@ def embed_paths(
     if cells and zs:
         res.cells = np.concatenate(zs)
         res.cell_weights = np.concatenate(ws)
-        res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(-1, 2)
+        res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(len(ok), -1)
         res.grid = grid
     if fps is not None and ok:
         from index.fingerprints import pack

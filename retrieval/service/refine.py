@@ -46,15 +46,19 @@ def parse_ids(items: Iterable[str] | str | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """'X0,Y0,X1,Y1' -> four numbers (CasebaseError otherwise)."""
+def parse_box(text: str) -> tuple[float, ...]:
+    """'X0,Y0,X1,Y1' (an image) or 'X0,Y0,Z0,X1,Y1,Z1' (a volume) -> the numbers (CasebaseError
+    otherwise); select_cells checks that the count fits the query."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
         vals = [float(p) for p in parts]
     except ValueError:
         vals = []
-    if len(vals) != 4 or not all(np.isfinite(vals)):
-        raise CasebaseError(f"--region {text!r}: use X0,Y0,X1,Y1 (pixels of the query image)")
+    if len(vals) not in (4, 6) or not all(np.isfinite(vals)):
+        raise CasebaseError(
+            f"--region {text!r}: use X0,Y0,X1,Y1 (pixels of the query image) or "
+            "X0,Y0,Z0,X1,Y1,Z1 (voxels of a query volume)"
+        )
     return tuple(vals)
 
 
@@ -92,62 +96,88 @@ def rocchio_cells(q: np.ndarray, like: Sequence[np.ndarray], unlike: Sequence[np
 @dataclass
 class RegionSelection:
     asked: list[int]  # the box as given (rounded to int pixels)
-    cells: np.ndarray  # (h, w) bool: the feature cells searched
+    cells: np.ndarray  # (h, w) bool, (d, h, w) for a volume: the feature cells searched
     searched: list[int]  # original-pixel bounding box of those cells
     clip: list[int]  # matched regions' query boxes are clipped to this box
     note: str = ""  # e.g. widened to one cell
 
 
-def select_cells(box, geometry, grid: tuple[int, int]) -> RegionSelection:
-    """Feature cells of a query box in original pixels; clear errors for unusable boxes.
+def _axis_overlap(lo: float, hi: float, cell: float, n: int) -> np.ndarray:
+    """Share of each of n cells of size `cell` along one axis that [lo, hi) covers."""
+    i = np.arange(n)
+    return np.clip(np.minimum(hi, (i + 1) * cell) - np.maximum(lo, i * cell), 0, None) / cell
 
-    A cell belongs to the region when the box covers at least MIN_CELL_OVERLAP of it. A box
-    that covers no cell that much (smaller than a cell, or a thin strip) is widened to the cell
-    under its centre, and the note says so.
+
+def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
+    """Feature cells of a query box in original pixels (voxels); clear errors for unusable boxes.
+
+    An image's box is [x0, y0, x1, y1] over a (h, w) grid; a volume's [x0, y0, z0, x1, y1, z1]
+    over a (d, h, w) grid. A cell belongs to the region when the box covers at least
+    MIN_CELL_OVERLAP of it. A box that covers no cell that much (smaller than a cell, or a thin
+    strip) is widened to the cell under its centre, and the note says so.
     """
-    x0, y0, x1, y1 = (float(v) for v in box)
-    h_img, w_img = geometry.original_size
-    asked = [int(round(v)) for v in (x0, y0, x1, y1)]
-    if x1 <= x0 or y1 <= y0:
-        kind = "empty" if (x1 == x0 or y1 == y0) else "inverted"
-        raise CasebaseError(f"region {asked} is {kind}: give X0,Y0,X1,Y1 with X0 < X1 and Y0 < Y1")
-    if x0 < 0 or y0 < 0 or x1 > w_img or y1 > h_img:
+    n = len(grid)
+    vals = [float(v) for v in box]
+    asked = [int(round(v)) for v in vals]
+    form = "X0,Y0,Z0,X1,Y1,Z1" if n == 3 else "X0,Y0,X1,Y1"
+    if len(vals) != 2 * n:
+        what = "a volume" if n == 3 else "an image"
+        raise CasebaseError(f"region {asked}: the query is {what}: give {form}")
+    lo, hi = vals[:n], vals[n:]  # (x, y[, z])
+    if any(b <= a for a, b in zip(lo, hi, strict=True)):
+        kind = "empty" if any(b == a for a, b in zip(lo, hi, strict=True)) else "inverted"
+        order = " and ".join(f"{c}0 < {c}1" for c in "XYZ"[:n])
+        raise CasebaseError(f"region {asked} is {kind}: give {form} with {order}")
+    extent = tuple(reversed(geometry.original_size))  # (W, H[, D])
+    if any(a < 0 for a in lo) or any(b > e for b, e in zip(hi, extent, strict=True)):
+        if n == 2:
+            w_img, h_img = extent
+            raise CasebaseError(
+                f"region {asked} lies outside the image (width {w_img}, height {h_img}; "
+                f"boxes run from 0,0 to {w_img},{h_img})"
+            )
+        w_img, h_img, d_img = extent
         raise CasebaseError(
-            f"region {asked} lies outside the image (width {w_img}, height {h_img}; "
-            f"boxes run from 0,0 to {w_img},{h_img})"
+            f"region {asked} lies outside the volume (width {w_img}, height {h_img}, depth "
+            f"{d_img}; boxes run from 0,0,0 to {w_img},{h_img},{d_img})"
         )
-    gh, gw = grid
-    sx, sy = geometry.scale  # original pixels per model-input pixel
-    cw, ch = geometry.input_size / gw * sx, geometry.input_size / gh * sy  # cell in original px
-    cols = np.arange(gw)
-    rows = np.arange(gh)
-    ox = np.clip(np.minimum(x1, (cols + 1) * cw) - np.maximum(x0, cols * cw), 0, None) / cw
-    oy = np.clip(np.minimum(y1, (rows + 1) * ch) - np.maximum(y0, rows * ch), 0, None) / ch
-    cells = np.outer(oy, ox) >= MIN_CELL_OVERLAP
+    g_xyz = tuple(reversed(grid))
+    inputs = (geometry.input_size, geometry.input_size, getattr(geometry, "input_depth", 0))
+    # cell size in original pixels along x, y (and z)
+    cell = [inputs[a] / g_xyz[a] * geometry.scale[a] for a in range(n)]
+    overlap = [_axis_overlap(lo[a], hi[a], cell[a], g_xyz[a]) for a in range(n)]
+    cover = overlap[-1]
+    for a in range(n - 2, -1, -1):  # outer product in grid order (z,) y, x
+        cover = np.multiply.outer(cover, overlap[a])
+    cells = cover >= MIN_CELL_OVERLAP
     note = ""
     clip = asked
     if not cells.any():
-        r = int(min(gh - 1, (y0 + y1) / 2 // ch))
-        c = int(min(gw - 1, (x0 + x1) / 2 // cw))
-        cells[r, c] = True
-        clip = geometry.cell_box(r, c, grid)
-        note = (
-            f"region {asked} covers less than half of any feature cell "
-            f"({cw:.0f}×{ch:.0f} px); widened to the cell {clip}"
+        centre = tuple(
+            int(min(g_xyz[a] - 1, (lo[a] + hi[a]) / 2 // cell[a])) for a in reversed(range(n))
         )
-    rr, cc = np.nonzero(cells)
-    a = geometry.cell_box(int(rr.min()), int(cc.min()), grid)
-    b = geometry.cell_box(int(rr.max()), int(cc.max()), grid)
-    return RegionSelection(asked, cells, [a[0], a[1], b[2], b[3]], list(clip), note)
+        cells[centre] = True
+        clip = geometry.cell_box(*centre, grid)
+        size = "×".join(f"{c:.0f}" for c in cell)
+        note = (
+            f"region {asked} covers less than half of any feature cell ({size} px); widened "
+            f"to the cell {clip}"
+        )
+    idx = np.nonzero(cells)
+    a = geometry.cell_box(*(int(i.min()) for i in idx), grid)
+    b = geometry.cell_box(*(int(i.max()) for i in idx), grid)
+    return RegionSelection(asked, cells, a[:n] + b[n:], list(clip), note)
 
 
 def clip_box(box: list[int], clip: list[int]) -> list[int]:
-    """The part of box inside clip (the two always overlap for a region's own cells)."""
-    x0, y0 = max(box[0], clip[0]), max(box[1], clip[1])
-    x1, y1 = min(box[2], clip[2]), min(box[3], clip[3])
-    if x1 <= x0 or y1 <= y0:
+    """The part of box inside clip (the two always overlap for a region's own cells); boxes are
+    [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1]."""
+    n = len(box) // 2
+    lo = [max(box[a], clip[a]) for a in range(n)]
+    hi = [min(box[n + a], clip[n + a]) for a in range(n)]
+    if any(h <= low for low, h in zip(lo, hi, strict=True)):
         return list(clip)
-    return [x0, y0, x1, y1]
+    return lo + hi
 
 
 def stored_decomposition(
@@ -197,13 +227,15 @@ def stored_decompositions(
     ]
 
 
-def maps_to_original(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Geometry.map_to_original for a stack (k, h, w) of maps of one original size -> (k, H, W)."""
+def maps_to_original(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Geometry.map_to_original for a stack (k, h, w) of maps of one original size -> (k, H, W);
+    of volume maps (k, d, h, w) -> (k, D, H, W) (Geometry3D's trilinear)."""
     import torch
     import torch.nn.functional as F
 
     t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
-    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    out = F.interpolate(t, size=tuple(size), mode=mode, align_corners=False)
     return np.nan_to_num(out[:, 0].numpy())
 
 

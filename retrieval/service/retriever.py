@@ -93,9 +93,9 @@ class CaseRetriever:
         if self.region_index is None and model.is_volume:
             _say_once(
                 self.index_dir,
-                f"note: {self.index_dir} holds a volume model (cnn3d): there is no region index "
-                "for volumes yet, so matched regions re-encode each neighbour's volume and "
-                "--region is unavailable",
+                f"note: {self.index_dir} holds a volume model built without a region index "
+                "(before volumes had one): matched regions re-encode each neighbour's volume and "
+                "--region is unavailable; `casebase index build` again to upgrade it",
             )
         elif self.region_index is None:
             _say_once(
@@ -531,11 +531,6 @@ class CaseRetriever:
             )
             hits = self.search(vec, k + len(drop), exclude_patient, filters)[0]
             return [h for h in hits if h[1] not in drop][:k], out
-        if self.region_index is None and self.model.is_volume:
-            raise CasebaseError(
-                f"{self.index_dir}: --region is not available for volumes yet (no region "
-                "index for a cnn3d model)"
-            )
         if self.region_index is None:
             raise CasebaseError(
                 f"{self.index_dir} has no region index (built before bundle format 2); "
@@ -581,7 +576,7 @@ class CaseRetriever:
         read; the neighbours are decomposed in one batched matmul and their maps resized in one
         interpolation per image size (a query with matched regions then costs little more than
         one without: bench/refine.py)."""
-        from retrieval.model.preprocess import Geometry
+        from retrieval.model.preprocess import Geometry, Geometry3D
 
         if not neighbors:
             return
@@ -609,7 +604,11 @@ class CaseRetriever:
                 c_maps[i] = m
         for nb, dec, size, q_map, c_map in zip(neighbors, decs, sizes, q_maps, c_maps, strict=True):
             nb.completeness_error = dec.completeness_error
-            c_geom = Geometry(size, q.geometry.input_size)
+            c_geom = (
+                Geometry3D(size, q.geometry.input_size, q.geometry.input_depth)
+                if len(size) == 3
+                else Geometry(size, q.geometry.input_size)
+            )
             nb.original_size = size
             shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
             boxes = []

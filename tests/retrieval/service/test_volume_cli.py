@@ -76,8 +76,10 @@ def test_2d_only_features_say_so_in_one_line(volume_index, capsys):
     assert main(["query", str(root / "i"), str(vol), "--explain", "lime"]) == 2
     err = capsys.readouterr().err
     assert "not available for volumes" in err and "Traceback" not in err
+    # a volume's region has three axes: an image's four numbers are refused in one line
     assert main(["query", str(root / "i"), str(vol), "--region", "0,0,8,8"]) == 2
-    assert "not available for volumes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "X0,Y0,Z0,X1,Y1,Z1" in err and "Traceback" not in err
 
 
 def test_explain_eval_runs_the_3d_pointing_game(volume_index, capsys):
@@ -111,3 +113,104 @@ def test_3d_pointing_game_tolerance_is_per_axis():
     assert pointing_game(heat, mask, 0) == 0.0
     assert pointing_game(heat, mask, 1) == 1.0
     assert pointing_game(heat, mask, (0, 1, 1)) == 0.0
+
+
+# ------------------------------------------------------------ the region index over voxels
+@pytest.fixture(scope="module")
+def vr(volume_index):
+    from retrieval.service.retriever import CaseRetriever
+
+    return CaseRetriever.load(volume_index[0] / "i")
+
+
+def test_volume_bundle_holds_a_region_index_of_feature_voxels(vr):
+    ri = vr.region_index
+    assert ri is not None and len(ri.grid) == 3
+    assert ri.sizes.shape == (len(vr.cases), 3)  # (D, H, W) per case
+    assert ri.index.ntotal == len(vr.cases) * int(np.prod(ri.grid))
+    rebuilt = np.stack([ri.embedding(i) for i in range(len(ri))])
+    np.testing.assert_allclose(rebuilt, vr.index.reconstruct_all(), atol=1e-5)
+
+
+def test_volume_matched_regions_from_the_bundle_equal_re_encoding(vr, volume_index, monkeypatch):
+    import copy
+
+    vol, _ = _test_volume(volume_index[1])
+    res = vr.query(str(vol), k=3)
+    q = vr.encode(str(vol))
+    ctxs = vr.encode_many([n.image for n in res.neighbors])
+    for nb, c in zip(res.neighbors, ctxs, strict=True):
+        assert nb.matched_regions and nb.completeness_error < 1e-4
+        again = copy.deepcopy(nb)
+        vr.match_regions(q, c, again)
+        for side in ("query_box", "case_box"):
+            got = [getattr(m, side) for m in nb.matched_regions]
+            assert got == [getattr(m, side) for m in again.matched_regions]
+            assert all(len(b) == 6 for b in got)
+        np.testing.assert_allclose(
+            [m.contribution for m in nb.matched_regions],
+            [m.contribution for m in again.matched_regions],
+            rtol=1e-4,
+            atol=1e-7,
+        )
+        for side in ("query", "case"):
+            np.testing.assert_allclose(
+                nb.maps["similarity"][side], again.maps["similarity"][side], atol=1e-5
+            )
+    monkeypatch.setattr(vr, "encode_many", lambda *_: pytest.fail("re-encoded a neighbour"))
+    assert all(n.matched_regions for n in vr.query(str(vol), k=3).neighbors)
+
+
+def test_volume_region_query_ranks_by_exact_maxsim_inside_the_box(vr, volume_index):
+    from retrieval.errors import CasebaseError
+    from retrieval.service import refine
+
+    vol, _ = _test_volume(volume_index[1])
+    q = vr.encode(str(vol))
+    d, h, w = q.geometry.original_size
+    box = (0, 0, 0, w // 2, h // 2, d // 2)
+    res = vr.query(str(vol), k=4, region=box)
+    js = res.to_json()
+    assert js["region"] == list(box)
+    sel = refine.select_cells(box, q.geometry, q.grid)
+    assert sel.cells.shape == q.grid and 0 < sel.cells.sum() < sel.cells.size
+    qz, _ = vr.query_cells(q)
+    qu = refine.unit(qz[sel.cells.ravel()])
+    brute = [
+        float((qu @ refine.unit(vr.region_index.case(i)[0]).T).max(axis=1).mean())
+        for i in range(len(vr.cases))
+    ]
+    best = np.argsort(brute)[::-1][:4]
+    assert [n.row for n in res.neighbors] == best.tolist()
+    np.testing.assert_allclose(
+        [n["region_score"] for n in js["neighbors"]], np.array(brute)[best], atol=1e-5
+    )
+    for nb in js["neighbors"]:
+        for reg in nb["matched_regions"]:
+            x0, y0, z0, x1, y1, z1 = reg["query_box"]
+            assert box[0] <= x0 < x1 <= box[3] and box[1] <= y0 < y1 <= box[4]
+            assert box[2] <= z0 < z1 <= box[5]
+    with pytest.raises(CasebaseError, match="outside the volume"):
+        vr.query(str(vol), region=(0, 0, 0, w, h, d + 1))
+
+
+def test_select_cells_in_a_volume():
+    from retrieval.errors import CasebaseError
+    from retrieval.model.preprocess import Geometry3D
+    from retrieval.service import refine
+
+    g = Geometry3D((20, 64, 32), 32, 8)  # D 20, H 64, W 32; grid 4 x 4 x 4: cells 8 x 16 x 5
+    sel = refine.select_cells((0, 0, 0, 16, 32, 10), g, (4, 4, 4))
+    assert sel.cells[:2, :2, :2].all() and sel.cells.sum() == 8 and sel.note == ""
+    assert sel.searched == [0, 0, 0, 16, 32, 10]
+    tiny = refine.select_cells((17, 33, 11, 18, 34, 12), g, (4, 4, 4))
+    assert tiny.cells.sum() == 1 and tiny.cells[2, 2, 2] and "widened" in tiny.note
+    assert tiny.clip == g.cell_box(2, 2, 2, (4, 4, 4))
+    for box, msg in [
+        ((0, 0, 5, 8, 8, 2), "inverted"),
+        ((0, 0, 0, 8, 8, 0), "empty"),
+        ((0, 0, 0, 8, 8), "X0,Y0,Z0,X1,Y1,Z1"),
+        ((0, 0, -1, 8, 8, 4), "outside the volume"),
+    ]:
+        with pytest.raises(CasebaseError, match=msg):
+            refine.select_cells(box, g, (4, 4, 4))
