@@ -205,7 +205,10 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
     with c_preview:
         if volume is not None:
             volume_view.show("preview", volume, caption="query volume")
-            st.caption("Region search is for 2-D images only for now.")
+            st.caption(
+                "Drawing a region is for 2-D images only for now; search a box of a volume with "
+                "`casebase query INDEX VOLUME --region X0,Y0,Z0,X1,Y1,Z1`."
+            )
         elif pixels is not None:
             box = refine.region_picker(pixels, tuple(chosen.image.original_size), chosen.input_id)
             search_region = st.button(

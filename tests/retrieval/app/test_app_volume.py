@@ -86,7 +86,8 @@ def test_volume_model_scrollers_and_jump(monkeypatch, volume_index, volume_phant
     text = _texts(at)
     assert "Nearest cases" in text and "voxels" in text and "z 4 of 0–7" in text
     assert "model is 2-D" not in text  # a 3-D model's maps are of the whole volume
-    assert "Region search is for 2-D images only" in text  # said, not silently missing
+    assert "Drawing a region is for 2-D images only" in text  # said, not silently missing
+    assert "--region X0,Y0,Z0,X1,Y1,Z1" in text  # and where a volume's box search is
     keys = {s.key for s in at.slider}
     assert {"vv_preview_axial", "vv_maps_axial"} <= keys
     assert {f"vv_nb{i}_{p}_axial" for i in range(1, 6) for p in ("query", "case")} <= keys
