@@ -214,3 +214,16 @@ def test_select_cells_in_a_volume():
     ]:
         with pytest.raises(CasebaseError, match=msg):
             refine.select_cells(box, g, (4, 4, 4))
+
+
+def test_cli_region_query_on_a_volume(volume_index, capsys):
+    root, manifest = volume_index
+    vol, _ = _test_volume(manifest)
+    d, h, w = np.load(vol).shape
+    box = [0, 0, 0, w // 2, h // 2, d]
+    capsys.readouterr()
+    arg = ",".join(str(v) for v in box)
+    assert main(["query", str(root / "i"), str(vol), "-k", "2", "--region", arg, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["region"] == box and len(out["neighbors"]) == 2
+    assert all("region_score" in nb for nb in out["neighbors"])
