@@ -8,7 +8,7 @@ MR: ``--modality mr --seed 11``, never tuned on) through the CLI, with its defau
   run the script under ``/work/notes/heavy --exclusive`` so nothing else shares the cores);
 * ``casebase index build``, then ``casebase eval --json``: precision@5 on the test split
   (own patient excluded; target >= 0.85);
-* ``casebase explain-eval --methods gradcam,similarity --json``: the 3-D pointing game on the
+* ``casebase explain-eval --methods gradcam,similarity,occlusion --json``: the 3-D pointing game on the
   test cases (target >= 0.8 for gradcam);
 * every test case queried through CaseRetriever (the code `casebase query` runs): the share of
   matched boxes [x0, y0, z0, x1, y1, z1] inside the volume (target 1.0), and the map shapes.
@@ -118,7 +118,7 @@ def run_one(name: str, spec: dict, work: Path, backbone: str | None = None) -> d
                 index,
                 manifest,
                 "--methods",
-                "gradcam,similarity",
+                "gradcam,similarity,occlusion",
                 "--json",
                 "--no-store",
                 "--max-cases",

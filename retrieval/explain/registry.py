@@ -127,6 +127,7 @@ IG_STEPS = 16
 LIME_SAMPLES = 96
 LIME_SEGMENTS = 48
 OCCLUSION_WINDOW = 1 / 6
+OCCLUSION_WINDOW_3D = 1 / 4  # of each side of a volume
 FORWARD_BATCH = 64  # images per forward pass inside perturbation / path methods
 
 
@@ -475,15 +476,17 @@ class Occlusion:
         from captum.attr import Occlusion as Occ
 
         model = inference_model(model)
-        c, h, w = inputs.shape[1:]
-        wh, sh = occlusion_window(h, self.fraction)
-        ww, sw = occlusion_window(w, self.fraction)
+        c, *sides = inputs.shape[1:]  # (C, H, W), or (C, D, H, W) for a volume
+        # a volume's window is a quarter of each side (7 positions per axis, 343 forwards);
+        # a sixth, as for images, would be 1,331 forwards per volume
+        fraction = self.fraction if len(sides) == 2 else OCCLUSION_WINDOW_3D
+        windows = [occlusion_window(n, fraction) for n in sides]
 
         def one(forward, x, _row):
             return Occ(forward).attribute(
                 x,
-                sliding_window_shapes=(c, wh, ww),
-                strides=(c, sh, sw),
+                sliding_window_shapes=(c, *(w for w, _ in windows)),
+                strides=(c, *(s for _, s in windows)),
                 baselines=0.0,
                 perturbations_per_eval=FORWARD_BATCH,
             )
@@ -666,7 +669,7 @@ def resize_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 # methods that run on a volume model (cnn3d); the others are 2-D only for now
-VOLUME_METHODS: tuple[str, ...] = ("gradcam", "similarity", "gradient")
+VOLUME_METHODS: tuple[str, ...] = ("gradcam", "similarity", "gradient", "occlusion")
 
 
 def check_volume_methods(methods: Iterable[str]) -> list[str]:

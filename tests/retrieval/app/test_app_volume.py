@@ -93,7 +93,7 @@ def test_volume_model_scrollers_and_jump(monkeypatch, volume_index, volume_phant
     assert {f"vv_nb{i}_{p}_axial" for i in range(1, 6) for p in ("query", "case")} <= keys
     # volume models explain with their own methods only
     options = set(at.sidebar.multiselect[0].options)
-    assert options and options <= {"gradcam", "similarity", "gradient"}
+    assert options and options <= {"gradcam", "similarity", "gradient", "occlusion"}
     box, case_box = _boxes(at)
     assert len(box) == 6 and len(case_box) == 6
     # the card's plane goes coronal, then the jump lands on the box's centre row

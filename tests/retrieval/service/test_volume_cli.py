@@ -227,3 +227,52 @@ def test_cli_region_query_on_a_volume(volume_index, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["region"] == box and len(out["neighbors"]) == 2
     assert all("region_score" in nb for nb in out["neighbors"])
+
+
+def test_occlusion_on_a_volume_says_where_zeroing_lowers_the_score(vr, volume_index):
+    """captum's Occlusion with a 3-D window: a (D', H', W') map of the model input whose top
+    voxels, zeroed, lower the class score more than its bottom voxels zeroed."""
+    import torch
+
+    from retrieval.explain import registry
+
+    vol, _ = _test_volume(volume_index[1])
+    q = vr.encode(str(vol))
+    x = q.tensor[None]
+    target = torch.tensor([q.predicted])
+    attr = registry.get("occlusion").attribute(vr.model, x, target)[0]
+    assert tuple(attr.shape) == tuple(x.shape[2:])
+    assert torch.isfinite(attr).all() and float(attr.std()) > 0
+    model = vr.model.eval()
+
+    def score_without(mask):
+        with torch.no_grad():
+            return float(model(x * ~mask)[0, q.predicted])
+
+    k = attr.numel() // 10
+    order = attr.flatten().argsort()
+    top = torch.zeros(attr.numel(), dtype=torch.bool)
+    top[order[-k:]] = True
+    bottom = torch.zeros(attr.numel(), dtype=torch.bool)
+    bottom[order[:k]] = True
+    shape = (1, 1, *attr.shape)
+    assert score_without(top.reshape(shape)) < score_without(bottom.reshape(shape))
+
+
+def test_query_explains_a_volume_with_occlusion(vr, volume_index):
+    vol, _ = _test_volume(volume_index[1])
+    res = vr.query(str(vol), k=2, explain=("occlusion",))
+    m = res.maps["occlusion"]
+    assert m.shape == np.load(vol).shape and np.isfinite(m).all() and m.std() > 0
+
+
+def test_volume_explain_eval_measures_occlusion_when_asked(volume_index, capsys):
+    root, manifest = volume_index
+    capsys.readouterr()
+    assert main(["explain-eval", str(root / "i"), str(manifest), "--json", "--no-store"]) == 0
+    default = json.loads(capsys.readouterr().out)["methods"]
+    assert "occlusion" not in default and "gradcam" in default  # the cheap maps by default
+    args = ["explain-eval", str(root / "i"), str(manifest), "--json", "--no-store"]
+    assert main([*args, "--methods", "occlusion"]) == 0
+    occ = json.loads(capsys.readouterr().out)["methods"]["occlusion"]
+    assert occ["dimensions"] == 3 and occ["n_cases"] >= 1 and 0.0 <= occ["pointing_game"] <= 1.0
