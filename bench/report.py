@@ -635,6 +635,9 @@ def _volumes(r: Path) -> str:
                 f"{v['precision_at_5']:.2f}"
                 + (f" ({worst[0]} {worst[1]['precision_at_5']:.2f})" if worst else ""),
                 f"{pg['gradcam']:.2f} ({pgs['gradcam']:.2f})",
+                f"{pg['occlusion']:.2f} ({pgs['occlusion']:.2f})"
+                if "occlusion" in pg
+                else "not run",
                 f"{v['similarity_lesion_share']['median_share']:.3f} "
                 f"({v['similarity_lesion_share']['median_chance']:.4f})",
                 f"{v['boxes']['inside']}/{v['boxes']['boxes']}",
@@ -648,6 +651,7 @@ def _volumes(r: Path) -> str:
             "phantom: CLI",
             f"P@5 (≥ {tg['precision_at_5']} wanted; worst class)",
             f"Grad-CAM pointing game, half-cell tolerance (strict) (≥ {tg['gradcam_pointing_game']})",
+            "occlusion pointing game (strict)",
             "similarity in lesion × lesion cells, median (chance)",
             "matched boxes inside the volume",
             f"training s (≤ {tg['train_seconds']})",
