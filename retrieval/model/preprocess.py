@@ -204,9 +204,14 @@ class Preprocessor:
         return (batch - mean) / std
 
     def geometry(self, image: LoadedImage) -> Geometry | Geometry3D:
+        return self.geometry_of(tuple(image.original_size))
+
+    def geometry_of(self, original_size: tuple[int, ...]) -> Geometry | Geometry3D:
+        """The geometry of an image (volume) of this original size as this model reads it (an
+        indexed case's, from the size the region index stores, without reading it)."""
         if self.is_volume:
-            return Geometry3D(tuple(image.original_size), self.config.image_size, self.config.depth)
-        return Geometry(tuple(image.original_size), self.config.image_size)
+            return Geometry3D(tuple(original_size), self.config.image_size, self.config.depth)
+        return Geometry(tuple(original_size), self.config.image_size)
 
     def load(self, src) -> tuple[LoadedImage, torch.Tensor, Geometry | Geometry3D]:
         image = self.read(src)

@@ -130,16 +130,12 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
         raise CasebaseError(f"region {asked} is {kind}: give {form} with {order}")
     extent = tuple(reversed(geometry.original_size))  # (W, H[, D])
     if any(a < 0 for a in lo) or any(b > e for b, e in zip(hi, extent, strict=True)):
-        if n == 2:
-            w_img, h_img = extent
-            raise CasebaseError(
-                f"region {asked} lies outside the image (width {w_img}, height {h_img}; "
-                f"boxes run from 0,0 to {w_img},{h_img})"
-            )
-        w_img, h_img, d_img = extent
+        sides = ", ".join(
+            f"{k} {e}" for k, e in zip(("width", "height", "depth")[:n], extent, strict=True)
+        )
         raise CasebaseError(
-            f"region {asked} lies outside the volume (width {w_img}, height {h_img}, depth "
-            f"{d_img}; boxes run from 0,0,0 to {w_img},{h_img},{d_img})"
+            f"region {asked} lies outside the {'volume' if n == 3 else 'image'} ({sides}; "
+            f"boxes run from {','.join('0' * n)} to {','.join(str(e) for e in extent)})"
         )
     g_xyz = tuple(reversed(grid))
     inputs = (geometry.input_size, geometry.input_size, getattr(geometry, "input_depth", 0))
@@ -163,10 +159,17 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
             f"region {asked} covers less than half of any feature cell ({size} px); widened "
             f"to the cell {clip}"
         )
+    return RegionSelection(asked, cells, cells_box(geometry, cells), list(clip), note)
+
+
+def cells_box(geometry, cells: np.ndarray) -> list[int]:
+    """Original-pixel bounding box of a region's feature-map cells (bool (h, w)): [x0, y0, x1, y1];
+    of a volume's feature voxels (bool (d, h, w)): [x0, y0, z0, x1, y1, z1] in original voxels."""
     idx = np.nonzero(cells)
-    a = geometry.cell_box(*(int(i.min()) for i in idx), grid)
-    b = geometry.cell_box(*(int(i.max()) for i in idx), grid)
-    return RegionSelection(asked, cells, a[:n] + b[n:], list(clip), note)
+    grid = tuple(cells.shape)
+    a = list(geometry.cell_box(*(int(i.min()) for i in idx), grid))  # the first cell's box
+    b = list(geometry.cell_box(*(int(i.max()) for i in idx), grid))  # the last cell's box
+    return a[: cells.ndim] + b[cells.ndim :]
 
 
 def clip_box(box: list[int], clip: list[int]) -> list[int]:

@@ -36,16 +36,6 @@ from retrieval.service.self_match import find_self_match
 TRUST_FILE = "trust.json"
 
 
-def _cells_box(geometry, cells: np.ndarray) -> list[int]:
-    """Original-pixel bounding box of a region's feature-map cells (bool (h, w)): [x0, y0, x1, y1];
-    of a volume's feature voxels (bool (d, h, w)): [x0, y0, z0, x1, y1, z1] in original voxels."""
-    idx = np.nonzero(cells)
-    grid = tuple(cells.shape)
-    a = list(geometry.cell_box(*(int(i.min()) for i in idx), grid))  # the first cell's box
-    b = list(geometry.cell_box(*(int(i.max()) for i in idx), grid))  # the last cell's box
-    return a[: cells.ndim] + b[cells.ndim :]
-
-
 def _where(box: list[int], size: tuple[int, ...]) -> str:
     if len(box) == 6:  # a volume: [x0, y0, z0, x1, y1, z1] in (D, H, W)
         where = _where([box[0], box[1], box[3], box[4]], size[1:])
@@ -279,8 +269,8 @@ class CaseRetriever:
         nb.original_size = tuple(c.geometry.original_size)
         nb.matched_regions = [
             MatchedRegion(
-                _cells_box(q.geometry, p.query_cells),
-                _cells_box(c.geometry, p.case_cells),
+                refine.cells_box(q.geometry, p.query_cells),
+                refine.cells_box(c.geometry, p.case_cells),
                 p.contribution,
                 p.share,
                 p.crosses_sides,
@@ -576,8 +566,6 @@ class CaseRetriever:
         read; the neighbours are decomposed in one batched matmul and their maps resized in one
         interpolation per image size (a query with matched regions then costs little more than
         one without: bench/refine.py)."""
-        from retrieval.model.preprocess import Geometry, Geometry3D
-
         if not neighbors:
             return
         ri = self.region_index
@@ -604,22 +592,18 @@ class CaseRetriever:
                 c_maps[i] = m
         for nb, dec, size, q_map, c_map in zip(neighbors, decs, sizes, q_maps, c_maps, strict=True):
             nb.completeness_error = dec.completeness_error
-            c_geom = (
-                Geometry3D(size, q.geometry.input_size, q.geometry.input_depth)
-                if len(size) == 3
-                else Geometry(size, q.geometry.input_size)
-            )
+            c_geom = self.preprocessor.geometry_of(size)
             nb.original_size = size
             shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
             boxes = []
             for p in region_pairs(shown, n_regions):
-                qbox = _cells_box(q.geometry, p.query_cells)
+                qbox = refine.cells_box(q.geometry, p.query_cells)
                 if selection is not None:
                     qbox = refine.clip_box(qbox, selection.clip)
                 boxes.append(
                     MatchedRegion(
                         qbox,
-                        _cells_box(c_geom, p.case_cells),
+                        refine.cells_box(c_geom, p.case_cells),
                         p.contribution,
                         p.share,
                         p.crosses_sides,
