@@ -99,6 +99,28 @@ def check_training_amp(manifest, device, n_cases):
     }
 
 
+def train_defaults(manifest, out, device):
+    """``casebase train`` with the CLI defaults on the device: wall seconds and what ran."""
+    import json
+
+    from retrieval.model import train
+
+    t0 = time.perf_counter()
+    train.train_model(manifest, out, train.TrainOptions(progress=False, device=device.type))
+    secs = time.perf_counter() - t0
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    t = cfg.get("training", {})
+    return {
+        "seconds": secs,
+        "n_train": t.get("n_train"),
+        "epochs_run": t.get("epochs_run"),
+        "epochs_total": t.get("epochs_total"),
+        "val": {k: v for k, v in t.items() if k.startswith("val_")},
+        "image_size": cfg.get("image_size"),
+        "backbone": cfg.get("backbone"),
+    }
+
+
 def embedding_and_gradcam(model_dir, manifest, device, n, reps):
     import torch
     import torch.nn.functional as F
@@ -168,9 +190,9 @@ def build_and_query(model_dir, manifest, index_dir, device, n_queries, k):
     try:
         rep = build_index(model_dir, manifest, tmp / "index", device=device.type, progress=False)
         build = {"images_per_s": rep.images_per_second, "seconds": rep.seconds, "n": rep.n_indexed}
+        r = CaseRetriever.load(index_dir or tmp / "index", device=device.type)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    r = CaseRetriever.load(index_dir, device=device.type)
     man = load_manifest(manifest)
     imgs = [str(man.resolve(p)) for p in man.select(["test"])["image"]][:n_queries]
     variants = {
@@ -197,7 +219,7 @@ def build_and_query(model_dir, manifest, index_dir, device, n_queries, k):
     }
 
 
-def search(n, device, reps):
+def search(n, device, reps, n_batch1=20):
     import faiss
 
     from index.vector_index import VectorIndex
@@ -215,7 +237,7 @@ def search(n, device, reps):
 
     def one(ix):
         def run():
-            for v in q[:20]:
+            for v in q[:n_batch1]:
                 ix.search(v[None], 10)
 
         return run
@@ -230,17 +252,24 @@ def search(n, device, reps):
         "to_device_s": move_s,
         "top10_agreement": agree,
         "faiss_gpu_installed": hasattr(faiss, "StandardGpuResources"),
-        "qps_batch1": {k: 20 / statistics.median(v) for k, v in t1.items()},
+        "qps_batch1": {k: n_batch1 / statistics.median(v) for k, v in t1.items()},
         "qps_batch100": {k: 100 / statistics.median(v) for k, v in t100.items()},
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--index", default=DEFAULT_INDEX)
+    ap.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a trained model; 'train' trains one with the CLI defaults on the device (timed)",
+    )
+    ap.add_argument("--index", default=DEFAULT_INDEX, help="'build': the index built here")
     ap.add_argument("--manifest", default=DEFAULT_MANIFEST)
-    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument(
+        "--n", default="1000000", help="search sizes, comma-separated (e.g. 1000000,10000000)"
+    )
+    ap.add_argument("--name", default=None, help="results name (default gpu_path)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("-k", type=int, default=5)
@@ -255,17 +284,31 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.force_cpu:
         print("no CUDA device; skipped")
         return 0
+    sizes = [int(x) for x in str(args.n).split(",")]
     if args.quick:
-        args.n, args.images, args.queries, args.reps = 20_000, 64, 3, 1
+        sizes, args.images, args.queries, args.reps = [20_000], 64, 3, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     info = machine()
+    full = None
+    if args.model == "train":
+        args.model = tempfile.mkdtemp(prefix="bench_gpu_model_")
+        full = train_defaults(args.manifest, args.model, device)
+        print(f"trained with the CLI defaults in {full['seconds']:.1f} s", flush=True)
     train = check_training_amp(args.manifest, device, 120 if args.quick else 400)
     emb = embedding_and_gradcam(args.model, args.manifest, device, args.images, args.reps)
     build, query = build_and_query(
-        args.model, args.manifest, args.index, device, args.queries, args.k
+        args.model,
+        args.manifest,
+        None if args.index == "build" else args.index,
+        device,
+        args.queries,
+        args.k,
     )
-    srch = search(args.n, device, args.reps)
+    searches = []
+    for n in sizes:  # the largest size last: batch-1 CPU searches there are slow, so fewer
+        searches.append(search(n, device, args.reps, 20 if n <= 2_000_000 else 5))
+        print(f"search at {n:,} done", flush=True)
     rows = [
         [
             "training AMP (autocast on cuda + GradScaler)",
@@ -294,21 +337,31 @@ def main() -> int:
     ]
     for v, s in query["latency_ms"].items():
         rows.append([f"query p50/p95 ms: {v}", f"{s['p50']:.1f} / {s['p95']:.1f}", f"k={args.k}"])
-    rows.append(
-        [
-            f"search {srch['n']:,} Flat: backend",
-            srch["backend"],
-            f"top-10 agreement with CPU {srch['top10_agreement']:.4f}",
-        ]
-    )
-    for b in ("qps_batch1", "qps_batch100"):
+    if full:
+        rows.insert(
+            0,
+            [
+                "casebase train, CLI defaults (s)",
+                f"{full['seconds']:.1f}",
+                f"{full['n_train']} train cases, {full['epochs_run']} epochs",
+            ],
+        )
+    for srch in searches:
         rows.append(
             [
-                f"search q/s {b[4:]}: device | CPU",
-                f"{srch[b]['gpu']:.0f} | {srch[b]['cpu']:.0f}",
-                f"x{srch[b]['gpu'] / srch[b]['cpu']:.1f}",
+                f"search {srch['n']:,} Flat: backend",
+                srch["backend"],
+                f"top-10 agreement with CPU {srch['top10_agreement']:.4f}",
             ]
         )
+        for b in ("qps_batch1", "qps_batch100"):
+            rows.append(
+                [
+                    f"search {srch['n']:,} q/s {b[4:]}: device | CPU",
+                    f"{srch[b]['gpu']:.0f} | {srch[b]['cpu']:.0f}",
+                    f"x{srch[b]['gpu'] / srch[b]['cpu']:.1f}",
+                ]
+            )
     print()
     table(
         ["check", "result", "detail"],
@@ -325,7 +378,10 @@ def main() -> int:
             "embedding": emb,
             "build": build,
             "query": query,
-            "search": srch,
+            "search": searches[0],
+            "searches": searches,
+            "train_defaults": full,
+            "manifest": str(args.manifest),
         },
         started,
     )

@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--backbone", help="train with this backbone instead of the default (e.g. slices: 2.5D)"
     )
+    ap.add_argument(
+        "--label", help="added to the result's key (e.g. 'on H200'), so runs elsewhere stay apart"
+    )
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
         # re-read: another run (the other phantom) may have written meanwhile
         doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
         key = f"{name} --backbone {args.backbone}" if args.backbone else name
+        key = f"{key} {args.label}" if args.label else key
         res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)

@@ -55,16 +55,17 @@ def _add_phantom(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--confounder",
-        choices=["none", "site-marker", "ruler"],
+        choices=["none", "site-marker", "ruler", "scanner"],
         default="none",
         help="site-marker: burned-in site letter tied to the label in train/val; "
-        "ruler (photo only): a ruler tied to one class in train/val",
+        "ruler (photo only): a ruler tied to one class in train/val; scanner: the "
+        "acquisition device (x-ray scanner, photo device) tied to the label in train/val",
     )
     p.add_argument(
         "--strength",
         type=float,
         default=0.9,
-        help="P(site tied to label) in the train split with --confounder site-marker",
+        help="P(confounder tied to the label) in the train and val splits",
     )
     p.add_argument(
         "--modality",

@@ -36,7 +36,14 @@ class's own site with probability ``strength`` (else uniform), in test it is
 uniform. ``ruler`` (photo only) draws a ruler along the bottom edge with
 probability ``strength`` for ``melanoma`` and ``1 - strength`` for the other
 classes in train and val, and 1/3 for every class in test; the manifest's
-``ruler`` column says which images have one.
+``ruler`` column says which images have one. ``scanner`` ties the acquisition
+device (``scanner`` for x-ray: noise, gamma and contrast; ``device`` for photo: colour
+cast, vignette and blur) to the class: in train and val each class's own vendor with
+probability ``strength`` (else uniform), uniform in test.
+
+``render_variant`` re-renders one case of a phantom with its confounder changed (another
+site letter, the ruler added or removed, another device) and everything else identical:
+the intervention that tells whether a model *uses* a confounder.
 
 Every case's known generative factors go into the manifest too (``FACTOR_COLUMNS``:
 lesion_size, lesion_x, lesion_y, lesion_shape, lesion_contrast; none tied to the label), so
@@ -54,7 +61,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +76,7 @@ __all__ = [
     "make_phantom",
     "CONFOUNDERS",
     "render_marker",
+    "render_variant",
     "write_concept_images",
     "FACTOR_COLUMNS",
 ]
@@ -76,7 +84,7 @@ __all__ = [
 XRAY_CLASSES = ("nodule", "mass", "cavity")
 PHOTO_CLASSES = ("naevus", "melanoma", "keratosis")
 SITES = ("A", "B", "C")
-CONFOUNDERS = ("none", "site-marker", "ruler")
+CONFOUNDERS = ("none", "site-marker", "ruler", "scanner")
 SCANNERS = ("Acme", "Borealis", "Cygnus")
 DEVICES = ("DermLite", "Heine", "Canfield")
 RULER_CLASS = "melanoma"
@@ -223,6 +231,10 @@ def _plan(
             ruler = bool(rng.random() < pr)
         days = study_offsets.get(p, 0)
         study_offsets[p] = days + int(rng.integers(20, 400))
+        # the vendor draw stays where it always was (same phantoms for the other confounders)
+        vendor = str(vendors[int(rng.integers(0, len(vendors)))])
+        if confounder == "scanner" and tied and rng.random() < strength:
+            vendor = str(vendors[classes.index(label) % len(vendors)])
         age = patients[p].age + days // 365
         cases.append(
             _Case(
@@ -234,7 +246,7 @@ def _plan(
                 site=site,
                 marker=confounder == "site-marker",
                 ruler=ruler,
-                scanner=str(vendors[int(rng.integers(0, len(vendors)))]),
+                scanner=vendor,
                 age=int(min(age, 90)),
                 study_days=days,
             )
@@ -814,7 +826,7 @@ def make_phantom(
     classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
     vendors = SCANNERS if modality == "xray" else DEVICES
     cases, patients = _plan(n, seed, confounder, strength, classes, vendors)
-    run_key = f"casebase-phantom/{modality}/{seed}/{n}/{size}/{confounder}/{strength:.6f}"
+    run_key = _run_key(modality, seed, n, size, confounder, strength)
 
     out = Path(out_dir)
     try:
@@ -837,16 +849,11 @@ def make_phantom(
     try:
         for case in iterator:
             patient = patients[case.patient]
-            rng = np.random.default_rng([seed, case.index, 0x1A6E])
             image_rel = f"images/{case.label}/{case.case_id}{ext}"
             mask_rel = f"masks/{case.case_id}.png"
-            if modality == "xray":
-                dens, mask, factors = _xray_image(rng, case, patient, size)
-                _write_dicom(out / image_rel, dens, case, patient, rng, run_key)
-            else:
-                img, mask, factors = _photo_image(rng, case, patient, size)
-                rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-                (out / image_rel).write_bytes(_png_bytes(rgb))
+            mask, factors = _render_case(
+                out / image_rel, case, patient, seed, size, modality, run_key
+            )
             (out / mask_rel).write_bytes(_png_bytes(mask.astype(np.uint8) * 255))
             row = {
                 "case_id": case.case_id,
@@ -876,6 +883,64 @@ def make_phantom(
     manifest = out / "manifest.csv"
     _atomic_write_text(manifest, buf.getvalue())
     return manifest
+
+
+def _run_key(modality: str, seed: int, n: int, size: int, confounder: str, strength: float) -> str:
+    return f"casebase-phantom/{modality}/{seed}/{n}/{size}/{confounder}/{strength:.6f}"
+
+
+def _render_case(
+    path: Path, case: _Case, patient: _Patient, seed: int, size: int, modality: str, run_key: str
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Render one case (its own random stream) and write its image; (mask, factors)."""
+    rng = np.random.default_rng([seed, case.index, 0x1A6E])
+    if modality == "xray":
+        dens, mask, factors = _xray_image(rng, case, patient, size)
+        _write_dicom(path, dens, case, patient, rng, run_key)
+    else:
+        img, mask, factors = _photo_image(rng, case, patient, size)
+        path.write_bytes(_png_bytes((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)))
+    return mask, factors
+
+
+_VARIANT_FIELDS = ("site", "marker", "ruler", "scanner")
+
+
+def render_variant(
+    path: str | Path,
+    case_id: str,
+    *,
+    n: int,
+    size: int,
+    seed: int,
+    confounder: str = "none",
+    strength: float = 0.9,
+    modality: str = "xray",
+    **changes,
+) -> Path:
+    """Write case ``case_id`` of the phantom ``make_phantom(n, size, seed, confounder, strength,
+    modality)`` to ``path`` with ``changes`` applied (``site`` letter, ``marker`` on/off,
+    ``ruler`` on/off, ``scanner``: the vendor, a device for photos) and every other pixel drawn
+    exactly as in the phantom: an intervention on the confounder alone."""
+    unknown = sorted(set(changes) - set(_VARIANT_FIELDS))
+    if unknown:
+        raise CasebaseError(
+            f"cannot change {', '.join(unknown)} (only {', '.join(_VARIANT_FIELDS)})"
+        )
+    vendors = SCANNERS if modality == "xray" else DEVICES
+    if "site" in changes and changes["site"] not in SITES:
+        raise CasebaseError(f"unknown site {changes['site']!r} (one of {', '.join(SITES)})")
+    if "scanner" in changes and changes["scanner"] not in vendors:
+        raise CasebaseError(f"unknown vendor {changes['scanner']!r} (one of {', '.join(vendors)})")
+    classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
+    cases, patients = _plan(int(n), int(seed), confounder, float(strength), classes, vendors)
+    found = [c for c in cases if c.case_id == case_id]
+    if not found:
+        raise CasebaseError(f"no case {case_id!r} in this phantom")
+    case = replace(found[0], **changes)
+    run_key = _run_key(modality, int(seed), int(n), int(size), confounder, float(strength))
+    _render_case(Path(path), case, patients[case.patient], int(seed), int(size), modality, run_key)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- concept images

@@ -20,6 +20,7 @@ from retrieval.data.phantom import (
     XRAY_CLASSES,
     make_phantom,
     render_marker,
+    render_variant,
 )
 from retrieval.data.privacy import hash_patient_id
 from retrieval.errors import CasebaseError
@@ -212,6 +213,54 @@ def test_photo_phantom_and_ruler_confounder(tmp_path, photo_phantom_dir):
     row = _manifest(m.parent).iloc[0]
     px = read_image(m.parent / row["image"]).pixels.min(axis=2)
     assert _corner_letter(px, 64) == row["site"]
+
+
+@pytest.mark.parametrize("modality", ["xray", "photo"])
+def test_scanner_confounder_ties_the_vendor_to_the_label_in_train_only(tmp_path, modality):
+    m = make_phantom(
+        tmp_path / modality, n=300, size=32, seed=4, modality=modality, confounder="scanner"
+    )
+    df = _manifest(m.parent)
+    col = "scanner" if modality == "xray" else "device"
+    classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
+
+    def tied(split):
+        part = df[df["split"] == split]
+        # the class's own vendor is the one most of its train cases have; one vendor per class
+        own = df[df["split"] == "train"].groupby("label")[col].agg(lambda s: s.mode()[0])
+        assert own.nunique() == len(classes)
+        return (part[col] == part["label"].map(own)).mean()
+
+    assert tied("train") > 0.85 and tied("test") < 0.6  # 0.9 + 0.1/3 vs chance 1/3
+
+
+def test_render_variant_changes_the_confounder_and_nothing_else(tmp_path):
+    args = dict(n=30, size=64, seed=5, modality="photo", confounder="ruler", strength=0.9)
+    m = make_phantom(tmp_path / "p", **args)
+    df = _manifest(m.parent)
+    row = df[df["ruler"] == "no"].iloc[0]
+    same = render_variant(tmp_path / "same.png", row["case_id"], **args)
+    assert same.read_bytes() == (m.parent / row["image"]).read_bytes()
+    flipped = read_image(render_variant(tmp_path / "r.png", row["case_id"], ruler=True, **args))
+    orig = read_image(m.parent / row["image"]).pixels
+    changed = np.abs(flipped.pixels - orig).max(axis=2) > 0
+    h = max(4, round(0.08 * 64))
+    assert changed[-h:].any() and not changed[:-h].any()  # the ruler strip alone
+    dev = read_image(render_variant(tmp_path / "d.png", row["case_id"], scanner="Heine", **args))
+    if row["device"] != "Heine":
+        assert np.abs(dev.pixels - orig).mean() > 0.005  # colour cast, vignette, blur
+    xargs = dict(n=30, size=64, seed=5, modality="xray", confounder="site-marker")
+    xm = make_phantom(tmp_path / "x", **xargs)
+    xrow = _manifest(xm.parent).iloc[0]
+    other = next(s for s in SITES if s != xrow["site"])
+    px = read_image(render_variant(tmp_path / "x.dcm", xrow["case_id"], site=other, **xargs))
+    assert _corner_letter(px.pixels[:, :, 0], 64) == other
+    with pytest.raises(CasebaseError, match="cannot change"):
+        render_variant(tmp_path / "z.png", row["case_id"], label="melanoma", **args)
+    with pytest.raises(CasebaseError, match="no case"):
+        render_variant(tmp_path / "z.png", "case_9999", **args)
+    with pytest.raises(CasebaseError, match="unknown vendor"):
+        render_variant(tmp_path / "z.png", row["case_id"], scanner="Acme", **args)
 
 
 def test_cli_and_bad_arguments(tmp_path, capsys):
