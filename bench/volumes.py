@@ -83,7 +83,9 @@ def boxes_inside(index_dir, manifest, max_queries: int | None = None) -> dict:
     }
 
 
-def run_one(name: str, spec: dict, work: Path, backbone: str | None = None) -> dict:
+def run_one(
+    name: str, spec: dict, work: Path, backbone: str | None = None, seed: int | None = None
+) -> dict:
     ph = work / f"{name}_phantom"
     if not (ph / "manifest.csv").is_file():
         sh(
@@ -102,10 +104,14 @@ def run_one(name: str, spec: dict, work: Path, backbone: str | None = None) -> d
         )
     manifest = ph / "manifest.csv"
     tag = f"{name}_{backbone}" if backbone else name
+    tag = f"{tag}_seed{seed}" if seed is not None else tag
     model, index = work / f"{tag}_model", work / f"{tag}_index"
     load0 = list(os.getloadavg())
     t0 = time.time()
-    out = sh(["train", manifest, "--out", model, *(["--backbone", backbone] if backbone else [])])
+    extra = (["--backbone", backbone] if backbone else []) + (
+        ["--seed", seed] if seed is not None else []
+    )
+    out = sh(["train", manifest, "--out", model, *extra])
     train_s = time.time() - t0
     load1 = list(os.getloadavg())
     cfg = json.loads((model / "config.json").read_text())
@@ -169,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--label", help="added to the result's key (e.g. 'on H200'), so runs elsewhere stay apart"
     )
+    ap.add_argument("--train-seed", type=int, help="casebase train --seed (default: its own)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -176,7 +183,8 @@ def main(argv=None) -> int:
     for name in [args.only] if args.only else list(PHANTOMS):
         info = machine()
         t0 = time.time()
-        res = run_one(name, PHANTOMS[name], work, args.backbone)
+        res = run_one(name, PHANTOMS[name], work, args.backbone, args.train_seed)
+        res["train_seed"] = args.train_seed
         info["loadavg_end"] = list(os.getloadavg())
         info["wall_s"] = round(time.time() - t0, 1)
         res["machine"] = info
@@ -184,6 +192,7 @@ def main(argv=None) -> int:
         # re-read: another run (the other phantom) may have written meanwhile
         doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
         key = f"{name} --backbone {args.backbone}" if args.backbone else name
+        key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
         key = f"{key} {args.label}" if args.label else key
         res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
         doc.setdefault("phantoms", {})[key] = res

@@ -523,8 +523,9 @@ Only case ids appear in this report.</p>
 <p class=muted><b>How far a verdict goes.</b> The flag rule's cut-offs were chosen on grayscale
 phantoms with a burned-in site marker. Scored on data they were not chosen on (RGB photo phantoms,
 bench/audit_heldout.py in the repository, docs/results.md) they never flagged a label-free attribute
-or a label-tied column the model could not see, and flagged a ruler tied to the class, but missed a
-burned-in site letter tied to the class in every run, including runs where the model used it.
-"Not flagged" is therefore not proof that the model ignores an attribute: look at the probe and the
-counterfactual columns, and test a suspected artefact directly with <code>--concept</code>.</p>
+or a label-tied column the model could not see, and flagged the class-tied confounders that the
+model was shown to use (a ruler, the camera device) in all runs but the one of weakest use. Weak
+use can go unflagged: "not flagged" is not proof that the model ignores an attribute. Look at
+the probe and the counterfactual columns, and test a suspected artefact directly with
+<code>--concept</code>.</p>
 """
