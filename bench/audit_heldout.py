@@ -9,6 +9,8 @@ another generator family (RGB photographs) and other confounders, >= 10 seeds ea
 * ``marker``  photo, burned-in site letter tied to the class (0.9): ``site`` must be flagged;
 * ``device``  photo, the acquisition device (colour cast, vignette, blur: "scanner contrast")
   tied to the class (0.9): ``device`` must be flagged;
+* ``marker1`` the letter tied at strength 1.0 (every train/val case of a class carries its
+  class's letter): the burned-in text at a tie the model does learn;
 * ``tag``     photo, no confounder in the pixels, plus a manifest column ``tag`` that copies
   the label on 90 % of train/val cases (random on test): associated with the label but
   invisible to the model, so it must NOT be flagged (the hard case);
@@ -61,7 +63,10 @@ CONDITIONS = {
     "marker": ("site-marker", "site", True),
     "device": ("scanner", "device", True),
     "tag": ("none", "tag", False),
+    # the letter on every train/val case of its class (no photo model uses it at 0.9)
+    "marker1": ("site-marker", "site", True),
 }
+STRENGTH = {"marker1": 1.0}  # per-condition tie strength; the others take --strength
 CONFOUNDED = [c for c, (_, _, want) in CONDITIONS.items() if want]
 
 
@@ -136,6 +141,56 @@ def summarize(runs: list[dict]) -> dict:
     out["cutoffs_held_preregistered"] = (
         None if p0 is None or f is None else bool(p0 >= 0.95 and f <= 0.05)
     )
+    return out
+
+
+def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
+    """The runs re-decided from their stored raw statistics by the current flag rule (Holm over
+    each run's attributes, per test family), with ``alpha`` in place of verdict.ALPHA if given:
+    cut-offs can be compared on the same runs without re-running any audit."""
+    import copy
+
+    from retrieval.audit import verdict
+    from retrieval.audit.concordance import holm
+
+    out = copy.deepcopy(runs)
+    saved = verdict.ALPHA
+    try:
+        if alpha is not None:
+            verdict.ALPHA = alpha
+        for r in out:
+            attrs = r["attributes"]
+            names = list(attrs)
+            ph = holm([attrs[n]["p_value"] for n in names])
+            phq = holm([attrs[n]["p_value_query"] for n in names])
+            for n, a, b in zip(names, ph, phq, strict=True):
+                v = attrs[n]
+                v["p_value_holm"], v["p_value_holm_query"] = a, b
+                v["flagged"], v["retrieval_bias"], _ = verdict.decide(
+                    a,
+                    v["lift"],
+                    v["probe_balanced_accuracy"],
+                    v["chance"],
+                    (v["label_association"], v["label_association_p"]),
+                    b,
+                    v["lift_query"],
+                )
+    finally:
+        verdict.ALPHA = saved
+    return out
+
+
+def alpha_sensitivity(runs: list[dict], alphas=(0.01, 0.05)) -> dict:
+    """What the same runs would give with another concordance level (the other cut-offs
+    unchanged): power where used, flags where the confounder is ignored, false flags."""
+    if not all("p_value_query" in v for r in runs for v in r["attributes"].values()):
+        return {}
+    out = {}
+    for a in alphas:
+        s = summarize(rejudge(runs, a))
+        out[str(a)] = {
+            k: s[k] for k in ("power_where_used", "flagged_where_ignored", "false_flags")
+        }
     return out
 
 
@@ -273,7 +328,7 @@ def run_one(work: Path, seed: int, cond: str, args) -> dict:
         size=args.size,
         seed=1000 + seed,
         confounder=conf,
-        strength=args.strength,
+        strength=STRENGTH.get(cond, args.strength),
         modality="photo",
     )
     if not man.is_file():
@@ -322,16 +377,23 @@ def run_one(work: Path, seed: int, cond: str, args) -> dict:
         "precision_at_5": d["precision_at_5"],
         "attributes": {
             n: {
-                k: v.get(k)
-                for k in (
-                    "lift",
-                    "p_value_holm",
-                    "probe_balanced_accuracy",
-                    "chance",
-                    "label_association",
-                    "flagged",
-                    "retrieval_bias",
-                )
+                **{
+                    k: v.get(k)
+                    for k in (
+                        "lift",
+                        "p_value",
+                        "p_value_holm",
+                        "probe_balanced_accuracy",
+                        "chance",
+                        "label_association",
+                        "label_association_p",
+                        "flagged",
+                        "retrieval_bias",
+                    )
+                },
+                "lift_query": v.get("query_null", {}).get("lift"),
+                "p_value_query": v.get("query_null", {}).get("p_value"),
+                "p_value_holm_query": v.get("query_null", {}).get("p_value_holm"),
             }
             for n, v in d["attributes"].items()
         },
@@ -344,7 +406,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0-9")
-    ap.add_argument("--conditions", default="ruler,marker,device,tag")
+    ap.add_argument("--conditions", default="ruler,marker,device,tag,marker1")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--image-size", type=int, default=96)
@@ -353,6 +415,14 @@ def main() -> None:
     ap.add_argument("--permutations", type=int, default=500)
     ap.add_argument("--counterfactual", type=int, default=20)
     ap.add_argument("--work", default="/tmp/audit_heldout96")
+    ap.add_argument(
+        "--name", default="audit_heldout", help="results name (bench/results/NAME.json)"
+    )
+    ap.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="re-decide stored runs with the current flag rule before summarising",
+    )
     args = ap.parse_args()
     a, _, b = args.seeds.partition("-")
     seeds = list(range(int(a), int(b) + 1)) if b else [int(s) for s in args.seeds.split(",")]
@@ -374,9 +444,12 @@ def main() -> None:
                 f"done {cond} seed {seed}: {json.dumps({k: v['flagged'] for k, v in rec['attributes'].items()})}",
                 flush=True,
             )
+    if args.rejudge:  # the stored statistics under the current flag rule (no audit re-run)
+        runs = rejudge(runs)
     summary = summarize(runs)
+    summary["alpha_sensitivity"] = alpha_sensitivity(runs)
     print(json.dumps(summary, indent=1))
-    finish("audit_heldout", info, {"args": vars(args), "runs": runs, **summary}, started)
+    finish(args.name, info, {"args": vars(args), "runs": runs, **summary}, started)
 
 
 if __name__ == "__main__":

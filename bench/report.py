@@ -272,9 +272,20 @@ def _audit_null(r: Path) -> str:
     return f"{t}\n\n{machine_line(d)}"
 
 
+def _g(x) -> str:
+    return "n/a" if x is None else f"{x:.2g}" if x < 0.1 else f"{x:.2f}"
+
+
 def _audit_heldout(r: Path) -> str:
     """The held-out audit table: frozen cut-offs on photo phantoms, the hard case its own row."""
     d = load("audit_heldout", r)
+    heldout_attr = {
+        "ruler": "ruler",
+        "marker": "site",
+        "marker1": "site",
+        "device": "device",
+        "tag": "tag",
+    }
 
     def cell(c: dict) -> list:
         if not c["n"]:
@@ -285,6 +296,8 @@ def _audit_heldout(r: Path) -> str:
     what = {
         "ruler": "ruler tied to melanoma (0.9): `ruler` flagged",
         "marker": "burned-in site letter tied to the class (0.9): `site` flagged",
+        "marker1": "burned-in site letter on every train/val case of its class (1.0): "
+        "`site` flagged",
         "device": "device (colour cast, vignette, blur) tied to the class (0.9): `device` flagged",
         "tag": "**hard case**: `tag` column = label on 90 % of train/val, not in the pixels: "
         "`tag` flagged",
@@ -292,14 +305,17 @@ def _audit_heldout(r: Path) -> str:
     }
 
     def used(cond: str) -> str:
-        runs = [x for x in d["runs"] if x["condition"] == cond and x.get("intervention")]
+        return used_in(d, cond)
+
+    def used_in(doc: dict, cond: str) -> str:
+        runs = [x for x in doc["runs"] if x["condition"] == cond and x.get("intervention")]
         if not runs:
             return "—"
         pulls = [x["intervention"]["pull"] for x in runs]
         k = sum(bool(x["used"]) for x in runs)
         return f"{k}/{len(runs)} (pull {min(pulls):+.2f} to {max(pulls):+.2f})"
 
-    rows = [[what[k], *cell(v), used(k)] for k, v in d["conditions"].items()]
+    rows = [[what[k], *cell(v), used(k)] for k, v in d["conditions"].items() if v["n"]]
     rows.append(["power, every confounded run (as first pre-registered)", *cell(d["power"]), ""])
     rows.append(
         [
@@ -329,7 +345,63 @@ def _audit_heldout(r: Path) -> str:
         f"**{yn[d['cutoffs_held']]}**; by the first pre-registered rule (power over every "
         f"confounded run): {yn[d['cutoffs_held_preregistered']]}."
     )
-    return f"{head}\n\n{t}\n\n{tail}\n\n{machine_line(d)}"
+    sens = d.get("alpha_sensitivity") or {}
+    if sens:
+
+        def frac(c: dict) -> str:
+            return f"{c['k']}/{c['n']}"
+
+        tail += (
+            " The same runs with the concordance level at "
+            + "; at ".join(
+                f"{a}: power where used {frac(v['power_where_used'])}, flagged where ignored "
+                f"{frac(v['flagged_where_ignored'])}, false flags {frac(v['false_flags'])}"
+                for a, v in sens.items()
+            )
+            + "."
+        )
+    misses = [
+        x
+        for x in d["runs"]
+        if x.get("used") and not x["attributes"][heldout_attr[x["condition"]]]["flagged"]
+    ]
+
+    def miss(x: dict) -> str:
+        a = x["attributes"][heldout_attr[x["condition"]]]
+        return (
+            f"{x['condition']} seed {x['seed']} (pull {x['intervention']['pull']:.2f}, "
+            f"index-side lift {_g(a.get('lift'))} Holm p {_g(a.get('p_value_holm'))}, "
+            f"query-side lift {_g(a.get('lift_query'))} Holm p {_g(a.get('p_value_holm_query'))})"
+        )
+
+    if misses:
+        tail += " Used but not flagged: " + "; ".join(miss(x) for x in misses) + "."
+    out = f"{head}\n\n{t}\n\n{tail}\n\n{machine_line(d)}"
+    v_path = r / "audit_heldout_validation.json"
+    if v_path.is_file():
+        v = json.loads(v_path.read_text())
+        vrows = [[what[k], *cell(c), used_in(v, k)] for k, c in v["conditions"].items() if c["n"]]
+        vrows.append(
+            ["**power where the model uses its confounder**", *cell(v["power_where_used"]), ""]
+        )
+        vrows.append(
+            [
+                "flagged where the model ignores its confounder",
+                *cell(v["flagged_where_ignored"]),
+                "",
+            ]
+        )
+        vrows.append(["**false flags** (hard case + clean)", *cell(v["false_flags"]), ""])
+        vt = md_table(
+            ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"],
+            vrows,
+        )
+        out += (
+            f"\n\nFresh seeds {v['args']['seeds']} (phantoms and models never seen while the rule "
+            f"was looked at), same cut-offs:\n\n{vt}\n\nCut-offs held there: "
+            f"**{yn[v['cutoffs_held']]}**. {machine_line(v)}"
+        )
+    return out
 
 
 def _gpu_path(r: Path) -> str:

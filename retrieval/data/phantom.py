@@ -921,7 +921,8 @@ def render_variant(
     """Write case ``case_id`` of the phantom ``make_phantom(n, size, seed, confounder, strength,
     modality)`` to ``path`` with ``changes`` applied (``site`` letter, ``marker`` on/off,
     ``ruler`` on/off, ``scanner``: the vendor, a device for photos) and every other pixel drawn
-    exactly as in the phantom: an intervention on the confounder alone."""
+    exactly as in the phantom: an intervention on the confounder alone. An x-ray variant keeps
+    the case's DICOM UIDs (it is the same case, intervened on): keep it out of a PACS."""
     unknown = sorted(set(changes) - set(_VARIANT_FIELDS))
     if unknown:
         raise CasebaseError(

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from audit_heldout import add_label_tag, intervention_pull, rate_ci, summarize  # noqa: E402
+from audit_heldout import (  # noqa: E402
+    add_label_tag,
+    intervention_pull,
+    rate_ci,
+    rejudge,
+    summarize,
+)
 
 
 def _manifest(tmp_path, n=600):
@@ -132,3 +138,41 @@ def test_intervention_pull_measures_how_neighbours_follow_the_changed_confounder
     else:  # every neighbour moves to the new device: pull = 1 - its share before (0)
         assert out["pull"] == 1.0 and out["label_pull"] > 0.5
     assert intervention_pull(_FakeRetriever(man, ignores), tmp_path, phantom, "tag") is None
+
+
+def _attr(p, pq, lift=1.3, probe=None, v=0.9, vp=1e-9):
+    return {
+        "p_value": p,
+        "p_value_query": pq,
+        "lift": lift,
+        "lift_query": lift,
+        "probe_balanced_accuracy": probe,
+        "chance": None if probe is None else 0.5,
+        "label_association": v,
+        "label_association_p": vp,
+        "flagged": None,
+    }
+
+
+def test_rejudge_applies_the_rule_and_a_trial_alpha_to_stored_statistics():
+    from retrieval.audit import verdict
+
+    run = {
+        "condition": "marker1",
+        "attributes": {
+            # query-side p 0.002 among 3 attributes: Holm 0.006 -> flagged at 0.01 (probe n/a)
+            "site": _attr(1.0, 0.002),
+            # Holm 0.04: flagged only at alpha 0.05
+            "device": _attr(1.0, 0.02, probe=0.8),
+            # concordant, but not associated with the label: never flagged
+        },
+    }
+    run["attributes"]["sex"] = _attr(0.001, 1.0, probe=0.9, v=0.02, vp=0.5)
+    out = rejudge([run])[0]["attributes"]
+    assert out["site"]["flagged"] and not out["device"]["flagged"]
+    assert not out["sex"]["flagged"] and out["sex"]["retrieval_bias"]
+    assert out["site"]["p_value_holm_query"] == pytest.approx(0.002 * 3)
+    loose = rejudge([run], alpha=0.05)[0]["attributes"]
+    assert loose["device"]["flagged"] and not loose["sex"]["flagged"]
+    assert verdict.ALPHA == 0.01  # restored
+    assert run["attributes"]["site"]["flagged"] is None  # the input is not modified
