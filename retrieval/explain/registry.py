@@ -126,6 +126,11 @@ SMOOTHGRAD_NOISE = 0.15
 IG_STEPS = 16
 LIME_SAMPLES = 96
 LIME_SEGMENTS = 48
+# a volume's supervoxels: 256 asked of 3-D SLIC (~160 made on the CT phantom), one sample per
+# segment; chosen by bench/volume_methods.py's sweep (64 supervoxels are far coarser than a
+# lesion, 512 double the cost)
+VOLUME_LIME_SEGMENTS = 256
+VOLUME_LIME_SAMPLES = 256
 OCCLUSION_WINDOW = 1 / 6
 OCCLUSION_WINDOW_3D = 1 / 4  # of each side of a volume
 FORWARD_BATCH = 64  # images per forward pass inside perturbation / path methods
@@ -232,7 +237,7 @@ def _weights_key(model: nn.Module) -> tuple:
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every Conv2d + BatchNorm2d pair folded into one conv.
+    """An eval-mode copy with every Conv + BatchNorm pair (2-D or 3-D) folded into one conv.
 
     Same function (to float rounding, ~1e-8), a third less CPU time per forward;
     cached per model and rebuilt when its weights change. A model in training
@@ -497,13 +502,15 @@ class Occlusion:
 
 
 def superpixels(image: np.ndarray, n_segments: int = LIME_SEGMENTS) -> np.ndarray:
-    """SLIC superpixels of an (H, W, C) image in [0, 1] -> (H, W) int64 labels 0..K-1."""
+    """SLIC superpixels of an (H, W, C) image in [0, 1] -> (H, W) int64 labels 0..K-1; of a
+    (D, H, W, 1) volume -> (D, H, W) supervoxels (SLIC in 3-D, grayscale)."""
     from skimage.segmentation import slic
 
     img = np.asarray(image, np.float64)
-    if img.ndim == 3 and img.shape[2] == 1:
+    volume = img.ndim == 4
+    if img.ndim in (3, 4) and img.shape[-1] == 1:
         img = img[..., 0]
-    gray = img.ndim == 2
+    gray = img.ndim == 2 or volume
     # compactness on the [0, 1] intensity scale: 0.1 follows intensity edges for
     # grayscale films; colour (Lab) distances are ~100× larger, hence 10.
     labels = slic(
@@ -538,14 +545,15 @@ class Lime:
         self.samples, self.segments, self.seed = samples, segments, seed
 
     def feature_mask(self, model, inputs: Tensor) -> Tensor:
-        mean = torch.tensor(model.config.mean, dtype=inputs.dtype, device=inputs.device).view(
-            1, -1, 1, 1
-        )
-        std = torch.tensor(model.config.std, dtype=inputs.dtype, device=inputs.device).view(
-            1, -1, 1, 1
-        )
-        pix = (inputs.detach() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        masks = [superpixels(img, self.segments) for img in pix]
+        """(N, 1, H, W) superpixel labels, or (N, 1, D, H, W) supervoxels for a volume."""
+        grid = (1,) * (inputs.ndim - 2)
+        kw = dict(dtype=inputs.dtype, device=inputs.device)
+        mean = torch.tensor(model.config.mean, **kw).view(1, -1, *grid)
+        std = torch.tensor(model.config.std, **kw).view(1, -1, *grid)
+        last = (0, *range(2, inputs.ndim), 1)  # channels last
+        pix = (inputs.detach() * std + mean).clamp(0, 1).permute(*last).cpu().numpy()
+        segments = self.segments if inputs.ndim == 4 else VOLUME_LIME_SEGMENTS
+        masks = [superpixels(img, segments) for img in pix]
         return torch.from_numpy(np.stack(masks))[:, None].to(inputs.device)
 
     def attribute(self, model, inputs, target):
@@ -563,12 +571,13 @@ class Lime:
                     interpretable_model=SkLearnRidge(alpha=1.0),
                     similarity_func=lime_kernel,
                 )
+                samples = self.samples if x.ndim == 4 else VOLUME_LIME_SAMPLES
                 attr = lime.attribute(
                     x,
                     baselines=0.0,
                     feature_mask=fmask[row : row + 1],
-                    n_samples=self.samples,
-                    perturbations_per_eval=min(self.samples, FORWARD_BATCH),
+                    n_samples=samples,
+                    perturbations_per_eval=min(samples, FORWARD_BATCH),
                 )
             return attr[:, 0]
 
@@ -668,8 +677,9 @@ def resize_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
 
 
-# methods that run on a volume model (cnn3d); the others are 2-D only for now
-VOLUME_METHODS: tuple[str, ...] = ("gradcam", "similarity", "gradient", "occlusion")
+# methods that run on a volume model (cnn3d): every one (maps (D, H, W); LIME and Kernel SHAP
+# on SLIC supervoxels); the check below stays for any future method that is 2-D only
+VOLUME_METHODS: tuple[str, ...] = METHODS
 
 
 def check_volume_methods(methods: Iterable[str]) -> list[str]:

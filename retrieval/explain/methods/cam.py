@@ -41,9 +41,10 @@ class GradCAMPlusPlus:
             )
         g, a = grads[0].detach(), acts[0].detach()
         g2, g3 = g.pow(2), g.pow(3)
-        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        spatial = tuple(range(2, a.ndim))  # (h, w), or (d, h, w) for a volume model
+        denom = 2 * g2 + a.sum(dim=spatial, keepdim=True) * g3
         alpha = torch.where(g != 0, g2 / (denom + 1e-6), 0.0)  # eps as pytorch-grad-cam
-        weights = (alpha * g.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
+        weights = (alpha * g.clamp_min(0)).sum(dim=spatial, keepdim=True)
         cam = (weights * a).sum(dim=1, keepdim=True).clamp_min(0)
         return cam_map(cam, inputs, self.upsample)
 
@@ -65,6 +66,8 @@ class GuidedGradCAM:
             raise CasebaseError("guided_gradcam explains a class logit or a similarity")
         with _grad_mode():
             attr = GuidedGradCam(p.forward, canon.target_layer).attribute(
-                inputs, additional_forward_args=p.args, interpolate_mode="bilinear"
+                inputs,
+                additional_forward_args=p.args,
+                interpolate_mode="trilinear" if inputs.ndim == 5 else "bilinear",
             )
         return channel_max_abs(attr)

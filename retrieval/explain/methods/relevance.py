@@ -29,23 +29,29 @@ from retrieval.explain.methods import channel_sum
 
 
 def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
-    """(B, C, h, w) relevance of the explained score at the last feature map."""
-    hw = features.shape[-2] * features.shape[-1]
+    """(B, C, h, w) relevance of the explained score at the last feature map ((B, C, d, h, w)
+    for a volume model)."""
+    b, c, *spatial = features.shape
+    n = 1
+    for s in spatial:
+        n *= s
+    grid = (1,) * len(spatial)
     cls = target.classes.clamp_min(0)
-    cam = model.classifier.weight[cls][:, :, None, None] * features / hw
-    w = _pool_weights(model, features, target.weighting)
-    pooled = torch.einsum("bhw,bchw->bc", w, features)
+    cam = model.classifier.weight[cls].view(b, c, *grid) * features / n
+    w = _pool_weights(model, features, target.weighting)  # (B, *spatial)
+    pooled = (w[:, None] * features).flatten(2).sum(-1)
     norm = model.projection(pooled).norm(dim=1).clamp_min(1e-12)
     back = target.others.to(features.dtype) @ model.projection.weight  # (B, C): Pᵀ e_other
-    sim = w[:, None] * features * back[:, :, None, None] / norm[:, None, None, None]
-    return torch.where((target.classes >= 0)[:, None, None, None], cam, sim)
+    sim = w[:, None] * features * back.view(b, c, *grid) / norm.view(b, 1, *grid)
+    return torch.where((target.classes >= 0).view(b, 1, *grid), cam, sim)
 
 
 def _pool_weights(model, features, weighting):
+    spatial = tuple(range(2, features.ndim))
     if weighting == "uniform":
-        h, w = features.shape[-2:]
-        return features.new_full((features.shape[0], h, w), 1.0 / (h * w))
-    logits = model.classifier(features.mean(dim=(2, 3)))
+        n = features[0, 0].numel()
+        return features.new_full((features.shape[0], *features.shape[2:]), 1.0 / n)
+    logits = model.classifier(features.mean(dim=spatial))
     return model.saliency_weights(model.gradcam(features, logits.argmax(1)))
 
 

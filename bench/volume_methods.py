@@ -1,0 +1,92 @@
+"""Every explanation method on a volume model: the 3-D pointing game and mask energy.
+
+On the CT phantom's CLI-default model (bench/volumes.py's ``ct`` run: its index and phantom
+under ``--work``), ``explain-eval``'s volume path (retrieval.explain.volume_trust) for each
+method in the registry over the first ``--cases`` test volumes with a mask, plus a sweep of
+LIME's supervoxel count (3-D SLIC) and samples on ``--sweep-cases`` of them: what picked
+``VOLUME_LIME_SEGMENTS`` / ``VOLUME_LIME_SAMPLES`` in retrieval/explain/registry.py.
+
+    /work/notes/heavy .venv/bin/python bench/volume_methods.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import finish, machine  # noqa: E402
+
+WORK = "/work/artifacts/vol3d/bench"
+SWEEP = ((64, 128), (256, 256), (512, 512))
+
+
+def measure(r, manifest, methods, cases) -> dict:
+    from retrieval.explain import volume_trust
+
+    rep = volume_trust.evaluate(r, manifest, methods=methods, max_cases=cases, progress=False)
+    data = rep if isinstance(rep, dict) else rep.to_json()
+    return {
+        m: {
+            k: v.get(k)
+            for k in (
+                "pointing_game",
+                "pointing_game_strict",
+                "mask_energy",
+                "mask_area",
+                "n_cases",
+            )
+        }
+        | {"seconds_per_map": v.get("seconds_per_map")}
+        for m, v in data["methods"].items()
+    }
+
+
+def main() -> int:
+    import torch
+
+    from retrieval.explain import registry
+    from retrieval.service.retriever import CaseRetriever
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=WORK)
+    ap.add_argument("--cases", type=int, default=30)
+    ap.add_argument("--sweep-cases", type=int, default=12)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    manifest = work / "ct_phantom" / "manifest.csv"
+    r = CaseRetriever.load(work / "ct_index", device="cpu")
+    info, started = machine(), time.time()
+    default = (registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES)
+    sweep = {}
+    for segs, samples in SWEEP:
+        registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = segs, samples
+        sweep[f"{segs}/{samples}"] = measure(r, manifest, ["lime"], args.sweep_cases)["lime"]
+        print(
+            f"lime {segs} supervoxels / {samples} samples: {sweep[f'{segs}/{samples}']}", flush=True
+        )
+    registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = default
+    methods = {}
+    for m in registry.VOLUME_METHODS:
+        methods[m] = measure(r, manifest, [m], args.cases)[m]
+        print(f"{m}: {methods[m]}", flush=True)
+    finish(
+        "volume_methods",
+        info,
+        {
+            "args": vars(args),
+            "model": str(work / "ct_index"),
+            "lime_default": {"segments": default[0], "samples": default[1]},
+            "lime_sweep": sweep,
+            "methods": methods,
+        },
+        started,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
