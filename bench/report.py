@@ -396,10 +396,23 @@ def _audit_heldout(r: Path) -> str:
             ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"],
             vrows,
         )
+        vmiss = [
+            x
+            for x in v["runs"]
+            if x.get("used") and not x["attributes"][heldout_attr[x["condition"]]]["flagged"]
+        ]
+        k = d["power_where_used"]["k"] + v["power_where_used"]["k"]
+        n = d["power_where_used"]["n"] + v["power_where_used"]["n"]
+        from scipy.stats import binomtest
+
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
         out += (
             f"\n\nFresh seeds {v['args']['seeds']} (phantoms and models never seen while the rule "
             f"was looked at), same cut-offs:\n\n{vt}\n\nCut-offs held there: "
-            f"**{yn[v['cutoffs_held']]}**. {machine_line(v)}"
+            f"**{yn[v['cutoffs_held']]}**."
+            + (" Used but not flagged: " + "; ".join(miss(x) for x in vmiss) + "." if vmiss else "")
+            + f" Both sets pooled: power where used {k}/{n} = {k / n:.2f} "
+            f"[{ci.low:.2f}, {ci.high:.2f}]. {machine_line(v)}"
         )
     return out
 

@@ -47,14 +47,14 @@ marker across seeds). Ground truth for "the model uses the marker" comes from
 swapping the burned-in letter (how many neighbours change to the new letter's
 site), which only a phantom allows.
 
-Out of sample (bench/audit_heldout.py: RGB photo phantoms, 10 seeds per
-condition, cut-offs frozen, use of each confounder measured by re-rendering the test images
-with it changed) the rule flagged 19 of the 21 runs whose model used its confounder (a ruler
-10/10, the acquisition device 9/10, a fully tied letter 0/1: the two misses were the weakest
-uses), none of the 19 runs whose model ignored a burned-in letter, and nothing on clean runs
-or on a label-tied column absent from the pixels (0/20). ALPHA 0.05 would have caught one
-more and falsely flagged two ignored letters. With 21 runs the interval on that power is
-wide (0.70-0.99); the report says the cut-offs were chosen on x-ray phantoms.
+Out of sample (bench/audit_heldout.py: RGB photo phantoms, 20 seeds per
+condition in two sets of 10, cut-offs frozen, use of each confounder measured by re-rendering
+the test images with it changed) the rule flagged 40 of the 45 runs whose model used its
+confounder: a ruler or the camera device 39 of 40, a burned-in letter used weakly 1 of 5.
+It flagged none of the 35 runs whose model ignored a letter, and nothing on clean runs or on a
+label-tied column absent from the pixels (0 of 40). ALPHA 0.05 would have caught one more on
+the first set and falsely flagged two ignored letters. The report says that weak use can go
+unflagged and that the cut-offs were chosen on x-ray phantoms.
 """
 
 from __future__ import annotations
