@@ -44,6 +44,21 @@ def measure(r, manifest, methods, cases) -> dict:
     }
 
 
+def reinitialised(model):
+    """A copy of ``model`` with every layer re-initialised (the model-randomisation check of
+    Adebayo et al. 2018: a map that still finds the lesion then says nothing of the model)."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    rand = copy.deepcopy(model)
+    for m in rand.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return rand.eval()
+
+
 def main() -> int:
     import torch
 
@@ -54,34 +69,62 @@ def main() -> int:
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--cases", type=int, default=30)
     ap.add_argument("--sweep-cases", type=int, default=12)
+    ap.add_argument(
+        "--part",
+        default="sweep,methods,random",
+        help="sweep (LIME supervoxels), methods, random (the same maps from a re-initialised "
+        "model, cheap methods); parts merge into the JSON",
+    )
     args = ap.parse_args()
+    parts = set(args.part.split(","))
     torch.set_num_threads(1)
     work = Path(args.work)
     manifest = work / "ct_phantom" / "manifest.csv"
     r = CaseRetriever.load(work / "ct_index", device="cpu")
     info, started = machine(), time.time()
     default = (registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES)
-    sweep = {}
-    for segs, samples in SWEEP:
+    path = Path(__file__).resolve().parent / "results" / "volume_methods.json"
+    import json
+
+    prev = (
+        json.loads(path.read_text())
+        if path.is_file() and parts != {"sweep", "methods", "random"}
+        else {}
+    )
+    sweep = prev.get("lime_sweep", {})
+    for segs, samples in SWEEP if "sweep" in parts else ():
         registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = segs, samples
         sweep[f"{segs}/{samples}"] = measure(r, manifest, ["lime"], args.sweep_cases)["lime"]
         print(
             f"lime {segs} supervoxels / {samples} samples: {sweep[f'{segs}/{samples}']}", flush=True
         )
     registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = default
-    methods = {}
-    for m in registry.VOLUME_METHODS:
+    methods = prev.get("methods", {})
+    for m in registry.VOLUME_METHODS if "methods" in parts else ():
         methods[m] = measure(r, manifest, [m], args.cases)[m]
         print(f"{m}: {methods[m]}", flush=True)
+    random = prev.get("random_model", {})
+    if "random" in parts:
+        r.model = reinitialised(r.model)
+        cheap = [m for m in registry.VOLUME_METHODS if not registry.get(m).expensive]
+        cheap.append("integrated_gradients")
+        random = measure(r, manifest, cheap, args.cases)
+        print(f"re-initialised model: {random}", flush=True)
+    extra = {}
+    if prev.get("machine") and "methods" not in parts:  # a later part: keep the first record
+        extra["machine_" + "_".join(sorted(parts))] = info
+        info = prev["machine"]
     finish(
         "volume_methods",
         info,
         {
+            **extra,
             "args": vars(args),
             "model": str(work / "ct_index"),
             "lime_default": {"segments": default[0], "samples": default[1]},
             "lime_sweep": sweep,
             "methods": methods,
+            "random_model": random,
         },
         started,
     )

@@ -91,9 +91,12 @@ def test_volume_model_scrollers_and_jump(monkeypatch, volume_index, volume_phant
     keys = {s.key for s in at.slider}
     assert {"vv_preview_axial", "vv_maps_axial"} <= keys
     assert {f"vv_nb{i}_{p}_axial" for i in range(1, 6) for p in ("query", "case")} <= keys
-    # volume models explain with their own methods only
+    # volume models list the methods that run on volumes
     options = set(at.sidebar.multiselect[0].options)
-    assert options and options <= {"gradcam", "similarity", "gradient", "occlusion"}
+    from retrieval.explain.registry import VOLUME_METHODS
+
+    assert options <= set(VOLUME_METHODS)  # every method runs on a volume (LIME: supervoxels)
+    assert {"gradcam", "similarity", "occlusion", "lime", "kernel_shap"} <= options
     box, case_box = _boxes(at)
     assert len(box) == 6 and len(case_box) == 6
     # the card's plane goes coronal, then the jump lands on the box's centre row
