@@ -247,3 +247,68 @@ def clustered_unit_vectors(
 
     sample.fill = fill  # type: ignore[attr-defined]
     return sample(n, seed + 1), sample
+
+
+def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
+    """The runs re-decided from their stored raw statistics by the current flag rule (Holm over
+    each run's attributes, per test family), with ``alpha`` in place of verdict.ALPHA if given:
+    cut-offs can be compared on the same runs without re-running any audit."""
+    import copy
+
+    from retrieval.audit import verdict
+    from retrieval.audit.concordance import holm
+
+    out = copy.deepcopy(runs)
+    saved = verdict.ALPHA
+    try:
+        if alpha is not None:
+            verdict.ALPHA = alpha
+        for r in out:
+            attrs = r["attributes"]
+            names = list(attrs)
+            ph = holm([attrs[n]["p_value"] for n in names])
+            phq = holm([attrs[n]["p_value_query"] for n in names])
+            for n, a, b in zip(names, ph, phq, strict=True):
+                v = attrs[n]
+                v["p_value_holm"], v["p_value_holm_query"] = a, b
+                v["flagged"], v["retrieval_bias"], _ = verdict.decide(
+                    a,
+                    v["lift"],
+                    v["probe_balanced_accuracy"],
+                    v["chance"],
+                    (v["label_association"], v["label_association_p"]),
+                    b,
+                    v["lift_query"],
+                )
+    finally:
+        verdict.ALPHA = saved
+    return out
+
+
+AUDIT_STATS = (
+    "concordance",
+    "expected",
+    "lift",
+    "p_value",
+    "p_value_holm",
+    "probe_balanced_accuracy",
+    "chance",
+    "label_association",
+    "label_association_p",
+    "flagged",
+    "retrieval_bias",
+)
+
+
+def attribute_stats(attributes: dict) -> dict:
+    """Per audited attribute, the raw statistics a run record keeps (both concordance tests,
+    the probe, the label association, the verdict): enough for ``rejudge``."""
+    out = {}
+    for name, v in attributes.items():
+        q = v.get("query_null") or {}
+        out[name] = {k: v.get(k) for k in AUDIT_STATS} | {
+            "lift_query": q.get("lift"),
+            "p_value_query": q.get("p_value"),
+            "p_value_holm_query": q.get("p_value_holm"),
+        }
+    return out

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import attribute_stats, rejudge
 
 TAG_STRENGTH = 0.9
 USED_PULL = 0.05  # intervention moves >= 5 % of the top-5 to the new value: "uses it"
@@ -141,42 +142,6 @@ def summarize(runs: list[dict]) -> dict:
     out["cutoffs_held_preregistered"] = (
         None if p0 is None or f is None else bool(p0 >= 0.95 and f <= 0.05)
     )
-    return out
-
-
-def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
-    """The runs re-decided from their stored raw statistics by the current flag rule (Holm over
-    each run's attributes, per test family), with ``alpha`` in place of verdict.ALPHA if given:
-    cut-offs can be compared on the same runs without re-running any audit."""
-    import copy
-
-    from retrieval.audit import verdict
-    from retrieval.audit.concordance import holm
-
-    out = copy.deepcopy(runs)
-    saved = verdict.ALPHA
-    try:
-        if alpha is not None:
-            verdict.ALPHA = alpha
-        for r in out:
-            attrs = r["attributes"]
-            names = list(attrs)
-            ph = holm([attrs[n]["p_value"] for n in names])
-            phq = holm([attrs[n]["p_value_query"] for n in names])
-            for n, a, b in zip(names, ph, phq, strict=True):
-                v = attrs[n]
-                v["p_value_holm"], v["p_value_holm_query"] = a, b
-                v["flagged"], v["retrieval_bias"], _ = verdict.decide(
-                    a,
-                    v["lift"],
-                    v["probe_balanced_accuracy"],
-                    v["chance"],
-                    (v["label_association"], v["label_association_p"]),
-                    b,
-                    v["lift_query"],
-                )
-    finally:
-        verdict.ALPHA = saved
     return out
 
 
@@ -375,28 +340,7 @@ def run_one(work: Path, seed: int, cond: str, args) -> dict:
         "image_size": args.image_size,
         "epochs": args.epochs,
         "precision_at_5": d["precision_at_5"],
-        "attributes": {
-            n: {
-                **{
-                    k: v.get(k)
-                    for k in (
-                        "lift",
-                        "p_value",
-                        "p_value_holm",
-                        "probe_balanced_accuracy",
-                        "chance",
-                        "label_association",
-                        "label_association_p",
-                        "flagged",
-                        "retrieval_bias",
-                    )
-                },
-                "lift_query": v.get("query_null", {}).get("lift"),
-                "p_value_query": v.get("query_null", {}).get("p_value"),
-                "p_value_holm_query": v.get("query_null", {}).get("p_value_holm"),
-            }
-            for n, v in d["attributes"].items()
-        },
+        "attributes": attribute_stats(d["attributes"]),
         "seconds": round(time.time() - t0, 1),
     }
 

@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import finish, machine, table
+from _common import attribute_stats, finish, machine, rejudge, table
 
 EXPECT = {
     "site-marker": {"site": True, "sex": False, "age": False},
@@ -178,30 +178,7 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
         "n_queries": d["n_queries"],
         "n_indexed": d["n_indexed"],
         "precision_at_5": d["precision_at_5"],
-        "attributes": {
-            n: {
-                **{
-                    k: v[k]
-                    for k in (
-                        "concordance",
-                        "expected",
-                        "lift",
-                        "p_value",
-                        "p_value_holm",
-                        "probe_balanced_accuracy",
-                        "chance",
-                        "label_association",
-                        "label_association_p",
-                        "flagged",
-                        "retrieval_bias",
-                    )
-                },
-                "lift_query": v["query_null"]["lift"],
-                "p_value_query": v["query_null"]["p_value"],
-                "p_value_holm_query": v["query_null"]["p_value_holm"],
-            }
-            for n, v in d["attributes"].items()
-        },
+        "attributes": attribute_stats(d["attributes"]),
         "counterfactual": {
             k: d["counterfactual"].get(k) for k in ("similarity_in_lesion", "masked_retrieval")
         },
@@ -209,31 +186,6 @@ def run_one(work: Path, seed: int, confounder: str, args) -> dict:
     }
     done.write_text(json.dumps(out, indent=1))
     return out
-
-
-def rejudge(runs: list[dict]) -> None:
-    """Re-apply the current flag rule (Holm per test family, thresholds) to the stored raw
-    statistics, so cached runs follow rule changes."""
-    from retrieval.audit import verdict
-    from retrieval.audit.concordance import holm
-
-    for r in runs:
-        attrs = r["attributes"]
-        names = list(attrs)
-        ph = holm([attrs[n]["p_value"] for n in names])
-        phq = holm([attrs[n]["p_value_query"] for n in names])
-        for n, a, b in zip(names, ph, phq, strict=True):
-            v = attrs[n]
-            v["p_value_holm"], v["p_value_holm_query"] = a, b
-            v["flagged"], v["retrieval_bias"], _ = verdict.decide(
-                a,
-                v["lift"],
-                v["probe_balanced_accuracy"],
-                v["chance"],
-                (v["label_association"], v["label_association_p"]),
-                b,
-                v["lift_query"],
-            )
 
 
 def _margin(v: dict) -> str:
@@ -278,7 +230,7 @@ def main() -> None:
         for conf in args.confounders.split(","):
             runs.append(run_one(work, seed, conf, args))
             print(f"done: {conf} seed {seed}", flush=True)
-    rejudge(runs)
+    runs = rejudge(runs)
 
     rows = []
     for r in runs:
