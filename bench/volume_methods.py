@@ -69,6 +69,7 @@ def main() -> int:
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--cases", type=int, default=30)
     ap.add_argument("--sweep-cases", type=int, default=12)
+    ap.add_argument("--methods", help="the methods part for these only (comma list; merged)")
     ap.add_argument(
         "--part",
         default="sweep,methods,random",
@@ -100,7 +101,8 @@ def main() -> int:
         )
     registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = default
     methods = prev.get("methods", {})
-    for m in registry.VOLUME_METHODS if "methods" in parts else ():
+    only = args.methods.split(",") if args.methods else registry.VOLUME_METHODS
+    for m in only if "methods" in parts else ():
         methods[m] = measure(r, manifest, [m], args.cases)[m]
         print(f"{m}: {methods[m]}", flush=True)
     random = prev.get("random_model", {})
@@ -111,8 +113,8 @@ def main() -> int:
         random = measure(r, manifest, cheap, args.cases)
         print(f"re-initialised model: {random}", flush=True)
     extra = {}
-    if prev.get("machine") and "methods" not in parts:  # a later part: keep the first record
-        extra["machine_" + "_".join(sorted(parts))] = info
+    if prev.get("machine") and ("methods" not in parts or args.methods):  # a later part
+        extra["machine_" + "_".join(sorted(parts) + (args.methods or "").split(","))] = info
         info = prev["machine"]
     finish(
         "volume_methods",
