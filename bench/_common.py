@@ -259,29 +259,24 @@ def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
     from retrieval.audit.concordance import holm
 
     out = copy.deepcopy(runs)
-    saved = verdict.ALPHA
-    try:
-        if alpha is not None:
-            verdict.ALPHA = alpha
-        for r in out:
-            attrs = r["attributes"]
-            names = list(attrs)
-            ph = holm([attrs[n]["p_value"] for n in names])
-            phq = holm([attrs[n]["p_value_query"] for n in names])
-            for n, a, b in zip(names, ph, phq, strict=True):
-                v = attrs[n]
-                v["p_value_holm"], v["p_value_holm_query"] = a, b
-                v["flagged"], v["retrieval_bias"], _ = verdict.decide(
-                    a,
-                    v["lift"],
-                    v["probe_balanced_accuracy"],
-                    v["chance"],
-                    (v["label_association"], v["label_association_p"]),
-                    b,
-                    v["lift_query"],
-                )
-    finally:
-        verdict.ALPHA = saved
+    for r in out:
+        attrs = r["attributes"]
+        names = list(attrs)
+        ph = holm([attrs[n]["p_value"] for n in names])
+        phq = holm([attrs[n]["p_value_query"] for n in names])
+        for n, a, b in zip(names, ph, phq, strict=True):
+            v = attrs[n]
+            v["p_value_holm"], v["p_value_holm_query"] = a, b
+            v["flagged"], v["retrieval_bias"], _ = verdict.decide(
+                a,
+                v["lift"],
+                v["probe_balanced_accuracy"],
+                v["chance"],
+                (v["label_association"], v["label_association_p"]),
+                b,
+                v["lift_query"],
+                verdict.ALPHA if alpha is None else alpha,
+            )
     return out
 
 

@@ -269,7 +269,6 @@ def main() -> int:
     ap.add_argument(
         "--n", default="1000000", help="search sizes, comma-separated (e.g. 1000000,10000000)"
     )
-    ap.add_argument("--name", default=None, help="results name (default gpu_path)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("-k", type=int, default=5)

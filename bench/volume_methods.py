@@ -12,6 +12,7 @@ LIME's supervoxel count (3-D SLIC) and samples on ``--sweep-cases`` of them: wha
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ def measure(r, manifest, methods, cases) -> dict:
     from retrieval.explain import volume_trust
 
     rep = volume_trust.evaluate(r, manifest, methods=methods, max_cases=cases, progress=False)
-    data = rep if isinstance(rep, dict) else rep.to_json()
     return {
         m: {
             k: v.get(k)
@@ -40,7 +40,7 @@ def measure(r, manifest, methods, cases) -> dict:
             )
         }
         | {"seconds_per_map": v.get("seconds_per_map")}
-        for m, v in data["methods"].items()
+        for m, v in rep["methods"].items()
     }
 
 
@@ -85,8 +85,6 @@ def main() -> int:
     info, started = machine(), time.time()
     default = (registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES)
     path = Path(__file__).resolve().parent / "results" / "volume_methods.json"
-    import json
-
     prev = (
         json.loads(path.read_text())
         if path.is_file() and parts != {"sweep", "methods", "random"}
@@ -101,14 +99,14 @@ def main() -> int:
         )
     registry.VOLUME_LIME_SEGMENTS, registry.VOLUME_LIME_SAMPLES = default
     methods = prev.get("methods", {})
-    only = args.methods.split(",") if args.methods else registry.VOLUME_METHODS
+    only = args.methods.split(",") if args.methods else registry.METHODS
     for m in only if "methods" in parts else ():
         methods[m] = measure(r, manifest, [m], args.cases)[m]
         print(f"{m}: {methods[m]}", flush=True)
     random = prev.get("random_model", {})
     if "random" in parts:
         r.model = reinitialised(r.model)
-        cheap = [m for m in registry.VOLUME_METHODS if not registry.get(m).expensive]
+        cheap = [m for m in registry.METHODS if not registry.get(m).expensive]
         cheap.append("integrated_gradients")
         random = measure(r, manifest, cheap, args.cases)
         print(f"re-initialised model: {random}", flush=True)

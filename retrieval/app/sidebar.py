@@ -99,11 +99,7 @@ def settings(r, index_dir: Path, manifest: Path | None) -> Settings:
     sb = st.sidebar
     sb.header("Query settings")
     k = sb.slider("Neighbours (k)", 1, 20, 5)
-    available = methods_available()
-    if getattr(r.model, "is_volume", False):  # a volume model explains with fewer methods
-        from retrieval.explain.registry import VOLUME_METHODS
-
-        available = tuple(m for m in available if m in VOLUME_METHODS)
+    available = methods_available()  # every method runs on a volume model too
     methods = sb.multiselect(
         "Explanation maps",
         available,

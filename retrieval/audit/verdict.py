@@ -78,8 +78,8 @@ RULE = (
 )
 
 
-def _concordant(p_holm: float | None, lift: float | None) -> bool:
-    return p_holm is not None and p_holm < ALPHA and lift is not None and lift >= MIN_LIFT
+def _concordant(p_holm: float | None, lift: float | None, alpha: float = ALPHA) -> bool:
+    return p_holm is not None and p_holm < alpha and lift is not None and lift >= MIN_LIFT
 
 
 def decide(
@@ -90,18 +90,20 @@ def decide(
     association: tuple[float | None, float | None] = (None, None),
     p_holm_query: float | None = None,
     lift_query: float | None = None,
+    alpha: float = ALPHA,
 ) -> tuple[bool, bool, list[str]]:
-    """(flagged, retrieval_bias, reasons): each criterion as met / not met, in words."""
+    """(flagged, retrieval_bias, reasons): each criterion as met / not met, in words. ``alpha``
+    replaces the concordance level only to compare cut-offs on stored runs (bench)."""
     reasons = []
-    ci, cq = _concordant(p_holm, lift), _concordant(p_holm_query, lift_query)
+    ci, cq = _concordant(p_holm, lift, alpha), _concordant(p_holm_query, lift_query, alpha)
     reasons.append(
         f"index-side null: p_holm {_f(p_holm)}, lift {_f(lift)} "
-        f"({'meets' if ci else 'does not meet'} p < {ALPHA} and lift >= {MIN_LIFT})"
+        f"({'meets' if ci else 'does not meet'} p < {alpha} and lift >= {MIN_LIFT})"
     )
     if p_holm_query is not None:
         reasons.append(
             f"query-side null: p_holm {_f(p_holm_query)}, lift {_f(lift_query)} "
-            f"({'meets' if cq else 'does not meet'} p < {ALPHA} and lift >= {MIN_LIFT})"
+            f"({'meets' if cq else 'does not meet'} p < {alpha} and lift >= {MIN_LIFT})"
         )
     c12 = ci or cq
     if probe_ba is None or chance is None:

@@ -675,20 +675,3 @@ def resize_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
         return maps
     mode = "trilinear" if len(size) == 3 else "bilinear"
     return F.interpolate(maps[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
-
-
-# methods that run on a volume model (cnn3d): every one (maps (D, H, W); LIME and Kernel SHAP
-# on SLIC supervoxels); the check below stays for any future method that is 2-D only
-VOLUME_METHODS: tuple[str, ...] = METHODS
-
-
-def check_volume_methods(methods: Iterable[str]) -> list[str]:
-    """For a volume model: raise CasebaseError naming any method that is 2-D only for now."""
-    methods = list(methods)
-    bad = [m for m in methods if m not in VOLUME_METHODS]
-    if bad:
-        raise CasebaseError(
-            f"{', '.join(bad)}: not available for volumes yet (2-D only); a volume model "
-            f"explains with {', '.join(VOLUME_METHODS)}"
-        )
-    return methods

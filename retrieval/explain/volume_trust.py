@@ -67,17 +67,8 @@ def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40,
     )
 
     # by default the cheap maps; occlusion (343 forwards per volume) when asked for
-    cheap = [m for m in registry.VOLUME_METHODS if not registry.get(m).expensive]
-    asked = registry.check_names(list(methods) if methods else cheap)
-    names = [m for m in asked if m in registry.VOLUME_METHODS]
-    skipped_methods = {
-        m: "not available for volumes yet (2-D only)" for m in asked if m not in names
-    }
-    if not names:
-        raise CasebaseError(
-            f"{', '.join(asked)}: not available for volumes yet; explain-eval on a volume "
-            f"model measures {', '.join(registry.VOLUME_METHODS)}"
-        )
+    cheap = [m for m in registry.METHODS if not registry.get(m).expensive]
+    names = registry.check_names(list(methods) if methods else cheap)
     cases, skipped = load_cases(retriever, manifest_path, split, max_cases, True)
     if not cases:
         raise CasebaseError(
@@ -157,8 +148,7 @@ def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40,
         "similarity_lesion_share": lesion,
         "split": split,
         "n_cases": len(cases),
-        "skipped": skipped + [f"{m}: {why}" for m, why in skipped_methods.items()],
-        "skipped_methods": skipped_methods,
+        "skipped": skipped,
         "not_measured": NOT_MEASURED,
         "neighbour_tests": {"note": "2-D only for now (not measured on volumes)"},
         "data_randomization": None,

@@ -313,9 +313,7 @@ class CaseRetriever:
         if methods:
             from retrieval.explain import registry
 
-            registry.check_names(methods)
-            if self.model.is_volume:
-                registry.check_volume_methods(methods)
+            registry.check_names(methods)  # every method runs on images and volumes alike
         q = self.encode(image_or_path)
         timings["encode"] = time.perf_counter() - t0
         # the query may be an indexed case itself (case_id: its id when the caller knows it);

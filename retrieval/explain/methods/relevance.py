@@ -23,6 +23,8 @@ ResNetCanonizer on a torchvision BasicBlock backbone).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from retrieval.explain.methods import channel_sum
@@ -32,9 +34,7 @@ def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
     """(B, C, h, w) relevance of the explained score at the last feature map ((B, C, d, h, w)
     for a volume model)."""
     b, c, *spatial = features.shape
-    n = 1
-    for s in spatial:
-        n *= s
+    n = math.prod(spatial)
     grid = (1,) * len(spatial)
     cls = target.classes.clamp_min(0)
     cam = model.classifier.weight[cls].view(b, c, *grid) * features / n

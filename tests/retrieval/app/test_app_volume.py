@@ -93,9 +93,9 @@ def test_volume_model_scrollers_and_jump(monkeypatch, volume_index, volume_phant
     assert {f"vv_nb{i}_{p}_axial" for i in range(1, 6) for p in ("query", "case")} <= keys
     # volume models list the methods that run on volumes
     options = set(at.sidebar.multiselect[0].options)
-    from retrieval.explain.registry import VOLUME_METHODS
+    from retrieval.explain.registry import METHODS
 
-    assert options <= set(VOLUME_METHODS)  # every method runs on a volume (LIME: supervoxels)
+    assert options <= set(METHODS)  # every method runs on a volume (LIME: supervoxels)
     assert {"gradcam", "similarity", "occlusion", "lime", "kernel_shap"} <= options
     box, case_box = _boxes(at)
     assert len(box) == 6 and len(case_box) == 6
