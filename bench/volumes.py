@@ -129,6 +129,8 @@ def run_one(
                 "--no-store",
                 "--max-cases",
                 60,
+                "--sanity-cases",
+                0,
             ]
         ).stdout
     )

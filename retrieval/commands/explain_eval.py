@@ -11,6 +11,8 @@ retrieval.explain.sanity), runs Hanawa et al.'s tests on the neighbours, and,
 unless --no-store, writes the per-method results into the bundle as
 ``trust.json`` (merged with any methods measured before), so that query results
 carry them. --plot writes the sanity curves (the paper's Fig. 2, per method).
+A volume index (cnn3d) gets the same measures on voxels, every flag meaning the same
+(retrieval.explain.volume_trust); without --methods only the cheap maps run there.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def max_sensitivity(
     samples: int = SENSITIVITY_SAMPLES,
     seed: int = 0,
 ) -> float:
-    """captum's ``sensitivity_max`` of ``explain`` ((1, C, S, S) -> (S, S) map) at x (1, C, S, S).
+    """captum's ``sensitivity_max`` of ``explain`` ((1, C, S, S) -> (S, S) map) at x (1, C, S, S)
+    (a volume: (1, C, D, H, W) -> (D, H, W)).
 
     ``explain`` is called once per perturbed copy (the registry's maps are per query)."""
     from captum.metrics import sensitivity_max
@@ -93,10 +94,11 @@ def faithfulness_correlation(
     score drop when the subset is replaced by ``baseline``.
 
     ``score(batch (n, C, S, S)) -> (n,)``; x and baseline (C, S, S); heat (S, S) at input
-    resolution; ``subsets`` (runs, k) flat pixel indices replace the seeded draw. NaN when
-    either side is constant (no variation to correlate)."""
-    s = x.shape[-1]
-    n_pix = s * s
+    resolution (a volume: x and baseline (C, D, H, W), heat (D, H, W), subsets of voxels);
+    ``subsets`` (runs, k) flat pixel indices replace the seeded draw. NaN when either side
+    is constant (no variation to correlate)."""
+    spatial = tuple(x.shape[1:])
+    n_pix = int(np.prod(spatial))
     k = max(1, int(round(fraction * n_pix)))
     if subsets is None:
         rng = np.random.default_rng(seed)
@@ -106,7 +108,7 @@ def faithfulness_correlation(
     attr_sums = flat_heat[subsets].sum(1)
     masks = torch.zeros(runs, n_pix, dtype=torch.bool)
     masks[torch.arange(runs)[:, None], torch.from_numpy(subsets)] = True
-    masks = masks.view(runs, 1, s, s).to(x.device)
+    masks = masks.view(runs, 1, *spatial).to(x.device)
     p0 = float(score(x[None])[0])
     drops = []
     for chunk in masks.split(batch):

@@ -113,14 +113,28 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 def _hog(a: np.ndarray) -> np.ndarray:
+    """HOG features of a 2-D map; of a volume's (D, H, W) map, those of its axial slices one
+    after the other (HOG is 2-D: the volume's descriptor is the stack of its slices')."""
     from skimage.feature import hog
 
+    if a.ndim == 3:
+        return np.concatenate([_hog(sl) for sl in a])
     cell = max(2, min(a.shape) // 8)
     return hog(a, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
 
 
+def _ssim_window(shape: tuple[int, ...]) -> int:
+    """scikit-image's default 7, or the largest odd size that fits the smallest side (a
+    volume's depth can be below 7)."""
+    w = min(7, *shape)
+    return w if w % 2 else w - 1
+
+
 def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """The paper's four similarities between a trained (a) and a randomised (b) map."""
+    """The paper's four similarities between a trained (a) and a randomised (b) map.
+
+    2-D maps, or a volume's 3-D maps: Spearman over every voxel, SSIM in 3-D (scikit-image's
+    N-d SSIM, window :func:`_ssim_window`), HOG on the axial slices (:func:`_hog`)."""
     from skimage.metrics import structural_similarity
 
     a = np.nan_to_num(np.asarray(a, np.float64))
@@ -134,7 +148,9 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {
         "spearman_abs": _spearman(np.abs(a), np.abs(b)),
         "spearman": _spearman(a, b),
-        "ssim": float(structural_similarity(ua, ub, data_range=1.0)),
+        "ssim": float(
+            structural_similarity(ua, ub, data_range=1.0, win_size=_ssim_window(ua.shape))
+        ),
         "hog": 0.0 if math.isnan(hog_r) else hog_r,
     }
 

@@ -53,6 +53,13 @@ and cavity features, and every faithful method then points off the nodule).
 Maps come from the registry's explainers with the same sample counts a query
 uses, so the numbers describe what users see; ``seconds_per_map`` is the
 wall time of one query map from the trained model.
+
+A volume model (cnn3d, slices) is measured the same way on voxels
+(retrieval.explain.volume_trust): the 3-D pointing game with a tolerance of half
+a feature-volume cell per axis, the curves with a 3-D blur and a voxel order, the
+sanity checks on the 3-D maps (HOG on the axial slices); its entries carry
+``dimensions`` 3 and ``not_measured`` (what images get and volumes do not: now
+nothing).
 """
 
 from __future__ import annotations
@@ -148,12 +155,22 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- curves
-def blurred(x: torch.Tensor, fraction: float = BLUR_FRACTION) -> torch.Tensor:
-    """(C, S, S) -> the same image Gaussian-blurred with σ = fraction × side."""
-    sigma = max(0.5, fraction * x.shape[-1])
+def blurred(
+    x: torch.Tensor, fraction: float = BLUR_FRACTION, spatial: int | None = None
+) -> torch.Tensor:
+    """The input Gaussian-blurred along its last ``spatial`` axes, σ = fraction × that axis's
+    length (at least 0.5), each channel on its own.
+
+    (C, S, S) -> the image blurred in plane; a volume (C, D, H, W) or a batch of one
+    (1, C, D, H, W) -> blurred along (D, H, W) (a 3-D Gaussian). ``spatial`` defaults to
+    every axis after the first, at most three; a batch of images (B, C, S, S) needs
+    ``spatial=2``."""
+    spatial = min(3, x.ndim - 1) if spatial is None else spatial
+    lead = x.ndim - spatial
+    sigma = [0.0] * lead + [max(0.5, fraction * n) for n in x.shape[lead:]]
     arr = x.detach().cpu().numpy()
-    out = np.stack([ndimage.gaussian_filter(ch, sigma, mode="nearest") for ch in arr])
-    return torch.from_numpy(out).to(x)
+    out = ndimage.gaussian_filter(arr, sigma, mode="nearest")
+    return torch.from_numpy(np.ascontiguousarray(out)).to(x)
 
 
 def pixel_order_ranks(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -177,11 +194,13 @@ def perturbation_curves(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(deletion, insertion) probabilities of class ``cls`` at steps+1 removed fractions 0..1.
 
-    ``score(batch) -> (n,)`` replaces the class probability (``similarity`` is scored
-    on the similarity it explains)."""
+    ``x`` and ``baseline``: (C, S, S), or (C, D, H, W) for a volume; ``ranks``: the rank of
+    every pixel (voxel) in removal order, of x's spatial shape. ``score(batch) -> (n,)``
+    replaces the class probability (``similarity`` is scored on the similarity it explains)."""
     n = ranks.size
     counts = torch.from_numpy(np.round(np.linspace(0, n, steps + 1)).astype(np.int64))
-    hidden = torch.from_numpy(ranks)[None] < counts[:, None, None]  # (steps+1, S, S)
+    counts = counts.view(-1, *([1] * ranks.ndim))
+    hidden = torch.from_numpy(ranks)[None] < counts  # (steps+1, *spatial)
     hidden = hidden[:, None].to(x.device)
     deletion = torch.where(hidden, baseline[None], x[None])
     insertion = torch.where(hidden, x[None], baseline[None])
@@ -280,9 +299,12 @@ def faithfulness_verdict(gains: Sequence[float], seed: int = 0) -> tuple[str, li
 
 
 def summary_line(m: dict) -> str:
-    sanity = (
-        "passes" if m["sanity_check"] == "pass" else "FAILS"
-    ) + " the randomisation sanity check"
+    if m["sanity_check"] in ("pass", "fail"):
+        sanity = (
+            "passes" if m["sanity_check"] == "pass" else "FAILS"
+        ) + " the randomisation sanity check"
+    else:
+        sanity = "randomisation sanity check not run"
     s = m.get("sanity") or {}
     if s:
         sanity += f" ({s['n_cases']} cases x {len(s['seeds'])} seeds)"
@@ -292,6 +314,13 @@ def summary_line(m: dict) -> str:
         faithful = (
             f"; {faithful} (deletion gain over a random order {m['deletion_gain']:+.3f}, "
             f"95% CI {lo:+.3f} to {hi:+.3f})"
+        )
+    if m.get("dimensions") == 3:
+        return (
+            f"on {m['n_cases']} volumes: on the lesion {m['pointing_game']:.0%} of the time "
+            f"(3-D pointing game, tolerance half a feature-volume cell; strict "
+            f"{m['pointing_game_strict']:.0%}), {m['mask_energy']:.0%} of its energy inside the "
+            f"lesion (which is {m['mask_area']:.0%} of the volume), {sanity}{faithful}"
         )
     return (
         f"on {m['n_cases']} cases: on the lesion {m['pointing_game']:.0%} of the time "
@@ -331,7 +360,9 @@ def evaluate_cases(
     """Score explainers on prepared cases.
 
     Each case: ``{"x": (C, S, S) normalised tensor, "mask": (H, W) bool, "geometry": Geometry,
-    "neighbours": (K, C, S, S) tensor or None}``. Returns ``{name: metrics}``.
+    "neighbours": (K, C, S, S) tensor or None}``; for a volume model ``x`` is (C, D, H, W),
+    the mask (D, H, W) of the original volume, the geometry a Geometry3D and every measure
+    runs on voxels (retrieval.explain.volume_trust). Returns ``{name: metrics}``.
     The sanity checks (retrieval.explain.sanity) run on ``sanity_cases`` evenly spaced
     cases over ``sanity_seeds``.
     """
@@ -348,15 +379,15 @@ def evaluate_cases(
         geo = case["geometry"]
         nbrs = case.get("neighbours")
         nbrs = None if nbrs is None else nbrs.to(device)
-        s = x.shape[-1]
-        sx, sy = geo.scale
-        tol = (math.ceil(stride / 2 * sy), math.ceil(stride / 2 * sx))
-        with torch.no_grad():
-            cls = int(fast(x).argmax(1)[0])
+        size = tuple(x.shape[2:])  # (S, S), or (D, H, W) for a volume
+        with torch.no_grad():  # the forward, keeping the feature grid (the 3-D tolerance)
+            feats = fast.backbone(x)
+            cls = int(fast.classifier(fast.pool(feats)).argmax(1)[0])
+        tol = pointing_tolerance(geo, tuple(feats.shape[2:]), stride)
         case["_cls"] = cls
         base = blurred(x[0])
         rng = np.random.default_rng(seed + i)
-        random_ranks = pixel_order_ranks(rng.random((s, s)), rng)
+        random_ranks = pixel_order_ranks(rng.random(size), rng)
         rand_del, rand_ins = perturbation_curves(fast, x[0], cls, random_ranks, base)
         sim_score = _similarity_score(fast, x, nbrs, weighting)
         for name, explainer in explainers.items():
@@ -370,7 +401,7 @@ def evaluate_cases(
             a.energy.append(mask_energy(full, mask))
             a.area.append(float(mask.mean()))
             a.labels.append(str(case.get("label", "")))
-            h_in = resize_maps(heat[None], (s, s))[0].numpy()
+            h_in = resize_maps(heat[None], size)[0].numpy()
             score = sim_score if name == "similarity" else None
             d, ins = perturbation_curves(
                 fast, x[0], cls, pixel_order_ranks(h_in, rng), base, score=score
@@ -400,7 +431,7 @@ def evaluate_cases(
         nbrs = case.get("neighbours")
         nbrs = None if nbrs is None else nbrs.to(device)
         heat = query_map(mdl, name, explainers[name], x, case["_cls"], weighting, nbrs)
-        return resize_maps(heat[None], tuple(x.shape[-2:]))[0].numpy()
+        return resize_maps(heat[None], tuple(x.shape[2:]))[0].numpy()
 
     for j, case in enumerate(tqdm(picks, desc="max-sensitivity", disable=not progress)):
         for name in explainers:
@@ -479,6 +510,17 @@ def evaluate_cases(
         m["summary"] = summary_line(m)
         out[name] = m
     return out
+
+
+def pointing_tolerance(geo, grid: tuple[int, ...], stride: int) -> tuple[int, ...]:
+    """Half a feature-map cell in original pixels, (rows, cols); for a volume's (d, h, w)
+    feature grid half a feature-volume cell along (slices, rows, cols)."""
+    if len(grid) == 3:
+        from retrieval.explain.volume_trust import tolerance
+
+        return tolerance(geo, grid)
+    sx, sy = geo.scale
+    return (math.ceil(stride / 2 * sy), math.ceil(stride / 2 * sx))
 
 
 def _pick(n: int, k: int | None) -> list[int]:
@@ -654,18 +696,20 @@ def evaluate(
     model trained that many epochs on the train split with permuted labels);
     ``subclass`` names a manifest column for Hanawa et al.'s identical-subclass test.
 
-    A volume model (cnn3d) gets the 3-D report of retrieval.explain.volume_trust."""
-    if getattr(retriever.model, "is_volume", False):
-        from retrieval.explain import volume_trust
-
-        return volume_trust.evaluate(retriever, manifest_path, split, methods, max_cases, progress)
-    names = registry.check_names(list(methods) if methods else list(registry.METHODS))
+    A volume model (cnn3d, slices) gets the same measures on voxels, by default for the
+    cheap methods only, with the 3-D additions of retrieval.explain.volume_trust."""
+    volume = bool(getattr(retriever.model, "is_volume", False))
+    if methods:
+        names = registry.check_names(list(methods))
+    else:
+        names = _volume_trust().DEFAULT_METHODS if volume else list(registry.METHODS)
     if len(sanity_seeds) < 1:
         raise CasebaseError("the sanity check needs at least one seed")
     cases, skipped = load_cases(retriever, manifest_path, split, max_cases, True)
     if not cases:
         raise CasebaseError(
-            "no case with a readable image and a non-empty mask: " + "; ".join(skipped[:5])
+            f"no case with a readable {'volume' if volume else 'image'} and a non-empty mask: "
+            + "; ".join(skipped[:5])
         )
     if subclass is not None and subclass not in cases[0]["attributes"]:
         raise CasebaseError(
@@ -694,7 +738,7 @@ def evaluate(
     if "similarity" in results and lesion.get("n_pairs"):
         results["similarity"]["lesion_x_lesion_share"] = lesion["median_share"]
         results["similarity"]["lesion_x_lesion_chance"] = lesion["median_chance"]
-    return {
+    report = {
         "methods": results,
         "similarity_lesion_share": lesion,
         "split": split,
@@ -729,6 +773,13 @@ def evaluate(
             },
         },
     }
+    return _volume_trust().annotate(report) if volume else report
+
+
+def _volume_trust():
+    from retrieval.explain import volume_trust
+
+    return volume_trust
 
 
 def neighbour_tests(retriever, cases: list[dict], subclass: str | None, seed: int) -> dict:

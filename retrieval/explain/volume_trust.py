@@ -1,50 +1,48 @@
-"""explain-eval for a volume model (cnn3d): the pointing game and mask energy in 3-D.
+"""explain-eval for a volume model (cnn3d, slices): the 2-D measures of
+retrieval.explain.trust, run on voxels.
 
-For each test case with a lesion mask (a ``(D, H, W)`` mask of the volume, see
-:func:`retrieval.data.volume.read_volume_mask`) every method's query map is computed
-on the model input, trilinearly resized to the volume's original ``(D, H, W)``, and
-scored:
+:func:`retrieval.explain.trust.evaluate` handles both; for a volume every case's query map
+is computed on the model input (1, C, D, H, W) and
 
-* ``pointing_game``: the map's maximum lies in the lesion dilated by half a
-  feature-volume cell along each axis (in original voxels), as the 2-D tolerance;
-  ``pointing_game_strict``: no tolerance;
-* ``mask_energy``: the share of the map's positive mass inside the lesion
-  (``mask_area``: the lesion's share of the volume, the chance level).
+* trilinearly resized to the volume's original ``(D, H, W)`` (the lesion mask's size, see
+  :func:`retrieval.data.volume.read_volume_mask`) for the **pointing game** (the map's
+  maximum in the lesion dilated by half a feature-volume cell along each axis, in original
+  voxels: :func:`tolerance`; ``pointing_game_strict`` without) and the **mask energy**
+  (the share of the map's positive mass inside the lesion; ``mask_area`` the chance level);
+* trilinearly resized to the model input ``(D, H, W)`` for the rest, as 2-D maps are
+  resized to the input image:
+
+  - **deletion / insertion** curves: voxels removed (replaced by the input blurred with a
+    3-D Gaussian, σ = ``trust.BLUR_FRACTION`` × each axis's length) in the map's order in
+    ``trust.CURVE_STEPS`` equal steps, against a seeded random voxel order, and the
+    bootstrap faithfulness verdict on the deletion gain;
+  - **faithfulness correlation** on random voxel subsets, **max-sensitivity** to small
+    input noise (on the sanity cases);
+  - Adebayo et al.'s **model-randomisation sanity checks** (cascading and independent,
+    over the blocks of ``sanity.blocks``: the heads, then every parameterised block of
+    the 3-D backbone), with the 2-D verdict rule; the similarities are computed on the
+    3-D maps: Spearman over all voxels, SSIM in 3-D (scikit-image's N-d SSIM, window 7
+    or the largest odd size within the smallest side), HOG on the axial slices (HOG is
+    2-D: the features of every slice, concatenated; :func:`retrieval.explain.sanity._hog`);
+  - the data-randomisation test when asked for (the 3-D architecture retrained on
+    permuted labels) and Hanawa et al.'s **neighbour tests** on the retrieved volumes.
 
 The similarity decomposition's lesion x lesion share (lesion cells = feature voxels
-whose footprint touches the mask) is reported as for images. What is 2-D only for
-now, and so not measured here, is named in the report's ``not_measured``.
+whose footprint touches the mask) is reported as for images. By default only the cheap
+methods run (occlusion, LIME, Kernel SHAP and the other expensive maps when named with
+``--methods``: every sanity step re-explains each sanity case).
 """
 
 from __future__ import annotations
 
 import math
-import time
 
-import numpy as np
-import torch
-
-from retrieval.errors import CasebaseError
 from retrieval.explain import registry
-from retrieval.explain.methods import family_of
 
-NOT_MEASURED = (
-    "deletion / insertion curves, faithfulness correlation, max-sensitivity, the "
-    "randomisation sanity checks and the neighbour tests are 2-D only for now (not measured "
-    "on volumes)"
-)
-_NAN_KEYS = (
-    "deletion_auc",
-    "deletion_auc_random",
-    "insertion_auc",
-    "insertion_auc_random",
-    "randomization_spearman",
-    "randomization_ssim",
-    "deletion_gain",
-    "insertion_gain",
-    "faithfulness_correlation",
-    "max_sensitivity",
-)
+# what explain-eval measures on images and not on volumes ("" when nothing)
+NOT_MEASURED = ""
+# the methods explain-eval runs on a volume model unless --methods names others
+DEFAULT_METHODS = [m for m in registry.METHODS if not registry.get(m).expensive]
 
 
 def tolerance(geometry, grid: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -53,109 +51,42 @@ def tolerance(geometry, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(math.ceil(n / g / 2) for n, g in zip((d, h, w), grid, strict=True))
 
 
-def evaluate(retriever, manifest_path, split="test", methods=None, max_cases=40, progress=True):
-    """The explain-eval report of a volume model (same top-level keys as for images)."""
-    from tqdm.auto import tqdm
+def annotate(report: dict) -> dict:
+    """The volume additions to a report of trust.evaluate on a volume model (in place)."""
+    from retrieval.explain.trust import BLUR_FRACTION, summary_line
 
-    from retrieval.explain.trust import (
-        _mean,
-        lesion_summary,
-        load_cases,
-        mask_energy,
-        pointing_game,
-        query_map,
+    for m in report["methods"].values():
+        m["dimensions"] = 3
+        m["not_measured"] = NOT_MEASURED
+        m["summary"] = summary_line(m)
+    report["not_measured"] = NOT_MEASURED
+    s = report["settings"]
+    s["dimensions"] = 3
+    s["pointing_tolerance"] = "half a feature-volume cell along each axis"
+    s["maps"] = (
+        "trilinearly resized to the volume's original (D, H, W) for the pointing game and "
+        "mask energy, to the model input (D, H, W) for the curves and the sanity checks"
     )
+    s["curve_baseline"] = f"3-D gaussian blur, sigma = {BLUR_FRACTION:g} x each axis's length"
+    s["faithfulness_correlation"] = s["faithfulness_correlation"].replace("pixels", "voxels")
+    s["samples"].update(
+        lime=registry.VOLUME_LIME_SAMPLES,
+        lime_segments=registry.VOLUME_LIME_SEGMENTS,
+        occlusion_window=f"{registry.OCCLUSION_WINDOW_3D:g} x each side, stride half",
+    )
+    s["sanity_similarity"] = (
+        "on the 3-D maps: Spearman over all voxels, 3-D SSIM, HOG on the axial slices "
+        "(concatenated)"
+    )
+    return report
 
-    # by default the cheap maps; occlusion (343 forwards per volume) when asked for
-    cheap = [m for m in registry.METHODS if not registry.get(m).expensive]
-    names = registry.check_names(list(methods) if methods else cheap)
-    cases, skipped = load_cases(retriever, manifest_path, split, max_cases, True)
-    if not cases:
-        raise CasebaseError(
-            "no case with a readable volume and a non-empty mask: " + "; ".join(skipped[:5])
-        )
-    model = retriever.model.eval()
-    device = next(model.parameters()).device
-    acc = {
-        n: {"point": [], "strict": [], "energy": [], "area": [], "sec": [], "lab": []}
-        for n in names
-    }
-    for case in tqdm(cases, desc="explain-eval", unit="volume", disable=not progress):
-        x = case["x"].to(device)[None]
-        mask = np.asarray(case["mask"], bool)
-        geo = case["geometry"]
-        nbrs = case.get("neighbours")
-        nbrs = None if nbrs is None else nbrs.to(device)
-        with torch.no_grad():  # one forward: the predicted class and the feature grid
-            fwd = model.run(x, retriever.weighting)
-        cls, grid = int(fwd.predicted[0]), tuple(fwd.features.shape[2:])
-        tol = tolerance(geo, grid)
-        for name in names:
-            t0 = time.perf_counter()
-            heat = query_map(model, name, registry.get(name), x, cls, retriever.weighting, nbrs)
-            a = acc[name]
-            a["sec"].append(time.perf_counter() - t0)
-            full = geo.map_to_original(heat.numpy())
-            a["point"].append(pointing_game(full, mask, tol))
-            a["strict"].append(pointing_game(full, mask, 0))
-            a["energy"].append(mask_energy(full, mask))
-            a["area"].append(float(mask.mean()))
-            a["lab"].append(str(case.get("label", "")))
-    out = {}
-    for name, a in acc.items():
-        m = {
-            "family": family_of(name),
-            "pointing_game": _mean(a["point"]),
-            "pointing_game_strict": _mean(a["strict"]),
-            "mask_energy": _mean(a["energy"]),
-            "mask_area": _mean(a["area"]),
-            "n_cases": len(a["point"]),
-            "seconds_per_map": _mean(a["sec"]),
-            "sanity_check": "not run",
-            "sanity": {},
-            "split": split,
-            "dimensions": 3,
-            "not_measured": NOT_MEASURED,
-            **{k: float("nan") for k in _NAN_KEYS},
-        }
-        m["by_label"] = {
-            lab: {
-                "n": a["lab"].count(lab),
-                "pointing_game": _mean(
-                    [p for p, v in zip(a["point"], a["lab"], strict=True) if v == lab]
-                ),
-                "mask_energy": _mean(
-                    [e for e, v in zip(a["energy"], a["lab"], strict=True) if v == lab]
-                ),
-            }
-            for lab in sorted(set(a["lab"]))
-            if lab
-        }
-        m["summary"] = (
-            f"on {m['n_cases']} volumes: on the lesion {m['pointing_game']:.0%} of the time "
-            f"(3-D pointing game, tolerance half a feature-volume cell; strict "
-            f"{m['pointing_game_strict']:.0%}), {m['mask_energy']:.0%} of its energy inside the "
-            f"lesion (which is {m['mask_area']:.0%} of the volume); sanity checks not run "
-            "(2-D only for now)"
-        )
-        out[name] = m
-    lesion = lesion_summary(cases)
-    if "similarity" in out and lesion.get("n_pairs"):
-        out["similarity"]["lesion_x_lesion_share"] = lesion["median_share"]
-        out["similarity"]["lesion_x_lesion_chance"] = lesion["median_chance"]
-    return {
-        "methods": out,
-        "similarity_lesion_share": lesion,
-        "split": split,
-        "n_cases": len(cases),
-        "skipped": skipped,
-        "not_measured": NOT_MEASURED,
-        "neighbour_tests": {"note": "2-D only for now (not measured on volumes)"},
-        "data_randomization": None,
-        "settings": {
-            "dimensions": 3,
-            "pointing_tolerance": "half a feature-volume cell along each axis",
-            "maps": "trilinearly resized to the volume's original (D, H, W)",
-            "weighting": retriever.weighting,
-        },
-    }
+
+def evaluate(
+    retriever, manifest_path, split="test", methods=None, max_cases=40, progress=True, **kw
+):
+    """The explain-eval report of a volume model: :func:`retrieval.explain.trust.evaluate`
+    (same keys as for images, plus ``dimensions`` and ``not_measured``); ``kw``: its
+    sanity / seed / data-randomisation / subclass arguments."""
+    from retrieval.explain import trust
+
+    return trust.evaluate(retriever, manifest_path, split, methods, max_cases, progress, **kw)

@@ -155,13 +155,15 @@ def test_faithfulness_correlation_agrees_with_quantus(setup):
         softmax=True,
     )
     assert len(drawn) == 40
-    fast = registry.inference_model(model)
+    # the model Quantus calls, not our BN-folded copy: the two agree only to float32 noise
+    # (about 1e-5 in these correlations, depending on the thread count), which is not
+    # what this test is about
     ours = []
     for i in range(6):
         subsets = np.stack([d[i] for d in drawn])
         ours.append(
             fidelity.faithfulness_correlation(
-                lambda b, c=int(y[i]): fast(b).softmax(1)[:, c],
+                lambda b, c=int(y[i]): model(b).softmax(1)[:, c],
                 x[i],
                 heat[i],
                 base[i],

@@ -92,6 +92,10 @@ def test_explain_eval_runs_the_3d_pointing_game(volume_index, capsys):
             "--no-store",
             "--methods",
             "gradcam,lime",
+            # the randomisation sanity check re-explains every case ~15 times per seed: its
+            # volume path is tested in tests/retrieval/explain/test_volume_trust.py
+            "--sanity-cases",
+            "0",
         ]
     )
     assert rc == 0
@@ -100,6 +104,9 @@ def test_explain_eval_runs_the_3d_pointing_game(volume_index, capsys):
     assert 0.0 <= g["pointing_game"] <= 1.0 and g["dimensions"] == 3 and g["n_cases"] >= 1
     lime = rep["methods"]["lime"]  # LIME on 3-D supervoxels is measured like any method
     assert lime["dimensions"] == 3 and lime["n_cases"] == g["n_cases"]
+    for m in (g, lime):  # the deletion / insertion curves run on voxels for every method
+        assert np.isfinite(m["deletion_auc"]) and np.isfinite(m["insertion_gain"])
+        assert m["sanity_check"] == "not run"
 
 
 def test_3d_pointing_game_tolerance_is_per_axis():
