@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import streamlit as st
@@ -85,9 +85,11 @@ def show_all_volumes(
     methods: list[str],
     thumbs: Callable[[str], str] | None = None,
     liked: set[str] | frozenset[str] = frozenset(),
+    region: Sequence[int] | None = None,
 ) -> None:
     """The gallery of a volume query: per card, a slice scroller for the query and one for
-    the case, and a button moving both to the matched region's slice."""
+    the case, and a button moving both to the matched region's slice. region: the searched
+    box, drawn in blue on the query's slices it spans."""
     if not _header(result, thumbs):
         return
     st.caption(
@@ -102,6 +104,7 @@ def show_all_volumes(
             methods,
             thumbs(nb.case_id) if thumbs else None,
             nb.case_id in liked,
+            region,
         )
 
 
@@ -112,6 +115,7 @@ def volume_card(
     methods: list[str],
     thumbs_key: str | None = None,
     was_liked: bool = False,
+    region: Sequence[int] | None = None,
 ) -> None:
     short, _ = similarity_text(nb)
     regions = nb.matched_regions
@@ -120,7 +124,8 @@ def volume_card(
     with st.container(border=True, key=f"volume_card_{rank}"):
         c_query, c_case, c_info = st.columns([1, 1, 1.4])
         with c_query:
-            vv.show(q_key, volume, boxes=[g.query_box for g in regions], caption=f"query · #{rank}")
+            boxes = [g.query_box for g in regions]
+            vv.show(q_key, volume, boxes=boxes, caption=f"query · #{rank}", region=region)
         with c_case:
             if case_vol is not None:
                 vv.show(c_key, case_vol, boxes=[g.case_box for g in regions])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from retrieval.app import maps, neighbor_card, prediction, refine, volume_view
+from retrieval.app import maps, neighbor_card, prediction, refine, volume_region, volume_view
 from retrieval.app.sidebar import Settings
 from retrieval.app.state import (
     MAX_PIXELS,
@@ -19,12 +19,16 @@ from retrieval.app.state import (
     read_case,
     read_upload,
 )
-from retrieval.app.trail import Refinement, Trail
+from retrieval.app.trail import Box, Refinement, Trail
 from retrieval.errors import CasebaseError
 
 UPLOAD = "Upload an image"
 UPLOAD_TYPES = (
     "DICOM, PNG, JPEG, TIFF or NPY images; NIfTI (.nii, .nii.gz) or 3-D NPY (D, H, W) volumes"
+)
+FLAT_MODEL_NO_REGION = (
+    "Drawing a region of a volume needs a 3-D model: this index's model is 2-D and reads the "
+    "volume's middle axial slice only."
 )
 
 
@@ -129,7 +133,11 @@ def run(
             return False
     st.session_state["show_anyway"] = False  # a new answer starts hidden again when OOD
     stored = st.session_state.get("result")
-    trail = stored["trail"] if extend and stored is not None else Trail()
+    if extend and stored is not None:
+        trail = stored["trail"]
+    else:
+        volume = chosen.volume is not None and r.model.is_volume
+        trail = Trail(whole="whole volume" if volume else "whole image")
     trail.push(refinement, res)
     st.session_state["result"] = {
         "input": chosen.input_id,
@@ -175,6 +183,7 @@ def answer(stored: dict, pixels, act, volume=None) -> None:
                 stored["methods"],
                 thumbs=lambda cid: refine.thumbs_key(trail, cid),
                 liked=set(trail.refinement.like),
+                region=trail.refinement.region,
             )
         else:
             maps.show(res, pixels, stored["methods"])
@@ -192,6 +201,26 @@ def answer(stored: dict, pixels, act, volume=None) -> None:
         act(trail.refinement.with_feedback(*marks))
 
 
+def preview(r, chosen: QueryInput) -> tuple[Box | None, bool]:
+    """The query shown, to draw a region on: (the box, "Search this region" clicked)."""
+    if chosen.volume is not None and not r.model.is_volume:
+        volume_view.show("preview", chosen.volume, caption="query volume")
+        st.caption(FLAT_MODEL_NO_REGION)
+        return None, False
+    if chosen.volume is not None:
+        box = volume_region.picker(chosen.volume, chosen.input_id)
+    else:
+        size = tuple(chosen.image.original_size)
+        box = refine.region_picker(chosen.pixels, size, chosen.input_id)
+    clicked = st.button(
+        "Search this region",
+        disabled=box is None,
+        key="search_region",
+        help="Rank the cases by how well a region of theirs matches this box",
+    )
+    return box, clicked
+
+
 def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Settings) -> None:
     c_in, c_preview = st.columns([2, 1])
     with c_in:
@@ -203,20 +232,8 @@ def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Setti
     current = stored is not None and chosen is not None and stored["input"] == chosen.input_id
     box, search_region = None, False
     with c_preview:
-        if volume is not None:
-            volume_view.show("preview", volume, caption="query volume")
-            st.caption(
-                "Drawing a region is for 2-D images only for now; search a box of a volume with "
-                "`casebase query INDEX VOLUME --region X0,Y0,Z0,X1,Y1,Z1`."
-            )
-        elif pixels is not None:
-            box = refine.region_picker(pixels, tuple(chosen.image.original_size), chosen.input_id)
-            search_region = st.button(
-                "Search this region",
-                disabled=box is None,
-                key="search_region",
-                help="Rank the cases by how well a region of theirs matches this box",
-            )
+        if chosen is not None:
+            box, search_region = preview(r, chosen)
     if clicked and chosen is not None:
         run(r, chosen, s, exclude_patient)
     elif search_region and chosen is not None and box is not None:

@@ -13,23 +13,48 @@ from PIL import Image
 
 from retrieval.app.state import IMAGE_PX
 from retrieval.app.trail import Box, Trail, box_text
+from retrieval.app.volume_view import REGION
 from retrieval.errors import CasebaseError
 from retrieval.explain.overlay import draw_boxes
 
-REGION_COLOR = (0, 140, 255)  # the searched box (blue); matched regions stay green / orange
-BOX_TEXT = "region_text"  # session key of the typed / drawn box "X0,Y0,X1,Y1"
+REGION_COLOR = REGION  # the searched box (blue); matched regions stay green / orange
+BOX_TEXT = "region_text"  # session key of the typed / drawn box "X0,Y0,X1,Y1" (volume: 6)
 BOX_FOR = "region_for"  # which query input the box belongs to
 DRAG_SEEN = "region_drag_seen"  # the component's last drag already taken into the box
 THUMB = "thumb"  # session keys f"{THUMB}_{step uid}_{case id}": 1 👍, 0 👎
 
 
 def parse_box(text: str) -> Box:
-    """'X0,Y0,X1,Y1' in the query's pixels -> a box; CasebaseError with the reason otherwise.
+    """'X0,Y0,X1,Y1' in the query's pixels (or 'X0,Y0,Z0,X1,Y1,Z1' in a volume's voxels) -> a
+    box; CasebaseError with the reason otherwise.
 
     The service checks the box against the image and its feature cells; this only reads it."""
     from retrieval.service.refine import parse_box as parse
 
     return tuple(int(round(v)) for v in parse(text))
+
+
+def box_form(axes: int) -> str:
+    """How a box of 2 (an image) or 3 (a volume) axes is typed."""
+    return "X0,Y0,Z0,X1,Y1,Z1" if axes == 3 else "X0,Y0,X1,Y1"
+
+
+def check_box(text: str, axes: int = 2) -> tuple[Box | None, str]:
+    """A typed box of `axes` axes -> (box, ''), or (None, what is wrong with it); (None, '')
+    without text. Its form and order only: the service checks it against the query."""
+    if not text.strip():
+        return None, ""
+    try:
+        box = parse_box(text)
+    except CasebaseError:
+        box = ()
+    if len(box) != 2 * axes:
+        return None, f"'{text}' is not a box: use {box_form(axes)}"
+    if any(box[axes + a] <= box[a] for a in range(axes)):
+        order = [f"{c}0 < {c}1" for c in "XYZ"[:axes]]
+        order = f"{', '.join(order[:-1])} and {order[-1]}"
+        return None, f"'{text}' is an empty or inverted box: {order}"
+    return box, ""
 
 
 def drag_to_box(value: dict, size: tuple[int, int]) -> Box | None:
@@ -62,43 +87,60 @@ def _display(pixels: np.ndarray, box: Box | None) -> np.ndarray:
     return draw_boxes(shown, [b], color=REGION_COLOR, width=2)
 
 
-def region_picker(pixels: np.ndarray, size: tuple[int, int], input_id: str) -> Box | None:
-    """The query image to drag a box on, and the box as text; the current box (or None)."""
-    if st.session_state.get(BOX_FOR) != input_id:  # a new image: no box yet
+def box_text_of(input_id: str) -> str:
+    """The typed / drawn box of this query input ('' for a new input: no box yet)."""
+    if st.session_state.get(BOX_FOR) != input_id:
         st.session_state[BOX_FOR] = input_id
         st.session_state[BOX_TEXT] = ""
-    text = st.session_state.get(BOX_TEXT, "")
-    current, problem = None, ""
-    if text.strip():
-        try:
-            current = parse_box(text)
-        except CasebaseError:
-            problem = f"'{text}' is not a box: use X0,Y0,X1,Y1"
-        if current is not None and (current[2] <= current[0] or current[3] <= current[1]):
-            problem = f"'{text}' is an empty or inverted box: X0 < X1 and Y0 < Y1"
-            current = None
+    return st.session_state.get(BOX_TEXT, "")
+
+
+def box_value(box: Box) -> str:
+    """A box as the text field holds it: 'X0,Y0,X1,Y1' (or six numbers)."""
+    return ",".join(str(v) for v in box)
+
+
+def set_box(box: Box) -> None:
+    """Take a drawn box into the text and redraw the picker with it."""
+    st.session_state[BOX_TEXT] = box_value(box)
+    st.rerun()
+
+
+def can_drag() -> bool:
+    """Whether the drag component (streamlit-image-coordinates) is installed; without it the
+    app still works: type the box."""
     try:
-        from streamlit_image_coordinates import streamlit_image_coordinates
-    except ImportError:  # the app still works: type the box
-        streamlit_image_coordinates = None
-    if streamlit_image_coordinates is None:
+        import streamlit_image_coordinates  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_drag(image: np.ndarray) -> dict | None:
+    """The drag component showing `image` (display pixels); a drag not taken yet, else None."""
+    from streamlit_image_coordinates import streamlit_image_coordinates
+
+    value = streamlit_image_coordinates(
+        image, width=IMAGE_PX, key="region_drag", click_and_drag=True, cursor="crosshair"
+    )
+    if not value or value.get("unix_time") == st.session_state.get(DRAG_SEEN):
+        return None
+    st.session_state[DRAG_SEEN] = value.get("unix_time")
+    return value
+
+
+def region_picker(pixels: np.ndarray, size: tuple[int, int], input_id: str) -> Box | None:
+    """The query image to drag a box on, and the box as text; the current box (or None)."""
+    current, problem = check_box(box_text_of(input_id))
+    if not can_drag():
         st.image(with_region(pixels, current), caption="query", width=IMAGE_PX)
         st.caption("Type a box below to search with a part of the image.")
     else:
-        value = streamlit_image_coordinates(
-            _display(pixels, current),
-            width=IMAGE_PX,
-            key="region_drag",
-            click_and_drag=True,
-            cursor="crosshair",
-        )
+        value = new_drag(_display(pixels, current))
         st.caption("query · drag on it to draw a box")
-        if value and value.get("unix_time") != st.session_state.get(DRAG_SEEN):
-            st.session_state[DRAG_SEEN] = value.get("unix_time")
-            box = drag_to_box(value, size)
-            if box is not None:
-                st.session_state[BOX_TEXT] = ",".join(str(v) for v in box)
-                st.rerun()  # redraw the picker with the new box on it
+        box = drag_to_box(value, size) if value else None
+        if box is not None:
+            set_box(box)
     h, w = size
     st.text_input(
         f"Box in image pixels X0,Y0,X1,Y1 (image {w}×{h})",
@@ -126,9 +168,9 @@ def trail_bar(trail: Trail, case_ids: list[str]) -> tuple[str | None, tuple | No
             ):
                 return "reset", None
             if trail.refinement.region is not None and st.button(
-                "Whole image",
+                trail.whole.capitalize(),
                 key="trail_whole",
-                help="Search with the whole image again, keeping the 👍 / 👎 given so far",
+                help=f"Search with the {trail.whole} again, keeping the 👍 / 👎 given so far",
             ):
                 return "whole", None
             marks = refine_button(trail, case_ids, key="refine_top")

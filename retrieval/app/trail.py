@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Box = tuple[int, int, int, int]
+Box = tuple[int, ...]  # (x0, y0, x1, y1) of an image, (x0, y0, z0, x1, y1, z1) of a volume
 
 
 @dataclass(frozen=True)
 class Refinement:
     """What a query asks on top of the image: a region of it and case-level feedback."""
 
-    region: Box | None = None  # (x0, y0, x1, y1) in the query's original pixels
+    region: Box | None = None  # in the query's original pixels (voxels), ends exclusive
     like: tuple[str, ...] = ()
     unlike: tuple[str, ...] = ()
 
@@ -51,16 +51,19 @@ class Refinement:
 
 
 def box_text(box: Box) -> str:
-    return f"x {box[0]}–{box[2]}, y {box[1]}–{box[3]}"
+    """'x 10–40, y 12–44' of an image's box; 'x 10–40, y 12–44, z 2–5' of a volume's."""
+    n = len(box) // 2
+    return ", ".join(f"{c} {box[a]}–{box[n + a]}" for a, c in enumerate("xyz"[:n]))
 
 
-def step_label(prev: Refinement | None, new: Refinement) -> str:
-    """How the trail names the step from prev to new ("whole image", "region …", "+like …")."""
+def step_label(prev: Refinement | None, new: Refinement, whole: str = "whole image") -> str:
+    """How the trail names the step from prev to new ("whole image", "region …", "+like …");
+    whole: what a search without a region is called ("whole volume" for a volume)."""
     if prev is None:
-        return "whole image" if new.region is None else f"region {box_text(new.region)}"
+        return whole if new.region is None else f"region {box_text(new.region)}"
     parts = []
     if new.region != prev.region:
-        parts.append("whole image" if new.region is None else f"region {box_text(new.region)}")
+        parts.append(whole if new.region is None else f"region {box_text(new.region)}")
     added_like = [c for c in new.like if c not in prev.like]
     added_unlike = [c for c in new.unlike if c not in prev.unlike]
     if added_like:
@@ -84,6 +87,7 @@ class Trail:
 
     steps: list[Step] = field(default_factory=list)
     next_uid: int = 0
+    whole: str = "whole image"  # a step without a region ("whole volume" for a volume)
 
     @property
     def current(self) -> Step:
@@ -95,7 +99,7 @@ class Trail:
 
     def push(self, refinement: Refinement, result) -> Step:
         prev = self.steps[-1].refinement if self.steps else None
-        step = Step(step_label(prev, refinement), refinement, result, self.next_uid)
+        step = Step(step_label(prev, refinement, self.whole), refinement, result, self.next_uid)
         self.next_uid += 1
         self.steps.append(step)
         return step

@@ -31,6 +31,7 @@ AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the (D, H, W) axis a plane h
 AXIS_NAME = {"axial": "z", "coronal": "y", "sagittal": "x"}
 FIRST = (0, 255, 0)  # the largest term of the similarity decomposition, as on 2-D images
 OTHERS = (255, 200, 0)
+REGION = (0, 140, 255)  # the searched box (blue), as on 2-D images (retrieval.app.refine)
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,11 @@ def render_slice(
     heat: np.ndarray | None = None,
     boxes: Sequence[Sequence[int]] = (),
     width: int = 240,
+    region: Sequence[int] | None = None,
 ) -> np.ndarray:
     """(h, width, 3) uint8: the slice (map overlaid when it has one here), pixels square in mm,
-    the boxes the slice cuts drawn (the first green, the others orange, as on 2-D images)."""
+    the boxes the slice cuts drawn (the first green, the others orange, as on 2-D images) over
+    the searched region (blue)."""
     from retrieval.explain.overlay import overlay
 
     cut = plane_slice(vol.array, plane, index)
@@ -203,7 +206,10 @@ def render_slice(
 
     draw = ImageDraw.Draw(img)
     line = max(2, round(min(out_w, out_h) / 120))
-    for i, box in reversed(list(enumerate(boxes))):  # the first drawn last, on top
+    shapes = [(box, FIRST if i == 0 else OTHERS) for i, box in enumerate(boxes)]
+    if region is not None:
+        shapes.append((region, REGION))
+    for box, colour in reversed(shapes):  # the first drawn last, on top
         r = box_rect(box, plane, index, vol.shape)
         if r is None:
             continue
@@ -213,7 +219,7 @@ def render_slice(
             max(round(r[2] * sx) - 1, round(r[0] * sx)),
             max(round(r[3] * sy) - 1, round(r[1] * sy)),
         ]
-        draw.rectangle(xy, outline=FIRST if i == 0 else OTHERS, width=line)
+        draw.rectangle(xy, outline=colour, width=line)
     return np.asarray(img)
 
 
@@ -308,12 +314,14 @@ def show(
     boxes: Sequence[Sequence[int]] = (),
     caption: str = "",
     width: int = 240,
+    region: Sequence[int] | None = None,
 ) -> tuple[str, int]:
-    """One scroller: plane radio, slice slider, the slice with the map and the boxes."""
+    """One scroller: plane radio, slice slider, the slice with the map and the boxes (and the
+    searched region in blue)."""
     import streamlit as st
 
     with st.container(key=f"vv_{key}"):
         plane, index = controls(key, vol.shape, caption)
-        st.image(render_slice(vol, plane, index, heat, boxes, width), width=width)
+        st.image(render_slice(vol, plane, index, heat, boxes, width, region), width=width)
         st.caption((f"{caption} · " if caption else "") + slice_caption(vol, plane, index))
     return plane, index

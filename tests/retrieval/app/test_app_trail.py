@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval.app.refine import drag_to_box, parse_box
-from retrieval.app.trail import Refinement, Trail
+from retrieval.app.refine import check_box, drag_to_box, parse_box
+from retrieval.app.trail import Refinement, Trail, box_text
 from retrieval.errors import CasebaseError
 
 
@@ -56,3 +56,27 @@ def test_parse_box():
     assert parse_box(" 1, 2.4 ,30,40.6") == (1, 2, 30, 41)
     with pytest.raises(CasebaseError, match="X0,Y0,X1,Y1"):
         parse_box("1,2,3")
+    assert parse_box("1,2,3,40,50,6") == (1, 2, 3, 40, 50, 6)  # a volume's box
+
+
+def test_check_box_reads_an_image_or_a_volume_box():
+    assert check_box("  ") == (None, "")
+    assert check_box("1,2,30,40") == ((1, 2, 30, 40), "")
+    assert check_box("1,2,3,30,40,6", 3) == ((1, 2, 3, 30, 40, 6), "")
+    box, problem = check_box("1,2,3,30,40,6")  # six numbers for an image
+    assert box is None and "use X0,Y0,X1,Y1" in problem
+    box, problem = check_box("1,2,30,40", 3)  # four for a volume
+    assert box is None and "use X0,Y0,Z0,X1,Y1,Z1" in problem
+    box, problem = check_box("40,40,10,10")
+    assert box is None and problem.endswith("inverted box: X0 < X1 and Y0 < Y1")
+    box, problem = check_box("1,2,6,30,40,6", 3)  # no slice
+    assert box is None and problem.endswith("X0 < X1, Y0 < Y1 and Z0 < Z1")
+
+
+def test_a_volume_region_in_the_trail():
+    t = Trail(whole="whole volume")
+    t.push(Refinement().with_region((1, 2, 3, 30, 40, 6)), "A")
+    t.push(t.refinement.with_region(None), "B")
+    assert t.labels() == ["region x 1–30, y 2–40, z 3–6", "whole volume"]
+    assert t.undo() and t.refinement.query_kwargs() == {"region": (1.0, 2.0, 3.0, 30.0, 40.0, 6.0)}
+    assert box_text((10, 12, 40, 44)) == "x 10–40, y 12–44"

@@ -2,7 +2,8 @@
 model (cnn3d) and with a 2-D model (which reads each volume's middle axial slice).
 
 The query and every neighbour get a slice scroller; the card's jump button moves its two
-sliders to the matched region's slice; a 2-D model's maps are said to be of the middle slice.
+sliders to the matched region's slice; a typed box with its slices is searched and drawn on
+the query's slices; a 2-D model's maps are said to be of the middle slice.
 The fixtures are shared with the browser test (test_app_volume_browser.py).
 """
 
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from retrieval.app import volume_region as vr  # noqa: E402
 from retrieval.app import volume_view as vv  # noqa: E402
 
 from .test_app_unit import APP, TIMEOUT, _texts  # noqa: E402
@@ -86,10 +88,9 @@ def test_volume_model_scrollers_and_jump(monkeypatch, volume_index, volume_phant
     text = _texts(at)
     assert "Nearest cases" in text and "voxels" in text and "z 4 of 0–7" in text
     assert "model is 2-D" not in text  # a 3-D model's maps are of the whole volume
-    assert "Drawing a region is for 2-D images only" in text  # said, not silently missing
-    assert "--region X0,Y0,Z0,X1,Y1,Z1" in text  # and where a volume's box search is
     keys = {s.key for s in at.slider}
-    assert {"vv_preview_axial", "vv_maps_axial"} <= keys
+    assert {"vv_preview_axial", "vv_maps_axial", "region_slices"} <= keys  # a box can be drawn
+    assert at.slider(key="region_slices").value == vr.slices_around(4, 8)  # around the slice
     assert {f"vv_nb{i}_{p}_axial" for i in range(1, 6) for p in ("query", "case")} <= keys
     # volume models list the methods that run on volumes
     options = set(at.sidebar.multiselect[0].options)
@@ -115,9 +116,41 @@ def test_2d_model_on_volumes_says_its_maps_are_of_the_middle_slice(
     at = _run(monkeypatch, flat_volume_index, volume_phantom / "manifest.csv")
     text = _texts(at)
     assert "model is 2-D: it read the volume's middle axial slice (z 4)" in text, text
+    assert "needs a 3-D model" in text and "region_slices" not in {s.key for s in at.slider}
     assert "vv_maps_axial" in {s.key for s in at.slider}
     box, _ = _boxes(at)
     assert len(box) == 4  # a 2-D box, on the middle slice
     at.slider(key="vv_nb1_query_axial").set_value(0).run()
     at.button(key="jump_1").click().run()
     assert at.slider(key="vv_nb1_query_axial").value == 4
+
+
+def test_volume_region_typed_then_its_slices_moved_is_searched(
+    monkeypatch, volume_index, volume_phantom
+):
+    at = _run(monkeypatch, volume_index, volume_phantom / "manifest.csv")
+    box_input = at.text_input(key="region_text")
+    box_input.set_value("20,20,4,4,4,6").run()  # inverted: said on the page, not searched
+    assert "X0 < X1, Y0 < Y1 and Z0 < Z1" in _texts(at)
+    assert at.button(key="search_region").disabled
+    at.text_input(key="region_text").set_value("4,4,2,20,20,6").run()
+    assert at.slider(key="region_slices").value == (2, 5)  # the slider follows the text
+    at.slider(key="region_slices").set_value((3, 6)).run()  # and the text the slider
+    assert at.text_input(key="region_text").value == "4,4,3,20,20,7"
+    at.button(key="search_region").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    text = _texts(at)
+    assert "Searched with the region x 4–20, y 4–20, z 3–7 (blue)" in text, text[-2000:]
+    assert "The query failed" not in text
+    trail = next(str(m.value) for m in at.markdown if str(m.value).startswith("Search trail"))
+    assert trail.endswith("whole volume → **region x 4–20, y 4–20, z 3–7**"), trail
+    # the axial slice shown (z 2) misses the box: a button moves it there
+    at.slider(key="vv_preview_axial").set_value(2).run()
+    at.button(key="region_jump").click().run()
+    assert at.slider(key="vv_preview_axial").value == vv.jump_index(
+        [4, 4, 3, 20, 20, 7], "axial", (8, 32, 32)
+    )
+    # on the other planes the box is shown, drawn on the axial one
+    at.radio(key="vv_preview_plane").set_value("coronal").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "draw a box on the axial plane" in _texts(at)

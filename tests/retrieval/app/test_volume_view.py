@@ -141,6 +141,14 @@ def test_render_slice_sizes_overlay_and_box_colours():
     )
     colours = {tuple(c) for c in second_only.reshape(-1, 3)}
     assert vv.OTHERS in colours and vv.FIRST not in colours
+    # the searched region (blue) on the slices it spans, under the matched boxes
+    region = [0, 0, 1, 6, 5, 3]
+    for z, shown in ((0, False), (1, True), (2, True), (3, False)):
+        cut = vv.render_slice(vol, "axial", z, width=120, region=region)
+        assert (vv.REGION in {tuple(c) for c in cut.reshape(-1, 3)}) is shown, z
+    on_top = vv.render_slice(vol, "axial", 1, boxes=[region], width=120, region=region)
+    colours = {tuple(c) for c in on_top.reshape(-1, 3)}
+    assert vv.FIRST in colours and vv.REGION not in colours
 
 
 def test_shown_volume_spacing_only_when_known():
