@@ -151,6 +151,13 @@ def _add_train(sub) -> None:
         help="weight of the two-view NT-Xent term (default 0.5; 0 = one view, no term)",
     )
     p.add_argument(
+        "--peak-weight",
+        type=float,
+        default=None,
+        help="weight of the training-only peak-pooled cross-entropy that teaches the backbone "
+        "to find small lesions (default 1 for volumes, 0 for 2-D images; the model is unchanged)",
+    )
+    p.add_argument(
         "--aug-scale",
         type=float,
         default=None,

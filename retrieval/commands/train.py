@@ -17,7 +17,15 @@ def run(args) -> int:
         strict=args.strict,
     )
     # options the parser may not have (older parsers, scripted calls): keep the defaults
-    for name in ("width", "depth", "loss", "temperature", "instance_weight", "aug_scale"):
+    for name in (
+        "width",
+        "depth",
+        "loss",
+        "temperature",
+        "instance_weight",
+        "aug_scale",
+        "peak_weight",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(opts, name, value)

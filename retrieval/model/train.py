@@ -62,6 +62,9 @@ class TrainOptions:
     instance_weight: float = 0.5  # weight of the two-view NT-Xent term (0: one view, no term)
     instance_temperature: float = 0.2
     aug_scale: float = DEFAULT_SCALE_JITTER  # zoom jitter of the augmented views (0: none)
+    # weight of the auxiliary peak-pooled cross-entropy (see peak_pool); None: PEAK_WEIGHT for
+    # volume backbones, 0 for 2-D images
+    peak_weight: float | None = None
     margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
@@ -113,6 +116,25 @@ SAMPLE_BUDGET = 12000
 # Cases per step by default (each in two augmented views when the instance term is on).
 DEFAULT_CASES_PER_BATCH = 24
 LOSSES = ("supcon", "multisimilarity", "triplet")
+# The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
+PEAK_WEIGHT = 1.0
+PEAK_FRACTION = 1 / 64  # of the feature cells: 4 of a 4 x 8 x 8 feature volume
+
+
+def peak_pool(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, C): each channel's mean over its top PEAK_FRACTION of cells.
+
+    Training-only. The classifier reads the *average* over the feature grid (so Grad-CAM's
+    channel weights stay exactly W / cells), and its gradient reaches every cell equally: for
+    a lesion of ~0.1 % of a volume the lesion cells get a thousandth of it, and a model can
+    fit the background of 210 volumes first. The same linear head on the peak-pooled
+    features (a weakly supervised localisation loss in the spirit of Pinheiro & Collobert's
+    log-sum-exp pooling) sends the gradient to the cells that respond most, so channels learn
+    to fire on the lesion; the model itself is unchanged.
+    """
+    flat = features.flatten(2)
+    k = max(1, round(PEAK_FRACTION * flat.shape[-1]))
+    return flat.topk(k, dim=-1).values.mean(-1)
 
 
 def seed_everything(seed: int) -> None:
@@ -388,7 +410,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         "attempts": attempts,
         "val_chance": chance,
         "val_chance_precision_at_1": chance_p1,
-        "loss": _loss_name(opts),
+        "loss": _loss_name(opts, backbone),
         "loss_options": {
             "loss": opts.loss,
             "temperature": opts.temperature,
@@ -396,6 +418,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "instance_temperature": opts.instance_temperature,
             "aug_scale": opts.aug_scale,
             "margin": opts.margin,
+            "peak_weight": resolve_peak_weight(opts, backbone),
         },
     }
     model.config = cfg
@@ -416,13 +439,24 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     )
 
 
-def _loss_name(opts: TrainOptions) -> str:
+def resolve_peak_weight(opts: TrainOptions, backbone: str) -> float:
+    if opts.peak_weight is not None:
+        if opts.peak_weight < 0:
+            raise CasebaseError(f"--peak-weight {opts.peak_weight:g}: use 0 or more")
+        return float(opts.peak_weight)
+    return PEAK_WEIGHT if backbone in VOLUME_BACKBONES else 0.0
+
+
+def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
     sup = {
         "supcon": f"supcon(t={opts.temperature:g})",
         "multisimilarity": "multisimilarity",
         "triplet": f"triplet(margin={opts.margin:g}, semihard miner)",
     }[opts.loss]
     text = f"cross_entropy + {sup}(saliency) + {sup}(uniform)"
+    peak = resolve_peak_weight(opts, backbone)
+    if peak > 0:
+        text += f" + {peak:g} * cross_entropy(peak-pooled, top {PEAK_FRACTION:.3g} of cells)"
     if opts.instance_weight > 0:
         text += (
             f" + {opts.instance_weight:g} * ntxent(t={opts.instance_temperature:g}) over two "
@@ -493,8 +527,9 @@ class _Criterion:
     by how they look. bench/depth.py measures the choice.
     """
 
-    def __init__(self, opts: TrainOptions):
+    def __init__(self, opts: TrainOptions, peak_weight: float = 0.0):
         self.opts = opts
+        self.peak_weight = peak_weight
         dist = distances.CosineSimilarity()
         self.miner = None
         if opts.loss == "supcon":
@@ -514,8 +549,10 @@ class _Criterion:
             return self.sup(e, y)
         return self.sup(e, y, self.miner(e, y))
 
-    def __call__(self, logits, e_sal, e_uni, y, case_ids) -> torch.Tensor:
+    def __call__(self, logits, e_sal, e_uni, y, case_ids, peak_logits=None) -> torch.Tensor:
         loss = F.cross_entropy(logits.float(), y)
+        if peak_logits is not None:
+            loss = loss + self.peak_weight * F.cross_entropy(peak_logits.float(), y)
         loss = loss + self.supervised(e_sal, y) + self.supervised(e_uni, y)
         if self.opts.instance_weight > 0:
             w = self.opts.instance_weight
@@ -540,7 +577,8 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
         batch_size=d.batch,
         length_before_new_iter=d.steps_per_epoch * d.batch,
     )
-    criterion = _Criterion(opts)
+    peak_weight = resolve_peak_weight(opts, cfg.backbone)
+    criterion = _Criterion(opts, peak_weight)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch, pct_start=0.15
@@ -573,7 +611,8 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                 uni = torch.full_like(sal, 1.0 / sal[0].numel())
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
-                loss = criterion(logits, e_sal, e_uni, yb, case_ids)
+                peak = model.classifier(peak_pool(feats)) if peak_weight > 0 else None
+                loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optim)

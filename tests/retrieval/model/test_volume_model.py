@@ -147,3 +147,35 @@ def test_slices_backbone_is_2d_per_slice_with_volume_head():
     torch.testing.assert_close(
         cam, m.gradcam(out.features[:1], out.predicted[:1]), atol=1e-5, rtol=1e-4
     )
+
+
+def test_peak_pool_is_the_mean_of_each_channels_top_cells():
+    from retrieval.model.train import PEAK_FRACTION, peak_pool
+
+    feats = torch.zeros(2, 3, 4, 8, 8)  # 256 cells: the top 4 of each channel
+    feats[0, 0, 1, 2, 3] = 8.0  # one hot cell: a quarter of it survives the top-4 mean
+    feats[1, 2] = 1.0
+    out = peak_pool(feats)
+    assert round(PEAK_FRACTION * 256) == 4
+    torch.testing.assert_close(out[0], torch.tensor([2.0, 0.0, 0.0]))
+    torch.testing.assert_close(out[1], torch.tensor([0.0, 0.0, 1.0]))
+    # unlike the average, the peak keeps a one-cell lesion's response
+    torch.testing.assert_close(out[0, 0], 64 * feats[0, 0].mean())  # 256 cells / top 4
+    # its gradient reaches only the top cells
+    feats.requires_grad_(True)
+    peak_pool(feats)[0, 0].backward()
+    assert int((feats.grad[0, 0] != 0).sum()) == 4 and feats.grad[0, 0, 1, 2, 3] == 0.25
+
+
+def test_peak_weight_defaults_to_volumes_only_and_is_recorded(tmp_path):
+    from retrieval.model.train import PEAK_WEIGHT, _loss_name, resolve_peak_weight
+
+    assert resolve_peak_weight(TrainOptions(), "cnn3d") == PEAK_WEIGHT > 0
+    assert resolve_peak_weight(TrainOptions(), "slices") == PEAK_WEIGHT
+    assert resolve_peak_weight(TrainOptions(), "compact") == 0.0
+    assert resolve_peak_weight(TrainOptions(peak_weight=0.0), "cnn3d") == 0.0
+    assert resolve_peak_weight(TrainOptions(peak_weight=0.5), "compact") == 0.5
+    assert "peak-pooled" in _loss_name(TrainOptions(), "cnn3d")
+    assert "peak-pooled" not in _loss_name(TrainOptions(), "compact")
+    with pytest.raises(CasebaseError, match="--peak-weight"):
+        resolve_peak_weight(TrainOptions(peak_weight=-1.0), "cnn3d")
