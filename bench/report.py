@@ -801,6 +801,15 @@ def _concepts(r: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _volume_sanity(g: dict | None) -> str:
+    if not g:
+        return "not run"
+    return (
+        f"{g['sanity_check']} ({g['randomization_spearman']:+.2f}); "
+        f"{g['deletion_gain']:+.3f}, {g['faithfulness'] or 'no verdict'}"
+    )
+
+
 def _volumes(r: Path) -> str:
     d = load("volumes", r)
     rows = []
@@ -812,7 +821,10 @@ def _volumes(r: Path) -> str:
         worst = min(per.items(), key=lambda kv: kv[1]["precision_at_5"]) if per else None
         rows.append(
             [
-                f"{ph['modality']} ({ph['n']} volumes, seed {ph['seed']}): {v.get('cli', 'defaults')}"
+                f"{ph['modality']} ({ph['n']} volumes"
+                + (f" of {ph['depth']} x {ph['size']} x {ph['size']}" if "size" in ph else "")
+                + (f", {ph['format']}" if "format" in ph else "")
+                + f", seed {ph['seed']}): {v.get('cli', 'defaults')}"
                 + (f", train --seed {v['train_seed']}" if v.get("train_seed") is not None else ""),
                 f"{v['precision_at_5']:.2f}"
                 + (f" ({worst[0]} {worst[1]['precision_at_5']:.2f})" if worst else ""),
@@ -820,6 +832,7 @@ def _volumes(r: Path) -> str:
                 f"{pg['occlusion']:.2f} ({pgs['occlusion']:.2f})"
                 if "occlusion" in pg
                 else "not run",
+                _volume_sanity(v.get("sanity", {}).get("gradcam")),
                 f"{v['similarity_lesion_share']['median_share']:.3f} "
                 f"({v['similarity_lesion_share']['median_chance']:.4f})",
                 f"{v['boxes']['inside']}/{v['boxes']['boxes']}",
@@ -840,6 +853,7 @@ def _volumes(r: Path) -> str:
             f"P@5 (≥ {tg['precision_at_5']} wanted; worst class)",
             f"Grad-CAM pointing game, half-cell tolerance (strict) (≥ {tg['gradcam_pointing_game']})",
             "occlusion pointing game (strict)",
+            "Grad-CAM randomisation check (cascade ρ); deletion gain",
             "similarity in lesion × lesion cells, median (chance)",
             "matched boxes inside the volume",
             f"training s (≤ {tg['train_seconds']} on 2 cores)",
@@ -858,7 +872,9 @@ def _volumes(r: Path) -> str:
         else ""
     )
     return (
-        f"{t}\n\nEach row: the phantom made, `casebase train` (210 train / 45 val volumes of 32 x 64 x 64), "
+        f"{t}\n\nDefaults: the training recipe of issue 23's fix (a peak-pooled cross-entropy, "
+        "6 cases a step); former defaults: before it (no peak term, 24 cases a step). "
+        f"Each row: the phantom made, `casebase train` (210 train / 45 val volumes, model input 32 x 64 x 64), "
         f"`index build`, `eval --json` (45 test queries, own patient excluded) and `explain-eval` on the "
         f"test volumes. Rows on 2 cores: *{m['cpu_model']}, {m['cpus_usable']} cores, {gpu}, torch "
         f"{m['torch'].split('+')[0]}.*{gpu_note}"
@@ -902,7 +918,7 @@ def _volume_methods(r: Path) -> str:
     n_sweep = next(iter(d["lime_sweep"].values()))["n_cases"]
     return (
         f"{t}\n\n{first['n_cases']} CT test volumes (the CPU-trained `ct` model of the table "
-        f"above, P@5 {load('volumes', r)['phantoms']['ct']['precision_at_5']:.2f}). LIME's 3-D SLIC supervoxels on {n_sweep} of them: {sweep} "
+        f"above, P@5 {load('volumes', r)['phantoms']['ct (former defaults)']['precision_at_5']:.2f}). LIME's 3-D SLIC supervoxels on {n_sweep} of them: {sweep} "
         f"(default {d['lime_default']['segments']} / {d['lime_default']['samples']}). "
         f"{machine_line(d)}"
     )

@@ -36,6 +36,9 @@ from _common import RESULTS, machine  # noqa: E402
 PHANTOMS = {
     "ct": {"modality": "ct", "n": 300, "seed": 0},
     "mr": {"modality": "mr", "n": 300, "seed": 11},
+    # never tuned on either: another size (48 x 96 x 96, which the model resizes to its
+    # 32 x 64 x 64 input) read from DICOM series
+    "ct96": {"modality": "ct", "n": 300, "seed": 7, "size": 96, "depth": 48, "format": "dicom"},
 }
 WORK = "/work/artifacts/vol3d/bench"
 CASEBASE = [sys.executable, "-m", "retrieval.cli"]
@@ -100,6 +103,7 @@ def run_one(
                 spec["seed"],
                 "--modality",
                 spec["modality"],
+                *[a for k in ("size", "depth", "format") if k in spec for a in (f"--{k}", spec[k])],
             ]
         )
     manifest = ph / "manifest.csv"
@@ -134,13 +138,21 @@ def run_one(
             ]
         ).stdout
     )
+    # the randomisation sanity check and the deletion curves of the two cheap maps
+    sane = json.loads(
+        sh(
+            ["explain-eval", index, manifest, "--methods", "gradcam,similarity", "--json"]
+            + ["--no-store", "--max-cases", 30]
+        ).stdout
+    )["methods"]
     boxes = boxes_inside(index, manifest)
     p5 = ev.get("precision_at_5", ev.get("retrieval", {}).get("precision_at_5"))
     return {
         "phantom": {
             **spec,
             "command": f"casebase phantom OUT --dim 3 --n {spec['n']} "
-            f"--seed {spec['seed']} --modality {spec['modality']}",
+            f"--seed {spec['seed']} --modality {spec['modality']}"
+            + "".join(f" --{k} {spec[k]}" for k in ("size", "depth", "format") if k in spec),
         },
         "train_seconds": round(train_s, 1),
         "train_loadavg_start": load0,
@@ -149,6 +161,8 @@ def run_one(
         "model": {k: cfg[k] for k in ("backbone", "depth", "image_size", "width")},
         "epochs": {k: cfg["training"].get(k) for k in ("epochs_run", "epochs_total", "max_epochs")},
         "n_train": cfg["training"].get("n_train"),
+        "loss_options": cfg["training"].get("loss_options", {}),
+        "cases_per_batch": cfg["training"].get("cases_per_batch"),
         "precision_at_5": p5,
         "eval": ev,
         "pointing_game": {m: v["pointing_game"] for m, v in ee["methods"].items()},
@@ -156,6 +170,19 @@ def run_one(
         "mask_energy": {m: v["mask_energy"] for m, v in ee["methods"].items()},
         "mask_area": {m: v["mask_area"] for m, v in ee["methods"].items()},
         "explain_eval_cases": ee["n_cases"],
+        "sanity": {
+            m: {
+                k: v.get(k)
+                for k in (
+                    "sanity_check",
+                    "randomization_spearman",
+                    "deletion_gain",
+                    "faithfulness",
+                    "n_cases",
+                )
+            }
+            for m, v in sane.items()
+        },
         "similarity_lesion_share": ee.get("similarity_lesion_share"),
         "boxes": boxes,
         "targets": {
@@ -197,6 +224,10 @@ def main(argv=None) -> int:
         key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
         key = f"{key} {args.label}" if args.label else key
         res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
+        opts = res.pop("loss_options", {})
+        res["recipe"] = (
+            f"peak-pooled CE x {opts.get('peak_weight', 0):g}, {res.pop('cases_per_batch')} cases a step"
+        )
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")

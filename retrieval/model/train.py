@@ -21,6 +21,12 @@ classifier *and* retrieval are both still at chance after 30 % of its epochs res
 a new initialisation at half the rate (at most 3 schedules; ``TrainReport.attempts`` and
 the model's config record each, and ``TrainReport.summary`` says every epoch that ran).
 A run whose retrieval has left chance is never restarted for its head alone.
+
+Volumes (cnn3d, slices) add ``peak_weight`` x CE of the same linear head on peak-pooled
+features (see peak_pool) and take 6 cases a step instead of 24: a lesion of ~0.1 % of
+a volume got a thousandth of the average-pooled gradient, and a few hundred volumes
+made ~230 steps in a schedule, so 3-D training found the lesion for one training seed in
+three (issue 23). The model itself, its Grad-CAM and its embedding maths are unchanged.
 """
 
 from __future__ import annotations
@@ -115,6 +121,10 @@ DEFAULT_WIDTH = 16
 SAMPLE_BUDGET = 12000
 # Cases per step by default (each in two augmented views when the instance term is on).
 DEFAULT_CASES_PER_BATCH = 24
+# Volumes: fewer cases per step. A few hundred volumes at 24 cases make 8 steps an epoch,
+# about 230 in a whole schedule, too few for a 3-D model to find its lesion (at 6 cases a
+# step a CT seed that stayed at chance learned; bench/volumes.py).
+DEFAULT_VOLUME_CASES_PER_BATCH = 6
 LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
 PEAK_WEIGHT = 1.0
@@ -351,7 +361,10 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     val_x, val_y = images[va_idx], y_all[va_idx]
 
     views = 2 if opts.instance_weight > 0 else 1
-    target_cases = (opts.batch_size // views) if opts.batch_size else DEFAULT_CASES_PER_BATCH
+    default_cases = (
+        DEFAULT_VOLUME_CASES_PER_BATCH if backbone in VOLUME_BACKBONES else DEFAULT_CASES_PER_BATCH
+    )
+    target_cases = (opts.batch_size // views) if opts.batch_size else default_cases
     m, batch = _batch_plan(len(classes), max(4, target_cases))
     steps_per_epoch = max(1, len(train_x) // batch)
     epochs = opts.epochs or default_epochs(len(train_x) * views)

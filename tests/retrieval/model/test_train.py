@@ -144,6 +144,8 @@ def test_each_loss_trains_and_is_recorded(phantom_dir, tmp_path, loss, instance)
     assert cfg.width == 8 and cfg.training["loss_options"]["loss"] == loss
     assert cfg.training["views"] == (2 if instance else 1)
     assert ("ntxent" in cfg.training["loss"]) == bool(instance)
+    # 2-D images: no peak-pooled term, 24 cases a step (the volume recipe is in test_volume_cli)
+    assert cfg.training["loss_options"]["peak_weight"] == 0.0 and "peak" not in cfg.training["loss"]
     assert report.history and all(math.isfinite(h["loss"]) for h in report.history)
 
 

@@ -23,6 +23,9 @@ def volume_index(tmp_path_factory):
     )
     cfg = json.loads((root / "m" / "config.json").read_text())
     assert cfg["backbone"] == "cnn3d" and cfg["depth"] == 8 and cfg["image_size"] == 32
+    # the volume recipe: the peak-pooled CE on, 6 cases a step (2-D: off, 24)
+    assert cfg["training"]["loss_options"]["peak_weight"] == 1.0
+    assert cfg["training"]["cases_per_batch"] == 6 and "peak-pooled" in cfg["training"]["loss"]
     assert main(["index", "build", str(root / "m"), str(manifest), "--out", str(root / "i")]) == 0
     return root, manifest
 
