@@ -924,6 +924,42 @@ def _volume_methods(r: Path) -> str:
     )
 
 
+_SEED_RECIPES = {
+    "peak": "peak-pooled CE, 24 cases a step",
+    "peak_b24": "peak-pooled CE, 12 cases a step",
+    "peak_b12": "peak-pooled CE, 6 cases a step (the defaults)",
+    "def6": "peak-pooled CE, 6 cases a step (the defaults)",
+}
+
+
+def _volume_seeds(r: Path) -> str:
+    """CT training per recipe and seed: best val P@1 / accuracy and the schedules it took."""
+    d = load("volume_seeds", r)
+    rows = []
+    for v in sorted(d["runs"].values(), key=lambda v: (v["name"], v["seed"])):
+        first = v["attempts"][0]
+        rows.append(
+            [
+                _SEED_RECIPES.get(v["name"], v["name"]),
+                v["seed"],
+                f"{v['best']['precision_at_1']:.2f} / {v['best']['accuracy']:.2f}",
+                "yes" if not first["stalled"] else f"no: {len(v['attempts'])} schedules",
+                v["summary"],
+            ]
+        )
+    t = md_table(
+        [
+            "recipe",
+            "train --seed",
+            "best val P@1 / accuracy (chance 0.33)",
+            "first schedule learned",
+            "epochs",
+        ],
+        rows,
+    )
+    return f"{t}\n\n{d['note']}"
+
+
 def _volume_ceiling(r: Path) -> str:
     d = load("volume_ceiling", r)
     rows = [
@@ -1176,6 +1212,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volumes": _volumes,
     "gpu_path": _gpu_path,
     "volume_ceiling": _volume_ceiling,
+    "volume_seeds": _volume_seeds,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),

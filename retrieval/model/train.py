@@ -24,7 +24,7 @@ A run whose retrieval has left chance is never restarted for its head alone.
 
 Volumes (cnn3d, slices) add ``peak_weight`` x CE of the same linear head on peak-pooled
 features (see peak_pool) and take 6 cases a step instead of 24: a lesion of ~0.1 % of
-a volume got a thousandth of the average-pooled gradient, and a few hundred volumes
+a volume got 1 or 2 / 256 of the average-pooled gradient, and a few hundred volumes
 made ~230 steps in a schedule, so 3-D training found the lesion for one training seed in
 three (issue 23). The model itself, its Grad-CAM and its embedding maths are unchanged.
 """
@@ -135,9 +135,9 @@ def peak_pool(features: torch.Tensor) -> torch.Tensor:
     """(B, C, *grid) -> (B, C): each channel's mean over its top PEAK_FRACTION of cells.
 
     Training-only. The classifier reads the *average* over the feature grid (so Grad-CAM's
-    channel weights stay exactly W / cells), and its gradient reaches every cell equally: for
-    a lesion of ~0.1 % of a volume the lesion cells get a thousandth of it, and a model can
-    fit the background of 210 volumes first. The same linear head on the peak-pooled
+    channel weights stay exactly W / cells), and its gradient reaches every cell equally: a
+    lesion of ~0.1 % of a volume fills 1 or 2 of 256 cells and gets that share of it, and a
+    model can fit the background of 210 volumes first. The same linear head on the peak-pooled
     features (a weakly supervised localisation loss in the spirit of Pinheiro & Collobert's
     log-sum-exp pooling) sends the gradient to the cells that respond most, so channels learn
     to fire on the lesion; the model itself is unchanged.
