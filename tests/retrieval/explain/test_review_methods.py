@@ -99,7 +99,15 @@ def test_new_methods_in_a_query_on_dicom_and_rgb_phantoms(name, retriever, rgb_r
         assert m.dtype == np.float32 and np.isfinite(m).all() and np.ptp(m) > 0
         nb = res.neighbors[0].maps[name]
         for side, arr in nb.items():
-            assert np.isfinite(arr).all() and np.ptp(arr) > 0, (name, side)
+            assert np.isfinite(arr).all(), (name, side)
+            if np.ptp(arr) == 0 and name == "guided_gradcam":
+                # guided Grad-CAM = guided backprop x Grad-CAM: on a random-init model the
+                # ReLU'd Grad-CAM of a similarity can be zero everywhere (every cell lowers
+                # it; seen on one CPU, not another); then, and only then, so is the product
+                cam = r.query(path, k=2, explain=["gradcam"]).neighbors[0].maps["gradcam"][side]
+                assert np.ptp(cam) == 0 and float(np.abs(cam).max()) == 0.0, (name, side)
+                continue
+            assert np.ptp(arr) > 0, (name, side)
         assert nb["case"].shape == tuple(res.neighbors[0].original_size)
 
 
