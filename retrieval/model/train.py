@@ -123,7 +123,7 @@ SAMPLE_BUDGET = 12000
 DEFAULT_CASES_PER_BATCH = 24
 # Volumes: fewer cases per step. A few hundred volumes at 24 cases make 8 steps an epoch,
 # about 230 in a whole schedule, too few for a 3-D model to find its lesion (at 6 cases a
-# step a CT seed that stayed at chance learned; bench/volumes.py).
+# step a CT seed that stayed at chance learned; bench/volume_seeds.py).
 DEFAULT_VOLUME_CASES_PER_BATCH = 6
 LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
