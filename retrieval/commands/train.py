@@ -25,6 +25,7 @@ def run(args) -> int:
         "instance_weight",
         "aug_scale",
         "peak_weight",
+        "focus_weight",
     ):
         value = getattr(args, name, None)
         if value is not None:
