@@ -158,13 +158,6 @@ def _add_train(sub) -> None:
         "to find small lesions (default 1 for volumes, 0 for 2-D images; the model is unchanged)",
     )
     p.add_argument(
-        "--focus-weight",
-        type=float,
-        default=None,
-        help="weight of the training-only term that asks the class evidence (Grad-CAM) to sit "
-        "in a few cells, with a centred head (default 1 for volumes, 0 for 2-D images)",
-    )
-    p.add_argument(
         "--aug-scale",
         type=float,
         default=None,

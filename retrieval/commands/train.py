@@ -25,7 +25,6 @@ def run(args) -> int:
         "instance_weight",
         "aug_scale",
         "peak_weight",
-        "focus_weight",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -71,9 +71,6 @@ class TrainOptions:
     # weight of the auxiliary peak-pooled cross-entropy (see peak_pool); None: PEAK_WEIGHT for
     # volume backbones, 0 for 2-D images
     peak_weight: float | None = None
-    # weight of the Grad-CAM focus term (see focus_loss); None: FOCUS_WEIGHT for volume
-    # backbones, 0 for 2-D images. On, it also keeps the head centred (see center_head).
-    focus_weight: float | None = None
     margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
@@ -148,43 +145,6 @@ def peak_pool(features: torch.Tensor) -> torch.Tensor:
     flat = features.flatten(2)
     k = max(1, round(PEAK_FRACTION * flat.shape[-1]))
     return flat.topk(k, dim=-1).values.mean(-1)
-
-
-FOCUS_WEIGHT = 1.0
-
-
-def center_head(model) -> None:
-    """Give every class the same mean weight vector and bias: W_c -= mean_k W_k, b -= mean(b).
-
-    Softmax is blind to that shift (every logit moves by the same amount), so the class
-    probabilities, and every loss here, are unchanged; Grad-CAM is not. Its map is
-    Σ_k W_ck F_k, and the part of W shared by every class paints anatomy that every case
-    has (the spine of the CT phantom took the Grad-CAM maximum in 8 of 45 test volumes).
-    Centred, W_c is what tells class c from the others, so Grad-CAM and the saliency-weighted
-    embedding show class evidence; its channel weights stay exactly W / cells.
-    """
-    with torch.no_grad():
-        w, b = model.classifier.weight, model.classifier.bias
-        w.sub_(w.mean(dim=0, keepdim=True))
-        if b is not None:
-            b.sub_(b.mean())
-
-
-def focus_loss(model, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean share of the true class's positive Grad-CAM mass outside its top cells.
-
-    Training-only, for volumes: 256 feature cells hold one lesion in 1-6 of them, and an
-    average-pooled head is as happy with a little evidence spread over the anatomy as with
-    the lesion's; this term asks the class evidence (centred head: W_y minus the class mean)
-    to sit in the PEAK_FRACTION of cells where it is strongest. It pulls the top cells up
-    and the rest down, so it has no all-zero optimum to fall into.
-    """
-    w = model.classifier.weight
-    w = w - w.mean(dim=0, keepdim=True)
-    cam = torch.einsum("bc,bcn->bn", w[y].float(), features.float().flatten(2)).relu()
-    k = max(1, round(PEAK_FRACTION * cam.shape[1]))
-    top = cam.topk(k, dim=1).values.sum(1)
-    return (1.0 - top / cam.sum(1).clamp_min(1e-6)).mean()
 
 
 def seed_everything(seed: int) -> None:
@@ -328,12 +288,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     seed_everything(opts.seed)
     if opts.loss not in LOSSES:
         raise CasebaseError(f"unknown loss {opts.loss!r}: choose one of {', '.join(LOSSES)}")
-    for flag, weight in (
-        ("--peak-weight", opts.peak_weight),
-        ("--focus-weight", opts.focus_weight),
-    ):
-        if weight is not None and weight < 0:  # before any image is decoded
-            raise CasebaseError(f"{flag} {weight:g}: use 0 or more")
+    resolve_peak_weight(opts, "cnn3d")  # a negative weight: said before any image is decoded
     device = resolve_device(opts.device)
     manifest = load_manifest(manifest_path)
     df = manifest.select(["train", "val"]).copy()
@@ -478,7 +433,6 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "aug_scale": opts.aug_scale,
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
-            "focus_weight": resolve_focus_weight(opts, backbone),
         },
     }
     model.config = cfg
@@ -501,14 +455,10 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
 
 def resolve_peak_weight(opts: TrainOptions, backbone: str) -> float:
     if opts.peak_weight is not None:
-        return max(0.0, float(opts.peak_weight))
+        if opts.peak_weight < 0:
+            raise CasebaseError(f"--peak-weight {opts.peak_weight:g}: use 0 or more")
+        return float(opts.peak_weight)
     return PEAK_WEIGHT if backbone in VOLUME_BACKBONES else 0.0
-
-
-def resolve_focus_weight(opts: TrainOptions, backbone: str) -> float:
-    if opts.focus_weight is not None:
-        return max(0.0, float(opts.focus_weight))
-    return FOCUS_WEIGHT if backbone in VOLUME_BACKBONES else 0.0
 
 
 def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
@@ -521,10 +471,6 @@ def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
     peak = resolve_peak_weight(opts, backbone)
     if peak > 0:
         text += f" + {peak:g} * cross_entropy(peak-pooled, top {PEAK_FRACTION:.3g} of cells)"
-    focus = resolve_focus_weight(opts, backbone)
-    if focus > 0:
-        text += f" + {focus:g} * Grad-CAM mass outside the top {PEAK_FRACTION:.3g} of cells"
-        text += " (centred head)"
     if opts.instance_weight > 0:
         text += (
             f" + {opts.instance_weight:g} * ntxent(t={opts.instance_temperature:g}) over two "
@@ -647,9 +593,6 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
     )
     peak_weight = resolve_peak_weight(opts, cfg.backbone)
     criterion = _Criterion(opts, peak_weight)
-    focus_weight = resolve_focus_weight(opts, cfg.backbone)
-    if focus_weight > 0:
-        center_head(model)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         optim, max_lr=lr, total_steps=d.epochs * d.steps_per_epoch, pct_start=0.15
@@ -684,14 +627,10 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                 e_uni = model.embed_features(feats.float(), uni)
                 peak = model.classifier(peak_pool(feats)) if peak_weight > 0 else None
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
-                if focus_weight > 0:
-                    loss = loss + focus_weight * focus_loss(model, feats, yb)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optim)
             scaler.update()
-            if focus_weight > 0:
-                center_head(model)
             sched.step()
             running += float(loss.detach())
             bar.update(1)

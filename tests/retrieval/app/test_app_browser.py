@@ -128,6 +128,18 @@ def chromium_page(width: int = 1400, height: int = 1000):
             browser.close()
 
 
+@contextmanager
+def app_page(index: Path, manifest: Path, tmp_path: Path):
+    """The app on this index, opened in a Chromium page; on the way out the server's log
+    must hold no traceback (an exception the page may not show)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = tmp_path / "streamlit.log"
+    with streamlit_server(index, manifest, log) as url, chromium_page() as page:
+        open_app(page, url)
+        yield page
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
 def open_app(page, url: str) -> None:
     """Open the app and wait until the preselected case is loaded (Run query enabled)."""
     page.goto(url, wait_until="domcontentloaded")

@@ -20,13 +20,11 @@ from retrieval.app import volume_view as vv
 from .test_app_browser import (
     ARTIFACTS,
     WAIT_MS,
+    app_page,
     browser_ready,  # noqa: F401 (fixture)
-    chromium_page,
     full_page_screenshot,
-    open_app,
     run_query,
     settle,
-    streamlit_server,
 )
 from .test_app_refine_browser import PICKER, _blue_pixels, _click, _drag, _trail, _wait_trail
 from .test_app_volume import volume_index, volume_phantom  # noqa: F401 (fixtures)
@@ -57,13 +55,7 @@ def test_volume_query_scrolls_switches_plane_and_jumps(
     volume_phantom,  # noqa: F811
     tmp_path,
 ):
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = tmp_path / "streamlit.log"
-    with (
-        streamlit_server(volume_index, volume_phantom / "manifest.csv", log) as url,
-        chromium_page() as page,
-    ):
-        open_app(page, url)
+    with app_page(volume_index, volume_phantom / "manifest.csv", tmp_path) as page:
         run_query(page)
         page.get_by_text("Nearest cases").wait_for(timeout=WAIT_MS)
         settle(page)
@@ -95,7 +87,6 @@ def test_volume_query_scrolls_switches_plane_and_jumps(
         settle(page)
         assert _slider_value(page, "vv_nb1_query_axial") == want
         full_page_screenshot(page, ARTIFACTS / "app-volume.png")
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_volume_region_dragged_on_a_slice_with_its_slices_is_searched(
@@ -104,13 +95,7 @@ def test_volume_region_dragged_on_a_slice_with_its_slices_is_searched(
     volume_phantom,  # noqa: F811
     tmp_path,
 ):
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = tmp_path / "streamlit.log"
-    with (
-        streamlit_server(volume_index, volume_phantom / "manifest.csv", log) as url,
-        chromium_page() as page,
-    ):
-        open_app(page, url)
+    with app_page(volume_index, volume_phantom / "manifest.csv", tmp_path) as page:
         assert page.get_by_role("button", name="Search this region").is_disabled()
         run_query(page)
         # the in-plane box dragged on the axial slice shown (the middle one, z 4); its slices
@@ -153,4 +138,3 @@ def test_volume_region_dragged_on_a_slice_with_its_slices_is_searched(
         _click(page, "Undo last step")
         _wait_trail(page, "region x", present=False)
         assert "Searched with the region" not in page.inner_text("body")
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

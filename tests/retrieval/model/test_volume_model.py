@@ -177,77 +177,13 @@ def test_peak_weight_defaults_to_volumes_only_and_is_recorded(tmp_path):
     assert resolve_peak_weight(TrainOptions(peak_weight=0.5), "compact") == 0.5
     assert "peak-pooled" in _loss_name(TrainOptions(), "cnn3d")
     assert "peak-pooled" not in _loss_name(TrainOptions(), "compact")
+    with pytest.raises(CasebaseError, match="--peak-weight"):
+        resolve_peak_weight(TrainOptions(peak_weight=-1.0), "cnn3d")
 
 
-@pytest.mark.parametrize("flag", ["peak_weight", "focus_weight"])
-def test_negative_loss_weights_are_refused_before_any_image_is_read(tmp_path, flag):
+def test_a_negative_peak_weight_is_refused_before_any_image_is_read(tmp_path):
     from retrieval.model.train import train_model
 
     # the manifest does not exist: the weight is checked first
-    with pytest.raises(CasebaseError, match="--" + flag.replace("_", "-")):
-        train_model(tmp_path / "missing.csv", tmp_path / "m", TrainOptions(**{flag: -1.0}))
-
-
-def test_focus_weight_defaults_to_volumes_only_and_is_recorded():
-    from retrieval.model.train import FOCUS_WEIGHT, _loss_name, resolve_focus_weight
-
-    assert resolve_focus_weight(TrainOptions(), "cnn3d") == FOCUS_WEIGHT > 0
-    assert resolve_focus_weight(TrainOptions(), "compact") == 0.0
-    assert resolve_focus_weight(TrainOptions(focus_weight=0.0), "cnn3d") == 0.0
-    assert "centred head" in _loss_name(TrainOptions(), "cnn3d")
-    assert "Grad-CAM" not in _loss_name(TrainOptions(), "compact")
-
-
-def test_center_head_keeps_the_probabilities_and_drops_what_every_class_shares():
-    import copy
-
-    from retrieval.model.train import center_head
-
-    torch.manual_seed(0)
-    m = CaseNet(ModelConfig(classes=["a", "b", "c"], backbone="cnn3d", depth=16, image_size=32))
-    m.eval()
-    x = torch.randn(2, 1, 16, 32, 32)
-    plain = copy.deepcopy(m)
-    with torch.no_grad():
-        m.classifier.weight.add_(1.0)  # a part of W that every class shares...
-        feats = m.backbone(x)
-        before = m(x).softmax(1)
-        center_head(m)
-        center_head(plain)
-        after = m(x).softmax(1)
-        w = m.classifier.weight
-        class_maps = torch.einsum("kc,bcn->bkn", w, feats.flatten(2))
-        y = torch.tensor([0, 2])
-        torch.testing.assert_close(m.gradcam(feats, y), plain.gradcam(feats, y))
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)  # softmax is blind to it
-    torch.testing.assert_close(w.mean(0), torch.zeros(w.shape[1]), atol=1e-6, rtol=0)
-    assert float(m.classifier.bias.detach().mean().abs()) < 1e-6
-    # ...is gone: the class maps before ReLU sum to zero in every cell (evidence for one
-    # class is evidence against the others)
-    torch.testing.assert_close(
-        class_maps.sum(1), torch.zeros_like(class_maps[:, 0]), atol=1e-4, rtol=0
-    )
-
-
-def test_focus_loss_is_zero_when_the_class_evidence_sits_in_the_top_cells():
-    from retrieval.model.train import focus_loss
-
-    m = CaseNet(ModelConfig(classes=["a", "b"], backbone="cnn3d", depth=16, image_size=32))
-    c = m.classifier.in_features
-    with torch.no_grad():
-        m.classifier.weight.zero_()
-        m.classifier.weight[:, 0] = torch.tensor([1.0, -1.0])
-    feats = torch.zeros(2, c, 4, 8, 8)  # 256 cells: top 4
-    feats[0, 0, 1, 2, 3] = 5.0  # class a's evidence in one cell
-    feats[1, 0] = 1.0  # class a's evidence everywhere, case labelled a
-    y = torch.tensor([0, 0])
-    losses = [float(focus_loss(m, feats[i : i + 1], y[:1])) for i in range(2)]
-    assert losses[0] == 0.0
-    assert losses[1] == pytest.approx(1 - 4 / 256)
-    # its gradient lowers the evidence outside the top cells and raises it inside
-    f = feats[:1].clone()
-    f[0, 0] += 0.5
-    f[0, 0, 3, 7, 5:] = 3.0  # with (1, 2, 3): the top 4 cells
-    f.requires_grad_(True)
-    focus_loss(m, f, y[:1]).backward()
-    assert float(f.grad[0, 0, 1, 2, 3]) < 0 < float(f.grad[0, 0, 0, 0, 0])
+    with pytest.raises(CasebaseError, match="--peak-weight"):
+        train_model(tmp_path / "missing.csv", tmp_path / "m", TrainOptions(peak_weight=-1.0))
