@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -977,6 +978,39 @@ def _volume_ceiling(r: Path) -> str:
     return f"{t}\n\n{machine_line(d)}"
 
 
+def _volume_gradcam_peaks(r: Path) -> str:
+    d = load("volume_gradcam_peaks", r)
+    rows = [
+        [
+            lab,
+            v["n"],
+            f"{v['hit']:.2f}",
+            f"{v['median_rank_of_best_lesion_cell']:.0f} of {math.prod(d['grid'])}",
+            f"{v['contrast_hit']:.2f}",
+        ]
+        for lab, v in d["per_class"].items()
+    ]
+    rows.append(["all", d["n_cases"], f"{d['hit']:.2f}", "", f"{d['contrast_hit']:.2f}"])
+    t = md_table(
+        [
+            "class",
+            "test volumes",
+            "Grad-CAM maximum in a lesion cell",
+            "best lesion cell's rank, median",
+            "same, class-contrast map",
+        ],
+        rows,
+    )
+    cells = ", ".join(f"{c} ({n})" for c, n in d["most_frequent_miss_cells"][:3])
+    return (
+        f"{t}\n\nFeature volume {' x '.join(str(g) for g in d['grid'])} cells (d, h, w), "
+        "the closed-form Grad-CAM of the predicted class before upsampling. Of the "
+        f"{d['misses']} misses, {d['misses_in_a_saturated_cell']} land in a cell holding "
+        "voxels saturated by the lung window (in this phantom, the spine); the most frequent "
+        f"missed cells: {cells}. {machine_line(d)}"
+    )
+
+
 def _depth(r: Path) -> str:
     d = load("depth", r)
     rows = []
@@ -1213,6 +1247,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "gpu_path": _gpu_path,
     "volume_ceiling": _volume_ceiling,
     "volume_seeds": _volume_seeds,
+    "volume_gradcam_peaks": _volume_gradcam_peaks,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),
