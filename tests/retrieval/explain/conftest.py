@@ -100,3 +100,18 @@ def rgb_retriever(tmp_path_factory, photo_phantom_dir):
         num_workers=0,
     )
     return CaseRetriever.load(root / "index", device="cpu")
+
+
+def explain_eval_with_sanity(index, manifest, methods: str, plot: Path, capsys) -> dict:
+    """`casebase explain-eval` at its smallest with the sanity checks on (2 cases, 1 of them
+    randomised under 1 seed) and a plot; its --json report, after asserting exit 0."""
+    import json
+
+    from retrieval.cli import main
+
+    capsys.readouterr()
+    argv = ["explain-eval", str(index), str(manifest), "--methods", methods]
+    argv += ["--max-cases", "2", "--sanity-cases", "1", "--sanity-seeds", "1"]
+    rc = main(argv + ["--json", "--no-store", "--plot", str(plot)])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)

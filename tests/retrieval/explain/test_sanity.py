@@ -1,15 +1,13 @@
 """Adebayo et al.'s randomisation checks, Hanawa et al.'s neighbour tests, the faithfulness
 verdict and explain-eval's sanity output."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from retrieval.explain import registry, sanity, trust
 
-from .conftest import tiny_model
+from .conftest import explain_eval_with_sanity, tiny_model
 
 
 def test_blocks_run_from_the_top_down_and_randomise_only_what_they_name():
@@ -127,30 +125,10 @@ def test_hanawa_tests_on_controlled_embeddings():
 def test_explain_eval_command_writes_sanity_curves_and_a_plot(
     tiny_index, phantom_dir, tmp_path, capsys
 ):
-    from retrieval.cli import main
-
     png = tmp_path / "sanity.png"
-    rc = main(
-        [
-            "explain-eval",
-            str(tiny_index),
-            str(phantom_dir / "manifest.csv"),
-            "--methods",
-            "gradcam,guided_backprop",
-            "--max-cases",
-            "2",
-            "--sanity-cases",
-            "1",
-            "--sanity-seeds",
-            "1",
-            "--json",
-            "--no-store",
-            "--plot",
-            str(png),
-        ]
+    report = explain_eval_with_sanity(
+        tiny_index, phantom_dir / "manifest.csv", "gradcam,guided_backprop", png, capsys
     )
-    assert rc == 0
-    report = json.loads(capsys.readouterr().out)
     for name in ("gradcam", "guided_backprop"):
         m = report["methods"][name]
         assert m["sanity_check"] in ("pass", "fail")

@@ -15,6 +15,8 @@ from retrieval.jsonsafe import clean
 from retrieval.model.network import CaseNet, ModelConfig, save_model
 from retrieval.model.preprocess import Geometry3D
 
+from .conftest import explain_eval_with_sanity
+
 CLASSES = ["cavity", "mass", "nodule"]
 
 
@@ -187,32 +189,10 @@ def volume_index(tmp_path_factory):
 
 
 def test_volume_explain_eval_runs_the_sanity_check_and_the_curves(volume_index, tmp_path, capsys):
-    from retrieval.cli import main
 
     index, manifest = volume_index
     png = tmp_path / "sanity.png"
-    capsys.readouterr()
-    rc = main(
-        [
-            "explain-eval",
-            str(index),
-            str(manifest),
-            "--methods",
-            "gradcam",
-            "--max-cases",
-            "2",
-            "--sanity-cases",
-            "1",
-            "--sanity-seeds",
-            "1",
-            "--json",
-            "--no-store",
-            "--plot",
-            str(png),
-        ]
-    )
-    assert rc == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep = explain_eval_with_sanity(index, manifest, "gradcam", png, capsys)
     g = rep["methods"]["gradcam"]
     assert g["dimensions"] == 3 and g["n_cases"] == 2 and g["not_measured"] == ""
     assert g["sanity_check"] in ("pass", "fail")
