@@ -288,7 +288,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     seed_everything(opts.seed)
     if opts.loss not in LOSSES:
         raise CasebaseError(f"unknown loss {opts.loss!r}: choose one of {', '.join(LOSSES)}")
-    resolve_peak_weight(opts, "cnn3d")  # a negative weight: said before any image is decoded
+    check_peak_weight(opts)  # before any image is decoded
     device = resolve_device(opts.device)
     manifest = load_manifest(manifest_path)
     df = manifest.select(["train", "val"]).copy()
@@ -453,10 +453,14 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     )
 
 
+def check_peak_weight(opts: TrainOptions) -> None:
+    if opts.peak_weight is not None and opts.peak_weight < 0:
+        raise CasebaseError(f"--peak-weight {opts.peak_weight:g}: use 0 or more")
+
+
 def resolve_peak_weight(opts: TrainOptions, backbone: str) -> float:
+    check_peak_weight(opts)
     if opts.peak_weight is not None:
-        if opts.peak_weight < 0:
-            raise CasebaseError(f"--peak-weight {opts.peak_weight:g}: use 0 or more")
         return float(opts.peak_weight)
     return PEAK_WEIGHT if backbone in VOLUME_BACKBONES else 0.0
 

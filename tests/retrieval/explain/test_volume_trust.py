@@ -189,7 +189,6 @@ def volume_index(tmp_path_factory):
 
 
 def test_volume_explain_eval_runs_the_sanity_check_and_the_curves(volume_index, tmp_path, capsys):
-
     index, manifest = volume_index
     png = tmp_path / "sanity.png"
     rep = explain_eval_with_sanity(index, manifest, "gradcam", png, capsys)
