@@ -158,6 +158,13 @@ def _add_train(sub) -> None:
         "to find small lesions (default 1 for volumes, 0 for 2-D images; the model is unchanged)",
     )
     p.add_argument(
+        "--peak-pool",
+        choices=["features", "logits"],
+        default=None,
+        help="what the peak term pools: each channel's top cells (features) or each class's "
+        "top cells of its per-cell logit map (logits)",
+    )
+    p.add_argument(
         "--aug-scale",
         type=float,
         default=None,

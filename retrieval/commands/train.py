@@ -25,6 +25,7 @@ def run(args) -> int:
         "instance_weight",
         "aug_scale",
         "peak_weight",
+        "peak_pool",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, samplers
+from torch import nn
 from tqdm.auto import tqdm
 
 from retrieval.data.imageio import read_image
@@ -71,6 +72,9 @@ class TrainOptions:
     # weight of the auxiliary peak-pooled cross-entropy (see peak_pool); None: PEAK_WEIGHT for
     # volume backbones, 0 for 2-D images
     peak_weight: float | None = None
+    # what the peak term pools: "features" (each channel's top cells, then the head) or
+    # "logits" (each class's top cells of its per-cell logit map; see peak_logits)
+    peak_pool: str = "features"
     margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
@@ -145,6 +149,25 @@ def peak_pool(features: torch.Tensor) -> torch.Tensor:
     flat = features.flatten(2)
     k = max(1, round(PEAK_FRACTION * flat.shape[-1]))
     return flat.topk(k, dim=-1).values.mean(-1)
+
+
+PEAK_POOLS = ("features", "logits")
+
+
+def peak_logits(classifier: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, K): each class's mean per-cell logit over its top PEAK_FRACTION cells.
+
+    Training-only, like peak_pool, but pooled after the head (multiple-instance top-k pooling,
+    as in Oquab et al. 2015 and Durand et al.'s WILDCAT). A cell that every case has (anatomy)
+    gives every class the same per-cell logit, so it cannot raise the true class above the
+    others: the true class's top cells must be cells that tell the classes apart. Grad-CAM of
+    class c is ReLU of that per-cell logit map (less the bias, over the cell count), so its
+    maximum is then pushed onto the evidence.
+    """
+    flat = features.flatten(2)  # (B, C, N)
+    cells = torch.einsum("kc,bcn->bkn", classifier.weight.to(flat.dtype), flat)
+    k = max(1, round(PEAK_FRACTION * flat.shape[-1]))
+    return cells.topk(k, dim=-1).values.mean(-1) + classifier.bias.to(flat.dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -433,6 +456,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "aug_scale": opts.aug_scale,
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
+            "peak_pool": opts.peak_pool,
         },
     }
     model.config = cfg
@@ -456,6 +480,10 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
 def check_peak_weight(opts: TrainOptions) -> None:
     if opts.peak_weight is not None and opts.peak_weight < 0:
         raise CasebaseError(f"--peak-weight {opts.peak_weight:g}: use 0 or more")
+    if opts.peak_pool not in PEAK_POOLS:
+        raise CasebaseError(
+            f"--peak-pool {opts.peak_pool!r}: choose one of {', '.join(PEAK_POOLS)}"
+        )
 
 
 def resolve_peak_weight(opts: TrainOptions, backbone: str) -> float:
@@ -474,7 +502,8 @@ def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
     text = f"cross_entropy + {sup}(saliency) + {sup}(uniform)"
     peak = resolve_peak_weight(opts, backbone)
     if peak > 0:
-        text += f" + {peak:g} * cross_entropy(peak-pooled, top {PEAK_FRACTION:.3g} of cells)"
+        pooled = "peak-pooled" if opts.peak_pool == "features" else "peak-pooled logits"
+        text += f" + {peak:g} * cross_entropy({pooled}, top {PEAK_FRACTION:.3g} of cells)"
     if opts.instance_weight > 0:
         text += (
             f" + {opts.instance_weight:g} * ntxent(t={opts.instance_temperature:g}) over two "
@@ -629,7 +658,13 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                 uni = torch.full_like(sal, 1.0 / sal[0].numel())
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
-                peak = model.classifier(peak_pool(feats)) if peak_weight > 0 else None
+                peak = None
+                if peak_weight > 0:
+                    peak = (
+                        peak_logits(model.classifier, feats)
+                        if opts.peak_pool == "logits"
+                        else model.classifier(peak_pool(feats))
+                    )
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

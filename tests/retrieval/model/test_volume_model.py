@@ -167,6 +167,30 @@ def test_peak_pool_is_the_mean_of_each_channels_top_cells():
     assert int((feats.grad[0, 0] != 0).sum()) == 4 and feats.grad[0, 0, 1, 2, 3] == 0.25
 
 
+def test_peak_logits_pool_each_class_map_so_shared_anatomy_cannot_decide():
+    from torch import nn
+
+    from retrieval.model.train import peak_logits
+
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+        head.bias.copy_(torch.tensor([0.5, -0.5]))
+    feats = torch.zeros(1, 2, 4, 8, 8)  # 256 cells: each class's top 4
+    feats[0, 0, 0, 0, :4] = 3.0  # "anatomy": channel 0 alone, the same logit 3 for both classes
+    feats[0, 1, 2, 5, 5] = 4.0  # "lesion": channel 1 in one cell, +4 for class 0, -4 for class 1
+    out = peak_logits(head, feats)
+    # class 0's top cells: the lesion (4 + 0) and three anatomy cells (3 each)
+    torch.testing.assert_close(out, torch.tensor([[(4.0 + 3 * 3.0) / 4 + 0.5, 3.0 - 0.5]]))
+    # the per-cell logit maps are Grad-CAM's before the ReLU (x cells): the lesion decides
+    cells = torch.einsum("kc,bcn->bkn", head.weight, feats.flatten(2))
+    assert int(cells[0, 0].argmax()) == 2 * 64 + 5 * 8 + 5
+    # the gradient reaches each class's top cells only
+    feats.requires_grad_(True)
+    peak_logits(head, feats)[0, 0].backward()
+    assert int((feats.grad[0].abs().sum(0) != 0).sum()) == 4
+
+
 def test_peak_weight_defaults_to_volumes_only_and_is_recorded(tmp_path):
     from retrieval.model.train import PEAK_WEIGHT, _loss_name, resolve_peak_weight
 
@@ -179,6 +203,9 @@ def test_peak_weight_defaults_to_volumes_only_and_is_recorded(tmp_path):
     assert "peak-pooled" not in _loss_name(TrainOptions(), "compact")
     with pytest.raises(CasebaseError, match="--peak-weight"):
         resolve_peak_weight(TrainOptions(peak_weight=-1.0), "cnn3d")
+    assert "peak-pooled logits" in _loss_name(TrainOptions(peak_pool="logits"), "cnn3d")
+    with pytest.raises(CasebaseError, match="--peak-pool"):
+        resolve_peak_weight(TrainOptions(peak_pool="max"), "cnn3d")
 
 
 def test_a_negative_peak_weight_is_refused_before_any_image_is_read(tmp_path):
