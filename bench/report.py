@@ -873,8 +873,10 @@ def _volumes(r: Path) -> str:
         else ""
     )
     return (
-        f"{t}\n\nDefaults: the training recipe of issue 23's fix (a peak-pooled cross-entropy, "
-        "6 cases a step); former defaults: before it (no peak term, 24 cases a step). "
+        f"{t}\n\nDefaults: the training recipe of issue 23's fix (a peak-pooled cross-entropy "
+        "of each channel's top cells, 6 cases a step); `--peak-pool both`: a second one added, "
+        "of each class's top cells of its per-cell logit map; former defaults: no peak term, "
+        "24 cases a step. "
         f"Each row: the phantom made, `casebase train` (210 train / 45 val volumes, model input 32 x 64 x 64), "
         f"`index build`, `eval --json` (45 test queries, own patient excluded) and `explain-eval` on the "
         f"test volumes. Rows on 2 cores: *{m['cpu_model']}, {m['cpus_usable']} cores, {gpu}, torch "
@@ -980,19 +982,30 @@ def _volume_ceiling(r: Path) -> str:
 
 def _volume_gradcam_peaks(r: Path) -> str:
     d = load("volume_gradcam_peaks", r)
-    rows = [
-        [
-            lab,
-            v["n"],
-            f"{v['hit']:.2f}",
-            f"{v['median_rank_of_best_lesion_cell']:.0f} of {math.prod(d['grid'])}",
-            f"{v['contrast_hit']:.2f}",
+    rows, notes = [], []
+    for model, m in d["models"].items():
+        cells = math.prod(m["grid"])
+        rows += [
+            [
+                model,
+                lab,
+                v["n"],
+                f"{v['hit']:.2f}",
+                f"{v['median_rank_of_best_lesion_cell']:.0f} of {cells}",
+                f"{v['contrast_hit']:.2f}",
+            ]
+            for lab, v in m["per_class"].items()
         ]
-        for lab, v in d["per_class"].items()
-    ]
-    rows.append(["all", d["n_cases"], f"{d['hit']:.2f}", "", f"{d['contrast_hit']:.2f}"])
+        rows.append([model, "all", m["n_cases"], f"{m['hit']:.2f}", "", f"{m['contrast_hit']:.2f}"])
+        top = ", ".join(f"{c} ({n})" for c, n in m["most_frequent_miss_cells"][:3])
+        notes.append(
+            f"{model}: of the {m['misses']} misses, {m['misses_in_a_saturated_cell']} land in a "
+            f"cell holding voxels saturated by the lung window (in this phantom, the spine); the "
+            f"most frequent missed cells: {top}."
+        )
     t = md_table(
         [
+            "model (train --peak-pool)",
             "class",
             "test volumes",
             "Grad-CAM maximum in a lesion cell",
@@ -1001,13 +1014,12 @@ def _volume_gradcam_peaks(r: Path) -> str:
         ],
         rows,
     )
-    cells = ", ".join(f"{c} ({n})" for c, n in d["most_frequent_miss_cells"][:3])
+    grid = next(iter(d["models"].values()))["grid"]
     return (
-        f"{t}\n\nFeature volume {' x '.join(str(g) for g in d['grid'])} cells (d, h, w), "
-        "the closed-form Grad-CAM of the predicted class before upsampling. Of the "
-        f"{d['misses']} misses, {d['misses_in_a_saturated_cell']} land in a cell holding "
-        "voxels saturated by the lung window (in this phantom, the spine); the most frequent "
-        f"missed cells: {cells}. {machine_line(d)}"
+        f"{t}\n\nFeature volume {' x '.join(str(g) for g in grid)} cells (d, h, w), the "
+        "closed-form Grad-CAM of the predicted class before upsampling; both models trained "
+        f"with the CLI defaults otherwise, on the same CT phantom. {' '.join(notes)} "
+        f"{machine_line(d)}"
     )
 
 

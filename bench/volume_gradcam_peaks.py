@@ -13,9 +13,11 @@ volume and records, per class:
 * the same hit rate for the class-contrast map ((W_c - mean_k W_k) . F, what a centred head
   would give; softmax is blind to that shift).
 
-    .venv/bin/python bench/volume_gradcam_peaks.py    # the CT index bench/volumes.py built
+    .venv/bin/python bench/volume_gradcam_peaks.py    # the CT indexes bench/volumes.py built
 
-Results to bench/results/volume_gradcam_peaks.json.
+Each ``--index LABEL=DIR`` is one model (default: the CLI-default model bench/volumes.py
+built in ct_index, against one trained with ``train --peak-pool logits`` in ct_logits_index).
+Results to bench/results/volume_gradcam_peaks.json, one entry per label under "models".
 """
 
 from __future__ import annotations
@@ -96,17 +98,27 @@ def peaks(index_dir: Path, manifest: Path, max_cases: int) -> dict:
     }
 
 
+DEFAULT_INDEXES = [
+    f"features (the default)={WORK}/ct_index",
+    f"logits={WORK}/ct_logits_index",
+]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--index", default=f"{WORK}/ct_index")
+    ap.add_argument("--index", action="append", help="LABEL=INDEX_DIR (repeatable)")
     ap.add_argument("--manifest", default=f"{WORK}/ct_phantom/manifest.csv")
     ap.add_argument("--max-cases", type=int, default=45)
     args = ap.parse_args(argv)
     info, t0 = machine(), time.time()
-    res = peaks(Path(args.index), Path(args.manifest), args.max_cases)
-    res["index"], res["manifest"] = args.index, args.manifest
-    finish("volume_gradcam_peaks", info, res, t0)
-    print({k: res[k] for k in ("hit", "contrast_hit", "misses", "misses_in_a_saturated_cell")})
+    models = {}
+    for spec in args.index or DEFAULT_INDEXES:
+        label, _, index = spec.rpartition("=")
+        res = peaks(Path(index), Path(args.manifest), args.max_cases)
+        res["index"] = index
+        models[label or index] = res
+        print(label, {k: res[k] for k in ("hit", "contrast_hit", "misses")})
+    finish("volume_gradcam_peaks", info, {"manifest": args.manifest, "models": models}, t0)
     return 0
 
 

@@ -159,10 +159,10 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--peak-pool",
-        choices=["features", "logits"],
+        choices=["features", "logits", "both"],
         default=None,
-        help="what the peak term pools: each channel's top cells (features) or each class's "
-        "top cells of its per-cell logit map (logits)",
+        help="what the peak term pools: each channel's top cells (features, the default), "
+        "each class's top cells of its per-cell logit map (logits) or both (one term each)",
     )
     p.add_argument(
         "--aug-scale",

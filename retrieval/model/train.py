@@ -27,6 +27,10 @@ features (see peak_pool) and take 6 cases a step instead of 24: a lesion of ~0.1
 a volume got 1 or 2 / 256 of the average-pooled gradient, and a few hundred volumes
 made ~230 steps in a schedule, so 3-D training found the lesion for one training seed in
 three (issue 23). The model itself, its Grad-CAM and its embedding maths are unchanged.
+``--peak-pool logits`` pools each class's per-cell logit map instead (peak_logits), and
+``both`` adds one CE of each; measured and not the default (bench/volumes.py,
+bench/volume_gradcam_peaks.py): on the CT phantom ``logits`` put Grad-CAM's maximum in a
+lesion cell more often, but ``both`` on the untuned ct96 phantom left it on no lesion.
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ class TrainOptions:
     # weight of the auxiliary peak-pooled cross-entropy (see peak_pool); None: PEAK_WEIGHT for
     # volume backbones, 0 for 2-D images
     peak_weight: float | None = None
-    # what the peak term pools: "features" (each channel's top cells, then the head) or
-    # "logits" (each class's top cells of its per-cell logit map; see peak_logits)
+    # what the peak term pools: "features" (each channel's top cells, then the head; see
+    # peak_pool), "logits" (each class's top cells of its per-cell logit map; see peak_logits)
+    # or "both" (one cross-entropy each)
     peak_pool: str = "features"
     margin: float = 0.2  # triplet only
     patience: int = 6
@@ -151,7 +156,7 @@ def peak_pool(features: torch.Tensor) -> torch.Tensor:
     return flat.topk(k, dim=-1).values.mean(-1)
 
 
-PEAK_POOLS = ("features", "logits")
+PEAK_POOLS = ("features", "logits", "both")
 
 
 def peak_logits(classifier: nn.Linear, features: torch.Tensor) -> torch.Tensor:
@@ -502,8 +507,13 @@ def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
     text = f"cross_entropy + {sup}(saliency) + {sup}(uniform)"
     peak = resolve_peak_weight(opts, backbone)
     if peak > 0:
-        pooled = "peak-pooled" if opts.peak_pool == "features" else "peak-pooled logits"
-        text += f" + {peak:g} * cross_entropy({pooled}, top {PEAK_FRACTION:.3g} of cells)"
+        pooled = {
+            "features": ["peak-pooled"],
+            "logits": ["peak-pooled logits"],
+            "both": ["peak-pooled", "peak-pooled logits"],
+        }[opts.peak_pool]
+        for name in pooled:
+            text += f" + {peak:g} * cross_entropy({name}, top {PEAK_FRACTION:.3g} of cells)"
     if opts.instance_weight > 0:
         text += (
             f" + {opts.instance_weight:g} * ntxent(t={opts.instance_temperature:g}) over two "
@@ -596,10 +606,10 @@ class _Criterion:
             return self.sup(e, y)
         return self.sup(e, y, self.miner(e, y))
 
-    def __call__(self, logits, e_sal, e_uni, y, case_ids, peak_logits=None) -> torch.Tensor:
+    def __call__(self, logits, e_sal, e_uni, y, case_ids, peak=()) -> torch.Tensor:
         loss = F.cross_entropy(logits.float(), y)
-        if peak_logits is not None:
-            loss = loss + self.peak_weight * F.cross_entropy(peak_logits.float(), y)
+        for pooled in peak:  # the top-k pooled logits of the peak term(s)
+            loss = loss + self.peak_weight * F.cross_entropy(pooled.float(), y)
         loss = loss + self.supervised(e_sal, y) + self.supervised(e_uni, y)
         if self.opts.instance_weight > 0:
             w = self.opts.instance_weight
@@ -658,13 +668,11 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                 uni = torch.full_like(sal, 1.0 / sal[0].numel())
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
-                peak = None
-                if peak_weight > 0:
-                    peak = (
-                        peak_logits(model.classifier, feats)
-                        if opts.peak_pool == "logits"
-                        else model.classifier(peak_pool(feats))
-                    )
+                peak = []
+                if peak_weight > 0 and opts.peak_pool in ("features", "both"):
+                    peak.append(model.classifier(peak_pool(feats)))
+                if peak_weight > 0 and opts.peak_pool in ("logits", "both"):
+                    peak.append(peak_logits(model.classifier, feats))
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

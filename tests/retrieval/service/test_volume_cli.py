@@ -26,6 +26,8 @@ def volume_index(tmp_path_factory):
     # the volume recipe: the peak-pooled CE on, 6 cases a step (2-D: off, 24)
     assert cfg["training"]["loss_options"]["peak_weight"] == 1.0
     assert cfg["training"]["cases_per_batch"] == 6 and "peak-pooled" in cfg["training"]["loss"]
+    assert cfg["training"]["loss_options"]["peak_pool"] == "features"
+    assert "peak-pooled logits" not in cfg["training"]["loss"]
     assert main(["index", "build", str(root / "m"), str(manifest), "--out", str(root / "i")]) == 0
     return root, manifest
 
@@ -72,6 +74,17 @@ def test_query_json_boxes_inside_and_maps_of_the_volume_shape(volume_index, tmp_
     assert n > 0
     for method in ("gradcam", "similarity"):
         assert np.load(out["maps"][method]).shape == shape
+
+
+def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path):
+    _, manifest = volume_index
+    out = tmp_path / "m"
+    args = ["train", str(manifest), "--out", str(out), "--epochs", "1", "--width", "4"]
+    assert main([*args, "--peak-pool", "both"]) == 0
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["loss_options"]["peak_pool"] == "both"
+    # one cross-entropy per pooling: each channel's top cells, each class's top logit cells
+    assert training["loss"].count("peak-pooled") == 2 and "peak-pooled logits" in training["loss"]
 
 
 def test_2d_only_features_say_so_in_one_line(volume_index, capsys):
