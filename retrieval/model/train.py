@@ -156,7 +156,9 @@ def peak_pool(features: torch.Tensor) -> torch.Tensor:
     return flat.topk(k, dim=-1).values.mean(-1)
 
 
-PEAK_POOLS = ("features", "logits", "both")
+# --peak-pool: the peak terms each choice adds (one cross-entropy each), and their loss names
+PEAK_POOLS = {"features": ("features",), "logits": ("logits",), "both": ("features", "logits")}
+_PEAK_TERM_NAMES = {"features": "peak-pooled", "logits": "peak-pooled logits"}
 
 
 def peak_logits(classifier: nn.Linear, features: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,14 @@ def peak_logits(classifier: nn.Linear, features: torch.Tensor) -> torch.Tensor:
     cells = torch.einsum("kc,bcn->bkn", classifier.weight.to(flat.dtype), flat)
     k = max(1, round(PEAK_FRACTION * flat.shape[-1]))
     return cells.topk(k, dim=-1).values.mean(-1) + classifier.bias.to(flat.dtype)
+
+
+def peak_terms(classifier: nn.Linear, features: torch.Tensor, pool: str) -> list[torch.Tensor]:
+    """The top-k pooled logits of each peak term that ``--peak-pool`` names (see PEAK_POOLS)."""
+    return [
+        classifier(peak_pool(features)) if term == "features" else peak_logits(classifier, features)
+        for term in PEAK_POOLS[pool]
+    ]
 
 
 def seed_everything(seed: int) -> None:
@@ -509,12 +519,8 @@ def _loss_name(opts: TrainOptions, backbone: str = "compact") -> str:
     text = f"cross_entropy + {sup}(saliency) + {sup}(uniform)"
     peak = resolve_peak_weight(opts, backbone)
     if peak > 0:
-        pooled = {
-            "features": ["peak-pooled"],
-            "logits": ["peak-pooled logits"],
-            "both": ["peak-pooled", "peak-pooled logits"],
-        }[opts.peak_pool]
-        for name in pooled:
+        for term in PEAK_POOLS[opts.peak_pool]:
+            name = _PEAK_TERM_NAMES[term]
             text += f" + {peak:g} * cross_entropy({name}, top {PEAK_FRACTION:.3g} of cells)"
     if opts.instance_weight > 0:
         text += (
@@ -670,11 +676,9 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                 uni = torch.full_like(sal, 1.0 / sal[0].numel())
                 e_sal = model.embed_features(feats.float(), sal)
                 e_uni = model.embed_features(feats.float(), uni)
-                peak = []
-                if peak_weight > 0 and opts.peak_pool in ("features", "both"):
-                    peak.append(model.classifier(peak_pool(feats)))
-                if peak_weight > 0 and opts.peak_pool in ("logits", "both"):
-                    peak.append(peak_logits(model.classifier, feats))
+                peak = (
+                    peak_terms(model.classifier, feats, opts.peak_pool) if peak_weight > 0 else []
+                )
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
