@@ -165,6 +165,18 @@ def _add_train(sub) -> None:
         "each class's top cells of its per-cell logit map (logits) or both (one term each)",
     )
     p.add_argument(
+        "--cell-context",
+        choices=["wide", "mid", "local"],
+        default=None,
+        help="cnn3d: how much of the volume each last-block cell sees (receptive field 111, "
+        "63 or 31 voxels; default wide); less context keeps Grad-CAM's evidence near the lesion",
+    )
+    p.add_argument(
+        "--zero-init-residual",
+        action="store_true",
+        help="start each residual block as the identity (its last batch norm's scale at 0)",
+    )
+    p.add_argument(
         "--aug-scale",
         type=float,
         default=None,

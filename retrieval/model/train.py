@@ -54,7 +54,14 @@ from retrieval.errors import CasebaseError
 from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch, augment_volume_batch
 from retrieval.model.dataset import decode_all
 from retrieval.model.device import resolve_device
-from retrieval.model.network import VOLUME_BACKBONES, CaseNet, ModelConfig, save_model
+from retrieval.model.network import (
+    CELL_CONTEXTS,
+    VOLUME_BACKBONES,
+    CaseNet,
+    ModelConfig,
+    save_model,
+    zero_init_residuals,
+)
 from retrieval.model.preprocess import Preprocessor
 
 
@@ -65,6 +72,10 @@ class TrainOptions:
     width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
     depth: int | None = None  # cnn3d: slices of the model input; None: from the data
+    # cnn3d: how much each last-block cell sees (network.CELL_CONTEXTS); None: the default
+    cell_context: str | None = None
+    # start each residual block as the identity (its last batch norm's scale at 0)
+    zero_init_residual: bool = False
     embedding_dim: int = 128
     batch_size: int | None = None  # images per step (both views of a case count)
     lr: float = 1e-3
@@ -138,6 +149,8 @@ LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
 PEAK_WEIGHT = 1.0
 PEAK_FRACTION = 1 / 64  # of the feature cells: 4 of a 4 x 8 x 8 feature volume
+# cnn3d: how much of the volume each last-block cell sees (network.CELL_CONTEXTS)
+DEFAULT_CELL_CONTEXT = "wide"
 
 
 def peak_pool(features: torch.Tensor) -> torch.Tensor:
@@ -366,6 +379,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         depth=depth,
         embedding_dim=opts.embedding_dim,
         width=opts.width or DEFAULT_WIDTH,
+        cell_context=resolve_cell_context(opts, backbone),
         mean=[0.0] * channels,
         std=[1.0] * channels,
     )
@@ -474,6 +488,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
             "peak_pool": opts.peak_pool,
+            "zero_init_residual": opts.zero_init_residual,
         },
     }
     model.config = cfg
@@ -492,6 +507,19 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         epochs,
         epochs_total,
     )
+
+
+def resolve_cell_context(opts: TrainOptions, backbone: str) -> str:
+    """``--cell-context`` for cnn3d (DEFAULT_CELL_CONTEXT when not given); refused elsewhere."""
+    if opts.cell_context is None:
+        return DEFAULT_CELL_CONTEXT if backbone == "cnn3d" else "wide"
+    if opts.cell_context not in CELL_CONTEXTS:
+        raise CasebaseError(
+            f"--cell-context {opts.cell_context!r}: choose one of {', '.join(CELL_CONTEXTS)}"
+        )
+    if backbone != "cnn3d" and opts.cell_context != "wide":
+        raise CasebaseError(f"--cell-context is for the cnn3d backbone, not {backbone}")
+    return opts.cell_context
 
 
 def check_peak_weight(opts: TrainOptions) -> None:
@@ -635,7 +663,10 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
     phantom); a new initialisation at half the rate gets out of it.
     """
     seed_everything(seed)
-    model = CaseNet(cfg).to(device)
+    model = CaseNet(cfg)
+    if opts.zero_init_residual:
+        zero_init_residuals(model)
+    model = model.to(device)
     sampler = samplers.MPerClassSampler(
         d.train_y.tolist(),
         m=d.m,
