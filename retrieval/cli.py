@@ -165,16 +165,12 @@ def _add_train(sub) -> None:
         "each class's top cells of its per-cell logit map (logits) or both (one term each)",
     )
     p.add_argument(
-        "--cell-context",
-        choices=["wide", "mid", "local"],
-        default=None,
-        help="cnn3d: how much of the volume each last-block cell sees (receptive field 111, "
-        "63 or 31 voxels; default wide); less context keeps Grad-CAM's evidence near the lesion",
-    )
-    p.add_argument(
         "--zero-init-residual",
-        action="store_true",
-        help="start each residual block as the identity (its last batch norm's scale at 0)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start each residual block as the identity (its last batch norm's scale at 0; "
+        "default: on for cnn3d volumes, where Grad-CAM then finds the lesion more often, "
+        "off for 2-D images)",
     )
     p.add_argument(
         "--aug-scale",

@@ -26,13 +26,11 @@ def run(args) -> int:
         "aug_scale",
         "peak_weight",
         "peak_pool",
-        "cell_context",
+        "zero_init_residual",
     ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(opts, name, value)
-    if getattr(args, "zero_init_residual", False):
-        opts.zero_init_residual = True
     report = train_model(args.manifest, args.out, opts)
     best = report.best_val or {}
     print(

@@ -57,9 +57,6 @@ class ModelConfig:
     # 0: a 2-D model (images resized to image_size x image_size). > 0: a volume model
     # (cnn3d): volumes resized to depth x image_size x image_size (D, H, W).
     depth: int = 0
-    # cnn3d: how much of the volume each last-block cell sees (CELL_CONTEXTS); "wide" for
-    # models saved before the option existed
-    cell_context: str = "wide"
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
     format_version: int = MODEL_FORMAT_VERSION
@@ -78,25 +75,24 @@ class ModelConfig:
 _CONV_BN = {2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1, dims: int = 2, kernel: int = 3) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, stride: int = 1, dims: int = 2) -> nn.Sequential:
     conv, bn = _CONV_BN[dims]
     return nn.Sequential(
-        conv(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+        conv(cin, cout, 3, stride=stride, padding=1, bias=False),
         bn(cout),
         nn.ReLU(inplace=True),
     )
 
 
 class _Residual(nn.Module):
-    def __init__(self, ch: int, dims: int = 2, kernel: int = 3):
+    def __init__(self, ch: int, dims: int = 2):
         super().__init__()
         conv, bn = _CONV_BN[dims]
-        pad = kernel // 2
         self.body = nn.Sequential(
-            conv(ch, ch, kernel, padding=pad, bias=False),
+            conv(ch, ch, 3, padding=1, bias=False),
             bn(ch),
             nn.ReLU(inplace=True),
-            conv(ch, ch, kernel, padding=pad, bias=False),
+            conv(ch, ch, 3, padding=1, bias=False),
             bn(ch),
         )
 
@@ -107,8 +103,9 @@ class _Residual(nn.Module):
 def zero_init_residuals(model: nn.Module) -> None:
     """Start every residual block as the identity: its last batch norm's scale at 0.
 
-    Goyal et al. 2017 (torchvision's ``zero_init_residual``): the early updates then flow
-    through the shortcuts, which eases the start of training from scratch."""
+    Goyal et al. 2017 (torchvision's ``zero_init_residual``): each block's branch starts
+    silent and grows only where the loss asks for it. The cnn3d default, measured in
+    bench/volume_init_sweep.py: its Grad-CAM lands on the lesion about three times as often."""
     for m in model.modules():
         if isinstance(m, _Residual):
             nn.init.zeros_(m.body[-1].weight)
@@ -168,46 +165,23 @@ class ResNet18Backbone(nn.Module):
         return self.features(x)
 
 
-# cnn3d --cell-context: which of the four stages' blocks use 1 x 1 x 1 convolutions (which
-# mix channels but see no further), and the receptive field of a last-block cell, in input
-# voxels along each axis. Grad-CAM reads the last block: a cell that sees the whole volume can
-# carry the lesion's evidence anywhere, so its maximum need not lie on the lesion.
-CELL_CONTEXTS = {
-    "wide": {"pointwise": (), "receptive_field": 111},  # every block 3 x 3 x 3
-    "mid": {"pointwise": ("stage4",), "receptive_field": 63},
-    "local": {"pointwise": ("stage3 residual", "stage4"), "receptive_field": 31},
-}
-
-
 class Compact3DBackbone(nn.Module):
     """The compact backbone in 3-D (Conv3d / BatchNorm3d / ReLU; widths w, 2w, 4w, 8w).
 
     Stride 8 along every axis (the last stage keeps its resolution): a 32 x 64 x 64
     volume gives a 4 x 8 x 8 feature volume, the in-plane grid the 2-D model has at
-    128 px, fine enough for matched regions and the pointing game. ``cell_context``
-    (CELL_CONTEXTS) makes the blocks after stride 8 pointwise, so each cell sees less.
+    128 px, fine enough for matched regions and the pointing game.
     """
 
     stride = 8
 
-    def __init__(self, in_channels: int, width: int = 32, cell_context: str = "wide"):
+    def __init__(self, in_channels: int, width: int = 32):
         super().__init__()
-        if cell_context not in CELL_CONTEXTS:
-            raise BundleError(
-                f"unknown cell context {cell_context!r}: choose one of {', '.join(CELL_CONTEXTS)}"
-            )
-        pointwise = CELL_CONTEXTS[cell_context]["pointwise"]
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.out_channels = widths[-1]
         layers: list[nn.Module] = [_conv_bn(in_channels, widths[0], stride=2, dims=3)]
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            stage = f"stage{i + 2}"
-            k_conv = 1 if stage in pointwise else 3
-            k_res = 1 if stage in pointwise or f"{stage} residual" in pointwise else 3
-            layers += [
-                _conv_bn(cin, cout, stride=2 if i < 2 else 1, dims=3, kernel=k_conv),
-                _Residual(cout, 3, kernel=k_res),
-            ]
+            layers += [_conv_bn(cin, cout, stride=2 if i < 2 else 1, dims=3), _Residual(cout, 3)]
         self.features = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -294,8 +268,6 @@ class CaseNet(nn.Module):
             raise BundleError(f"backbone width {config.width}: must be at least 4")
         if config.backbone == "slices":
             self.backbone = SliceBackbone(config.in_channels, config.width, config.depth)
-        elif config.backbone == "cnn3d":
-            self.backbone = Compact3DBackbone(config.in_channels, config.width, config.cell_context)
         else:
             self.backbone = BACKBONES[config.backbone](config.in_channels, config.width)
         channels = self.backbone.out_channels

@@ -55,7 +55,6 @@ from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch, augment
 from retrieval.model.dataset import decode_all
 from retrieval.model.device import resolve_device
 from retrieval.model.network import (
-    CELL_CONTEXTS,
     VOLUME_BACKBONES,
     CaseNet,
     ModelConfig,
@@ -72,10 +71,9 @@ class TrainOptions:
     width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
     depth: int | None = None  # cnn3d: slices of the model input; None: from the data
-    # cnn3d: how much each last-block cell sees (network.CELL_CONTEXTS); None: the default
-    cell_context: str | None = None
-    # start each residual block as the identity (its last batch norm's scale at 0)
-    zero_init_residual: bool = False
+    # start each residual block as the identity (its last batch norm's scale at 0);
+    # None: on for cnn3d (ZERO_INIT_BACKBONES), off elsewhere
+    zero_init_residual: bool | None = None
     embedding_dim: int = 128
     batch_size: int | None = None  # images per step (both views of a case count)
     lr: float = 1e-3
@@ -149,8 +147,11 @@ LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
 PEAK_WEIGHT = 1.0
 PEAK_FRACTION = 1 / 64  # of the feature cells: 4 of a 4 x 8 x 8 feature volume
-# cnn3d: how much of the volume each last-block cell sees (network.CELL_CONTEXTS)
-DEFAULT_CELL_CONTEXT = "wide"
+# Backbones whose residual blocks start as the identity by default (zero_init_residuals): on
+# the CT phantoms cnn3d's Grad-CAM pointing game went from 0.18 to 0.46-0.53 over three
+# seeds (0.16 -> 0.62 on ct96) at the same P@5 (bench/volume_init_sweep.py, on a GPU). 2-D
+# models keep the default initialisation, on which every 2-D figure was measured.
+ZERO_INIT_BACKBONES = frozenset({"cnn3d"})
 
 
 def peak_pool(features: torch.Tensor) -> torch.Tensor:
@@ -379,7 +380,6 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         depth=depth,
         embedding_dim=opts.embedding_dim,
         width=opts.width or DEFAULT_WIDTH,
-        cell_context=resolve_cell_context(opts, backbone),
         mean=[0.0] * channels,
         std=[1.0] * channels,
     )
@@ -488,7 +488,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
             "peak_pool": opts.peak_pool,
-            "zero_init_residual": opts.zero_init_residual,
+            "zero_init_residual": resolve_zero_init(opts, backbone),
         },
     }
     model.config = cfg
@@ -509,17 +509,11 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     )
 
 
-def resolve_cell_context(opts: TrainOptions, backbone: str) -> str:
-    """``--cell-context`` for cnn3d (DEFAULT_CELL_CONTEXT when not given); refused elsewhere."""
-    if opts.cell_context is None:
-        return DEFAULT_CELL_CONTEXT if backbone == "cnn3d" else "wide"
-    if opts.cell_context not in CELL_CONTEXTS:
-        raise CasebaseError(
-            f"--cell-context {opts.cell_context!r}: choose one of {', '.join(CELL_CONTEXTS)}"
-        )
-    if backbone != "cnn3d" and opts.cell_context != "wide":
-        raise CasebaseError(f"--cell-context is for the cnn3d backbone, not {backbone}")
-    return opts.cell_context
+def resolve_zero_init(opts: TrainOptions, backbone: str) -> bool:
+    """``--zero-init-residual`` as given, else on for ZERO_INIT_BACKBONES."""
+    if opts.zero_init_residual is not None:
+        return bool(opts.zero_init_residual)
+    return backbone in ZERO_INIT_BACKBONES
 
 
 def check_peak_weight(opts: TrainOptions) -> None:
@@ -664,7 +658,7 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
     """
     seed_everything(seed)
     model = CaseNet(cfg)
-    if opts.zero_init_residual:
+    if resolve_zero_init(opts, cfg.backbone):
         zero_init_residuals(model)
     model = model.to(device)
     sampler = samplers.MPerClassSampler(
