@@ -1023,6 +1023,55 @@ def _volume_gradcam_peaks(r: Path) -> str:
     )
 
 
+def _volume_init_sweep(r: Path) -> str:
+    d = load("volume_init_sweep", r)
+    variants = d["variants"]
+    rows = []
+    order = {"ct": 0, "ct96": 1, "mr": 2}
+    for name, run in sorted(d["runs"].items(), key=lambda kv: order[kv[0].split("_", 1)[0]]):
+        phantom = name.split("_", 1)[0]
+        base = name.split("_", 1)[1] if phantom in ("ct96", "mr") else name
+        extra = ""
+        if base.endswith(("_s1", "_s2")):
+            base, extra = base[:-3], f"--seed {base[-1]} "
+        if base == "ct_wide_zi_both":
+            base, extra = "ct_wide_zi", "--peak-pool both "
+        base = base if base in variants else f"ct_{base}"  # ct96_wide: the ct_wide arguments
+        args = extra + variants[base]["args_as_run"]
+        pt, strict = run["pointing"].get("gradcam"), run["pointing_strict"].get("gradcam")
+        stalls = next((t.split()[0] for t in run["train"] if "restart(s)" in t), "0")
+        secs = next((t.split()[1] for t in run["train"] if t.startswith("train_s")), "?")
+        rows.append(
+            [
+                phantom,
+                f"`{args}`",
+                f"{run['p5']:.2f}",
+                f"{pt:.2f} / {strict:.2f}" if pt is not None else "not run",
+                f"{run['cell_hit']:.2f}",
+                f"{stalls} stalled, {secs} s",
+            ]
+        )
+    t = md_table(
+        [
+            "phantom",
+            "train arguments (as run)",
+            "P@5",
+            "Grad-CAM pointing game, half-cell / strict",
+            "Grad-CAM maximum in a lesion cell",
+            "training: schedules abandoned, wall time",
+        ],
+        rows,
+    )
+    return (
+        f"{t}\n\nEach row one `casebase train` with the CLI defaults plus the arguments shown, "
+        f"then index build, eval and explain-eval (45 test volumes); runs in parallel on one "
+        f"GPU, so the wall times are not speed figures. Pick rule, fixed before the runs: "
+        f"{d['pick_rule']}; picked `{variants[d['picked']]['args_as_run']}`, then run on ct96 "
+        f"(written as .npy) and MR with the former default beside it. `--cell-context` existed "
+        f"at commit {d['commit']} only. *Measured {d['date']} on {d['machine']['device']}.*"
+    )
+
+
 def _depth(r: Path) -> str:
     d = load("depth", r)
     rows = []
@@ -1260,6 +1309,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volume_ceiling": _volume_ceiling,
     "volume_seeds": _volume_seeds,
     "volume_gradcam_peaks": _volume_gradcam_peaks,
+    "volume_init_sweep": _volume_init_sweep,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),

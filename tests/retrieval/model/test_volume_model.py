@@ -214,3 +214,35 @@ def test_a_negative_peak_weight_is_refused_before_any_image_is_read(tmp_path):
     # the manifest does not exist: the weight is checked first
     with pytest.raises(CasebaseError, match="--peak-weight"):
         train_model(tmp_path / "missing.csv", tmp_path / "m", TrainOptions(peak_weight=-1.0))
+
+
+def test_zero_init_makes_every_residual_block_start_as_the_identity():
+    from retrieval.model.network import _Residual, zero_init_residuals
+
+    torch.manual_seed(0)
+    model = CaseNet(
+        ModelConfig(classes=["a", "b"], backbone="cnn3d", depth=8, image_size=32, width=4)
+    )
+    blocks = [m for m in model.modules() if isinstance(m, _Residual)]
+    assert len(blocks) == 3
+    x = torch.randn(2, blocks[0].body[0].in_channels, 4, 8, 8)
+    assert not torch.allclose(blocks[0](x), torch.relu(x))  # the default init is not the identity
+    zero_init_residuals(model)
+    for block in blocks:
+        ch = block.body[0].in_channels
+        x = torch.randn(2, ch, 4, 8, 8)
+        for mode in (True, False):
+            block.train(mode)
+            assert torch.allclose(block(x), torch.relu(x))
+        # only the last batch norm's scale is zeroed: the branch still trains
+        assert block.body[1].weight.abs().sum() > 0
+
+
+def test_zero_init_is_the_default_for_cnn3d_only():
+    from retrieval.model.train import resolve_zero_init
+
+    assert resolve_zero_init(TrainOptions(), "cnn3d") is True
+    assert resolve_zero_init(TrainOptions(), "compact") is False
+    assert resolve_zero_init(TrainOptions(), "slices") is False
+    assert resolve_zero_init(TrainOptions(zero_init_residual=False), "cnn3d") is False
+    assert resolve_zero_init(TrainOptions(zero_init_residual=True), "compact") is True

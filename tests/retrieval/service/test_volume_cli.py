@@ -28,6 +28,7 @@ def volume_index(tmp_path_factory):
     assert cfg["training"]["cases_per_batch"] == 6 and "peak-pooled" in cfg["training"]["loss"]
     assert cfg["training"]["loss_options"]["peak_pool"] == "features"
     assert "peak-pooled logits" not in cfg["training"]["loss"]
+    assert cfg["training"]["loss_options"]["zero_init_residual"] is True
     assert main(["index", "build", str(root / "m"), str(manifest), "--out", str(root / "i")]) == 0
     return root, manifest
 
@@ -76,10 +77,23 @@ def test_query_json_boxes_inside_and_maps_of_the_volume_shape(volume_index, tmp_
         assert np.load(out["maps"][method]).shape == shape
 
 
-def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path):
+def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path, monkeypatch):
+    import retrieval.model.train as train_mod
+
+    # --no-zero-init-residual: training starts from the default initialisation
+    calls = []
+    monkeypatch.setattr(train_mod, "zero_init_residuals", calls.append)
     _, manifest = volume_index
     out = tmp_path / "m"
     args = ["train", str(manifest), "--out", str(out), "--epochs", "1", "--width", "4"]
+    assert main([*args, "--peak-pool", "both", "--no-zero-init-residual"]) == 0
+    assert calls == []
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["loss_options"]["zero_init_residual"] is False
+    assert main([*args, "--zero-init-residual"]) == 0
+    assert len(calls) == 1 and isinstance(calls[0], train_mod.CaseNet)
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["loss_options"]["zero_init_residual"] is True
     assert main([*args, "--peak-pool", "both"]) == 0
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["loss_options"]["peak_pool"] == "both"
