@@ -1005,7 +1005,7 @@ def _volume_gradcam_peaks(r: Path) -> str:
         )
     t = md_table(
         [
-            "model (train --peak-pool)",
+            "model (train --peak-pool, initialisation)",
             "class",
             "test volumes",
             "Grad-CAM maximum in a lesion cell",
@@ -1017,7 +1017,7 @@ def _volume_gradcam_peaks(r: Path) -> str:
     grid = next(iter(d["models"].values()))["grid"]
     return (
         f"{t}\n\nFeature volume {' x '.join(str(g) for g in grid)} cells (d, h, w), the "
-        "closed-form Grad-CAM of the predicted class before upsampling; both models trained "
+        "closed-form Grad-CAM of the predicted class before upsampling; every model trained "
         f"with the CLI defaults otherwise, on the same CT phantom. {' '.join(notes)} "
         f"{machine_line(d)}"
     )
