@@ -875,7 +875,8 @@ def _volumes(r: Path) -> str:
     return (
         f"{t}\n\nDefaults: the training recipe of issue 23's fix (a peak-pooled cross-entropy "
         "of each channel's top cells, 6 cases a step); `--peak-pool both`: a second one added, "
-        "of each class's top cells of its per-cell logit map; former defaults: no peak term, "
+        "of each class's top cells of its per-cell logit map; `--zero-init-residual`: the "
+        "residual blocks start as the identity; former defaults: no peak term, "
         "24 cases a step. "
         f"Each row: the phantom made, `casebase train` (210 train / 45 val volumes, model input 32 x 64 x 64), "
         f"`index build`, `eval --json` (45 test queries, own patient excluded) and `explain-eval` on the "
@@ -1067,7 +1068,7 @@ def _volume_init_sweep(r: Path) -> str:
         f"then index build, eval and explain-eval (45 test volumes); runs in parallel on one "
         f"GPU, so the wall times are not speed figures. Pick rule, fixed before the runs: "
         f"{d['pick_rule']}; picked `{variants[d['picked']]['args_as_run']}`, then run on ct96 "
-        f"(written as .npy) and MR with the former default beside it. `--cell-context` existed "
+        f"(written as .npy) and MR with the default beside it. `--cell-context` existed "
         f"at commit {d['commit']} only. *Measured {d['date']} on {d['machine']['device']}.*"
     )
 

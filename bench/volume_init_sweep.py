@@ -26,7 +26,7 @@ VARIANTS = {
     "ct_wide": (
         "--no-zero-init-residual",
         "--cell-context wide",
-        "the former default: every block 3 x 3 x 3, default initialisation",
+        "the default: every block 3 x 3 x 3, default initialisation",
     ),
     "ct_mid": (None, "--cell-context mid", "stage 4 pointwise (receptive field 63 voxels)"),
     "ct_local": (
@@ -47,7 +47,7 @@ VARIANTS = {
     "ct_wide_zi": (
         "--zero-init-residual",
         "--cell-context wide --zero-init-residual",
-        "residual blocks start as the identity (now the cnn3d default)",
+        "residual blocks start as the identity (kept as an option)",
     ),
 }
 PICK_MIN_P5 = 0.85

@@ -4,9 +4,9 @@
 # (P@5) -> Grad-CAM at the feature volume (bench/volume_gradcam_peaks.peaks) -> explain-eval
 # --methods gradcam (the 3-D pointing game, half-cell tolerance and strict).
 #   variants: six variants on the CT phantom (seed 0); the pick (pre-registered in
-#             volume_init_sweep.py: best Grad-CAM pointing among P@5 >= 0.85) and the former
+#             volume_init_sweep.py: best Grad-CAM pointing among P@5 >= 0.85) and the
 #             default then run on ct96 (48 x 96 x 96, .npy here to save the DICOM writing) and MR;
-#   seeds:    the zero-init default with training seeds 1 and 2 on CT, and with --peak-pool both.
+#   seeds:    --zero-init-residual with training seeds 1 and 2 on CT, and with --peak-pool both.
 # The --cell-context variants ran at commit bfea852 (the option was removed after this sweep, so
 # `variants` here runs the two that remain; the recorded JSON holds all six).
 # Summaries go to $OUT as JSON; `python bench/volume_init_sweep.py record F...` merges them into

@@ -87,7 +87,12 @@ def boxes_inside(index_dir, manifest, max_queries: int | None = None) -> dict:
 
 
 def run_one(
-    name: str, spec: dict, work: Path, backbone: str | None = None, seed: int | None = None
+    name: str,
+    spec: dict,
+    work: Path,
+    backbone: str | None = None,
+    seed: int | None = None,
+    train_args: tuple[str, ...] = (),
 ) -> dict:
     ph = work / f"{name}_phantom"
     if not (ph / "manifest.csv").is_file():
@@ -109,12 +114,14 @@ def run_one(
     manifest = ph / "manifest.csv"
     tag = f"{name}_{backbone}" if backbone else name
     tag = f"{tag}_seed{seed}" if seed is not None else tag
+    tag += "".join("_" + a.strip("-").replace("-", "") for a in train_args)
     model, index = work / f"{tag}_model", work / f"{tag}_index"
     load0 = list(os.getloadavg())
     t0 = time.time()
     extra = (["--backbone", backbone] if backbone else []) + (
         ["--seed", seed] if seed is not None else []
     )
+    extra += list(train_args)
     out = sh(["train", manifest, "--out", model, *extra])
     train_s = time.time() - t0
     load1 = list(os.getloadavg())
@@ -205,6 +212,11 @@ def main(argv=None) -> int:
         "--label", help="added to the result's key (e.g. 'on H200'), so runs elsewhere stay apart"
     )
     ap.add_argument("--train-seed", type=int, help="casebase train --seed (default: its own)")
+    ap.add_argument(
+        "--train-args",
+        default="",
+        help="more `casebase train` arguments, e.g. '--zero-init-residual' (added to the key)",
+    )
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +224,8 @@ def main(argv=None) -> int:
     for name in [args.only] if args.only else list(PHANTOMS):
         info = machine()
         t0 = time.time()
-        res = run_one(name, PHANTOMS[name], work, args.backbone, args.train_seed)
+        train_args = tuple(args.train_args.split())
+        res = run_one(name, PHANTOMS[name], work, args.backbone, args.train_seed, train_args)
         res["train_seed"] = args.train_seed
         info["loadavg_end"] = list(os.getloadavg())
         info["wall_s"] = round(time.time() - t0, 1)
@@ -222,8 +235,10 @@ def main(argv=None) -> int:
         doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
         key = f"{name} --backbone {args.backbone}" if args.backbone else name
         key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
+        key = f"{key} {args.train_args.strip()}" if train_args else key
         key = f"{key} {args.label}" if args.label else key
         res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
+        res["cli"] = " ".join(train_args) if train_args else res["cli"]
         opts = res.pop("loss_options", {})
         res["recipe"] = (
             f"peak-pooled CE x {opts.get('peak_weight', 0):g}, {res.pop('cases_per_batch')} cases a step"

@@ -71,9 +71,9 @@ class TrainOptions:
     width: int | None = None  # compact backbone width; None: DEFAULT_WIDTH
     image_size: int | None = None
     depth: int | None = None  # cnn3d: slices of the model input; None: from the data
-    # start each residual block as the identity (its last batch norm's scale at 0);
-    # None: on for cnn3d (ZERO_INIT_BACKBONES), off elsewhere
-    zero_init_residual: bool | None = None
+    # start each residual block as the identity (its last batch norm's scale at 0); an option,
+    # not the default: see network.zero_init_residuals
+    zero_init_residual: bool = False
     embedding_dim: int = 128
     batch_size: int | None = None  # images per step (both views of a case count)
     lr: float = 1e-3
@@ -147,11 +147,6 @@ LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
 PEAK_WEIGHT = 1.0
 PEAK_FRACTION = 1 / 64  # of the feature cells: 4 of a 4 x 8 x 8 feature volume
-# Backbones whose residual blocks start as the identity by default (zero_init_residuals): on
-# the CT phantoms cnn3d's Grad-CAM pointing game went from 0.18 to 0.46-0.53 over three
-# seeds (0.16 -> 0.62 on ct96) at the same P@5 (bench/volume_init_sweep.py, on a GPU). 2-D
-# models keep the default initialisation, on which every 2-D figure was measured.
-ZERO_INIT_BACKBONES = frozenset({"cnn3d"})
 
 
 def peak_pool(features: torch.Tensor) -> torch.Tensor:
@@ -488,7 +483,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
             "peak_pool": opts.peak_pool,
-            "zero_init_residual": resolve_zero_init(opts, backbone),
+            "zero_init_residual": opts.zero_init_residual,
         },
     }
     model.config = cfg
@@ -507,13 +502,6 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         epochs,
         epochs_total,
     )
-
-
-def resolve_zero_init(opts: TrainOptions, backbone: str) -> bool:
-    """``--zero-init-residual`` as given, else on for ZERO_INIT_BACKBONES."""
-    if opts.zero_init_residual is not None:
-        return bool(opts.zero_init_residual)
-    return backbone in ZERO_INIT_BACKBONES
 
 
 def check_peak_weight(opts: TrainOptions) -> None:
@@ -658,7 +646,7 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
     """
     seed_everything(seed)
     model = CaseNet(cfg)
-    if resolve_zero_init(opts, cfg.backbone):
+    if opts.zero_init_residual:
         zero_init_residuals(model)
     model = model.to(device)
     sampler = samplers.MPerClassSampler(

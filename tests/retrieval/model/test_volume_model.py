@@ -236,13 +236,3 @@ def test_zero_init_makes_every_residual_block_start_as_the_identity():
             assert torch.allclose(block(x), torch.relu(x))
         # only the last batch norm's scale is zeroed: the branch still trains
         assert block.body[1].weight.abs().sum() > 0
-
-
-def test_zero_init_is_the_default_for_cnn3d_only():
-    from retrieval.model.train import resolve_zero_init
-
-    assert resolve_zero_init(TrainOptions(), "cnn3d") is True
-    assert resolve_zero_init(TrainOptions(), "compact") is False
-    assert resolve_zero_init(TrainOptions(), "slices") is False
-    assert resolve_zero_init(TrainOptions(zero_init_residual=False), "cnn3d") is False
-    assert resolve_zero_init(TrainOptions(zero_init_residual=True), "compact") is True

@@ -28,7 +28,7 @@ def volume_index(tmp_path_factory):
     assert cfg["training"]["cases_per_batch"] == 6 and "peak-pooled" in cfg["training"]["loss"]
     assert cfg["training"]["loss_options"]["peak_pool"] == "features"
     assert "peak-pooled logits" not in cfg["training"]["loss"]
-    assert cfg["training"]["loss_options"]["zero_init_residual"] is True
+    assert cfg["training"]["loss_options"]["zero_init_residual"] is False  # an option
     assert main(["index", "build", str(root / "m"), str(manifest), "--out", str(root / "i")]) == 0
     return root, manifest
 
@@ -80,7 +80,7 @@ def test_query_json_boxes_inside_and_maps_of_the_volume_shape(volume_index, tmp_
 def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path, monkeypatch):
     import retrieval.model.train as train_mod
 
-    # --no-zero-init-residual: training starts from the default initialisation
+    # --zero-init-residual starts the residual blocks at the identity; --no-...: the default
     calls = []
     monkeypatch.setattr(train_mod, "zero_init_residuals", calls.append)
     _, manifest = volume_index
