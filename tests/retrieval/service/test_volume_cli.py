@@ -77,16 +77,15 @@ def test_query_json_boxes_inside_and_maps_of_the_volume_shape(volume_index, tmp_
         assert np.load(out["maps"][method]).shape == shape
 
 
-def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path, monkeypatch):
+def test_zero_init_residual_is_an_option_wired_into_training(volume_index, tmp_path, monkeypatch):
     import retrieval.model.train as train_mod
 
-    # --zero-init-residual starts the residual blocks at the identity; --no-...: the default
     calls = []
     monkeypatch.setattr(train_mod, "zero_init_residuals", calls.append)
     _, manifest = volume_index
     out = tmp_path / "m"
     args = ["train", str(manifest), "--out", str(out), "--epochs", "1", "--width", "4"]
-    assert main([*args, "--peak-pool", "both", "--no-zero-init-residual"]) == 0
+    assert main([*args, "--no-zero-init-residual"]) == 0
     assert calls == []
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["loss_options"]["zero_init_residual"] is False
@@ -94,6 +93,12 @@ def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp
     assert len(calls) == 1 and isinstance(calls[0], train_mod.CaseNet)
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["loss_options"]["zero_init_residual"] is True
+
+
+def test_peak_pooling_of_both_features_and_logits_is_an_option(volume_index, tmp_path):
+    _, manifest = volume_index
+    out = tmp_path / "m"
+    args = ["train", str(manifest), "--out", str(out), "--epochs", "1", "--width", "4"]
     assert main([*args, "--peak-pool", "both"]) == 0
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["loss_options"]["peak_pool"] == "both"
