@@ -1029,23 +1029,14 @@ def _volume_init_sweep(r: Path) -> str:
     variants = d["variants"]
     rows = []
     order = {"ct": 0, "ct96": 1, "mr": 2}
-    for name, run in sorted(d["runs"].items(), key=lambda kv: order[kv[0].split("_", 1)[0]]):
-        phantom = name.split("_", 1)[0]
-        base = name.split("_", 1)[1] if phantom in ("ct96", "mr") else name
-        extra = ""
-        if base.endswith(("_s1", "_s2")):
-            base, extra = base[:-3], f"--seed {base[-1]} "
-        if base == "ct_wide_zi_both":
-            base, extra = "ct_wide_zi", "--peak-pool both "
-        base = base if base in variants else f"ct_{base}"  # ct96_wide: the ct_wide arguments
-        args = extra + variants[base]["args_as_run"]
+    for run in sorted(d["runs"].values(), key=lambda v: order[v["phantom"]]):
         pt, strict = run["pointing"].get("gradcam"), run["pointing_strict"].get("gradcam")
         stalls = next((t.split()[0] for t in run["train"] if "restart(s)" in t), "0")
         secs = next((t.split()[1] for t in run["train"] if t.startswith("train_s")), "?")
         rows.append(
             [
-                phantom,
-                f"`{args}`",
+                run["phantom"],
+                f"`{run['args_as_run']}`",
                 f"{run['p5']:.2f}",
                 f"{pt:.2f} / {strict:.2f}" if pt is not None else "not run",
                 f"{run['cell_hit']:.2f}",

@@ -15,10 +15,9 @@ volume and records, per class:
 
     .venv/bin/python bench/volume_gradcam_peaks.py    # the CT indexes bench/volumes.py built
 
-Each ``--index LABEL=DIR`` is one model (default: the CLI-default model bench/volumes.py
-built in ct_index, against one trained with ``--zero-init-residual`` (bench/volumes.py
---train-args --zero-init-residual builds; renamed ct_zi_index here) and one with ``train --peak-pool logits``
-in ct_logits_index).
+Each ``--index LABEL=DIR`` is one model (default: the three CT indexes below: the CLI
+defaults and ``--train-args --zero-init-residual`` from bench/volumes.py, and one trained with
+``train --peak-pool logits`` in ct_logits_index).
 Results to bench/results/volume_gradcam_peaks.json, one entry per label under "models".
 """
 
@@ -102,7 +101,7 @@ def peaks(index_dir: Path, manifest: Path, max_cases: int) -> dict:
 
 DEFAULT_INDEXES = [
     f"features (the default)={WORK}/ct_index",
-    f"features, --zero-init-residual={WORK}/ct_zi_index",
+    f"features, --zero-init-residual={WORK}/ct_zeroinitresidual_index",
     f"logits={WORK}/ct_logits_index",
 ]
 

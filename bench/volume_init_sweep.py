@@ -66,14 +66,32 @@ def _json(path: Path) -> dict:
         return {"error": str(e)[:200]}
 
 
+def describe(name: str) -> tuple[str, str]:
+    """(phantom, train arguments as run) of a run named by volume_init_sweep.sh: PHANTOM_VARIANT
+    on ct96 / MR, the CT variant itself, or a CT variant with _s1 / _s2 (seed) or _both."""
+    phantom, _, rest = name.partition("_")
+    base = rest if phantom in ("ct96", "mr") else name
+    phantom = phantom if phantom in ("ct96", "mr") else "ct"
+    extra = ""
+    if base.endswith(("_s1", "_s2")):
+        base, extra = base[:-3], f"--seed {base[-1]} "
+    elif base.endswith("_both"):
+        base, extra = base[: -len("_both")], "--peak-pool both "
+    base = base if base in VARIANTS else f"ct_{base}"  # ct96_wide: the ct_wide arguments
+    return phantom, extra + VARIANTS[base][1]
+
+
 def run_summary(d: Path) -> dict:
     """One run's figures: P@5, Grad-CAM at the cells, the pointing game, the training lines."""
+    phantom, args_as_run = describe(d.name)
     ev, pr, ee = _json(d / "eval.json"), _json(d / "probe.json"), _json(d / "ee.json")
     methods = ee.get("methods", {})
     log = (d / "train.log").read_text().splitlines() if (d / "train.log").exists() else []
     keep = ("trained", "train_s", "training stalled", "1 restart", "2 restart")
     return {
         "name": d.name,
+        "phantom": phantom,
+        "args_as_run": args_as_run,
         "p5": ev.get("precision_at_5", ev.get("retrieval", {}).get("precision_at_5")),
         "cell_hit": pr.get("hit"),
         "per_class": pr.get("per_class"),
@@ -99,6 +117,9 @@ def record(files: list[str], machine: str, date: str, commit: str) -> dict:
     runs: dict = {}
     for f in files:
         runs.update(json.loads(Path(f).read_text()))
+    for name, run in runs.items():  # summaries written before run_summary recorded these
+        run.setdefault("phantom", describe(name)[0])
+        run.setdefault("args_as_run", describe(name)[1])
     doc = {
         "benchmark": "volume_init_sweep",
         "date": date,

@@ -221,10 +221,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "volumes.json"
+    train_args = tuple(args.train_args.split())
     for name in [args.only] if args.only else list(PHANTOMS):
         info = machine()
         t0 = time.time()
-        train_args = tuple(args.train_args.split())
         res = run_one(name, PHANTOMS[name], work, args.backbone, args.train_seed, train_args)
         res["train_seed"] = args.train_seed
         info["loadavg_end"] = list(os.getloadavg())
@@ -235,10 +235,15 @@ def main(argv=None) -> int:
         doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
         key = f"{name} --backbone {args.backbone}" if args.backbone else name
         key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
-        key = f"{key} {args.train_args.strip()}" if train_args else key
+        key = f"{key} {' '.join(train_args)}" if train_args else key
         key = f"{key} {args.label}" if args.label else key
-        res["cli"] = "defaults" if not args.backbone else f"defaults + --backbone {args.backbone}"
-        res["cli"] = " ".join(train_args) if train_args else res["cli"]
+        res["cli"] = (
+            " ".join(train_args)
+            if train_args
+            else f"defaults + --backbone {args.backbone}"
+            if args.backbone
+            else "defaults"
+        )
         opts = res.pop("loss_options", {})
         res["recipe"] = (
             f"peak-pooled CE x {opts.get('peak_weight', 0):g}, {res.pop('cases_per_batch')} cases a step"
