@@ -16,7 +16,7 @@ volume and records, per class:
     .venv/bin/python bench/volume_gradcam_peaks.py    # the CT indexes bench/volumes.py built
 
 Each ``--index LABEL=DIR`` is one model (default: the three CT indexes below: the CLI
-defaults and ``--train-args --zero-init-residual`` from bench/volumes.py, and one trained with
+defaults and ``--train-args=--zero-init-residual`` from bench/volumes.py, and one trained with
 ``train --peak-pool logits`` in ct_logits_index).
 Results to bench/results/volume_gradcam_peaks.json, one entry per label under "models".
 """

@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--train-args",
         default="",
-        help="more `casebase train` arguments, e.g. '--zero-init-residual' (added to the key)",
+        help="more `casebase train` arguments, given with '=' (added to the key), "
+        "e.g. --train-args=--zero-init-residual",
     )
     args = ap.parse_args(argv)
     work = Path(args.work)
