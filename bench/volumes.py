@@ -93,7 +93,10 @@ def run_one(
     backbone: str | None = None,
     seed: int | None = None,
     train_args: tuple[str, ...] = (),
+    previous: dict | None = None,
 ) -> dict:
+    """previous: this key's row from an earlier run; when given and its model is still on disk,
+    the model is reused (training not repeated; its figures are copied from that row)."""
     ph = work / f"{name}_phantom"
     if not (ph / "manifest.csv").is_file():
         sh(
@@ -122,9 +125,19 @@ def run_one(
         ["--seed", seed] if seed is not None else []
     )
     extra += list(train_args)
-    out = sh(["train", manifest, "--out", model, *extra])
-    train_s = time.time() - t0
-    load1 = list(os.getloadavg())
+    reused = previous is not None and (model / "config.json").is_file()
+    if reused:
+        train_s, load0, load1 = (
+            previous["train_seconds"],
+            previous["train_loadavg_start"],
+            previous["train_loadavg_end"],
+        )
+        train_output = previous["train_output"]
+    else:
+        out = sh(["train", manifest, "--out", model, *extra])
+        train_s = time.time() - t0
+        load1 = list(os.getloadavg())
+        train_output = out.stdout.strip().splitlines()[-3:]
     cfg = json.loads((model / "config.json").read_text())
     sh(["index", "build", model, manifest, "--out", index])
     ev = json.loads(sh(["eval", index, manifest, "--json"]).stdout)
@@ -164,7 +177,12 @@ def run_one(
         "train_seconds": round(train_s, 1),
         "train_loadavg_start": load0,
         "train_loadavg_end": load1,
-        "train_output": out.stdout.strip().splitlines()[-3:],
+        "train_output": train_output,
+        # trained by an earlier run (its date), only index build and the evaluations re-run
+        "model_reused_from": previous.get("model_reused_from", previous["date"])
+        if reused
+        else None,
+        "cam_layer": ee["settings"].get("cam_layer"),
         "model": {k: cfg[k] for k in ("backbone", "depth", "image_size", "width")},
         "epochs": {k: cfg["training"].get(k) for k in ("epochs_run", "epochs_total", "max_epochs")},
         "n_train": cfg["training"].get("n_train"),
@@ -213,6 +231,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--train-seed", type=int, help="casebase train --seed (default: its own)")
     ap.add_argument(
+        "--reuse-model",
+        action="store_true",
+        help="keep the model an earlier run of the same key trained (still in --work) and re-run "
+        "only index build, eval and explain-eval; the training figures come from that run's row",
+    )
+    ap.add_argument(
         "--train-args",
         default="",
         help="more `casebase train` arguments, given with '=' (added to the key), "
@@ -226,7 +250,15 @@ def main(argv=None) -> int:
     for name in [args.only] if args.only else list(PHANTOMS):
         info = machine()
         t0 = time.time()
-        res = run_one(name, PHANTOMS[name], work, args.backbone, args.train_seed, train_args)
+        key = f"{name} --backbone {args.backbone}" if args.backbone else name
+        key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
+        key = f"{key} {' '.join(train_args)}" if train_args else key
+        key = f"{key} {args.label}" if args.label else key
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        previous = old.get("phantoms", {}).get(key) if args.reuse_model else None
+        res = run_one(
+            name, PHANTOMS[name], work, args.backbone, args.train_seed, train_args, previous
+        )
         res["train_seed"] = args.train_seed
         info["loadavg_end"] = list(os.getloadavg())
         info["wall_s"] = round(time.time() - t0, 1)
@@ -234,10 +266,6 @@ def main(argv=None) -> int:
         res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         # re-read: another run (the other phantom) may have written meanwhile
         doc = json.loads(path.read_text()) if path.is_file() else {"benchmark": "volumes"}
-        key = f"{name} --backbone {args.backbone}" if args.backbone else name
-        key = f"{key} --seed {args.train_seed}" if args.train_seed is not None else key
-        key = f"{key} {' '.join(train_args)}" if train_args else key
-        key = f"{key} {args.label}" if args.label else key
         res["cli"] = (
             " ".join(train_args)
             if train_args

@@ -24,12 +24,15 @@ samples, integration steps and occlusion windows.
 Methods (captum for all it implements):
 
 ===================== ======================================================
-gradcam               captum ``LayerGradCam`` on ``model.target_layer`` (ReLU),
+gradcam               captum ``LayerGradCam`` on ``model.cam_layer`` (ReLU),
                       bilinearly upsampled with ``LayerAttribution.interpolate``
-                      to the input size. On a class logit it equals the
-                      closed-form ``model.gradcam`` (tests: 1e-5, and against
-                      pytorch-grad-cam). On a similarity it is Grad-CAM of the
-                      similarity score.
+                      to the input size. On a class logit at the last block
+                      (every 2-D backbone) it equals the closed-form
+                      ``model.gradcam`` (tests: 1e-5, and against
+                      pytorch-grad-cam); the cnn3d's ``cam_layer`` is the
+                      block where its stride-8 grid starts (see
+                      ``Compact3DBackbone.cam_index``). On a similarity it is
+                      Grad-CAM of the similarity score.
 gradient              captum ``Saliency``: |∂score/∂x|, max over channels.
 smoothgrad            captum ``NoiseTunnel(Saliency)``: mean |∂score/∂x| over
                       ``SMOOTHGRAD_SAMPLES`` copies with Gaussian noise of
@@ -372,16 +375,18 @@ def _seeded(fn):
 class GradCAM:
     name, expensive = "gradcam", False
 
-    def __init__(self, upsample: bool = True):
+    def __init__(self, upsample: bool = True, layer: int | None = None):
         self.upsample = upsample
+        self.layer = layer  # a block of backbone.features; None: the model's cam_layer
 
     def attribute(self, model, inputs, target):
         from captum.attr import LayerGradCam
 
         model = inference_model(model)
         p = _prepare(model, inputs, target)
+        layer = model.cam_layer if self.layer is None else model.backbone.features[self.layer]
         with _grad_mode():
-            cam = LayerGradCam(p.forward, model.target_layer).attribute(
+            cam = LayerGradCam(p.forward, layer).attribute(
                 inputs, additional_forward_args=p.args, relu_attributions=True
             )
         return cam_map(cam.detach(), inputs, self.upsample)

@@ -748,6 +748,8 @@ def evaluate(
         "data_randomization": data_info,
         "settings": {
             "pointing_tolerance": "half a feature-map cell",
+            # the block the CAM methods look at (the last one, except on the cnn3d)
+            "cam_layer": f"backbone.features.{retriever.model.cam_index}",
             "curve_steps": CURVE_STEPS,
             "curve_baseline": f"gaussian blur, sigma = {BLUR_FRACTION:g} x side",
             "curve_score": "predicted-class probability",

@@ -1,6 +1,6 @@
 """CAM family beyond Grad-CAM: Grad-CAM++ and Guided Grad-CAM.
 
-gradcam_plus_plus   Chattopadhay et al. 2018 on ``model.target_layer``: the layer's
+gradcam_plus_plus   Chattopadhay et al. 2018 on ``model.cam_layer``: the layer's
                     activations and gradients from captum
                     (``compute_layer_gradients_and_eval``), then the closed-form
                     weights of the paper as pytorch-grad-cam implements them
@@ -35,7 +35,7 @@ class GradCAMPlusPlus:
         with _grad_mode():
             grads, acts = compute_layer_gradients_and_eval(
                 p.forward,
-                model.target_layer,
+                model.cam_layer,
                 inputs,
                 additional_forward_args=p.args,
             )
@@ -65,7 +65,7 @@ class GuidedGradCAM:
 
             raise CasebaseError("guided_gradcam explains a class logit or a similarity")
         with _grad_mode():
-            attr = GuidedGradCam(p.forward, canon.target_layer).attribute(
+            attr = GuidedGradCam(p.forward, canon.cam_layer).attribute(
                 inputs,
                 additional_forward_args=p.args,
                 interpolate_mode="trilinear" if inputs.ndim == 5 else "bilinear",

@@ -36,6 +36,14 @@ def test_closed_form_gradcam_equals_autograd_gradcam():
     )
 
 
+@pytest.mark.parametrize("backbone", ["compact", "resnet18"])
+def test_image_models_take_grad_cam_at_the_last_block(backbone):
+    """Only the cnn3d moves its CAM block; every 2-D backbone keeps the last one, where the
+    registry's Grad-CAM equals the embedding's closed form."""
+    m = _model(backbone=backbone, in_channels=3)
+    assert m.cam_layer is m.target_layer is m.backbone.features[-1]
+
+
 def test_uniform_weighting_is_plain_average_pooling():
     m = _model()
     x = torch.randn(2, 1, 64, 64)

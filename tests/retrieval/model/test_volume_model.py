@@ -60,10 +60,31 @@ def test_cnn3d_captum_gradcam_matches_closed_form():
     x = torch.randn(1, 1, 8, 16, 16)
     out = m.run(x)
     c = int(out.predicted[0])
-    cam = registry.GradCAM(upsample=False).attribute(m, x, c)
+    last = len(m.backbone.features) - 1
+    cam = registry.GradCAM(upsample=False, layer=last).attribute(m, x, c)
     torch.testing.assert_close(cam, m.gradcam(out.features, out.predicted), atol=1e-5, rtol=1e-4)
     up = registry.get("gradcam").attribute(m, x, c)
     assert up.shape == (1, 8, 16, 16)
+
+
+def test_cnn3d_cam_explainers_look_where_the_stride_8_grid_starts():
+    """Grad-CAM of a volume model is taken at features.4 (bench/volume_cam_layer.py), on the
+    same feature-volume grid as the last block, not at the last block."""
+    from captum.attr import LayerGradCam
+
+    from retrieval.explain import registry
+
+    m = _model()
+    assert m.cam_index == 4 and m.cam_layer is m.backbone.features[4]
+    assert m.cam_index != len(m.backbone.features) - 1
+    x = torch.randn(1, 1, 8, 16, 16)
+    c = int(m.run(x).predicted[0])
+    cam = registry.GradCAM(upsample=False).attribute(m, x, c)
+    ref = LayerGradCam(m, m.backbone.features[4]).attribute(x, target=c, relu_attributions=True)
+    assert cam.shape == (1, 1, 2, 2)  # the feature volume's grid
+    torch.testing.assert_close(cam, ref[:, 0].detach(), atol=1e-5, rtol=1e-4)
+    last = m.gradcam(m.run(x).features, torch.tensor([c]))
+    assert not torch.allclose(cam, last, atol=1e-4)  # a different map from the last block's
 
 
 def test_cnn3d_save_load_roundtrip(tmp_path):
