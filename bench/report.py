@@ -826,10 +826,12 @@ def _volumes(r: Path) -> str:
                 + (f" of {ph['depth']} x {ph['size']} x {ph['size']}" if "size" in ph else "")
                 + (f", {ph['format']}" if "format" in ph else "")
                 + f", seed {ph['seed']}): {v.get('cli', 'defaults')}"
-                + (f", train --seed {v['train_seed']}" if v.get("train_seed") is not None else ""),
+                + (f", train --seed {v['train_seed']}" if v.get("train_seed") is not None else "")
+                + (" (the model above, re-evaluated)" if v.get("model_reused_from") else ""),
                 f"{v['precision_at_5']:.2f}"
                 + (f" ({worst[0]} {worst[1]['precision_at_5']:.2f})" if worst else ""),
                 f"{pg['gradcam']:.2f} ({pgs['gradcam']:.2f})",
+                str(v.get("cam_layer", "the last block")).replace("backbone.", ""),
                 f"{pg['occlusion']:.2f} ({pgs['occlusion']:.2f})"
                 if "occlusion" in pg
                 else "not run",
@@ -853,6 +855,7 @@ def _volumes(r: Path) -> str:
             "phantom: CLI",
             f"P@5 (≥ {tg['precision_at_5']} wanted; worst class)",
             f"Grad-CAM pointing game, half-cell tolerance (strict) (≥ {tg['gradcam_pointing_game']})",
+            "Grad-CAM block",
             "occlusion pointing game (strict)",
             "Grad-CAM randomisation check (cascade ρ); deletion gain",
             "similarity in lesion × lesion cells, median (chance)",
@@ -1021,6 +1024,43 @@ def _volume_gradcam_peaks(r: Path) -> str:
         "closed-form Grad-CAM of the predicted class before upsampling; every model trained "
         f"with the CLI defaults otherwise, on the same CT phantom. {' '.join(notes)} "
         f"{machine_line(d)}"
+    )
+
+
+def _volume_cam_layer(r: Path) -> str:
+    d = load("volume_cam_layer", r)
+    rows = []
+    for model, m in d["models"].items():
+        for block, v in m["blocks"].items():
+            a = v["all"]
+            classes = sorted(k for k in v if k not in ("all", "module", "shape"))
+            chosen = block == m["cam_layer"].replace("backbone.", "")
+            rows.append(
+                [
+                    model,
+                    f"**{block}** (Grad-CAM's block now)" if chosen else block,
+                    f"{v['module'].strip('_')}, {' x '.join(str(g) for g in v['shape'][1:])}",
+                    f"{a['pointing_game']:.2f} ({a['pointing_game_strict']:.2f})",
+                    ", ".join(f"{c} {v[c]['pointing_game']:.2f}" for c in classes),
+                    f"{a['mask_energy']:.3f}",
+                ]
+            )
+    t = md_table(
+        [
+            "model",
+            "block",
+            "module, grid",
+            "Grad-CAM pointing game, half-cell (strict)",
+            "by class",
+            "mask energy",
+        ],
+        rows,
+    )
+    n = next(iter(d["models"].values()))["n_cases"]
+    return (
+        f"{t}\n\ncaptum LayerGradCam (ReLU) of the predicted class at each block, trilinearly "
+        f"upsampled, on {n} test volumes per model; explain-eval's pointing game (tolerance: half "
+        f"a cell of the 4 x 8 x 8 feature volume). {machine_line(d)}"
     )
 
 
@@ -1302,6 +1342,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volume_seeds": _volume_seeds,
     "volume_gradcam_peaks": _volume_gradcam_peaks,
     "volume_init_sweep": _volume_init_sweep,
+    "volume_cam_layer": _volume_cam_layer,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),

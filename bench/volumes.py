@@ -277,6 +277,13 @@ def main(argv=None) -> int:
         res["recipe"] = (
             f"peak-pooled CE x {opts.get('peak_weight', 0):g}, {res.pop('cases_per_batch')} cases a step"
         )
+        if previous is not None and res.get("model_reused_from"):
+            # the earlier row of the same model stays, named by the Grad-CAM block it used
+            layer = previous.get("cam_layer") or "the last block"
+            if layer != res["cam_layer"]:
+                previous.setdefault("cam_layer", layer)
+                doc["phantoms"].pop(key, None)  # both rows go last: the earlier one first
+                doc["phantoms"][f"{key} (Grad-CAM at {layer})"] = previous
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
