@@ -31,9 +31,14 @@ from _common import finish, machine  # noqa: E402
 from volumes import WORK  # noqa: E402
 
 DEFAULT_MODELS = {
-    "ct (defaults; the layer was chosen here)": f"{WORK}/ct_index@{WORK}/ct_phantom/manifest.csv",
-    "ct96 (defaults; never tuned on)": f"{WORK}/ct96_index@{WORK}/ct96_phantom/manifest.csv",
-    "ct --zero-init-residual": f"{WORK}/ct_zeroinitresidual_index@{WORK}/ct_phantom/manifest.csv",
+    "ct": f"{WORK}/ct_index@{WORK}/ct_phantom/manifest.csv",
+    "ct96": f"{WORK}/ct96_index@{WORK}/ct96_phantom/manifest.csv",
+    "ct_zero_init": f"{WORK}/ct_zeroinitresidual_index@{WORK}/ct_phantom/manifest.csv",
+}
+DESCRIPTIONS = {
+    "ct": "ct (defaults; the block was chosen here)",
+    "ct96": "ct96 (defaults; never tuned on)",
+    "ct_zero_init": "ct --zero-init-residual",
 }
 
 
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         res = by_block(Path(index_dir), Path(manifest), args.max_cases)
         res["seconds"] = round(time.time() - t0, 1)
+        res["description"] = DESCRIPTIONS.get(label, label)
         results[label] = res
         best = max(res["blocks"], key=lambda b: res["blocks"][b]["all"]["pointing_game"])
         print(
