@@ -1058,9 +1058,9 @@ def _volume_cam_layer(r: Path) -> str:
     rows = []
     for m in d["models"].values():
         model = m.get("description", m["index"])
-        for block, v in m["blocks"].items():
-            a = v["all"]
-            classes = sorted(k for k in v if k not in ("all", "module", "shape"))
+        for v in m["blocks"].values():
+            a, block = v["all"], v["name"]
+            classes = sorted(k for k in v if k not in ("all", "module", "shape", "name"))
             chosen = block == m["cam_layer"].replace("backbone.", "")
             rows.append(
                 [

@@ -36,7 +36,7 @@ DEFAULT_MODELS = {
     "ct_zero_init": f"{WORK}/ct_zeroinitresidual_index@{WORK}/ct_phantom/manifest.csv",
 }
 DESCRIPTIONS = {
-    "ct": "ct (defaults; the block was chosen here)",
+    "ct": "ct (defaults; the block chosen by this one)",
     "ct96": "ct96 (defaults; never tuned on)",
     "ct_zero_init": "ct --zero-init-residual",
 }
@@ -81,7 +81,8 @@ def by_block(index_dir: Path, manifest: Path, max_cases: int) -> dict:
                     grids[b] = list(h.shape[1:])
     out = {}
     for b in blocks:
-        out[f"features.{b}"] = {
+        out[str(b)] = {
+            "name": f"features.{b}",
             "module": type(model.backbone.features[b]).__name__,
             "shape": grids.get(b),
             **{
@@ -122,11 +123,13 @@ def main(argv=None) -> int:
         res["seconds"] = round(time.time() - t0, 1)
         res["description"] = DESCRIPTIONS.get(label, label)
         results[label] = res
-        best = max(res["blocks"], key=lambda b: res["blocks"][b]["all"]["pointing_game"])
+        best = max(res["blocks"].values(), key=lambda v: v["all"]["pointing_game"])
         print(
             f"{label}: "
-            + ", ".join(f"{b} {v['all']['pointing_game']:.2f}" for b, v in res["blocks"].items())
-            + f" (best {best})",
+            + ", ".join(
+                f"{v['name']} {v['all']['pointing_game']:.2f}" for v in res["blocks"].values()
+            )
+            + f" (best {best['name']})",
             flush=True,
         )
     finish(args.name, info, {"args": vars(args), "models": results}, started)

@@ -179,8 +179,8 @@ class Compact3DBackbone(nn.Module):
     # The CAM explainers' block: the residual block where the stride-8 grid starts, not the
     # last one. The last stage (features.5-6) widens the channels at the same grid; Grad-CAM
     # there spreads onto anatomy (explain-eval pointing game 0.14 on the CT phantom, 0.31 on
-    # ct96), at features.4 it points at the lesion far more often (bench/volume_cam_layer.py:
-    # chosen on CT among the blocks at the feature volume's grid, checked on ct96).
+    # ct96); at features.4, 0.43 and 0.61 (bench/volume_cam_layer.py: the best block on the
+    # feature volume's grid on CT, and the best of all on ct96).
     cam_index = 4
 
     def __init__(self, in_channels: int, width: int = 32):
