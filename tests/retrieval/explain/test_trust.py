@@ -211,6 +211,8 @@ def test_evaluate_on_an_index_reports_every_requested_method(retriever, phantom_
         sanity_seeds=(0,),
     )
     assert report["split"] == "test" and report["n_cases"] == 2
+    last = len(retriever.model.backbone.features) - 1
+    assert report["settings"]["cam_layer"] == f"backbone.features.{last}"  # 2-D: the last block
     keys = {
         "pointing_game",
         "pointing_game_strict",

@@ -213,6 +213,7 @@ def test_volume_explain_eval_runs_the_sanity_check_and_the_curves(volume_index, 
     assert "volumes" in g["summary"] and "sanity check" in g["summary"]
     assert rep["settings"]["dimensions"] == 3 and rep["settings"]["sanity_seeds"] == [0]
     assert rep["settings"]["sanity_cases"] == 1 and rep["not_measured"] == ""
+    assert rep["settings"]["cam_layer"] == "backbone.features.4"  # the cnn3d's CAM block
     assert rep["neighbour_tests"]["identical_class"]["verdict"] in ("pass", "fail")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
