@@ -13,7 +13,11 @@ and 8 cells a side at 128 px) pooled over
   the features of the lesion and nothing else);
 
 each unit-normalised (keys ``POOLING_blockB``), and the three blocks concatenated
-(``POOLING_all``); scored with bench/depth.py's
+(``POOLING_all``); and the index's own vector (``index_embedding``, the saliency-weighted
+projection) with and without a within-class whitening fitted on the index
+(``index_embedding_whitened``: each direction divided by the square root of its within-class
+variance plus 1e-3 of the largest, as in PCA-whitening for retrieval, Jégou & Chum 2012; the
+shrinkage was picked among 0, 1e-4, 1e-3 and 1e-2 on the chest model); scored with bench/depth.py's
 ``depth_metrics`` (test queries against train+val, own patient excluded) and its within-class
 ridge probe of size (R^2: is size in the vector at all?).
 
@@ -112,6 +116,41 @@ def pooled_vectors(model_dir: str, manifest_path: str):
     return g_df, g, q_df, q
 
 
+def index_embedding(model_dir: str, manifest_path: str, g_df, q_df):
+    """(gallery, query) saliency-weighted embeddings, as the index holds them, in the frames'
+    row order."""
+    from retrieval.data.manifest import load_manifest
+    from retrieval.model.embedding import embed_paths
+    from retrieval.model.network import load_model
+    from retrieval.model.preprocess import Preprocessor
+
+    man = load_manifest(manifest_path)
+    model = load_model(model_dir)
+    pre = Preprocessor(model.config)
+    out = []
+    for df in (g_df, q_df):
+        emb = embed_paths(model, pre, [str(man.resolve(p)) for p in df["image"]], progress=False)
+        if len(emb.ok) != len(df):
+            raise RuntimeError("an image that decoded once did not decode again")
+        out.append(emb.vectors)
+    return out
+
+
+def whiten(g: np.ndarray, q: np.ndarray, labels: np.ndarray, shrink: float = 1e-3):
+    """Within-class PCA-whitening fitted on the gallery, applied to both, unit-normalised."""
+    res = g.astype(np.float64).copy()
+    for c in np.unique(labels):
+        res[labels == c] -= res[labels == c].mean(0)
+    var, vec = np.linalg.eigh(res.T @ res / len(res))
+    t = vec / np.sqrt(np.clip(var, 0.0, None) + shrink * var.max())
+    mu = g.mean(0)
+    gw, qw = (g - mu) @ t, (q - mu) @ t
+    return (
+        gw / np.linalg.norm(gw, axis=1, keepdims=True),
+        qw / np.linalg.norm(qw, axis=1, keepdims=True),
+    )
+
+
 def score(g_df, g_vec, q_df, q_vec) -> dict:
     m = depth_metrics(
         q_vec,
@@ -144,6 +183,10 @@ def main(argv=None) -> int:
                 rows[f"{p}_block{b}"] = score(g_df, g[p, b], q_df, q[p, b])
             cat = [np.hstack([v[p, b] for b in BLOCKS]) / np.sqrt(len(BLOCKS)) for v in (g, q)]
             rows[f"{p}_all"] = score(g_df, cat[0], q_df, cat[1])
+        ge, qe = index_embedding(model_dir, manifest, g_df, q_df)
+        rows["index_embedding"] = score(g_df, ge, q_df, qe)
+        gw, qw = whiten(ge, qe, g_df["label"].to_numpy())
+        rows["index_embedding_whitened"] = score(g_df, gw, q_df, qw)
         results[label] = {"model": model_dir, "manifest": manifest, "vectors": rows}
         for k, m in rows.items():
             print(

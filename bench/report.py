@@ -1032,10 +1032,14 @@ def _depth_pooling(r: Path) -> str:
     labels = list(d["models"])
     vectors = list(d["models"][labels[0]]["vectors"])
     rows = []
+    named = {
+        "index_embedding": "the index's embedding (saliency-weighted, projected)",
+        "index_embedding_whitened": "the same, within-class whitened",
+    }
     for k in vectors:
         pooling, _, block = k.rpartition("_")
         where = "all three blocks" if block == "all" else f"features.{block.removeprefix('block')}"
-        row = [f"{pooling.replace('_', ' ')} @ {where}"]
+        row = [named.get(k, f"{pooling.replace('_', ' ')} @ {where}")]
         for lab in labels:
             m = d["models"][lab]["vectors"][k]
             row.append(
