@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, machine  # noqa: E402
-from depth import _factor_arrays, depth_metrics, size_probe  # noqa: E402
+from depth import _metrics_from_frames, size_probe  # noqa: E402
 
 BLOCKS = (2, 4, 6)
 POOLINGS = ("uniform", "gradcam", "lesion_mask")
@@ -152,16 +152,7 @@ def whiten(g: np.ndarray, q: np.ndarray, labels: np.ndarray, shrink: float = 1e-
 
 
 def score(g_df, g_vec, q_df, q_vec) -> dict:
-    m = depth_metrics(
-        q_vec,
-        q_df["label"].to_numpy(),
-        q_df["patient_id"].to_numpy(),
-        _factor_arrays(q_df),
-        g_vec,
-        g_df["label"].to_numpy(),
-        g_df["patient_id"].to_numpy(),
-        _factor_arrays(g_df),
-    )
+    m = _metrics_from_frames(q_df, q_vec, g_df, g_vec)
     m["size_probe_r2"] = size_probe(g_df, g_vec, q_df, q_vec)
     return m
 
