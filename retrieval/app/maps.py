@@ -12,8 +12,7 @@ PER_ROW = 4
 
 # one line per family: what its maps are, so a user knows what to compare
 FAMILY_NOTES = {
-    "CAM family": "coarse maps from a late block's activations and gradients (the last block; "
-    "a 3-D model's block where its feature grid starts)",
+    "CAM family": "coarse maps from a late block's activations and gradients",
     "gradients": "pixel-level maps from (modified) gradients",
     "perturbation": "what changes the answer when regions are hidden",
     "Shapley": "Shapley-value estimates: each region's share of the score",
