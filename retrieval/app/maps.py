@@ -44,6 +44,19 @@ def verdict_line(t: dict) -> str:
     return " · ".join(parts)
 
 
+def flat_note(heat) -> str:
+    """A caption for a map with nothing to draw (every value the same after the display's
+    scaling): it shows as the bare image, which would read as a missing overlay."""
+    from retrieval.explain.overlay import normalize_map
+
+    if float(normalize_map(heat).max()) > 0:
+        return ""
+    return (
+        "Flat map: every pixel scores the same here (for a CAM map: no positive evidence for "
+        "the class at its block), so nothing is overlaid."
+    )
+
+
 def trust_caption(result, method: str) -> str:
     if result.ood.flag:
         return (
@@ -81,6 +94,8 @@ def _grid(result, shown: list[str], picture) -> None:
             for col, name in zip(cols, names[start : start + PER_ROW], strict=False):
                 with col:
                     st.image(picture(name), caption=name, width=IMAGE_PX)
+                    if note := flat_note(result.maps[name]):
+                        st.caption(note)
                     st.caption(trust_caption(result, name))
                     sanity_panel(result, name)
 

@@ -47,3 +47,14 @@ def test_sanity_curves_are_drawn_only_for_a_method_that_carries_them():
     # original + 3 blocks per line; 4 metrics x (cascading, independent) + the threshold
     assert len(drawn[0].lines) == 2 * len(sanity.METRICS) + 1
     assert all(len(line.get_xdata()) == len(blocks) + 1 for line in drawn[0].lines[:-1])
+
+
+def test_a_flat_map_says_so_and_a_map_with_a_peak_does_not():
+    import numpy as np
+
+    assert "Flat map" in maps.flat_note(np.zeros((8, 8)))
+    assert "Flat map" in maps.flat_note(np.full((2, 8, 8), 0.3))  # a volume's map too
+    peak = np.zeros((2, 8, 8))
+    peak[1, 4, 4] = 1.0
+    peak[1, 3:6, 3:6] += 0.5
+    assert maps.flat_note(peak) == ""
