@@ -51,7 +51,8 @@ DEFAULT_MODELS = {
 
 def pooled_vectors(model_dir: str, manifest_path: str):
     """(gallery frame, gallery vectors, query frame, query vectors), vectors keyed by
-    (pooling, block)."""
+    (pooling, block), and the index's own embedding under "index_embedding", all from one
+    decode and one forward per image."""
     import torch
     import torch.nn.functional as F
 
@@ -77,13 +78,16 @@ def pooled_vectors(model_dir: str, manifest_path: str):
         df = man.select(splits).reset_index(drop=True)
         paths = [str(man.resolve(p)) for p in df["image"]]
         out = {(p, b): [] for p in POOLINGS for b in BLOCKS}
+        out["index_embedding"] = []  # the saliency-weighted embedding the index holds
         ok = []
         with torch.no_grad():
             for idx, batch, _ in iter_decoded(paths, pre, progress=False):
                 if batch is None:
                     continue
                 f = model.backbone(pre.normalize(batch))
-                cam = model.gradcam(f, model.classifier(model.pool(f)).argmax(1))[:, None]
+                cam = model.gradcam(f, model.classifier(model.pool(f)).argmax(1))
+                out["index_embedding"].append(model.embed_features(f, model.saliency_weights(cam)))
+                cam = cam[:, None]
                 s = model.config.image_size
                 masks = torch.stack(
                     [
@@ -114,26 +118,6 @@ def pooled_vectors(model_dir: str, manifest_path: str):
         for h in hooks:
             h.remove()
     return g_df, g, q_df, q
-
-
-def index_embedding(model_dir: str, manifest_path: str, g_df, q_df):
-    """(gallery, query) saliency-weighted embeddings, as the index holds them, in the frames'
-    row order."""
-    from retrieval.data.manifest import load_manifest
-    from retrieval.model.embedding import embed_paths
-    from retrieval.model.network import load_model
-    from retrieval.model.preprocess import Preprocessor
-
-    man = load_manifest(manifest_path)
-    model = load_model(model_dir)
-    pre = Preprocessor(model.config)
-    out = []
-    for df in (g_df, q_df):
-        emb = embed_paths(model, pre, [str(man.resolve(p)) for p in df["image"]], progress=False)
-        if len(emb.ok) != len(df):
-            raise RuntimeError("an image that decoded once did not decode again")
-        out.append(emb.vectors)
-    return out
 
 
 def whiten(g: np.ndarray, q: np.ndarray, labels: np.ndarray, shrink: float = 1e-3):
@@ -174,7 +158,7 @@ def main(argv=None) -> int:
                 rows[f"{p}_block{b}"] = score(g_df, g[p, b], q_df, q[p, b])
             cat = [np.hstack([v[p, b] for b in BLOCKS]) / np.sqrt(len(BLOCKS)) for v in (g, q)]
             rows[f"{p}_all"] = score(g_df, cat[0], q_df, cat[1])
-        ge, qe = index_embedding(model_dir, manifest, g_df, q_df)
+        ge, qe = g["index_embedding"], q["index_embedding"]
         rows["index_embedding"] = score(g_df, ge, q_df, qe)
         gw, qw = whiten(ge, qe, g_df["label"].to_numpy())
         rows["index_embedding_whitened"] = score(g_df, gw, q_df, qw)
