@@ -825,6 +825,7 @@ def _volumes(r: Path) -> str:
                 f"{ph['modality']} ({ph['n']} volumes"
                 + (f" of {ph['depth']} x {ph['size']} x {ph['size']}" if "size" in ph else "")
                 + (f", {ph['format']}" if "format" in ph else "")
+                + (", a fourth class 'normal' without a lesion" if ph.get("normals") else "")
                 + f", seed {ph['seed']}): {v.get('cli', 'defaults')}"
                 + (f", train --seed {v['train_seed']}" if v.get("train_seed") is not None else "")
                 + (" (the model above, re-evaluated)" if v.get("model_reused_from") else ""),
@@ -881,9 +882,10 @@ def _volumes(r: Path) -> str:
         "of each class's top cells of its per-cell logit map; `--zero-init-residual`: the "
         "residual blocks start as the identity; former defaults: no peak term, "
         "24 cases a step. "
-        f"Each row: the phantom made, `casebase train` (210 train / 45 val volumes, model input 32 x 64 x 64), "
-        f"`index build`, `eval --json` (45 test queries, own patient excluded) and `explain-eval` on the "
-        f"test volumes. Rows on 2 cores: *{m['cpu_model']}, {m['cpus_usable']} cores, {gpu}, torch "
+        "Each row: the phantom made, `casebase train` (of 300 volumes 210 train / 45 val, of 400 "
+        "280 / 60; model input 32 x 64 x 64), `index build`, `eval --json` (the 45 or 60 test "
+        "queries, own patient excluded) and `explain-eval` on the test volumes with a lesion. "
+        f"Rows on 2 cores: *{m['cpu_model']}, {m['cpus_usable']} cores, {gpu}, torch "
         f"{m['torch'].split('+')[0]}.*{gpu_note}"
     )
 
@@ -1087,11 +1089,12 @@ def _volume_cam_layer(r: Path) -> str:
         ],
         rows,
     )
-    n = next(iter(d["models"].values()))["n_cases"]
+    n = ", ".join(f"{k} {m['n_cases']}" for k, m in d["models"].items())
     return (
         f"{t}\n\ncaptum LayerGradCam (ReLU) of the predicted class at each block, trilinearly "
-        f"upsampled, on {n} test volumes per model; explain-eval's pointing game (tolerance: half "
-        f"a cell of the 4 x 8 x 8 feature volume). {machine_line(d)}"
+        f"upsampled, on the first {d['args']['max_cases']} test volumes of each model less those "
+        f"without a lesion ({n}); explain-eval's pointing game (tolerance: half a cell of the "
+        f"4 x 8 x 8 feature volume). {machine_line(d)}"
     )
 
 

@@ -13,7 +13,8 @@ at every block of each model, with the same measures as explain-eval
 
 Each ``--model LABEL=INDEX_DIR@MANIFEST`` is one index (default: the CLI-default CT model
 the layer was chosen on, the ct96 one never tuned on, and the CT ``--zero-init-residual``
-model). Results to bench/results/volume_cam_layer.json.
+model; and the two phantoms with a fourth, lesion-free class, bench/volumes.py's ct_normals
+and ct96_normals). Results to bench/results/volume_cam_layer.json.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ DEFAULT_MODELS = {
     "ct": f"{WORK}/ct_index@{WORK}/ct_phantom/manifest.csv",
     "ct96": f"{WORK}/ct96_index@{WORK}/ct96_phantom/manifest.csv",
     "ct_zero_init": f"{WORK}/ct_zeroinitresidual_index@{WORK}/ct_phantom/manifest.csv",
+    "ct_normals": f"{WORK}/ct_normals_index@{WORK}/ct_normals_phantom/manifest.csv",
+    "ct96_normals": f"{WORK}/ct96_normals_index@{WORK}/ct96_normals_phantom/manifest.csv",
 }
 DESCRIPTIONS = {
     "ct": "ct (defaults; the block chosen by this one)",
     "ct96": "ct96 (defaults; never tuned on)",
     "ct_zero_init": "ct --zero-init-residual",
+    "ct_normals": "ct with normals (defaults)",
+    "ct96_normals": "ct96 with normals (defaults)",
 }
 
 

@@ -39,6 +39,18 @@ PHANTOMS = {
     # never tuned on either: another size (48 x 96 x 96, which the model resizes to its
     # 32 x 64 x 64 input) read from DICOM series
     "ct96": {"modality": "ct", "n": 300, "seed": 7, "size": 96, "depth": 48, "format": "dicom"},
+    # the same generators with a fourth, lesion-free class "normal" (--normals), 100 volumes a
+    # class as above: does Grad-CAM find every lesion class when none can be learned as "none
+    # of the others' lesions"? (docs/results.md, "One class learned by elimination")
+    "ct_normals": {"modality": "ct", "n": 400, "seed": 0, "normals": True},
+    "ct96_normals": {
+        "modality": "ct",
+        "n": 400,
+        "seed": 7,
+        "size": 96,
+        "depth": 48,
+        "normals": True,
+    },
 }
 WORK = "/work/artifacts/vol3d/bench"
 CASEBASE = [sys.executable, "-m", "retrieval.cli"]
@@ -112,6 +124,7 @@ def run_one(
                 "--modality",
                 spec["modality"],
                 *[a for k in ("size", "depth", "format") if k in spec for a in (f"--{k}", spec[k])],
+                *(["--normals"] if spec.get("normals") else []),
             ]
         )
     manifest = ph / "manifest.csv"
@@ -172,7 +185,8 @@ def run_one(
             **spec,
             "command": f"casebase phantom OUT --dim 3 --n {spec['n']} "
             f"--seed {spec['seed']} --modality {spec['modality']}"
-            + "".join(f" --{k} {spec[k]}" for k in ("size", "depth", "format") if k in spec),
+            + "".join(f" --{k} {spec[k]}" for k in ("size", "depth", "format") if k in spec)
+            + (" --normals" if spec.get("normals") else ""),
         },
         "train_seconds": round(train_s, 1),
         "train_loadavg_start": load0,

@@ -52,6 +52,12 @@ def _add_phantom(sub) -> None:
         help="--dim 3: npy (default), nifti, dicom, a comma list or all; the first one is "
         "manifest.csv, the others manifest_<format>.csv",
     )
+    p.add_argument(
+        "--normals",
+        action="store_true",
+        help="--dim 3: add a class 'normal' of volumes without a lesion (about as many as "
+        "each lesion class)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--confounder",

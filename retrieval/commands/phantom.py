@@ -13,6 +13,8 @@ def run(args) -> int:
     if dim == 3:
         return _run3d(args, modality or "ct")
     modality = modality or "xray"
+    if getattr(args, "normals", False):
+        raise CasebaseError("--normals is available with --dim 3 only")
     if modality in ("ct", "mr"):
         raise CasebaseError(f"--modality {modality} makes volumes: add --dim 3")
     from retrieval.data.phantom import make_phantom
@@ -55,11 +57,13 @@ def _run3d(args, modality: str) -> int:
         seed=args.seed,
         modality=modality,
         formats=args.format,
+        normals=bool(getattr(args, "normals", False)),
         progress=True,
     )
+    extra = ", with normals" if getattr(args, "normals", False) else ""
     print(
         f"wrote {n} {modality} volumes ({args.depth} x {size} x {size}, seed {args.seed}, "
-        f"format {args.format}) to {manifest}",
+        f"format {args.format}{extra}) to {manifest}",
         file=sys.stderr,
     )
     print(manifest)

@@ -58,6 +58,7 @@ from retrieval.errors import CasebaseError
 __all__ = [
     "CT_CLASSES",
     "MR_CLASSES",
+    "NORMAL",
     "FACTOR_COLUMNS_3D",
     "FORMATS",
     "MODALITIES_3D",
@@ -68,6 +69,10 @@ __all__ = [
 
 CT_CLASSES = ("nodule", "mass", "cavity")
 MR_CLASSES = ("cyst", "glioma", "metastasis")
+# The optional lesion-free class (``normals=True``). Without it every class has a lesion, and a
+# model may learn one class as "none of the others' lesions": that class then has no evidence
+# at its own lesion for Grad-CAM to show (bench/volume_cam_layer.py measures it).
+NORMAL = "normal"
 MODALITIES_3D = ("ct", "mr")
 FORMATS = ("npy", "nifti", "dicom")
 FACTOR_COLUMNS_3D = (
@@ -286,10 +291,14 @@ def render_case(
     half = [int(np.ceil(2.3 * r / s)) + 1 for s in spacing]
     k = [int(c[i] / spacing[i]) for i in range(3)]
     sl = tuple(slice(max(0, k[i] - half[i]), min(shape[i], k[i] + half[i] + 1)) for i in range(3))
-    arche = _ARCHETYPE[label]
+    # a normal case draws a lesion as a nodule case would and leaves it out, so that its
+    # anatomy and noise come from the same draws as a lesion case's
+    arche = _ARCHETYPE.get(label, "round")
     prof, lmask, lshape = _lesion3d(
         rng, arche, zz[sl], yy[sl], xx[sl], c, r, spikes=modality == "ct"
     )
+    if label == NORMAL:
+        prof, lmask = np.zeros_like(prof), np.zeros_like(lmask)
     amp = rng.uniform(amp_lo, amp_hi)
     vals[sl] = vals[sl] + amp * prof
     mask = np.zeros(shape, bool)
@@ -307,6 +316,8 @@ def render_case(
     vals = np.round(np.clip(vals, lo_clip, hi_clip)).astype(np.float32)
     f = (r / fxy, c[2] / fxy, c[1] / fxy, c[0] / fz, lshape, (amp - amp_lo) / (amp_hi - amp_lo))
     factors = {k_: f"{float(v):.4f}" for k_, v in zip(FACTOR_COLUMNS_3D, f, strict=True)}
+    if label == NORMAL:  # no lesion, so no lesion factors
+        factors = dict.fromkeys(FACTOR_COLUMNS_3D, "")
     return RenderedCase(values=vals, mask=mask, spacing=spacing, factors=factors)
 
 
@@ -446,9 +457,13 @@ def make_phantom3d(
     modality: str = "ct",
     formats: str | tuple[str, ...] = "npy",
     *,
+    normals: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write a synthetic 3-D data set under ``out_dir``; return the path of its manifest.csv."""
+    """Write a synthetic 3-D data set under ``out_dir``; return the path of its manifest.csv.
+
+    ``normals``: a fourth class, ``normal``, of volumes without a lesion (empty mask, empty
+    lesion factors), about as many as each lesion class."""
     from retrieval.data.privacy import hash_patient_id
 
     if modality not in MODALITIES_3D:
@@ -463,9 +478,11 @@ def make_phantom3d(
         raise CasebaseError(f"--size must be between 32 and 512 pixels for volumes (got {size})")
     if not 8 <= depth <= 512:
         raise CasebaseError(f"--depth must be between 8 and 512 slices (got {depth})")
-    classes = CT_CLASSES if modality == "ct" else MR_CLASSES
+    classes = (CT_CLASSES if modality == "ct" else MR_CLASSES) + ((NORMAL,) if normals else ())
     cases, patients = _plan(n, seed, "none", 0.0, classes, SCANNERS)
-    run_key = f"casebase-phantom3d/{modality}/{seed}/{n}/{depth}x{size}"
+    run_key = f"casebase-phantom3d/{modality}/{seed}/{n}/{depth}x{size}" + (
+        "/normals" if normals else ""
+    )
     out = Path(out_dir)
     try:
         (out / "masks").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from retrieval.cli import main
 from retrieval.data.imageio import read_image
 from retrieval.data.manifest import validate_manifest
-from retrieval.data.phantom3d import CT_CLASSES, MR_CLASSES, make_phantom3d
+from retrieval.data.phantom3d import CT_CLASSES, MR_CLASSES, NORMAL, make_phantom3d
 from retrieval.data.volume import (
     CT_PRESETS,
     VolumeError,
@@ -276,6 +276,27 @@ def test_phantom3d_is_deterministic_and_the_cli_works(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert main(["phantom", str(tmp_path / "c"), "--modality", "ct", "--n", "12"]) != 0
     assert main(["phantom", str(tmp_path / "c"), "--dim", "3", "--format", "png"]) != 0
+
+
+def test_phantom3d_normals_are_lesion_free_and_cli_only_in_3d(tmp_path):
+    assert main(["phantom", str(tmp_path / "n"), "--dim", "3", "--normals", "--n", "16",
+                 "--size", "32", "--depth", "8"]) == 0  # fmt: skip
+    df = pd.read_csv(tmp_path / "n" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(df["label"]) == set(CT_CLASSES) | {NORMAL}
+    counts = df["label"].value_counts()  # classes dealt in turn within each of the 3 splits
+    assert counts.max() - counts.min() <= 3
+    for _, row in df.iterrows():
+        m = read_volume_mask(tmp_path / "n" / row["mask"], (8, 32, 32))
+        if row["label"] == NORMAL:
+            assert not m.any() and row["lesion_size"] == "" and row["lesion_z"] == ""
+        else:
+            assert m.any() and float(row["lesion_size"]) > 0
+    # without --normals the same seed gives three lesion classes; --normals is 3-D only
+    make_phantom3d(tmp_path / "plain", n=16, size=32, depth=8, seed=0)
+    plain = pd.read_csv(tmp_path / "plain" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(plain["label"]) == set(CT_CLASSES)
+    assert main(["phantom", str(tmp_path / "x"), "--normals", "--n", "12"]) != 0
+    assert not (tmp_path / "x" / "manifest.csv").exists()
 
 
 def test_manifest_reports_a_mask_of_the_wrong_shape(tmp_path):
