@@ -293,7 +293,7 @@ def render_case(
     sl = tuple(slice(max(0, k[i] - half[i]), min(shape[i], k[i] + half[i] + 1)) for i in range(3))
     # a normal case draws a lesion as a nodule case would and leaves it out, so that its
     # anatomy and noise come from the same draws as a lesion case's
-    arche = _ARCHETYPE.get(label, "round")
+    arche = "round" if label == NORMAL else _ARCHETYPE[label]
     prof, lmask, lshape = _lesion3d(
         rng, arche, zz[sl], yy[sl], xx[sl], c, r, spikes=modality == "ct"
     )
