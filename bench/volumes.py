@@ -62,6 +62,14 @@ def sh(args, **kw) -> subprocess.CompletedProcess:
     )
 
 
+def phantom_args(spec: dict) -> list:
+    """`casebase phantom OUT ...` arguments of a PHANTOMS entry (what runs, and what the row
+    records as its command)."""
+    args = ["--dim", 3, "--n", spec["n"], "--seed", spec["seed"], "--modality", spec["modality"]]
+    args += [a for k in ("size", "depth", "format") if k in spec for a in (f"--{k}", spec[k])]
+    return args + (["--normals"] if spec.get("normals") else [])
+
+
 def boxes_inside(index_dir, manifest, max_queries: int | None = None) -> dict:
     from retrieval.data.manifest import load_manifest
     from retrieval.service.retriever import CaseRetriever
@@ -111,22 +119,7 @@ def run_one(
     the model is reused (training not repeated; its figures are copied from that row)."""
     ph = work / f"{name}_phantom"
     if not (ph / "manifest.csv").is_file():
-        sh(
-            [
-                "phantom",
-                ph,
-                "--dim",
-                3,
-                "--n",
-                spec["n"],
-                "--seed",
-                spec["seed"],
-                "--modality",
-                spec["modality"],
-                *[a for k in ("size", "depth", "format") if k in spec for a in (f"--{k}", spec[k])],
-                *(["--normals"] if spec.get("normals") else []),
-            ]
-        )
+        sh(["phantom", ph, *phantom_args(spec)])
     manifest = ph / "manifest.csv"
     tag = f"{name}_{backbone}" if backbone else name
     tag = f"{tag}_seed{seed}" if seed is not None else tag
@@ -183,10 +176,7 @@ def run_one(
     return {
         "phantom": {
             **spec,
-            "command": f"casebase phantom OUT --dim 3 --n {spec['n']} "
-            f"--seed {spec['seed']} --modality {spec['modality']}"
-            + "".join(f" --{k} {spec[k]}" for k in ("size", "depth", "format") if k in spec)
-            + (" --normals" if spec.get("normals") else ""),
+            "command": " ".join(["casebase phantom OUT", *map(str, phantom_args(spec))]),
         },
         "train_seconds": round(train_s, 1),
         "train_loadavg_start": load0,

@@ -49,6 +49,7 @@ def _run3d(args, modality: str) -> int:
         raise CasebaseError("--confounder is not available with --dim 3")
     n = 300 if args.n is None else args.n
     size = 64 if args.size is None else args.size
+    normals = bool(getattr(args, "normals", False))
     manifest = make_phantom3d(
         args.out_dir,
         n=n,
@@ -57,10 +58,10 @@ def _run3d(args, modality: str) -> int:
         seed=args.seed,
         modality=modality,
         formats=args.format,
-        normals=bool(getattr(args, "normals", False)),
+        normals=normals,
         progress=True,
     )
-    extra = ", with normals" if getattr(args, "normals", False) else ""
+    extra = ", with normals" if normals else ""
     print(
         f"wrote {n} {modality} volumes ({args.depth} x {size} x {size}, seed {args.seed}, "
         f"format {args.format}{extra}) to {manifest}",

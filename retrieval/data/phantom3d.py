@@ -293,11 +293,12 @@ def render_case(
     sl = tuple(slice(max(0, k[i] - half[i]), min(shape[i], k[i] + half[i] + 1)) for i in range(3))
     # a normal case draws a lesion as a nodule case would and leaves it out, so that its
     # anatomy and noise come from the same draws as a lesion case's
-    arche = "round" if label == NORMAL else _ARCHETYPE[label]
+    normal = label == NORMAL
+    arche = "round" if normal else _ARCHETYPE[label]
     prof, lmask, lshape = _lesion3d(
         rng, arche, zz[sl], yy[sl], xx[sl], c, r, spikes=modality == "ct"
     )
-    if label == NORMAL:
+    if normal:
         prof, lmask = np.zeros_like(prof), np.zeros_like(lmask)
     amp = rng.uniform(amp_lo, amp_hi)
     vals[sl] = vals[sl] + amp * prof
@@ -316,7 +317,7 @@ def render_case(
     vals = np.round(np.clip(vals, lo_clip, hi_clip)).astype(np.float32)
     f = (r / fxy, c[2] / fxy, c[1] / fxy, c[0] / fz, lshape, (amp - amp_lo) / (amp_hi - amp_lo))
     factors = {k_: f"{float(v):.4f}" for k_, v in zip(FACTOR_COLUMNS_3D, f, strict=True)}
-    if label == NORMAL:  # no lesion, so no lesion factors
+    if normal:  # no lesion, so no lesion factors
         factors = dict.fromkeys(FACTOR_COLUMNS_3D, "")
     return RenderedCase(values=vals, mask=mask, spacing=spacing, factors=factors)
 
