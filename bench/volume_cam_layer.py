@@ -47,8 +47,14 @@ DESCRIPTIONS = {
 }
 
 
-def by_block(index_dir: Path, manifest: Path, max_cases: int) -> dict:
-    """Grad-CAM pointing game, strict pointing and mask energy at every backbone block."""
+def by_block(
+    index_dir: Path, manifest: Path, max_cases: int, reference: str | None = "auto", score=None
+) -> dict:
+    """Grad-CAM pointing game, strict pointing and mask energy at every backbone block.
+
+    ``reference``: the retriever's --reference-class (auto: a class named normal, if any);
+    ``score``: a function (logits, predicted class) -> (B,) explained instead of the class score
+    (bench/volume_cam_target.py)."""
     import torch
 
     from retrieval.explain import registry
@@ -58,6 +64,7 @@ def by_block(index_dir: Path, manifest: Path, max_cases: int) -> dict:
 
     torch.set_num_threads(1)
     r = CaseRetriever.load(index_dir, device="cpu")
+    r.set_reference_class(reference)
     cases, skipped = load_cases(r, manifest, max_cases=max_cases, with_neighbours=False)
     model = r.model.eval()
     blocks = list(range(1, len(model.backbone.features)))
@@ -70,6 +77,12 @@ def by_block(index_dir: Path, manifest: Path, max_cases: int) -> dict:
             cls = int(model.classifier(model.pool(feats)).argmax(1)[0])
         tol = pointing_tolerance(c["geometry"], tuple(feats.shape[2:]), model.backbone.stride)
         target = ScoreTarget.for_classes([cls], model.config.embedding_dim, r.weighting)
+        if score is not None:
+            fused = registry.inference_model(model)  # the model Grad-CAM hooks
+
+            def target(t, c=cls, fused=fused):
+                return score(fused(t), c)
+
         for b in blocks:
             heat = registry.GradCAM(layer=b).attribute(model, x, target)[0].detach().numpy()
             full = c["geometry"].map_to_original(heat)
@@ -106,6 +119,7 @@ def by_block(index_dir: Path, manifest: Path, max_cases: int) -> dict:
         "n_cases": len(cases),
         "skipped": len(skipped),
         "cam_layer": f"features.{model.cam_index}",
+        "reference_class": r.reference_class,
         "blocks": out,
     }
 

@@ -187,6 +187,8 @@ def run_one(
         if reused
         else None,
         "cam_layer": ee["settings"].get("cam_layer"),
+        # "logit", or the logit minus the lesion-free class's (--reference-class auto)
+        "class_score_explained": ee["settings"].get("class_score_explained", "logit"),
         "model": {k: cfg[k] for k in ("backbone", "depth", "image_size", "width")},
         "epochs": {k: cfg["training"].get(k) for k in ("epochs_run", "epochs_total", "max_epochs")},
         "n_train": cfg["training"].get("n_train"),
@@ -284,10 +286,15 @@ def main(argv=None) -> int:
         if previous is not None and res.get("model_reused_from"):
             # the earlier row of the same model stays, named by the Grad-CAM block it used
             layer = previous.get("cam_layer") or "the last block"
+            score = previous.get("class_score_explained", "logit")
             if layer != res["cam_layer"]:
                 previous.setdefault("cam_layer", layer)
                 doc["phantoms"].pop(key, None)  # both rows go last: the earlier one first
                 doc["phantoms"][f"{key} (Grad-CAM at {layer})"] = previous
+            elif score != res["class_score_explained"]:
+                previous.setdefault("class_score_explained", score)
+                doc["phantoms"].pop(key, None)
+                doc["phantoms"][f"{key} (Grad-CAM of the class's own {score})"] = previous
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")

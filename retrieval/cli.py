@@ -293,6 +293,13 @@ def _add_query(sub) -> None:
         default=None,
         help="the query's value of the index's --mondrian attribute (e.g. its site)",
     )
+    p.add_argument(
+        "--reference-class",
+        default="auto",
+        metavar="CLASS",
+        help="explain each class as its score minus this (lesion-free) class's: auto (a class "
+        "named normal / no finding / healthy, if any), a class name, or none",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(_module="query")
 
@@ -369,6 +376,13 @@ def _add_explain_eval(sub) -> None:
         default=None,
         metavar="COLUMN",
         help="manifest column for the identical-subclass test of the neighbours (Hanawa et al.)",
+    )
+    p.add_argument(
+        "--reference-class",
+        default="auto",
+        metavar="CLASS",
+        help="explain each class as its score minus this (lesion-free) class's: auto (a class "
+        "named normal / no finding / healthy, if any), a class name, or none",
     )
     p.add_argument("--plot", default=None, metavar="PNG", help="write the sanity curves here")
     p.set_defaults(_module="explain_eval")

@@ -45,6 +45,7 @@ def run(args) -> int:
             "--sanity-cases must be >= 0, --sanity-seeds >= 1, --data-randomization >= 0"
         )
     r = CaseRetriever.load(args.index_dir, device=getattr(args, "device", "auto"))
+    r.set_reference_class(getattr(args, "reference_class", "auto"))
     report = trust.evaluate(
         r,
         args.manifest,

@@ -94,6 +94,7 @@ def run(args) -> int:
     if args.k < 1:
         raise CasebaseError("-k must be at least 1")
     r = CaseRetriever.load(args.index_dir, device=args.device)
+    r.set_reference_class(getattr(args, "reference_class", "auto"))
     src = args.image
     if str(src).startswith("dicomweb://") or str(src).startswith("dicomweb+"):
         from retrieval.data.dicomweb import fetch_instance
@@ -120,11 +121,17 @@ def run(args) -> int:
         out = result.to_json(paths)
         if dicom_paths:
             out["dicom_sr"] = {k: v for k, v in dicom_paths.items() if k != "lines"}
+        out["reference_class"] = r.reference_class  # class maps explain logit(c) - logit(this)
         print(json.dumps(out, indent=2))
         return 0
     for line in dicom_paths.get("lines", []):
         print(line)
     print(result.explanation_text)
+    if r.reference_class is not None and result.prediction.label != r.reference_class:
+        print(
+            f"the class maps explain why {result.prediction.label} rather than "
+            f"{r.reference_class} (--reference-class none: its own score)"
+        )
     if result.region is not None:
         print(f"region {result.region} (feature cells searched: {result.region_searched})")
         if result.region_note:

@@ -181,6 +181,33 @@ class ScoreTarget:
         )
 
 
+def explained_logits(model: nn.Module, logits: Tensor) -> Tensor:
+    """The class scores explanations explain: the logits, or, when the model has a reference
+    class (``model.explain_reference``, set by CaseRetriever: a lesion-free class such as
+    "normal"), every other class's logit minus the reference's: "why c rather than normal".
+
+    Why: a class a model can tell by the absence of the others' findings has nothing at its
+    lesion to show in its own logit's Grad-CAM; contrasted with the lesion-free class, the
+    difference is the lesion (bench/volume_cam_target.py). The reference's own column is left
+    as its logit (a normal case is explained by its own score, not by zero)."""
+    ref = getattr(model, "explain_reference", None)
+    if ref is None:
+        return logits
+    out = logits - logits[:, ref : ref + 1]
+    out[:, ref] = logits[:, ref]
+    return out
+
+
+def explained_class_weights(model: nn.Module, classes: Tensor) -> Tensor:
+    """The classifier rows matching ``explained_logits``: W_c - W_ref (W_ref for the reference)."""
+    w = model.classifier.weight
+    rows = w[classes.clamp_min(0)]
+    ref = getattr(model, "explain_reference", None)
+    if ref is None:
+        return rows
+    return torch.where((classes != ref)[:, None], rows - w[ref][None], rows)
+
+
 class ScoreHead(nn.Module):
     """Wraps the CaseNet so its output is one scalar per row (captum's target=None)."""
 
@@ -191,7 +218,8 @@ class ScoreHead(nn.Module):
 
     def forward(self, x: Tensor, classes: Tensor, others: Tensor) -> Tensor:
         out = self.model.run(x, self.weighting)
-        logit = out.logits.gather(1, classes.clamp_min(0)[:, None])[:, 0]
+        logits = explained_logits(self.model, out.logits)
+        logit = logits.gather(1, classes.clamp_min(0)[:, None])[:, 0]
         sim = (out.embedding * others.to(out.embedding.dtype)).sum(1)
         return torch.where(classes >= 0, logit, sim)
 
@@ -251,6 +279,7 @@ def inference_model(model: nn.Module) -> nn.Module:
     key = _weights_key(model)
     hit = _FUSED.get(model)
     if hit is not None and hit[0] == key:
+        hit[1].explain_reference = getattr(model, "explain_reference", None)  # set after caching
         return hit[1]
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -296,7 +325,7 @@ class SharedForward:
 
     def scores(self, x: Tensor) -> Tensor:
         out = self.model.run(x, self.weighting)
-        logits = out.logits[:, self.classes.clamp_min(0)]
+        logits = explained_logits(self.model, out.logits)[:, self.classes.clamp_min(0)]
         sims = out.embedding @ self.others.T.to(out.embedding.dtype)
         return torch.where((self.classes >= 0)[None], logits, sims)  # (P, T)
 
@@ -609,10 +638,9 @@ class Similarity:
             grid = f.shape[2:]  # (h, w), or (d, h, w) for a volume model
             f, w = f.flatten(2), w.flatten(1)
             hw = grid.numel()
-            # class rows: class activation map, W_c · F_ij / hw (sums to logit - bias)
-            cam = (
-                torch.einsum("bc,bcn->bn", model.classifier.weight[t.classes.clamp_min(0)], f) / hw
-            )
+            # class rows: class activation map, W_c · F_ij / hw (sums to logit - bias; with a
+            # reference class, (W_c - W_ref) · F_ij / hw, as explained_logits)
+            cam = torch.einsum("bc,bcn->bn", explained_class_weights(model, t.classes), f) / hw
             # similarity rows: w_ij (P F_ij) · e_other / ‖P p‖ (sums to the cosine similarity)
             z = torch.einsum("dc,bcn->bdn", model.projection.weight, f)
             pooled = torch.einsum("bn,bdn->bd", w, z)

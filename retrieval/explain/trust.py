@@ -766,6 +766,10 @@ def evaluate(
             f"+-{fidelity.SENSITIVITY_RADIUS:g} (normalised input units) of "
             "||map(x+noise) - map(x)|| / ||map(x)|| (captum sensitivity_max), on the sanity cases",
             "weighting": retriever.weighting,
+            "reference_class": retriever.reference_class,
+            "class_score_explained": "logit"
+            if retriever.reference_class is None
+            else f"logit minus the logit of {retriever.reference_class!r} (--reference-class)",
             "samples": {
                 "smoothgrad": registry.SMOOTHGRAD_SAMPLES,
                 "integrated_gradients_steps": registry.IG_STEPS,

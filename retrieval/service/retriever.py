@@ -34,6 +34,17 @@ from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Predic
 from retrieval.service.self_match import find_self_match
 
 TRUST_FILE = "trust.json"
+# class names taken, case-insensitively, as the lesion-free class that class explanations are
+# contrasted with (--reference-class auto); see retrieval.explain.registry.explained_logits
+REFERENCE_NAMES = ("normal", "no finding", "healthy")
+
+
+def find_reference_class(classes: Sequence[str]) -> str | None:
+    """The label set's lesion-free class by name, or None (then every class explains its logit)."""
+    for c in classes:
+        if str(c).strip().lower() in REFERENCE_NAMES:
+            return str(c)
+    return None
 
 
 def _where(box: list[int], size: tuple[int, ...]) -> str:
@@ -69,6 +80,8 @@ class CaseRetriever:
         self.classes = list(model.config.classes)
         self.attribute_names = attribute_columns(cases)
         self.trust = trust or {}
+        self.reference_class: str | None = None
+        self.set_reference_class("auto")
         self._patients = cases["patient_id"].to_numpy()
         ref = self.index_dir / ood_score.OOD_REFERENCE
         self.ood_reference = np.load(ref, allow_pickle=False) if ref.is_file() else None
@@ -94,6 +107,23 @@ class CaseRetriever:
                 "matched regions re-encode each neighbour's image and --region is unavailable; "
                 "`casebase index build` again to upgrade it",
             )
+
+    def set_reference_class(self, name: str | None = "auto") -> str | None:
+        """Contrast class explanations with this class ("why c rather than normal?"): "auto"
+        finds a lesion-free class by name (REFERENCE_NAMES), None or "none" turns it off.
+        Explanations only: predictions, the embedding and the index do not change."""
+        if name == "auto":
+            name = find_reference_class(self.classes)
+        elif name is None or str(name).lower() == "none":
+            name = None
+        elif name not in self.classes:
+            raise CasebaseError(
+                f"--reference-class {name!r} is not a class of this index "
+                f"({', '.join(self.classes)}); give one of them, auto or none"
+            )
+        self.reference_class = name
+        self.model.explain_reference = None if name is None else self.classes.index(name)
+        return name
 
     # ---------------------------------------------------------------- loading
     @classmethod

@@ -77,6 +77,7 @@ def canonical_model(model: nn.Module) -> nn.Module:
     key = _weights_key(model)
     hit = _CANON.get(model)
     if hit is not None and hit[0] == key:
+        hit[1].explain_reference = getattr(model, "explain_reference", None)  # set after caching
         return hit[1]
     base = inference_model(model)
     canon = copy.deepcopy(base)

@@ -28,6 +28,7 @@ import math
 import torch
 
 from retrieval.explain.methods import channel_sum
+from retrieval.explain.registry import explained_class_weights
 
 
 def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
@@ -36,8 +37,8 @@ def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
     b, c, *spatial = features.shape
     n = math.prod(spatial)
     grid = (1,) * len(spatial)
-    cls = target.classes.clamp_min(0)
-    cam = model.classifier.weight[cls].view(b, c, *grid) * features / n
+    rows = explained_class_weights(model, target.classes)  # W_c (- W_ref: explained_logits)
+    cam = rows.view(b, c, *grid) * features / n
     w = _pool_weights(model, features, target.weighting)  # (B, *spatial)
     pooled = (w[:, None] * features).flatten(2).sum(-1)
     norm = model.projection(pooled).norm(dim=1).clamp_min(1e-12)

@@ -142,3 +142,28 @@ def test_lime_on_an_rgb_model_uses_one_mask_for_all_channels():
     for k in fmask.unique():
         vals = heat[0][fmask[0, 0] == k]
         assert torch.allclose(vals, vals[0].expand_as(vals))
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradient", "occlusion", "similarity", "lrp"])
+def test_a_reference_class_makes_every_method_explain_the_logit_difference(name):
+    """With model.explain_reference set, a class row explains logit(c) - logit(ref) (the same
+    map as a score function computing that difference), the reference's own row its logit, and
+    clearing the reference restores the plain maps (the fused copy is cached: it must follow)."""
+    model = tiny_model()
+    x = torch.randn(2, 1, 32, 32)
+    ex = registry.get(name)
+    plain = ex.attribute(model, x, ScoreTarget.for_classes([1, 1], 16))
+    model.explain_reference = 0
+    try:
+        contrast = ex.attribute(model, x, ScoreTarget.for_classes([1, 1], 16))
+        assert float((contrast - plain).abs().max()) > 1e-3 * float(plain.abs().max())
+        if name in ("gradcam", "gradient", "occlusion"):  # captum on a score function
+            fused = registry.inference_model(model)  # Grad-CAM hooks the fused copy's layer
+            fn = ex.attribute(model, x, lambda t: fused(t)[:, 1] - fused(t)[:, 0])
+            torch.testing.assert_close(contrast, fn, atol=1e-5, rtol=1e-4)
+        # the reference class itself is explained by its own score, not by zero
+        own = ex.attribute(model, x, ScoreTarget.for_classes([0, 0], 16))
+        assert float(own.abs().sum()) > 0
+    finally:
+        model.explain_reference = None
+    torch.testing.assert_close(ex.attribute(model, x, ScoreTarget.for_classes([1, 1], 16)), plain)

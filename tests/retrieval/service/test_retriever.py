@@ -114,6 +114,29 @@ def test_cli_query_json_and_saved_maps(tiny_index, phantom_dir, tmp_path, capsys
     assert (tmp_path / "maps" / "similarity.png").is_file()
 
 
+def test_reference_class_found_by_name_set_by_hand_and_refused_when_unknown(
+    tiny_index, phantom_dir, capsys
+):
+    from retrieval.service.retriever import find_reference_class
+
+    assert find_reference_class(["mass", "Normal", "nodule"]) == "Normal"
+    assert find_reference_class(["No Finding", "effusion"]) == "No Finding"
+    assert find_reference_class(["cavity", "mass", "nodule"]) is None
+    r = CaseRetriever.load(tiny_index)
+    assert r.reference_class is None and r.model.explain_reference is None  # no normal class
+    assert r.set_reference_class("mass") == "mass" and r.model.explain_reference == 1
+    assert r.set_reference_class("none") is None and r.model.explain_reference is None
+    with pytest.raises(CasebaseError, match="not a class of this index"):
+        r.set_reference_class("healthy")
+    case = _test_cases(phantom_dir).iloc[0]
+    image = str(phantom_dir / case["image"])
+    assert main(["query", str(tiny_index), image, "--reference-class", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'bogus' is not a class" in err and "Traceback" not in err
+    assert main(["query", str(tiny_index), image, "--json", "--reference-class", "mass"]) == 0
+    assert json.loads(capsys.readouterr().out)["reference_class"] == "mass"
+
+
 def test_cli_errors_are_one_line(tiny_index, tmp_path, capsys):
     bad = tmp_path / "x.png"
     bad.write_text("not an image")
