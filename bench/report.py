@@ -832,7 +832,12 @@ def _volumes(r: Path) -> str:
                 f"{v['precision_at_5']:.2f}"
                 + (f" ({worst[0]} {worst[1]['precision_at_5']:.2f})" if worst else ""),
                 f"{pg['gradcam']:.2f} ({pgs['gradcam']:.2f})",
-                str(v.get("cam_layer", "the last block")).replace("backbone.", ""),
+                str(v.get("cam_layer", "the last block")).replace("backbone.", "")
+                + (
+                    ", of logit(c) − logit(normal)"
+                    if v.get("class_score_explained", "logit") != "logit"
+                    else ""
+                ),
                 f"{pg['occlusion']:.2f} ({pgs['occlusion']:.2f})"
                 if "occlusion" in pg
                 else "not run",
@@ -1059,6 +1064,12 @@ def _depth_pooling(r: Path) -> str:
     )
 
 
+def _by_class(block: dict) -> str:
+    """A block's pointing game per class (its keys other than the summary ones)."""
+    classes = sorted(k for k in block if k not in ("all", "module", "shape", "name"))
+    return ", ".join(f"{c} {block[c]['pointing_game']:.2f}" for c in classes)
+
+
 def _volume_cam_layer(r: Path) -> str:
     d = load("volume_cam_layer", r)
     rows = []
@@ -1066,7 +1077,6 @@ def _volume_cam_layer(r: Path) -> str:
         model = m.get("description", m["index"])
         for v in m["blocks"].values():
             a, block = v["all"], v["name"]
-            classes = sorted(k for k in v if k not in ("all", "module", "shape", "name"))
             chosen = block == m["cam_layer"].replace("backbone.", "")
             rows.append(
                 [
@@ -1074,7 +1084,7 @@ def _volume_cam_layer(r: Path) -> str:
                     f"**{block}** (Grad-CAM's block now)" if chosen else block,
                     f"{v['module'].strip('_')}, {' x '.join(str(g) for g in v['shape'][1:])}",
                     f"{a['pointing_game']:.2f} ({a['pointing_game_strict']:.2f})",
-                    ", ".join(f"{c} {v[c]['pointing_game']:.2f}" for c in classes),
+                    _by_class(v),
                     f"{a['mask_energy']:.3f}",
                 ]
             )
@@ -1095,6 +1105,44 @@ def _volume_cam_layer(r: Path) -> str:
         f"upsampled, on the first {d['args']['max_cases']} test volumes of each model less those "
         f"without a lesion ({n}); explain-eval's pointing game (tolerance: half a cell of the "
         f"4 x 8 x 8 feature volume). {machine_line(d)}"
+    )
+
+
+def _volume_cam_target(r: Path) -> str:
+    d = load("volume_cam_target", r)
+    names = {
+        "own": "the class's logit (`--reference-class none`)",
+        "reference": "logit minus normal's (`--reference-class auto`, the default)",
+        "centred": "logit minus the mean logit",
+    }
+    rows = []
+    for label, scores in d["models"].items():
+        for key, m in scores.items():
+            b4 = m["blocks"]["4"]
+            best = max(m["blocks"].values(), key=lambda v: v["all"]["pointing_game"])
+            rows.append(
+                [
+                    label,
+                    names.get(key, key),
+                    f"{b4['all']['pointing_game']:.2f} ({b4['all']['pointing_game_strict']:.2f})",
+                    _by_class(b4),
+                    f"{best['name']} {best['all']['pointing_game']:.2f}",
+                ]
+            )
+    t = md_table(
+        [
+            "model",
+            "score Grad-CAM explains",
+            "pointing game at features.4, half-cell (strict)",
+            "by class",
+            "best block",
+        ],
+        rows,
+    )
+    n = ", ".join(f"{k} {next(iter(v.values()))['n_cases']}" for k, v in d["models"].items())
+    return (
+        f"{t}\n\ncaptum LayerGradCam (ReLU) of the predicted class's score at each block, on "
+        f"every test volume with a lesion ({n}); explain-eval's pointing game. {machine_line(d)}"
     )
 
 
@@ -1377,6 +1425,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volume_gradcam_peaks": _volume_gradcam_peaks,
     "volume_init_sweep": _volume_init_sweep,
     "volume_cam_layer": _volume_cam_layer,
+    "volume_cam_target": _volume_cam_target,
     "depth_pooling": _depth_pooling,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,

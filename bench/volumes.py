@@ -183,7 +183,7 @@ def run_one(
         "train_loadavg_end": load1,
         "train_output": train_output,
         # trained by an earlier run (its date), only index build and the evaluations re-run
-        "model_reused_from": previous.get("model_reused_from", previous["date"])
+        "model_reused_from": previous.get("model_reused_from") or previous["date"]
         if reused
         else None,
         "cam_layer": ee["settings"].get("cam_layer"),
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
             elif score != res["class_score_explained"]:
                 previous.setdefault("class_score_explained", score)
                 doc["phantoms"].pop(key, None)
-                doc["phantoms"][f"{key} (Grad-CAM of the class's own {score})"] = previous
+                doc["phantoms"][f"{key}_own_{score}"] = previous  # a key figures can name
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")

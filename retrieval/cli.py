@@ -293,6 +293,12 @@ def _add_query(sub) -> None:
         default=None,
         help="the query's value of the index's --mondrian attribute (e.g. its site)",
     )
+    _add_reference_class(p)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(_module="query")
+
+
+def _add_reference_class(p) -> None:
     p.add_argument(
         "--reference-class",
         default="auto",
@@ -300,8 +306,6 @@ def _add_query(sub) -> None:
         help="explain each class as its score minus this (lesion-free) class's: auto (a class "
         "named normal / no finding / healthy, if any), a class name, or none",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.set_defaults(_module="query")
 
 
 def _add_eval(sub) -> None:
@@ -377,13 +381,7 @@ def _add_explain_eval(sub) -> None:
         metavar="COLUMN",
         help="manifest column for the identical-subclass test of the neighbours (Hanawa et al.)",
     )
-    p.add_argument(
-        "--reference-class",
-        default="auto",
-        metavar="CLASS",
-        help="explain each class as its score minus this (lesion-free) class's: auto (a class "
-        "named normal / no finding / healthy, if any), a class name, or none",
-    )
+    _add_reference_class(p)
     p.add_argument("--plot", default=None, metavar="PNG", help="write the sanity curves here")
     p.set_defaults(_module="explain_eval")
 

@@ -121,17 +121,13 @@ def run(args) -> int:
         out = result.to_json(paths)
         if dicom_paths:
             out["dicom_sr"] = {k: v for k, v in dicom_paths.items() if k != "lines"}
-        out["reference_class"] = r.reference_class  # class maps explain logit(c) - logit(this)
         print(json.dumps(out, indent=2))
         return 0
     for line in dicom_paths.get("lines", []):
         print(line)
     print(result.explanation_text)
-    if r.reference_class is not None and result.prediction.label != r.reference_class:
-        print(
-            f"the class maps explain why {result.prediction.label} rather than "
-            f"{r.reference_class} (--reference-class none: its own score)"
-        )
+    if result.contrast_note:
+        print(result.contrast_note)
     if result.region is not None:
         print(f"region {result.region} (feature cells searched: {result.region_searched})")
         if result.region_note:

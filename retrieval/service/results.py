@@ -116,6 +116,16 @@ class QueryResult:
     region_note: str = ""
     feedback: dict | None = None
     concepts: dict[str, float] | None = None  # concept weights the query was moved by
+    # class maps explain logit(c) - logit(reference_class) (--reference-class); None: logit(c)
+    reference_class: str | None = None
+
+    @property
+    def contrast_note(self) -> str:
+        """One line on what the class maps explain, when they are contrasted ("" otherwise)."""
+        ref, label = self.reference_class, self.prediction.label
+        if ref is None or label == ref:
+            return ""
+        return f"The class maps explain why {label} rather than {ref} (--reference-class)."
 
     @property
     def outcome(self) -> str:
@@ -184,4 +194,5 @@ class QueryResult:
             out["feedback"] = dict(self.feedback)
         if self.concepts:
             out["concepts"] = dict(self.concepts)
+        out["reference_class"] = self.reference_class
         return out

@@ -380,6 +380,7 @@ class CaseRetriever:
         if refined is not None:
             refined.describe(result)
         result.concepts = dict(concepts) if concepts else None
+        result.reference_class = self.reference_class
         if found is not None:
             result.self_match = found[0]
             found[0].excluded = drop is not None

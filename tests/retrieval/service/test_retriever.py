@@ -134,7 +134,13 @@ def test_reference_class_found_by_name_set_by_hand_and_refused_when_unknown(
     err = capsys.readouterr().err
     assert "'bogus' is not a class" in err and "Traceback" not in err
     assert main(["query", str(tiny_index), image, "--json", "--reference-class", "mass"]) == 0
-    assert json.loads(capsys.readouterr().out)["reference_class"] == "mass"
+    js = json.loads(capsys.readouterr().out)
+    assert js["reference_class"] == "mass"
+    contrasted = js["prediction"]["label"] != "mass"  # the reference class keeps its own logit
+    assert main(["query", str(tiny_index), image, "--reference-class", "mass"]) == 0
+    assert ("rather than mass" in capsys.readouterr().out) == contrasted
+    assert main(["query", str(tiny_index), image, "--json", "--reference-class", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["reference_class"] is None
 
 
 def test_cli_errors_are_one_line(tiny_index, tmp_path, capsys):
