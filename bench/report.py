@@ -1116,16 +1116,17 @@ def _volume_cam_target(r: Path) -> str:
         "centred": "logit minus the mean logit",
     }
     rows = []
+    cam = next(iter(next(iter(d["models"].values())).values()))["cam_layer"]  # features.N
     for label, scores in d["models"].items():
         for key, m in scores.items():
-            b4 = m["blocks"]["4"]
+            at_cam = m["blocks"][m["cam_layer"].rsplit(".", 1)[1]]
             best = max(m["blocks"].values(), key=lambda v: v["all"]["pointing_game"])
             rows.append(
                 [
                     label,
                     names.get(key, key),
-                    f"{b4['all']['pointing_game']:.2f} ({b4['all']['pointing_game_strict']:.2f})",
-                    _by_class(b4),
+                    f"{at_cam['all']['pointing_game']:.2f} ({at_cam['all']['pointing_game_strict']:.2f})",
+                    _by_class(at_cam),
                     f"{best['name']} {best['all']['pointing_game']:.2f}",
                 ]
             )
@@ -1133,7 +1134,7 @@ def _volume_cam_target(r: Path) -> str:
         [
             "model",
             "score Grad-CAM explains",
-            "pointing game at features.4, half-cell (strict)",
+            f"pointing game at {cam} (Grad-CAM's block), half-cell (strict)",
             "by class",
             "best block",
         ],

@@ -67,6 +67,7 @@ def by_block(
     r.set_reference_class(reference)
     cases, skipped = load_cases(r, manifest, max_cases=max_cases, with_neighbours=False)
     model = r.model.eval()
+    fused = registry.inference_model(model)  # the model Grad-CAM hooks (score functions run it)
     blocks = list(range(1, len(model.backbone.features)))
     acc = {b: defaultdict(lambda: defaultdict(list)) for b in blocks}
     grids = {}
@@ -78,9 +79,8 @@ def by_block(
         tol = pointing_tolerance(c["geometry"], tuple(feats.shape[2:]), model.backbone.stride)
         target = ScoreTarget.for_classes([cls], model.config.embedding_dim, r.weighting)
         if score is not None:
-            fused = registry.inference_model(model)  # the model Grad-CAM hooks
 
-            def target(t, c=cls, fused=fused):
+            def target(t, c=cls):
                 return score(fused(t), c)
 
         for b in blocks:

@@ -95,5 +95,5 @@ def show(result, truth: str | None) -> None:
         chart = pd.DataFrame({name: probs, "neighbour vote": result.knn_vote})
         st.bar_chart(chart, stack=False, horizontal=True, height=220)
     st.info(result.explanation_text)
-    if getattr(result, "contrast_note", ""):
+    if result.contrast_note:
         st.caption(result.contrast_note)

@@ -260,6 +260,10 @@ class EmbeddingOutput:
 
 
 class CaseNet(nn.Module):
+    # class index that class explanations are contrasted with (logit(c) - logit(ref)); set by
+    # CaseRetriever.set_reference_class, read by retrieval.explain.registry.explained_logits
+    explain_reference: int | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.backbone not in BACKBONES:

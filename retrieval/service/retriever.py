@@ -80,7 +80,6 @@ class CaseRetriever:
         self.classes = list(model.config.classes)
         self.attribute_names = attribute_columns(cases)
         self.trust = trust or {}
-        self.reference_class: str | None = None
         self.set_reference_class("auto")
         self._patients = cases["patient_id"].to_numpy()
         ref = self.index_dir / ood_score.OOD_REFERENCE
@@ -121,9 +120,14 @@ class CaseRetriever:
                 f"--reference-class {name!r} is not a class of this index "
                 f"({', '.join(self.classes)}); give one of them, auto or none"
             )
-        self.reference_class = name
         self.model.explain_reference = None if name is None else self.classes.index(name)
         return name
+
+    @property
+    def reference_class(self) -> str | None:
+        """The class that class explanations are contrasted with (None: each class's logit)."""
+        ref = self.model.explain_reference
+        return None if ref is None else self.classes[ref]
 
     # ---------------------------------------------------------------- loading
     @classmethod
