@@ -9,11 +9,15 @@ Phantoms of 1,200 cases (seed 21, 128 px), models trained with the CLI defaults
     ru1 the same with --strength 1.0 (every train/val melanoma has the ruler, no other case)
     cl  x-ray, no confounder: the shared default-trained ARTIFACTS/depth/chest
     pc  photo, no confounder: the shared default-trained ARTIFACTS/depth/photo
+    dv  photo, --confounder scanner (each class photographed with its own device, colour cast,
+        vignette and blur, in train/val; melanoma with the Heine)   ARTIFACTS/h20/{dv,m_dv,i_dv}
+    pcd the clean photo model (pc) against the device concept
 
 Concept folders come from retrieval.data.phantom.write_concept_images: the site letter
-A (tied to nodule) burned into cases drawn like the data, the ruler on such photos, a
-control drawn like each data set itself, and the very same cases without the artefact
-("plain", pixel-identical elsewhere). Parts:
+A (tied to nodule) burned into cases drawn like the data, the ruler on such photos, the same
+photos all taken with one device (device_Heine, tied to melanoma on dv), a control drawn
+like each data set itself, and the very same cases without the artefact ("plain",
+pixel-identical elsewhere; for the device, each with the device the planner drew). Parts:
 
   use       ground truth for the TCAV calls: what adding the artefact does to each model
             (paired artefact / plain images: change of each class's centred logit and
@@ -104,8 +108,39 @@ PHANTOMS = {
         "tied": None,
         "attr": None,
     },
+    # the photo's second artefact: the acquisition device (colour cast, vignette, blur) tied to
+    # the class (--confounder scanner: melanoma photographed with the Heine at strength 0.9)
+    "dv": {
+        "index": ART / "i_dv",
+        "manifest": ART / "dv" / "manifest.csv",
+        "modality": "photo",
+        "confounder": "scanner",
+        "artefact": "device_Heine",
+        "plain": "plain_ruler",  # the same cases, each with the device the planner drew
+        "tied": "melanoma",
+        "attr": ("device", "Heine"),
+    },
+    "pcd": {  # the clean photo model (pc) against the device concept
+        "index": DEPTH / "photo",
+        "manifest": DEPTH / "photo_phantom" / "manifest.csv",
+        "modality": "photo",
+        "confounder": "none",
+        "artefact": "device_Heine",
+        "plain": "plain_ruler",
+        "tied": None,
+        "attr": None,
+    },
 }
-TIED = {"marker_A": "nodule", "marker_B": "mass", "marker_C": "cavity", "ruler": "melanoma"}
+TIED = {
+    "marker_A": "nodule",
+    "marker_B": "mass",
+    "marker_C": "cavity",
+    "ruler": "melanoma",
+    "device_DermLite": "naevus",
+    "device_Heine": "melanoma",
+    "device_Canfield": "keratosis",
+}
+DEVICES = ("DermLite", "Heine", "Canfield")
 N_IMAGES = 50
 
 
@@ -119,6 +154,8 @@ def concept_dirs(n: int = N_IMAGES) -> dict[str, Path]:
     todo["plain_marker_A"] = ("plain", "xray", "A", "none")
     todo["ruler"] = ("ruler", "photo", "A", "none")
     todo["plain_ruler"] = ("plain", "photo", "A", "none")
+    for device in DEVICES:  # the same cases as ruler / plain_ruler, all with one device
+        todo[f"device_{device}"] = ("device", "photo", "A", "none")
     strength = {}
     for key, ph in PHANTOMS.items():
         todo[f"control_{key}"] = ("control", ph["modality"], "A", ph["confounder"])
@@ -129,8 +166,9 @@ def concept_dirs(n: int = N_IMAGES) -> dict[str, Path]:
         if d.is_dir() and len(list(d.iterdir())) >= n:
             continue
         seed = 2000 if kind == "control" else 1000
+        vendor = name.removeprefix("device_") if kind == "device" else None
         write_concept_images(d, kind, modality, n=n, site=site, confounder=conf, seed=seed,
-                             strength=strength.get(name, 0.9))  # fmt: skip
+                             strength=strength.get(name, 0.9), vendor=vendor)  # fmt: skip
     return out
 
 
@@ -167,7 +205,7 @@ def part_use(dirs: dict[str, Path], keys) -> dict:
         r = CaseRetriever.load(ph["index"])
         art = ph["artefact"]
         la = _logits(r, _load_dir(r, dirs[art]))
-        lp = _logits(r, _load_dir(r, dirs[f"plain_{art}"]))
+        lp = _logits(r, _load_dir(r, dirs[ph.get("plain", f"plain_{art}")]))
         ca, cp = la - la.mean(1, keepdims=True), lp - lp.mean(1, keepdims=True)
         pa, pp = _softmax(la), _softmax(lp)
         row = {
@@ -210,7 +248,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def _acceptance(key: str, data: dict, names: list[str], statistic: str | None = None) -> dict:
+def _layer_acceptance(key: str, data: dict, names: list[str], statistic: str | None = None) -> dict:
     """Per layer: the tied artefact significant (TCAV > 0.5) on sm/ru; the control significant
     for no class; the artefact significant for no class on the clean phantoms.
 
@@ -270,9 +308,9 @@ def part_tcav(dirs: dict[str, Path], runs: int, keys) -> dict:
         data = res.to_json()
         data["wall_s"] = round(time.perf_counter() - t0, 1)
         data["cpu_s"] = round(time.process_time() - c0, 1)
-        data["acceptance"] = _acceptance(key, data, names)
+        data["acceptance"] = _layer_acceptance(key, data, names)
         data["acceptance_by_statistic"] = {
-            st: _acceptance(key, data, names, st) for st in ("score", "effect")
+            st: _layer_acceptance(key, data, names, st) for st in ("score", "effect")
         }
         for n in names:  # keep the JSON readable: per-run lists only at the headline layer
             for lv in data["concepts"][n]["layers"].values():
@@ -311,6 +349,7 @@ def part_search(dirs: dict[str, Path], runs: int, keys) -> dict:
         "sm": ("site", ["marker_A", "marker_B", "marker_C"]),
         "ru": ("ruler", ["ruler"]),
         "ru1": ("ruler", ["ruler"]),
+        "dv": ("device", [f"device_{d}" for d in DEVICES]),
     }
     for key, ph in _available([k for k in keys if k in plan]).items():
         attr, names = plan[key]
@@ -625,7 +664,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", default="all", help=f"all, or a comma list of {', '.join(PARTS)}")
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--only", default=None, help="phantoms, e.g. sm,cl (default: all four)")
+    ap.add_argument("--only", default=None, help="phantoms, e.g. sm,cl (default: all)")
     args = ap.parse_args()
     started = time.time()
     info = machine()

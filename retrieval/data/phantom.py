@@ -946,7 +946,7 @@ def render_variant(
 
 # --------------------------------------------------------------------------- concept images
 
-CONCEPT_KINDS = ("marker", "ruler", "control", "plain")
+CONCEPT_KINDS = ("marker", "ruler", "device", "control", "plain")
 
 
 def write_concept_images(
@@ -960,11 +960,15 @@ def write_concept_images(
     confounder: str = "none",
     background_only: bool = False,
     strength: float = 0.9,
+    vendor: str | None = None,
 ) -> list[Path]:
     """Example images of one concept for TCAV (``casebase concepts --concept NAME=DIR``).
 
     ``marker``: the site letter ``site`` burned into cases drawn like the data (lesions of
-    every class); ``ruler`` (photo): the ruler on such cases; ``control``: cases drawn like the
+    every class); ``ruler`` (photo): the ruler on such cases; ``device``: such cases all taken
+    with one acquisition device ``vendor`` (a photo device's colour cast, vignette and blur; an
+    x-ray scanner's noise, gamma and contrast), the artefact ``--confounder scanner`` ties to a
+    class; ``control``: cases drawn like the
     data set itself (``confounder`` at ``strength`` as in ``make_phantom``, over the same
     train/val/test mix), a concept that should be significant for no class; ``plain``: the
     very cases ``marker`` / ``ruler`` draw with the same seed, without the artefact
@@ -983,10 +987,15 @@ def write_concept_images(
         raise CasebaseError("the ruler concept needs --modality photo")
     if site not in SITES:
         raise CasebaseError(f"unknown site {site!r} (one of {', '.join(SITES)})")
+    vendors = SCANNERS if modality == "xray" else DEVICES
+    if kind == "device" and vendor not in vendors:
+        raise CasebaseError(
+            f"the device concept needs a {modality} vendor (one of {', '.join(vendors)}), "
+            f"got {vendor!r}"
+        )
     if not 1 <= int(n) <= 10_000:
         raise CasebaseError(f"--n must be between 1 and 10000 (got {n})")
     classes = XRAY_CLASSES if modality == "xray" else PHOTO_CLASSES
-    vendors = SCANNERS if modality == "xray" else DEVICES
     # n >= 12 for the planner
     cases, patients = _plan(max(12, int(n)), int(seed), confounder, strength, classes, vendors)
     out = Path(out_dir)
@@ -995,6 +1004,7 @@ def write_concept_images(
     except OSError as err:
         raise CasebaseError(f"cannot create {out}: {err.strerror or err}") from None
     run_key = f"casebase-concept/{kind}/{modality}/{seed}/{n}/{size}/{site}"
+    run_key += f"/{vendor}" if kind == "device" else ""
     written = []
     for case in cases[: int(n)]:
         rng = np.random.default_rng([seed, case.index, 0xC0C])
@@ -1002,6 +1012,8 @@ def write_concept_images(
             case.marker, case.site, case.ruler = True, site, False
         elif kind == "ruler":
             case.marker, case.ruler = False, True
+        elif kind == "device":
+            case.marker, case.ruler, case.scanner = False, False, vendor
         elif kind == "plain":
             case.marker, case.ruler = False, False
         # control: the planner's own draw, like a manifest of the data set (its train/val/test

@@ -97,3 +97,32 @@ def test_acceptance_needs_the_tied_class_above_half_and_controls_silent():
     loud = sig | {("control", "mass"): True}
     assert not bench_concepts._acceptance(["marker", "control"], loud, tests, "nodule")["all_pass"]
     assert not bench_concepts._acceptance(["marker", "control"], sig, tests, None)["all_pass"]
+
+
+def test_layer_acceptance_per_layer_and_statistic():
+    """part_tcav's rule over a run_concepts JSON: the library's decision per layer, or Holm
+    over one statistic's raw p-values (this once crashed: two functions shared the name)."""
+
+    def t(sig, score, p_effect, p_score):
+        return {"significant": sig, "tcav_score": score, "p_value_effect": p_effect,
+                "p_value_score": p_score}  # fmt: skip
+
+    data = {
+        "layers_tested": ["L1", "L2"],
+        "concepts": {
+            "ruler": {"layers": {
+                "L1": {"classes": {"melanoma": t(True, 0.8, 0.001, 0.4), "naevus": t(False, 0.3, 0.5, 0.5)}},
+                "L2": {"classes": {"melanoma": t(False, 0.6, 0.2, 0.001), "naevus": t(False, 0.4, 0.9, 0.9)}},
+            }},
+            "control_ru": {"layers": {
+                "L1": {"classes": {"melanoma": t(False, 0.5, 0.6, 0.6), "naevus": t(False, 0.5, 0.7, 0.7)}},
+                "L2": {"classes": {"melanoma": t(False, 0.5, 0.6, 0.6), "naevus": t(False, 0.5, 0.7, 0.7)}},
+            }},
+        },
+    }  # fmt: skip
+    names = ["ruler", "control_ru"]
+    lib = bench_concepts._layer_acceptance("ru", data, names)
+    assert lib["L1"]["all_pass"] and not lib["L2"]["all_pass"]
+    by_score = bench_concepts._layer_acceptance("ru", data, names, "score")
+    assert by_score["L2"]["all_pass"] and not by_score["L1"]["all_pass"]
+    assert bench_concepts._layer_acceptance("ru", data, names, "effect")["L1"]["all_pass"]

@@ -52,3 +52,31 @@ def test_marker_background_has_no_lesion(tmp_path):
     diff = np.abs(with_l - without) > 0.02
     near = ndimage.binary_dilation(mask, iterations=3)  # the lesion's soft edge
     assert diff.sum() > 20 and not (diff & ~near).any()
+
+
+def test_device_concept_is_the_plain_cases_with_one_device(tmp_path):
+    """A device concept draws the very cases `plain` draws, each taken with the one device:
+    where the planner already chose that device the pixels are identical, elsewhere the colour
+    cast differs (so a pair measures what the device alone does to a model)."""
+    from retrieval.data import phantom as ph
+
+    n = 12
+    plain = write_concept_images(tmp_path / "p", "plain", "photo", n=n, size=64)
+    heine = write_concept_images(tmp_path / "h", "device", "photo", n=n, size=64, vendor="Heine")
+    cases, _ = ph._plan(n, 1000, "none", 0.9, ph.PHOTO_CLASSES, ph.DEVICES)
+    same = [c.scanner == "Heine" for c in cases[:n]]
+    assert any(same) and not all(same)
+    for p, h, s in zip(plain, heine, same, strict=True):
+        a, b = read_image(p).pixels, read_image(h).pixels
+        assert np.array_equal(a, b) == s
+    # the Heine's cast (1.03, 0.99, 0.93): red over blue rises against every other device
+    ratio = [
+        read_image(h).pixels[..., 0].mean() / read_image(h).pixels[..., 2].mean() for h in heine
+    ]
+    other = [read_image(p).pixels[..., 0].mean() / read_image(p).pixels[..., 2].mean()
+             for p, s in zip(plain, same, strict=True) if not s]  # fmt: skip
+    assert np.mean(ratio) > np.mean(other)
+    with pytest.raises(CasebaseError, match="vendor"):
+        write_concept_images(tmp_path / "x", "device", "photo", n=2, vendor="Acme")
+    xray = write_concept_images(tmp_path / "s", "device", "xray", n=2, size=64, vendor="Cygnus")
+    assert all(p.suffix == ".dcm" for p in xray)
