@@ -295,6 +295,20 @@ def main(argv=None) -> int:
                 previous.setdefault("class_score_explained", score)
                 doc["phantoms"].pop(key, None)
                 doc["phantoms"][f"{key}_own_{score}"] = previous  # a key figures can name
+        earlier = doc.get("phantoms", {}).get(key)
+        if previous is None and earlier is not None:
+            before, now = earlier.get("epochs", {}), res.get("epochs", {})
+            if before.get("max_epochs") != now.get("max_epochs") and res["cli"] == "defaults":
+                # the defaults' schedule changed: the earlier defaults' row stays, named by it
+                n, cli = (
+                    before.get("max_epochs"),
+                    f"former defaults ({before.get('max_epochs')} epochs)",
+                )
+                # the rows of that model (first evaluation, re-evaluations) move together
+                for k in [k for k in doc["phantoms"] if k.startswith(f"{key}_own_")] + [key]:
+                    row = doc["phantoms"].pop(k)
+                    row["cli"] = cli
+                    doc["phantoms"][f"{key}_{n}_epochs{k[len(key) :]}"] = row
         doc.setdefault("phantoms", {})[key] = res
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -156,3 +156,15 @@ def test_unknown_loss_is_a_clear_error(phantom_dir, tmp_path):
         train.train_model(
             phantom_dir / "manifest.csv", tmp_path / "m", train.TrainOptions(loss="nope")
         )
+
+
+def test_volumes_never_get_fewer_epochs_than_300_volumes_do():
+    volumes_300 = 210 * 2  # train cases x views
+    assert train.default_epochs(volumes_300) == train.MIN_VOLUME_EPOCHS  # the floor's origin
+    assert train.default_epochs(volumes_300, volumes=True) == train.MIN_VOLUME_EPOCHS
+    # 400 volumes: the budget alone shrinks the schedule; volumes keep the floor
+    assert train.default_epochs(280 * 2) < train.MIN_VOLUME_EPOCHS
+    assert train.default_epochs(280 * 2, volumes=True) == train.MIN_VOLUME_EPOCHS
+    # images keep the sample budget, and small sets its ceiling
+    assert train.default_epochs(840 * 2) == math.ceil(train.SAMPLE_BUDGET / (840 * 2))
+    assert train.default_epochs(40, volumes=True) == train.default_epochs(40) == 40

@@ -422,3 +422,27 @@ def test_lrp_head_relevance_on_a_volume_sums_to_the_explained_score(vr, volume_i
         other = torch.nn.functional.normalize(torch.randn(1, dim), dim=1)
         rel = head_relevance(model, out.features, ScoreTarget.for_similarity(other, "saliency"))
         assert torch.allclose(rel.sum(), (out.embedding * other).sum(), atol=1e-4)
+
+
+def test_volumes_train_at_least_min_volume_epochs_by_default(volume_index, tmp_path, monkeypatch):
+    """Without --epochs a volume model gets the floor (the sample budget alone would give a
+    few hundred volumes fewer epochs than 300 get); the schedule is read where _fit starts."""
+    import retrieval.model.train as train_mod
+
+    class Planned(Exception):
+        pass
+
+    def fake_fit(cfg, data, *a, **k):
+        raise Planned(data.epochs)
+
+    monkeypatch.setattr(train_mod, "_fit", fake_fit)
+    monkeypatch.setattr(train_mod, "SAMPLE_BUDGET", 1)  # the budget alone: the 8-epoch minimum
+    _, manifest = volume_index
+    with pytest.raises(Planned) as got:
+        train_mod.train_model(manifest, tmp_path / "m", train_mod.TrainOptions(progress=False))
+    assert got.value.args[0] == train_mod.MIN_VOLUME_EPOCHS
+    with pytest.raises(Planned) as got:
+        train_mod.train_model(
+            manifest, tmp_path / "m2", train_mod.TrainOptions(epochs=3, progress=False)
+        )
+    assert got.value.args[0] == 3  # --epochs still decides
