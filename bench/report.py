@@ -851,8 +851,13 @@ def _volumes(r: Path) -> str:
                 + (
                     f"{m['cuda_device']} ({m['cpus_usable']} cores)"
                     if m.get("cuda_device")
-                    else f"{m['cpus_usable']} cores, load {m['loadavg_start'][0]:.1f} → "
-                    f"{m['loadavg_end'][0]:.1f}"
+                    else f"{m['cpus_usable']} cores, "
+                    + (
+                        f"{m['torch_threads']} torch thread, "
+                        if m.get("torch_threads", m["cpus_usable"]) < m["cpus_usable"]
+                        else ""
+                    )
+                    + f"load {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}"
                 ),
             ]
         )
