@@ -56,6 +56,10 @@ WORK = "/work/artifacts/vol3d/bench"
 CASEBASE = [sys.executable, "-m", "retrieval.cli"]
 
 
+# explain-eval before the maps over feature cells were upsampled cell-centred
+HALF_CELL_OFF = "align_corners=False interpolation: each cell half a cell off its centre"
+
+
 def sh(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         CASEBASE + [str(a) for a in args], check=True, text=True, capture_output=True, **kw
@@ -189,6 +193,7 @@ def run_one(
         "cam_layer": ee["settings"].get("cam_layer"),
         # "logit", or the logit minus the lesion-free class's (--reference-class auto)
         "class_score_explained": ee["settings"].get("class_score_explained", "logit"),
+        "cell_maps_upsampled": ee["settings"].get("cell_maps_upsampled", HALF_CELL_OFF),
         "model": {k: cfg[k] for k in ("backbone", "depth", "image_size", "width")},
         "epochs": {k: cfg["training"].get(k) for k in ("epochs_run", "epochs_total", "max_epochs")},
         "n_train": cfg["training"].get("n_train"),
@@ -295,6 +300,11 @@ def main(argv=None) -> int:
                 previous.setdefault("class_score_explained", score)
                 doc["phantoms"].pop(key, None)
                 doc["phantoms"][f"{key}_own_{score}"] = previous  # a key figures can name
+            elif previous.get("cell_maps_upsampled", HALF_CELL_OFF) != res["cell_maps_upsampled"]:
+                previous.setdefault("cell_maps_upsampled", HALF_CELL_OFF)
+                previous["cli"] = f"{previous['cli']}, cell maps half a cell off"
+                doc["phantoms"].pop(key, None)
+                doc["phantoms"][f"{key}_half_cell_off"] = previous
         earlier = doc.get("phantoms", {}).get(key)
         if previous is None and earlier is not None:
             before, now = earlier.get("epochs", {}), res.get("epochs", {})

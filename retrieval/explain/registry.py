@@ -25,8 +25,8 @@ Methods (captum for all it implements):
 
 ===================== ======================================================
 gradcam               captum ``LayerGradCam`` on ``model.cam_layer`` (ReLU),
-                      bilinearly upsampled with ``LayerAttribution.interpolate``
-                      to the input size. On a class logit at the last block
+                      bilinearly upsampled to the input size with each cell
+                      at its receptive field's centre (``upsample_cells``). On a class logit at the last block
                       (every 2-D backbone) it equals the closed-form
                       ``model.gradcam`` (tests: 1e-5, and against
                       pytorch-grad-cam); the cnn3d's ``cam_layer`` is the
@@ -118,10 +118,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrieval.errors import CasebaseError
+from retrieval.model.cells import upsample_cells
 
 SEED = 0
 SMOOTHGRAD_SAMPLES = 16
@@ -422,16 +422,13 @@ class GradCAM:
 
 
 def cam_map(cam, inputs, upsample: bool):
-    """(N, 1, h, w) CAM -> (N, H, W) map, bilinearly upsampled to the input when asked.
+    """(N, 1, h, w) CAM -> (N, H, W) map, bilinearly upsampled to the input when asked, each
+    cell at its receptive field's centre (``upsample_cells``; captum's
+    ``LayerAttribution.interpolate`` puts it half a cell off).
 
     A volume's (N, 1, d, h, w) CAM -> (N, D, H, W), trilinearly upsampled."""
-    if upsample:
-        from captum.attr import LayerAttribution
-
-        size = tuple(inputs.shape[2:])
-        mode = "trilinear" if len(size) == 3 else "bilinear"
-        cam = LayerAttribution.interpolate(cam, size, interpolate_mode=mode)
-    return cam[:, 0]
+    cam = cam[:, 0]
+    return upsample_cells(cam, tuple(inputs.shape[2:])) if upsample else cam
 
 
 class Gradient:
@@ -702,9 +699,6 @@ def finite(maps: Tensor) -> np.ndarray:
 
 
 def resize_maps(maps: Tensor, size: tuple[int, ...]) -> Tensor:
-    """(B, h, w) -> (B, *size), bilinear (how coarse maps reach the input grid); a volume's
-    (B, d, h, w) maps -> (B, *size), trilinear."""
-    if tuple(maps.shape[1:]) == tuple(size):
-        return maps
-    mode = "trilinear" if len(size) == 3 else "bilinear"
-    return F.interpolate(maps[:, None].float(), size=size, mode=mode, align_corners=False)[:, 0]
+    """(B, h, w) maps over feature cells -> (B, *size) over the input grid, bilinear, each cell
+    at its centre; a volume's (B, d, h, w) maps -> (B, *size), trilinear."""
+    return upsample_cells(maps, size)

@@ -770,6 +770,8 @@ def evaluate(
             "class_score_explained": "logit"
             if retriever.reference_class is None
             else f"logit minus the logit of {retriever.reference_class!r} (--reference-class)",
+            # how maps over feature cells (CAM family, similarity) reach the pixels
+            "cell_maps_upsampled": "each cell at its receptive field's centre",
             "samples": {
                 "smoothgrad": registry.SMOOTHGRAD_SAMPLES,
                 "integrated_gradients_steps": registry.IG_STEPS,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.imageio import LoadedImage, read_image
+from retrieval.model.cells import grid_stride, upsample_cells
 from retrieval.model.network import ModelConfig
 
 
@@ -48,6 +49,10 @@ class Geometry:
             int(np.clip(np.ceil(y1 * sy), 1, h)),
         ]
 
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return self.input_size, self.input_size
+
     def cell_box(self, row: int, col: int, grid: tuple[int, int]) -> list[int]:
         """The original-pixel box covered by feature-map cell (row, col) of a (gh, gw) grid."""
         gh, gw = grid
@@ -55,10 +60,9 @@ class Geometry:
         return self.box_to_original((col * cx, row * cy, (col + 1) * cx, (row + 1) * cy))
 
     def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Resize any (h, w) map to the original (H, W), float32, finite."""
-        t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]
-        out = F.interpolate(t, size=self.original_size, mode="bilinear", align_corners=False)
-        return np.nan_to_num(out[0, 0].numpy().astype(np.float32))
+        """Resize any (h, w) map to the original (H, W), float32, finite; a map over feature
+        cells goes through the input grid first, each cell at its centre (``upsample_cells``)."""
+        return _to_original(heat, self.input_shape, self.original_size)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class Geometry3D:
             int(np.clip(np.ceil(z1 * sz), 1, d)),
         ]
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.input_depth, self.input_size, self.input_size
+
     def cell_box(self, z: int, row: int, col: int, grid: tuple[int, int, int]) -> list[int]:
         """The original-voxel box [x0, y0, z0, x1, y1, z1] of feature cell (z, row, col)."""
         gd, gh, gw = grid
@@ -98,10 +106,24 @@ class Geometry3D:
         )
 
     def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Resize any (d, h, w) map to the original (D, H, W) (trilinear), float32, finite."""
-        t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]
-        out = F.interpolate(t, size=self.original_size, mode="trilinear", align_corners=False)
-        return np.nan_to_num(out[0, 0].numpy().astype(np.float32))
+        """Resize any (d, h, w) map to the original (D, H, W) (trilinear), float32, finite; a
+        map over feature cells goes through the input grid first (``upsample_cells``)."""
+        return _to_original(heat, self.input_shape, self.original_size)
+
+
+def _to_original(heat, input_shape: tuple[int, ...], original_size: tuple[int, ...]) -> np.ndarray:
+    """A map over the input, or over the feature cells of the input, -> the original size."""
+    t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None]
+    grid = tuple(t.shape[1:])
+    if (
+        grid != tuple(original_size)
+        and grid != tuple(input_shape)
+        and all(grid_stride(n, s) is not None for n, s in zip(grid, input_shape, strict=True))
+    ):
+        t = upsample_cells(t, input_shape)
+    mode = "trilinear" if t.ndim == 4 else "bilinear"
+    out = F.interpolate(t[:, None], size=tuple(original_size), mode=mode, align_corners=False)
+    return np.nan_to_num(out[0, 0].numpy().astype(np.float32))
 
 
 def read_volume_image(src) -> LoadedImage:

@@ -26,6 +26,7 @@ import numpy as np
 from index.region_index import unit
 from retrieval.errors import CasebaseError
 from retrieval.explain.similarity import SimilarityDecomposition
+from retrieval.model.cells import upsample_cells
 
 ALPHA, BETA, GAMMA = 1.0, 0.75, 0.15
 FEEDBACK_FORMULA = (
@@ -230,15 +231,17 @@ def stored_decompositions(
     ]
 
 
-def maps_to_original(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """Geometry.map_to_original for a stack (k, h, w) of maps of one original size -> (k, H, W);
-    of volume maps (k, d, h, w) -> (k, D, H, W) (Geometry3D's trilinear)."""
+def maps_to_original(maps: np.ndarray, geometry) -> np.ndarray:
+    """Geometry.map_to_original for a stack (k, h, w) of cell maps of one geometry -> (k, H, W);
+    of volume maps (k, d, h, w) -> (k, D, H, W): through the input grid, each cell at its
+    centre (``upsample_cells``), then to the original size."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    t = upsample_cells(torch.as_tensor(np.asarray(maps, dtype=np.float32)), geometry.input_shape)
+    size = tuple(geometry.original_size)
     mode = "trilinear" if len(size) == 3 else "bilinear"
-    out = F.interpolate(t, size=tuple(size), mode=mode, align_corners=False)
+    out = F.interpolate(t[:, None], size=size, mode=mode, align_corners=False)
     return np.nan_to_num(out[:, 0].numpy())
 
 

@@ -610,16 +610,17 @@ class CaseRetriever:
         decs = refine.stored_decompositions(
             qz, qw, cz, ri.weights[rows], [nb.similarity for nb in neighbors], q.grid, ri.grid
         )
-        q_maps = refine.maps_to_original(
-            np.stack([d.query_map() for d in decs]), q.geometry.original_size
-        )
+        q_maps = refine.maps_to_original(np.stack([d.query_map() for d in decs]), q.geometry)
         sizes = [tuple(int(v) for v in ri.sizes[r]) for r in rows]
         c_maps: list = [None] * len(rows)
         for size in set(sizes):
             at = [i for i, sz in enumerate(sizes) if sz == size]
             for i, m in zip(
                 at,
-                refine.maps_to_original(np.stack([decs[i].case_map() for i in at]), size),
+                refine.maps_to_original(
+                    np.stack([decs[i].case_map() for i in at]),
+                    self.preprocessor.geometry_of(size),
+                ),
                 strict=True,
             ):
                 c_maps[i] = m

@@ -5,10 +5,12 @@ gradcam_plus_plus   Chattopadhay et al. 2018 on ``model.cam_layer``: the layer's
                     (``compute_layer_gradients_and_eval``), then the closed-form
                     weights of the paper as pytorch-grad-cam implements them
                     (α = g² / (2g² + Σ_ij A · g³ + 1e-6), w_k = Σ_ij α ReLU(g)), ReLU of the
-                    weighted sum, bilinearly upsampled. The test checks it against
+                    weighted sum, bilinearly upsampled cell-centred. The test checks it against
                     pytorch-grad-cam's GradCAMPlusPlus.
-guided_gradcam      captum ``GuidedGradCam`` (Selvaraju et al. 2017): guided
-                    backprop times the upsampled Grad-CAM, on the canonical
+guided_gradcam      Selvaraju et al. 2017 as captum's ``GuidedGradCam`` computes it
+                    (captum ``GuidedBackprop`` times captum ``LayerGradCam``, ReLU),
+                    with Grad-CAM upsampled cell-centred (``upsample_cells``) rather
+                    than by captum's half-cell-off interpolation; on the canonical
                     model (see ``canonical``); |attribution|, max over channels.
 """
 
@@ -53,10 +55,10 @@ class GuidedGradCAM:
     name, expensive = "guided_gradcam", False
 
     def attribute(self, model, inputs, target):
-        from captum.attr import GuidedGradCam
+        from captum.attr import GuidedBackprop, LayerGradCam
 
         from retrieval.explain.methods.canonical import canonical_model
-        from retrieval.explain.registry import _grad_mode, _prepare
+        from retrieval.explain.registry import _grad_mode, _prepare, cam_map
 
         canon = canonical_model(model)
         p = _prepare(canon, inputs, target)
@@ -65,9 +67,9 @@ class GuidedGradCAM:
 
             raise CasebaseError("guided_gradcam explains a class logit or a similarity")
         with _grad_mode():
-            attr = GuidedGradCam(p.forward, canon.cam_layer).attribute(
-                inputs,
-                additional_forward_args=p.args,
-                interpolate_mode="trilinear" if inputs.ndim == 5 else "bilinear",
+            guided = GuidedBackprop(p.forward).attribute(inputs, additional_forward_args=p.args)
+            cam = LayerGradCam(p.forward, canon.cam_layer).attribute(
+                inputs, additional_forward_args=p.args, relu_attributions=True
             )
-        return channel_max_abs(attr)
+        # captum's GuidedGradCam, with Grad-CAM upsampled cell-centred (``upsample_cells``)
+        return channel_max_abs(guided * cam_map(cam.detach(), inputs, True)[:, None])

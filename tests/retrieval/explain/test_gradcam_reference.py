@@ -42,11 +42,17 @@ def test_gradcam_matches_pytorch_grad_cam(channels, size):
     for raw in (closed, ours):
         np.testing.assert_allclose(_their_postprocessing(raw, size), theirs, atol=1e-5)
 
-    # the registry's default output is that raw CAM upsampled with captum's interpolate
-    from captum.attr import LayerAttribution
+    # the registry's default output is that raw CAM upsampled cell-centred: pytorch-grad-cam
+    # (cv2) and captum's interpolate both put cell i half a cell past its receptive field
+    from retrieval.model.cells import upsample_cells
 
     full = registry.get("gradcam").attribute(model, x, classes)
-    up = LayerAttribution.interpolate(
-        torch.from_numpy(closed)[:, None], (size, size), interpolate_mode="bilinear"
+    torch.testing.assert_close(
+        full, upsample_cells(torch.from_numpy(closed), (size, size)), atol=1e-5, rtol=1e-4
     )
-    torch.testing.assert_close(full, up[:, 0], atol=1e-5, rtol=1e-4)
+    from captum.attr import LayerAttribution
+
+    half_off = LayerAttribution.interpolate(
+        torch.from_numpy(closed)[:, None], (size, size), interpolate_mode="bilinear"
+    )[:, 0]
+    assert not torch.allclose(full, half_off, atol=1e-3)

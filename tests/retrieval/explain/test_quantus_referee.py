@@ -75,7 +75,8 @@ def test_mask_energy_agrees_with_relevance_mass_accuracy(setup):
         channel_first=True,
     )
     ours = [trust.mask_energy(full[i], masks[i]) for i in range(6)]
-    np.testing.assert_allclose(theirs, ours, atol=1e-9)
+    # float32 maps: the two sums may differ in the eighth digit
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6, atol=1e-9)
 
 
 def test_deletion_curve_agrees_with_pixel_flipping(setup):
