@@ -979,6 +979,46 @@ def _volume_seeds(r: Path) -> str:
     return f"{t}\n\n{d['note']}"
 
 
+def _cell_alignment(r: Path) -> str:
+    d = load("cell_alignment", r)
+    rows = []
+    for name, v in d["datasets"].items():
+        grid = " x ".join(str(c) for c in v["grid"])
+        for how, label in (
+            ("half_cell_off", "half a cell off (before)"),
+            ("centred", "centred (now)"),
+        ):
+            u = v[how]
+            by = ", ".join(
+                f"{k} {x:.2f}" for k, x in sorted(u["pointing_game"].items()) if k != "all"
+            )
+            rows.append(
+                [
+                    f"{name} ({v['n_cases']} test cases, grid {grid})",
+                    label,
+                    f"{u['pointing_game']['all']:.2f} ({u['pointing_game_strict']['all']:.2f})",
+                    by,
+                    ", ".join(f"{x:+.2f}" for x in u["mean_offset_cells"]),
+                ]
+            )
+    t = md_table(
+        [
+            "model",
+            "cell i upsampled to",
+            "Grad-CAM pointing game, half-cell tolerance (strict)",
+            "by class",
+            "peak minus lesion centroid, mean, in cells (z,) y, x",
+        ],
+        rows,
+    )
+    return (
+        f"{t}\n\nThe registry's Grad-CAM of the predicted class at the feature grid, upsampled "
+        "either way, then mapped to the original size; chest and photo: the 2-D phantoms of "
+        "the depth tables (CLI defaults); ct, ct96 and their 'normal' variants: the volume "
+        f"table's CPU models. {machine_line(d)}"
+    )
+
+
 def _volume_ceiling(r: Path) -> str:
     d = load("volume_ceiling", r)
     rows = [
@@ -1427,6 +1467,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volumes": _volumes,
     "gpu_path": _gpu_path,
     "volume_ceiling": _volume_ceiling,
+    "cell_alignment": _cell_alignment,
     "volume_seeds": _volume_seeds,
     "volume_gradcam_peaks": _volume_gradcam_peaks,
     "volume_init_sweep": _volume_init_sweep,

@@ -7,9 +7,10 @@ stride s is centred on input pixel s*i (pixel centres at integer coordinates). A
 ``align_corners=False`` interpolation (``F.interpolate``, captum's
 ``LayerAttribution.interpolate``) puts cell i at s*i + (s - 1)/2 instead: half a cell too far
 along every axis (3.5 voxels on the cnn3d's stride-8 grid, 7.5 px on the 2-D stride-16 grid);
-bench/cell_alignment.py measures what that does to Grad-CAM's pointing game. ``upsample_cells`` interpolates between the centres the network
-has. (Matched-region boxes still tile the input as [s*i, s*(i + 1)), half a cell off these
-centres: moving them too changes region search and is left for a later change.)
+bench/cell_alignment.py measures what that does to Grad-CAM's pointing game. ``upsample_cells``
+interpolates between the centres the network has, and ``cell_span`` gives each cell the
+pixels nearer its centre than any other cell's (matched-region boxes, region search, the
+lesion cells of explain-eval), so boxes and maps agree.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def cell_centre(i: float, n: int, size: int) -> float:
     """Input coordinate (pixel centres at integers) where cell i of an n-cell grid is centred."""
     s = grid_stride(n, size)
     return s * i if s is not None else (i + 0.5) * size / n - 0.5
+
+
+def cell_span(i: int, n: int, size: int) -> tuple[float, float]:
+    """[lo, hi) in input pixels (pixel j spans [j, j + 1)) of the pixels nearer cell i's centre
+    than any other cell's: the region a cell stands for. The first and last cells reach the
+    borders, so the spans of a grid tile [0, size)."""
+    lo = 0.0 if i == 0 else (cell_centre(i - 1, n, size) + cell_centre(i, n, size)) / 2 + 0.5
+    hi = size if i == n - 1 else (cell_centre(i, n, size) + cell_centre(i + 1, n, size)) / 2 + 0.5
+    return max(0.0, lo), min(float(size), float(hi))
 
 
 def _axis_grid(n: int, size: int) -> torch.Tensor:

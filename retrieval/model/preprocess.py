@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.imageio import LoadedImage, read_image
-from retrieval.model.cells import grid_stride, upsample_cells
+from retrieval.model.cells import cell_span, grid_stride, upsample_cells
 from retrieval.model.network import ModelConfig
 
 
@@ -54,10 +54,12 @@ class Geometry:
         return self.input_size, self.input_size
 
     def cell_box(self, row: int, col: int, grid: tuple[int, int]) -> list[int]:
-        """The original-pixel box covered by feature-map cell (row, col) of a (gh, gw) grid."""
-        gh, gw = grid
-        cy, cx = self.input_size / gh, self.input_size / gw
-        return self.box_to_original((col * cx, row * cy, (col + 1) * cx, (row + 1) * cy))
+        """The original-pixel box of feature-map cell (row, col) of a (gh, gw) grid: the pixels
+        nearer its centre than any other cell's (``retrieval.model.cells.cell_span``)."""
+        (y0, y1), (x0, x1) = (
+            cell_span(i, n, s) for i, n, s in zip((row, col), grid, self.input_shape, strict=True)
+        )
+        return self.box_to_original((x0, y0, x1, y1))
 
     def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
         """Resize any (h, w) map to the original (H, W), float32, finite; a map over feature
@@ -98,12 +100,13 @@ class Geometry3D:
         return self.input_depth, self.input_size, self.input_size
 
     def cell_box(self, z: int, row: int, col: int, grid: tuple[int, int, int]) -> list[int]:
-        """The original-voxel box [x0, y0, z0, x1, y1, z1] of feature cell (z, row, col)."""
-        gd, gh, gw = grid
-        cz, cy, cx = self.input_depth / gd, self.input_size / gh, self.input_size / gw
-        return self.box_to_original(
-            (col * cx, row * cy, z * cz, (col + 1) * cx, (row + 1) * cy, (z + 1) * cz)
+        """The original-voxel box [x0, y0, z0, x1, y1, z1] of feature cell (z, row, col): the
+        voxels nearer its centre than any other cell's."""
+        (z0, z1), (y0, y1), (x0, x1) = (
+            cell_span(i, n, s)
+            for i, n, s in zip((z, row, col), grid, self.input_shape, strict=True)
         )
+        return self.box_to_original((x0, y0, z0, x1, y1, z1))
 
     def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
         """Resize any (d, h, w) map to the original (D, H, W) (trilinear), float32, finite; a

@@ -26,7 +26,7 @@ import numpy as np
 from index.region_index import unit
 from retrieval.errors import CasebaseError
 from retrieval.explain.similarity import SimilarityDecomposition
-from retrieval.model.cells import upsample_cells
+from retrieval.model.cells import cell_span, upsample_cells
 
 ALPHA, BETA, GAMMA = 1.0, 0.75, 0.15
 FEEDBACK_FORMULA = (
@@ -103,10 +103,16 @@ class RegionSelection:
     note: str = ""  # e.g. widened to one cell
 
 
-def _axis_overlap(lo: float, hi: float, cell: float, n: int) -> np.ndarray:
-    """Share of each of n cells of size `cell` along one axis that [lo, hi) covers."""
-    i = np.arange(n)
-    return np.clip(np.minimum(hi, (i + 1) * cell) - np.maximum(lo, i * cell), 0, None) / cell
+def _axis_spans(n: int, size: int, scale: float) -> np.ndarray:
+    """(n, 2) [lo, hi) in original pixels of the n cells along one axis of `size` input pixels
+    (``cell_span``: the pixels nearer each cell's centre than any other's)."""
+    return np.array([cell_span(i, n, size) for i in range(n)], np.float64) * scale
+
+
+def _axis_overlap(lo: float, hi: float, spans: np.ndarray) -> np.ndarray:
+    """Share of each cell's span along one axis that [lo, hi) covers."""
+    a, b = spans[:, 0], spans[:, 1]
+    return np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0, None) / np.maximum(b - a, 1e-9)
 
 
 def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
@@ -140,9 +146,10 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
         )
     g_xyz = tuple(reversed(grid))
     inputs = (geometry.input_size, geometry.input_size, getattr(geometry, "input_depth", 0))
-    # cell size in original pixels along x, y (and z)
+    # each cell's span in original pixels along x, y (and z), and the typical cell size
+    spans = [_axis_spans(g_xyz[a], inputs[a], geometry.scale[a]) for a in range(n)]
     cell = [inputs[a] / g_xyz[a] * geometry.scale[a] for a in range(n)]
-    overlap = [_axis_overlap(lo[a], hi[a], cell[a], g_xyz[a]) for a in range(n)]
+    overlap = [_axis_overlap(lo[a], hi[a], spans[a]) for a in range(n)]
     cover = overlap[-1]
     for a in range(n - 2, -1, -1):  # outer product in grid order (z,) y, x
         cover = np.multiply.outer(cover, overlap[a])
@@ -150,8 +157,9 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
     note = ""
     clip = asked
     if not cells.any():
-        centre = tuple(
-            int(min(g_xyz[a] - 1, (lo[a] + hi[a]) / 2 // cell[a])) for a in reversed(range(n))
+        centre = tuple(  # the cell whose span holds the box's centre
+            int(np.searchsorted(spans[a][1:, 0], (lo[a] + hi[a]) / 2, side="right"))
+            for a in reversed(range(n))
         )
         cells[centre] = True
         clip = geometry.cell_box(*centre, grid)

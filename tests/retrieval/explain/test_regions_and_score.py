@@ -171,9 +171,10 @@ def test_opposite_side_pair_is_kept_only_when_it_carries_weight():
 def test_lesion_cells_and_lesion_share():
     geo = Geometry((64, 96), 64)
     mask = np.zeros((64, 96), bool)
-    mask[5:10, 50:60] = True
+    mask[2:7, 50:60] = True
     cells = lesion_cells(mask, geo, (4, 4))
-    # x 50-60 of 96 -> columns 2 (48-72); y 5-10 of 64 -> row 0
+    # cells centred on input px 0, 16, 32, 48: x 50-60 of 96 (scale 1.5) -> column 2
+    # ([36.75, 60.75)); y 2-7 of 64 -> row 0 ([0, 8.5))
     assert cells.sum() == 1 and cells[0, 2]
     grid = (4, 4)
     dec = decomposition(blob(grid, (0, 2), 0.5), blob(grid, (0, 2), 0.5))

@@ -5,6 +5,7 @@ import torch
 from retrieval.explain import registry
 from retrieval.explain.registry import ScoreTarget
 from retrieval.explain.similarity import decompose, region_pairs
+from retrieval.model.cells import cell_span
 from retrieval.model.preprocess import Geometry
 
 from .conftest import tiny_model
@@ -59,9 +60,10 @@ def test_geometry_cells_tile_non_square_images(size):
         for c in range(grid[1]):
             x0, y0, x1, y1 = geo.cell_box(r, c, grid)
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-            # the box is the cell's share of the original image
-            assert abs(x0 - c * w / grid[1]) <= 1 and abs(x1 - (c + 1) * w / grid[1]) <= 1
-            assert abs(y0 - r * h / grid[0]) <= 1 and abs(y1 - (r + 1) * h / grid[0]) <= 1
+            # the box is the cell's span (the pixels nearest its centre) in the original image
+            (ylo, yhi), (xlo, xhi) = cell_span(r, grid[0], 64), cell_span(c, grid[1], 64)
+            assert abs(x0 - xlo * w / 64) <= 1 and abs(x1 - xhi * w / 64) <= 1
+            assert abs(y0 - ylo * h / 64) <= 1 and abs(y1 - yhi * h / 64) <= 1
             cover[y0:y1, x0:x1] += 1
     assert cover.min() >= 1  # every original pixel belongs to some cell
 
@@ -85,8 +87,11 @@ def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_i
             # the box is the original-pixel footprint of the region's cells' bounding box
             rows, cols = np.nonzero(cells)
             gh, gw = cells.shape
-            assert abs(x0 - cols.min() * w / gw) <= 1 and abs(x1 - (cols.max() + 1) * w / gw) <= 1
-            assert abs(y0 - rows.min() * h / gh) <= 1 and abs(y1 - (rows.max() + 1) * h / gh) <= 1
+            size = retriever.model.config.image_size
+            xs = cell_span(cols.min(), gw, size)[0], cell_span(cols.max(), gw, size)[1]
+            ys = cell_span(rows.min(), gh, size)[0], cell_span(rows.max(), gh, size)[1]
+            assert abs(x0 - xs[0] * w / size) <= 1 and abs(x1 - xs[1] * w / size) <= 1
+            assert abs(y0 - ys[0] * h / size) <= 1 and abs(y1 - ys[1] * h / size) <= 1
         block = dec.terms[pair.query_cells.ravel()][:, pair.case_cells.ravel()].sum()
         assert region.contribution == pytest.approx(block)
         assert region.share == pytest.approx(block / dec.similarity)
@@ -98,4 +103,5 @@ def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_i
     r, col = np.unravel_index(np.argmax(qmap), qmap.shape)
     full = nb.maps["similarity"]["query"]
     y, x = np.unravel_index(np.argmax(full), full.shape)
-    assert int(y * q.grid[0] / 100) == r and int(x * q.grid[1] / 160) == col
+    x0, y0, x1, y1 = q.geometry.cell_box(int(r), int(col), q.grid)  # the map peaks in that cell
+    assert x0 <= x < x1 and y0 <= y < y1

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.model.cells import cell_centre, grid_stride, upsample_cells
+from retrieval.model.cells import cell_centre, cell_span, grid_stride, upsample_cells
 from retrieval.model.network import Compact3DBackbone, CompactBackbone, ResNet18Backbone
 
 
@@ -81,3 +81,13 @@ def test_upsample_cells_peaks_on_the_cells_centre(grid, size):
 def test_upsample_cells_leaves_input_sized_maps_alone():
     m = torch.rand(2, 16, 16)
     assert upsample_cells(m, (16, 16)) is m
+
+
+@pytest.mark.parametrize("n,size", [(8, 128), (7, 100), (4, 32), (1, 64)])
+def test_cell_spans_tile_the_input_and_hold_their_centres(n, size):
+    spans = [cell_span(i, n, size) for i in range(n)]
+    assert spans[0][0] == 0 and spans[-1][1] == size
+    for (_lo, hi), (nlo, _hi) in zip(spans, spans[1:], strict=False):
+        assert hi == nlo
+    for i, (lo, hi) in enumerate(spans):
+        assert lo <= cell_centre(i, n, size) + 0.5 <= hi  # pixel j's centre sits at j + 0.5

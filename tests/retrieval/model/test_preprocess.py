@@ -26,9 +26,12 @@ def test_rgb_to_gray_uses_luma():
 
 
 def test_geometry_maps_cells_back_to_original_pixels():
-    g = Geometry((300, 200), 128)  # H=300, W=200
-    assert g.cell_box(0, 0, (8, 8)) == [0, 0, 25, 38]
-    assert g.cell_box(7, 7, (8, 8)) == [175, 262, 200, 300]
+    g = Geometry((300, 200), 128)  # H=300, W=200; x scale 1.5625, y scale 2.34375
+    # cell i of the stride-16 grid is centred on input pixel 16 i and stands for the pixels
+    # nearer it than any other cell: [16 i - 7.5, 16 i + 8.5), the outer cells to the border
+    assert g.cell_box(0, 0, (8, 8)) == [0, 0, 14, 20]  # [0, 8.5) input px
+    assert g.cell_box(3, 4, (8, 8)) == [88, 94, 114, 133]  # x [56.5, 72.5), y [40.5, 56.5)
+    assert g.cell_box(7, 7, (8, 8)) == [163, 244, 200, 300]  # [104.5, 128)
     boxes = [g.cell_box(r, c, (8, 8)) for r in range(8) for c in range(8)]
     assert all(0 <= b[0] < b[2] <= 200 and 0 <= b[1] < b[3] <= 300 for b in boxes)
     m = g.map_to_original(np.ones((8, 8)))

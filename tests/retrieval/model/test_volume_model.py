@@ -115,7 +115,8 @@ def test_preprocessor_reads_and_resizes_volumes(tmp_path):
     assert tensor.shape == (1, 8, 16, 16)
     assert isinstance(geo, Geometry3D)
     box = geo.cell_box(0, 1, 1, (1, 2, 2))
-    assert box == [12, 10, 0, 24, 20, 12]
+    # cell 1 of 2 (stride 8) is centred on input px 8 and spans [4.5, 16): x 6.75-24, y 5.6-20
+    assert box == [6, 5, 0, 24, 20, 12]
     heat = geo.map_to_original(np.ones((1, 2, 2), np.float32))
     assert heat.shape == (12, 20, 24)
     # a 2-D image given to a volume model: one clear line

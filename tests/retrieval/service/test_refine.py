@@ -45,10 +45,13 @@ def test_parse_ids_and_box():
 
 
 def test_select_cells_maps_boxes_to_cells_and_refuses_bad_ones():
-    g = Geometry((200, 100), 64)  # H 200, W 100 original; 4x4 grid: cells 25 x 50 px
-    sel = refine.select_cells((0, 0, 50, 100), g, (4, 4))
+    g = Geometry((200, 100), 64)  # H 200, W 100 original; 4x4 grid of stride 16
+    # cells centred on input px 0, 16, 32, 48 span [0, 8.5), [8.5, 24.5), [24.5, 40.5),
+    # [40.5, 64): x [0, 13.3), [13.3, 38.3), [38.3, 63.3), [63.3, 100) (scale 1.5625),
+    # y [0, 26.6), [26.6, 76.6), [76.6, 126.6), [126.6, 200) (scale 3.125)
+    sel = refine.select_cells((0, 0, 50, 100), g, (4, 4))  # covers 47% of the third cells
     assert sel.cells[:2, :2].all() and sel.cells.sum() == 4 and sel.note == ""
-    assert sel.searched == [0, 0, 50, 100]
+    assert sel.searched == [0, 0, 39, 77]  # the four cells' box
     sel = refine.select_cells((5, 5, 45, 95), g, (4, 4))  # >= 72% of each of 4 cells
     assert sel.cells.sum() == 4 and sel.clip == [5, 5, 45, 95]
     tiny = refine.select_cells((60, 120, 64, 124), g, (4, 4))

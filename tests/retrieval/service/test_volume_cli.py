@@ -240,10 +240,12 @@ def test_select_cells_in_a_volume():
     from retrieval.model.preprocess import Geometry3D
     from retrieval.service import refine
 
-    g = Geometry3D((20, 64, 32), 32, 8)  # D 20, H 64, W 32; grid 4 x 4 x 4: cells 8 x 16 x 5
+    g = Geometry3D((20, 64, 32), 32, 8)  # D 20, H 64, W 32; grid 4 x 4 x 4 (strides 2, 8, 8)
+    # cell spans: x [0, 4.5), [4.5, 12.5), [12.5, 20.5), [20.5, 32); y twice those;
+    # z [0, 3.75), [3.75, 8.75), [8.75, 13.75), [13.75, 20)
     sel = refine.select_cells((0, 0, 0, 16, 32, 10), g, (4, 4, 4))
     assert sel.cells[:2, :2, :2].all() and sel.cells.sum() == 8 and sel.note == ""
-    assert sel.searched == [0, 0, 0, 16, 32, 10]
+    assert sel.searched == [0, 0, 0, 13, 25, 9]  # the eight cells' box
     tiny = refine.select_cells((17, 33, 11, 18, 34, 12), g, (4, 4, 4))
     assert tiny.cells.sum() == 1 and tiny.cells[2, 2, 2] and "widened" in tiny.note
     assert tiny.clip == g.cell_box(2, 2, 2, (4, 4, 4))
