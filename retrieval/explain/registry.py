@@ -26,7 +26,8 @@ Methods (captum for all it implements):
 ===================== ======================================================
 gradcam               captum ``LayerGradCam`` on ``model.cam_layer`` (ReLU),
                       bilinearly upsampled to the input size with each cell
-                      at its receptive field's centre (``upsample_cells``). On a class logit at the last block
+                      at its receptive field's centre (``upsample_cells``).
+                      On a class logit at the last block
                       (every 2-D backbone) it equals the closed-form
                       ``model.gradcam`` (tests: 1e-5, and against
                       pytorch-grad-cam); the cnn3d's ``cam_layer`` is the

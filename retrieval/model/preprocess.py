@@ -115,8 +115,16 @@ class Geometry3D:
 
 
 def _to_original(heat, input_shape: tuple[int, ...], original_size: tuple[int, ...]) -> np.ndarray:
-    """A map over the input, or over the feature cells of the input, -> the original size."""
-    t = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None]
+    """One map over the input, or over its feature cells, -> the original size."""
+    return maps_to_original(np.asarray(heat, dtype=np.float32)[None], input_shape, original_size)[0]
+
+
+def maps_to_original(
+    maps: np.ndarray, input_shape: tuple[int, ...], original_size: tuple[int, ...]
+) -> np.ndarray:
+    """A stack (k, *shape) of maps over the input, or over its feature cells (each cell at its
+    centre: ``upsample_cells``), -> (k, *original_size) float32, finite."""
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
     grid = tuple(t.shape[1:])
     if (
         grid != tuple(original_size)
@@ -126,7 +134,7 @@ def _to_original(heat, input_shape: tuple[int, ...], original_size: tuple[int, .
         t = upsample_cells(t, input_shape)
     mode = "trilinear" if t.ndim == 4 else "bilinear"
     out = F.interpolate(t[:, None], size=tuple(original_size), mode=mode, align_corners=False)
-    return np.nan_to_num(out[0, 0].numpy().astype(np.float32))
+    return np.nan_to_num(out[:, 0].numpy().astype(np.float32))
 
 
 def read_volume_image(src) -> LoadedImage:

@@ -26,7 +26,8 @@ import numpy as np
 from index.region_index import unit
 from retrieval.errors import CasebaseError
 from retrieval.explain.similarity import SimilarityDecomposition
-from retrieval.model.cells import cell_span, upsample_cells
+from retrieval.model import preprocess
+from retrieval.model.cells import cell_span
 
 ALPHA, BETA, GAMMA = 1.0, 0.75, 0.15
 FEEDBACK_FORMULA = (
@@ -241,16 +242,8 @@ def stored_decompositions(
 
 def maps_to_original(maps: np.ndarray, geometry) -> np.ndarray:
     """Geometry.map_to_original for a stack (k, h, w) of cell maps of one geometry -> (k, H, W);
-    of volume maps (k, d, h, w) -> (k, D, H, W): through the input grid, each cell at its
-    centre (``upsample_cells``), then to the original size."""
-    import torch
-    import torch.nn.functional as F
-
-    t = upsample_cells(torch.as_tensor(np.asarray(maps, dtype=np.float32)), geometry.input_shape)
-    size = tuple(geometry.original_size)
-    mode = "trilinear" if len(size) == 3 else "bilinear"
-    out = F.interpolate(t[:, None], size=size, mode=mode, align_corners=False)
-    return np.nan_to_num(out[:, 0].numpy())
+    of volume maps (k, d, h, w) -> (k, D, H, W)."""
+    return preprocess.maps_to_original(maps, geometry.input_shape, geometry.original_size)
 
 
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:
