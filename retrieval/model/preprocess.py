@@ -25,8 +25,35 @@ from retrieval.model.cells import cell_span, grid_stride, upsample_cells
 from retrieval.model.network import ModelConfig
 
 
+class _MapsToOriginal:
+    """Maps over the model input, or over its feature cells, back to the original size (shared
+    by Geometry and Geometry3D, which give ``input_shape`` and ``original_size``)."""
+
+    def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Resize any (h, w) map to the original (H, W) ((d, h, w) to (D, H, W) for a volume),
+        float32, finite; a map over feature cells goes through the input grid first, each cell
+        at its centre (``upsample_cells``)."""
+        return self.maps_to_original(np.asarray(heat, dtype=np.float32)[None])[0]
+
+    def maps_to_original(self, maps: np.ndarray) -> np.ndarray:
+        """A stack (k, *shape) of such maps -> (k, *original_size)."""
+        t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+        grid, inp = tuple(t.shape[1:]), tuple(self.input_shape)
+        if (
+            grid != tuple(self.original_size)
+            and grid != inp
+            and all(grid_stride(n, s) is not None for n, s in zip(grid, inp, strict=True))
+        ):
+            t = upsample_cells(t, inp)
+        mode = "trilinear" if t.ndim == 4 else "bilinear"
+        out = F.interpolate(
+            t[:, None], size=tuple(self.original_size), mode=mode, align_corners=False
+        )
+        return np.nan_to_num(out[:, 0].numpy().astype(np.float32))
+
+
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(_MapsToOriginal):
     """Maps model-input coordinates back to the original image as read."""
 
     original_size: tuple[int, int]  # (H, W)
@@ -61,14 +88,9 @@ class Geometry:
         )
         return self.box_to_original((x0, y0, x1, y1))
 
-    def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Resize any (h, w) map to the original (H, W), float32, finite; a map over feature
-        cells goes through the input grid first, each cell at its centre (``upsample_cells``)."""
-        return _to_original(heat, self.input_shape, self.original_size)
-
 
 @dataclass(frozen=True)
-class Geometry3D:
+class Geometry3D(_MapsToOriginal):
     """Maps model-input voxel coordinates back to the original volume (D, H, W) as read."""
 
     original_size: tuple[int, int, int]  # (D, H, W)
@@ -107,34 +129,6 @@ class Geometry3D:
             for i, n, s in zip((z, row, col), grid, self.input_shape, strict=True)
         )
         return self.box_to_original((x0, y0, z0, x1, y1, z1))
-
-    def map_to_original(self, heat: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Resize any (d, h, w) map to the original (D, H, W) (trilinear), float32, finite; a
-        map over feature cells goes through the input grid first (``upsample_cells``)."""
-        return _to_original(heat, self.input_shape, self.original_size)
-
-
-def _to_original(heat, input_shape: tuple[int, ...], original_size: tuple[int, ...]) -> np.ndarray:
-    """One map over the input, or over its feature cells, -> the original size."""
-    return maps_to_original(np.asarray(heat, dtype=np.float32)[None], input_shape, original_size)[0]
-
-
-def maps_to_original(
-    maps: np.ndarray, input_shape: tuple[int, ...], original_size: tuple[int, ...]
-) -> np.ndarray:
-    """A stack (k, *shape) of maps over the input, or over its feature cells (each cell at its
-    centre: ``upsample_cells``), -> (k, *original_size) float32, finite."""
-    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
-    grid = tuple(t.shape[1:])
-    if (
-        grid != tuple(original_size)
-        and grid != tuple(input_shape)
-        and all(grid_stride(n, s) is not None for n, s in zip(grid, input_shape, strict=True))
-    ):
-        t = upsample_cells(t, input_shape)
-    mode = "trilinear" if t.ndim == 4 else "bilinear"
-    out = F.interpolate(t[:, None], size=tuple(original_size), mode=mode, align_corners=False)
-    return np.nan_to_num(out[:, 0].numpy().astype(np.float32))
 
 
 def read_volume_image(src) -> LoadedImage:

@@ -26,7 +26,6 @@ import numpy as np
 from index.region_index import unit
 from retrieval.errors import CasebaseError
 from retrieval.explain.similarity import SimilarityDecomposition
-from retrieval.model import preprocess
 from retrieval.model.cells import cell_span
 
 ALPHA, BETA, GAMMA = 1.0, 0.75, 0.15
@@ -146,7 +145,7 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
             f"boxes run from {','.join('0' * n)} to {','.join(str(e) for e in extent)})"
         )
     g_xyz = tuple(reversed(grid))
-    inputs = (geometry.input_size, geometry.input_size, getattr(geometry, "input_depth", 0))
+    inputs = tuple(reversed(geometry.input_shape))  # (W, H[, D]) in input pixels
     # each cell's span in original pixels along x, y (and z), and the typical cell size
     spans = [_axis_spans(g_xyz[a], inputs[a], geometry.scale[a]) for a in range(n)]
     cell = [inputs[a] / g_xyz[a] * geometry.scale[a] for a in range(n)]
@@ -238,12 +237,6 @@ def stored_decompositions(
         SimilarityDecomposition(t, float(s), tuple(query_grid), tuple(case_grid))
         for t, s in zip(terms, similarities, strict=True)
     ]
-
-
-def maps_to_original(maps: np.ndarray, geometry) -> np.ndarray:
-    """Geometry.map_to_original for a stack (k, h, w) of cell maps of one geometry -> (k, H, W);
-    of volume maps (k, d, h, w) -> (k, D, H, W)."""
-    return preprocess.maps_to_original(maps, geometry.input_shape, geometry.original_size)
 
 
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:

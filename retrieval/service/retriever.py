@@ -610,16 +610,15 @@ class CaseRetriever:
         decs = refine.stored_decompositions(
             qz, qw, cz, ri.weights[rows], [nb.similarity for nb in neighbors], q.grid, ri.grid
         )
-        q_maps = refine.maps_to_original(np.stack([d.query_map() for d in decs]), q.geometry)
+        q_maps = q.geometry.maps_to_original(np.stack([d.query_map() for d in decs]))
         sizes = [tuple(int(v) for v in ri.sizes[r]) for r in rows]
         c_maps: list = [None] * len(rows)
         for size in set(sizes):
             at = [i for i, sz in enumerate(sizes) if sz == size]
             for i, m in zip(
                 at,
-                refine.maps_to_original(
-                    np.stack([decs[i].case_map() for i in at]),
-                    self.preprocessor.geometry_of(size),
+                self.preprocessor.geometry_of(size).maps_to_original(
+                    np.stack([decs[i].case_map() for i in at])
                 ),
                 strict=True,
             ):
