@@ -305,5 +305,7 @@ def attribute_stats(attributes: dict) -> dict:
             "lift_query": q.get("lift"),
             "p_value_query": q.get("p_value"),
             "p_value_holm_query": q.get("p_value_holm"),
+            "detectable_lift": v.get("detectable_lift"),
+            "detectable_lift_query": q.get("detectable_lift"),
         }
     return out

@@ -38,7 +38,7 @@ the audit therefore never flags on a p-value alone (see ``verdict``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class ConcordanceResult:
     interval: tuple[float, float]  # bootstrap 95 % of the observed concordance
     null_interval: tuple[float, float]  # central 95 % of the permutation null
     permutations: int
+    null: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)  # not in JSON
 
     def to_json(self) -> dict:
         return {
@@ -172,7 +173,7 @@ def concordance_test(
     interval = cluster_bootstrap(obs_shares, clusters, N_BOOTSTRAP, rng)
     lift = observed / expected if expected > 0 else None
     return ConcordanceResult(
-        observed, expected, lift, p_value, int(use.sum()), interval, null_iv, n_perm
+        observed, expected, lift, p_value, int(use.sum()), interval, null_iv, n_perm, null
     )
 
 
@@ -183,6 +184,7 @@ class QueryNullResult:
     p_value: float
     null_interval: tuple[float, float]
     permutations: int
+    null: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)  # not in JSON
 
     def to_json(self) -> dict:
         return {
@@ -239,8 +241,24 @@ def query_permutation_test(
     p_value = float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_perm))
     iv = tuple(float(x) for x in np.percentile(null, [2.5, 97.5]))
     return QueryNullResult(
-        expected, observed / expected if expected > 0 else None, p_value, iv, n_perm
+        expected, observed / expected if expected > 0 else None, p_value, iv, n_perm, null
     )
+
+
+def detectable_lift(null: np.ndarray, expected: float, level: float) -> float | None:
+    """The smallest lift this test, on these queries, could call significant at ``level``:
+    the concordance that no more than level·(B+1) − 1 of the B permuted values reach, over the
+    null's expectation. It is what the audit *can* see: a shortcut whose lift stays below it
+    goes unflagged however real, and more queries bring it down. None when even the largest
+    lift could not reach ``level`` (too few permutations) or nothing was permuted."""
+    null = np.asarray(null, dtype=float)
+    if len(null) == 0 or not np.isfinite(expected) or expected <= 0:
+        return None
+    # p = (1 + c) / (1 + B) < level  <=>  c < level (1 + B) - 1, c = #{null >= observed}
+    c_max = int(np.ceil(level * (1 + len(null)) - 1)) - 1
+    if c_max < 0:
+        return None
+    return float(np.sort(null)[::-1][min(c_max, len(null) - 1)] / expected)
 
 
 def holm(p_values: list[float]) -> list[float]:

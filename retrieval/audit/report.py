@@ -238,6 +238,7 @@ def _attr_table(attrs: dict[str, dict]) -> str:
     head = (
         "<tr><th class=l>attribute</th><th class=l>kind</th><th>concordance</th><th>expected</th>"
         "<th>lift</th><th>p</th><th>p (Holm)</th><th>lift (query null)</th><th>p (Holm, query null)</th>"
+        "<th>weakest lift it can flag (index / query)</th>"
         "<th>probe bal. acc.</th><th>chance</th>"
         "<th>label assoc. (V)</th><th class=l>flagged</th></tr>"
     )
@@ -256,6 +257,7 @@ def _attr_table(attrs: dict[str, dict]) -> str:
             f"<td>{_n(v['concordance'])}</td><td>{_n(v['expected'])}</td><td>{_n(v['lift'], '.2f')}</td>"
             f"<td>{_n(v['p_value'], '.4f')}</td><td>{_n(v['p_value_holm'], '.4f')}</td>"
             f"<td>{_n(qn.get('lift'), '.2f')}</td><td>{_n(qn.get('p_value_holm'), '.4f')}</td>"
+            f"<td>{_n(v.get('detectable_lift'), '.2f')} / {_n(qn.get('detectable_lift'), '.2f')}</td>"
             f"<td>{_n(v['probe_balanced_accuracy'])}</td><td>{_n(v['chance'])}</td>"
             f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td></tr>"
         )
@@ -436,6 +438,8 @@ def render_html(
             "cluster by these attributes beyond their labels and the embedding encodes them, but "
             "they are not associated with the label in the index (see the per-group precision).</div>"
         )
+    if note := verdict.sensitivity_note(data):
+        summary += f"<p class=muted>{html.escape(note)}</p>"
     for f in data.get("concept_shortcuts") or []:  # TCAV evidence (retrieval/concepts/audit.py)
         summary += f'<div class="summary"><b>Concept shortcut:</b> {html.escape(f["text"])}</div>'
     for f in data.get("concept_influences") or []:  # significant, the class's score falling

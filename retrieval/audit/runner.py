@@ -18,7 +18,12 @@ from tqdm.auto import tqdm
 
 from retrieval.audit import verdict
 from retrieval.audit.attributes import CodedAttribute, select_attributes
-from retrieval.audit.concordance import concordance_test, holm, query_permutation_test
+from retrieval.audit.concordance import (
+    concordance_test,
+    detectable_lift,
+    holm,
+    query_permutation_test,
+)
 from retrieval.audit.counterfactual import MAX_QUERIES, audit_counterfactual
 from retrieval.audit.examples import Example, build_examples, pick_attribute
 from retrieval.audit.groups import group_precision, label_precision, spread
@@ -96,6 +101,13 @@ def judge_attributes(
     # and the query-side test (catches label-proxy shortcuts); see verdict
     p_holm = holm([conc[n].p_value for n in names])
     p_holm_q = holm([qnull[n].p_value for n in names])
+    # the weakest lift each test could flag here: Holm lets the strongest attribute through at
+    # ALPHA / m, and the verdict never flags below MIN_LIFT
+    level = verdict.ALPHA / max(len(names), 1)
+
+    def floor(x: float | None) -> float | None:
+        return None if x is None else max(verdict.MIN_LIFT, x)
+
     out_attrs: dict[str, dict] = {}
     for a, ph, phq in zip(attrs, p_holm, p_holm_q, strict=True):
         c, pr, cq = conc[a.name], per_attr[a.name]["probe"], qnull[a.name]
@@ -116,7 +128,12 @@ def judge_attributes(
             "null_interval": list(c.null_interval),
             "n_queries": c.n_queries,
             "permutations": c.permutations,
-            "query_null": {**cq.to_json(), "p_value_holm": phq},
+            "detectable_lift": floor(detectable_lift(c.null, c.expected, level)),
+            "query_null": {
+                **cq.to_json(),
+                "p_value_holm": phq,
+                "detectable_lift": floor(detectable_lift(cq.null, cq.expected, level)),
+            },
             "probe_balanced_accuracy": pr.balanced_accuracy,
             "chance": pr.chance,
             "probe": pr.to_json(),

@@ -128,6 +128,29 @@ def decide(
     return bool(concordant and c4), bool(concordant and not c4), reasons
 
 
+def sensitivity_note(data: dict) -> str | None:
+    """One sentence on the weakest shortcut this audit could flag: the range over attributes of
+    each test's ``detectable_lift`` (runner). Out of sample, the shortcuts the rule missed were
+    the weakly used ones whose lifts stayed under it, so a reader must know where it lies."""
+    attrs = (data.get("attributes") or {}).values()
+    ranges = []
+    for side, get in (
+        ("query side", lambda v: (v.get("query_null") or {}).get("detectable_lift")),
+        ("index side", lambda v: v.get("detectable_lift")),
+    ):
+        xs = [x for x in map(get, attrs) if x is not None and np.isfinite(x)]
+        if xs:
+            lo, hi = min(xs), max(xs)
+            ranges.append(f"{lo:.2f}" + (f"-{hi:.2f}" if hi - lo >= 0.005 else "") + f" ({side})")
+    if not ranges:
+        return None
+    return (
+        f"With {data.get('n_queries')} queries this audit can flag an attribute only from a "
+        f"lift of {' or '.join(ranges)}: a shortcut weaker than that goes unflagged, so "
+        "'not flagged' is not proof of no shortcut; audit more cases to see weaker ones."
+    )
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3g}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from index import bundle
 from retrieval import atomic
-from retrieval.audit import run_audit
+from retrieval.audit import run_audit, verdict
 from retrieval.audit.report import LEAK_SEARCH_NOTE, exclusion_note, render_html
 from retrieval.errors import CasebaseError
 from retrieval.service.retriever import CaseRetriever
@@ -71,6 +71,8 @@ def print_table(data: dict, stored: str | None, out: str | None, replaced: bool 
             print(f"  {name}: {v['binning']}")
     print("  (expected / lift / p: index-side null; lift_q / p_holm_q: query-side null)")
     print(f"  rule: {data['flag_rule']}")
+    if note := verdict.sensitivity_note(data):
+        print(f"  {note}")
     if data.get("flagged"):
         print(f"  SHORTCUT(S): {', '.join(data['flagged'])}")
     if data.get("retrieval_bias"):

@@ -64,6 +64,10 @@ def test_json_contract(audit, phantom_dir):
             v["permutations"] == 1599
         )  # raised: Holm over 2 tests x 4 attributes can reach p < 0.01
         assert v["query_null"]["permutations"] == 1599 and 0 < v["query_null"]["p_value"] <= 1
+        # the weakest lift each test could flag on these 9 queries: above the rule's floor
+        for side in (v, v["query_null"]):
+            assert side["detectable_lift"] is None or side["detectable_lift"] >= 1.05
+        assert v["query_null"]["detectable_lift"] is not None
     assert (
         d["attributes"]["age"]["kind"] == "binned"
         and "quartiles" in d["attributes"]["age"]["binning"]
@@ -102,6 +106,7 @@ def test_report_is_self_contained_and_phi_free(report_html, phantom_dir, tiny_in
     assert html.count("<img") >= 4  # concordance, probe, groups, counterfactual (+ examples)
     # the verdicts' limits travel with them: the held-out miss is stated in the report
     assert "How far a verdict goes" in html and "not proof" in html
+    assert "this audit can flag an attribute only from a lift of" in html
 
 
 @pytest.mark.browser
@@ -179,6 +184,9 @@ def test_cli_table_and_errors(tiny_index, phantom_dir, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert "concord." in text and "scanner" in text and "rule:" in text
+    assert re.search(
+        r"With 9 queries this audit can flag an attribute only from a lift of [\d.]+", text
+    )
 
 
 def test_rgb_photo_index(tiny_photo_index, photo_phantom_dir):

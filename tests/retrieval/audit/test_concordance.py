@@ -181,3 +181,49 @@ def test_query_side_expected_is_exact():
     perms = permute_within(q_attr, q_labels, 4000, np.random.default_rng(3))
     mc = ((attr[rows][None] == perms[:, :, None]).mean(-1)).mean()
     assert res.expected == pytest.approx(mc, abs=0.003)
+
+
+def _p(null, observed):
+    return (1 + np.sum(null >= observed - 1e-12)) / (1 + len(null))
+
+
+@pytest.mark.parametrize("side", ["index", "query"])
+def test_detectable_lift_is_where_the_p_value_crosses_the_level(side):
+    """Just above the detectable lift the permutation p falls below the level; at it, not."""
+    from retrieval.audit.concordance import detectable_lift, query_permutation_test
+
+    rng, labels, attr, q_labels, q_attr = _world(seed=5, tie=0.5)
+    rows = rng.integers(0, N_INDEX, size=(N_QUERY, K))
+    valid = np.ones_like(rows, bool)
+    if side == "index":
+        res = concordance_test(rows, valid, q_attr, attr, labels, 1599, rng)
+    else:
+        res = query_permutation_test(rows, valid, q_attr, attr, q_labels, 1599, rng)
+    level = 0.01 / 4
+    lift = detectable_lift(res.null, res.expected, level)
+    assert lift is not None and lift > 1.0
+    critical = lift * res.expected
+    assert _p(res.null, critical) >= level
+    above = critical + 1e-9 + 1e-6 * abs(np.diff(np.unique(res.null))).min()
+    assert _p(res.null, above) < level
+    # too few permutations to ever reach the level: nothing is detectable
+    assert detectable_lift(res.null[:19], res.expected, level) is None
+
+
+def test_more_queries_make_weaker_shortcuts_detectable():
+    from retrieval.audit.concordance import detectable_lift, query_permutation_test
+
+    def lift_for(nq, seed=2):
+        rng = np.random.default_rng(seed)
+        attr = rng.integers(0, 3, N_INDEX)
+        q_labels, q_attr = rng.integers(0, 3, nq), rng.integers(0, 3, nq)
+        rows = rng.integers(0, N_INDEX, size=(nq, K))
+        res = query_permutation_test(
+            rows, np.ones_like(rows, bool), q_attr, attr, q_labels, 999, rng
+        )
+        return detectable_lift(res.null, res.expected, 0.01)
+
+    small, large = lift_for(40), lift_for(640)
+    assert small > large > 1.0
+    # the null's spread shrinks like 1/sqrt(n): 16x the queries, about a quarter of the excess
+    assert (large - 1) / (small - 1) == pytest.approx(0.25, abs=0.12)
