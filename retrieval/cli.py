@@ -80,6 +80,23 @@ def _add_phantom(sub) -> None:
         help="xray (2-D default): grayscale DICOM chest films; photo: RGB dermoscopy-like PNGs; "
         "ct (3-D default): chest CT volumes; mr: head MR volumes",
     )
+    p.add_argument(
+        "--concept-images",
+        choices=["marker", "ruler", "device", "control", "plain"],
+        default=None,
+        metavar="KIND",
+        help="instead of a data set, write --n (default 60) example images of one concept for "
+        "`casebase concepts --concept NAME=OUT_DIR`: marker (the site letter --site burned in), "
+        "ruler (photo), device (all taken with --vendor), control (drawn like the data set "
+        "made with the same --confounder / --strength), plain (the marker / ruler cases "
+        "without it)",
+    )
+    p.add_argument("--site", default="A", help="--concept-images marker: the site letter")
+    p.add_argument(
+        "--vendor",
+        default=None,
+        help="--concept-images device: the device (photo) or scanner (x-ray) name",
+    )
     p.set_defaults(_module="phantom")
 
 

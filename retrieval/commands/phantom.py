@@ -11,12 +11,16 @@ def run(args) -> int:
     dim = int(getattr(args, "dim", 2) or 2)
     modality = getattr(args, "modality", None)
     if dim == 3:
+        if getattr(args, "concept_images", None):
+            raise CasebaseError("--concept-images makes 2-D images: leave out --dim 3")
         return _run3d(args, modality or "ct")
     modality = modality or "xray"
     if getattr(args, "normals", False):
         raise CasebaseError("--normals is available with --dim 3 only")
     if modality in ("ct", "mr"):
         raise CasebaseError(f"--modality {modality} makes volumes: add --dim 3")
+    if getattr(args, "concept_images", None):
+        return _run_concept(args, modality)
     from retrieval.data.phantom import make_phantom
 
     n = 600 if args.n is None else args.n
@@ -37,6 +41,32 @@ def run(args) -> int:
         file=sys.stderr,
     )
     print(manifest)
+    return 0
+
+
+def _run_concept(args, modality: str) -> int:
+    """Example images of one concept, from the same generator as the data (issue 20)."""
+    from retrieval.data.phantom import write_concept_images
+
+    n = 60 if args.n is None else args.n
+    written = write_concept_images(
+        args.out_dir,
+        kind=args.concept_images,
+        modality=modality,
+        n=n,
+        size=128 if args.size is None else args.size,
+        seed=1000 + args.seed,  # never the data set's own draws
+        site=args.site,
+        confounder=args.confounder,
+        strength=args.strength,
+        vendor=args.vendor,
+    )
+    print(
+        f"wrote {len(written)} {modality} images of the concept {args.concept_images!r} to "
+        f"{args.out_dir}: use it as `casebase concepts INDEX --concept NAME={args.out_dir}`",
+        file=sys.stderr,
+    )
+    print(args.out_dir)
     return 0
 
 

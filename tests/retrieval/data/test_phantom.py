@@ -275,6 +275,37 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         make_phantom(tmp_path / "y", n=30, modality="ct")
 
 
+def test_cli_writes_concept_images_for_casebase_concepts(tmp_path, capsys):
+    """`casebase phantom --concept-images KIND`: a folder `casebase concepts` reads, from the
+    generator that made the data; bad combinations are one-line errors."""
+    out = tmp_path / "ruler"
+    args = ["phantom", str(out), "--modality", "photo", "--n", "4", "--size", "64"]
+    assert main([*args, "--concept-images", "ruler"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4 and read_image(pngs[0]).pixels.shape == (64, 64, 3)
+    plain = tmp_path / "plain"
+    plain_args = ["phantom", str(plain), "--modality", "photo", "--n", "4", "--size", "64"]
+    assert main([*plain_args, "--concept-images", "plain"]) == 0
+    # the same cases without the ruler: the pair differs only where the ruler is burned in
+    a, b = read_image(pngs[0]).pixels, read_image(sorted(plain.glob("*.png"))[0]).pixels
+    differ = np.abs(a - b).max(-1) > 0
+    assert 0 < differ.mean() < 0.5
+    marker = tmp_path / "marker"
+    assert main(["phantom", str(marker), "--n", "3", "--size", "64", "--concept-images", "marker",
+                 "--site", "B"]) == 0  # fmt: skip
+    assert len(list(marker.glob("*.dcm"))) == 3
+    capsys.readouterr()
+    for bad, msg in (
+        (["--concept-images", "device"], "the device concept needs a photo vendor"),
+        (["--concept-images", "marker", "--site", "Z"], "unknown site 'Z'"),
+        (["--concept-images", "ruler", "--dim", "3"], "leave out --dim 3"),
+    ):
+        assert main(["phantom", str(tmp_path / "bad"), "--modality", "photo", *bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("which", ["phantom_dir", "photo_phantom_dir"])
 def test_generative_factors_describe_the_drawn_lesion(which, request):
     """lesion_size / lesion_x / lesion_y are what the mask shows; every factor lies in its
