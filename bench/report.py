@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -277,58 +278,110 @@ def _g(x) -> str:
     return "n/a" if x is None else f"{x:.2g}" if x < 0.1 else f"{x:.2f}"
 
 
-def _audit_heldout(r: Path) -> str:
-    """The held-out audit table: frozen cut-offs on photo phantoms, the hard case its own row."""
-    d = load("audit_heldout", r)
-    heldout_attr = {
-        "ruler": "ruler",
-        "marker": "site",
-        "marker1": "site",
-        "device": "device",
-        "tag": "tag",
-    }
+HELDOUT_ATTR = {
+    "ruler": "ruler",
+    "marker": "site",
+    "marker1": "site",
+    "device": "device",
+    "tag": "tag",
+}
+HELDOUT_WHAT = {
+    "ruler": "ruler tied to melanoma (0.9): `ruler` flagged",
+    "marker": "burned-in site letter tied to the class (0.9): `site` flagged",
+    "marker1": "burned-in site letter on every train/val case of its class (1.0): `site` flagged",
+    "device": "device (colour cast, vignette, blur) tied to the class (0.9): `device` flagged",
+    "tag": "**hard case**: `tag` column = label on 90 % of train/val, not in the pixels: "
+    "`tag` flagged",
+    "none": "same clean runs: anything else flagged",
+}
+HELDOUT_HEAD = ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"]
+YES_NO = {True: "yes", False: "no", None: "n/a"}
 
-    def cell(c: dict) -> list:
-        if not c["n"]:
-            return [0, 0, "n/a"]
-        lo, hi = c["ci95"]
-        return [c["n"], c["k"], f"{c['rate']:.2f} [{lo:.2f}, {hi:.2f}]"]
 
-    what = {
-        "ruler": "ruler tied to melanoma (0.9): `ruler` flagged",
-        "marker": "burned-in site letter tied to the class (0.9): `site` flagged",
-        "marker1": "burned-in site letter on every train/val case of its class (1.0): "
-        "`site` flagged",
-        "device": "device (colour cast, vignette, blur) tied to the class (0.9): `device` flagged",
-        "tag": "**hard case**: `tag` column = label on 90 % of train/val, not in the pixels: "
-        "`tag` flagged",
-        "none": "same clean runs: anything else flagged",
-    }
+def _rate_cell(c: dict) -> list:
+    if not c["n"]:
+        return [0, 0, "n/a"]
+    lo, hi = c["ci95"]
+    return [c["n"], c["k"], f"{c['rate']:.2f} [{lo:.2f}, {hi:.2f}]"]
 
-    def used(cond: str) -> str:
-        return used_in(d, cond)
 
-    def used_in(doc: dict, cond: str) -> str:
-        runs = [x for x in doc["runs"] if x["condition"] == cond and x.get("intervention")]
-        if not runs:
-            return "—"
-        pulls = [x["intervention"]["pull"] for x in runs]
-        k = sum(bool(x["used"]) for x in runs)
-        return f"{k}/{len(runs)} (pull {min(pulls):+.2f} to {max(pulls):+.2f})"
+def _used_in(doc: dict, cond: str) -> str:
+    runs = [x for x in doc["runs"] if x["condition"] == cond and x.get("intervention")]
+    if not runs:
+        return "—"
+    pulls = [x["intervention"]["pull"] for x in runs]
+    k = sum(bool(x["used"]) for x in runs)
+    return f"{k}/{len(runs)} (pull {min(pulls):+.2f} to {max(pulls):+.2f})"
 
-    rows = [[what[k], *cell(v), used(k)] for k, v in d["conditions"].items() if v["n"]]
-    rows.append(["power, every confounded run (as first pre-registered)", *cell(d["power"]), ""])
+
+def _heldout_misses(doc: dict) -> str:
+    """'Used but not flagged: ...' with each miss's pull and both tests' lifts (and, where the
+    run recorded it, the weakest lift the query-side test could have flagged)."""
+    out = []
+    for x in doc["runs"]:
+        a = x["attributes"][HELDOUT_ATTR[x["condition"]]]
+        if not x.get("used") or a["flagged"]:
+            continue
+        dq = a.get("detectable_lift_query")
+        out.append(
+            f"{x['condition']} seed {x['seed']} (pull {x['intervention']['pull']:.2f}, "
+            f"index-side lift {_g(a.get('lift'))} Holm p {_g(a.get('p_value_holm'))}, "
+            f"query-side lift {_g(a.get('lift_query'))} Holm p {_g(a.get('p_value_holm_query'))}"
+            + (f", could flag from {dq:.2f}" if dq is not None else "")
+            + ")"
+        )
+    return " Used but not flagged: " + "; ".join(out) + "." if out else ""
+
+
+def _heldout_table(doc: dict, preregistered: bool = False) -> str:
+    rows = [
+        [HELDOUT_WHAT[k], *_rate_cell(v), _used_in(doc, k)]
+        for k, v in doc["conditions"].items()
+        if v["n"]
+    ]
+    if preregistered:
+        rows.append(
+            ["power, every confounded run (as first pre-registered)", *_rate_cell(doc["power"]), ""]
+        )
     rows.append(
         [
-            "**power where the model uses its confounder** (intervention)",
-            *cell(d["power_where_used"]),
+            "**power where the model uses its confounder**"
+            + (" (intervention)" if preregistered else ""),
+            *_rate_cell(doc["power_where_used"]),
             "",
         ]
     )
     rows.append(
-        ["flagged where the model ignores its confounder", *cell(d["flagged_where_ignored"]), ""]
+        [
+            "flagged where the model ignores its confounder",
+            *_rate_cell(doc["flagged_where_ignored"]),
+            "",
+        ]
     )
-    rows.append(["**false flags** (hard case + clean)", *cell(d["false_flags"]), ""])
+    rows.append(["**false flags** (hard case + clean)", *_rate_cell(doc["false_flags"]), ""])
+    return md_table(HELDOUT_HEAD, rows)
+
+
+def _pooled_power(docs: list[dict], min_pull: float = 0.0, max_pull: float = 9.0) -> str:
+    """Flagged / used runs over several sets, for uses with min_pull <= pull < max_pull."""
+    from scipy.stats import binomtest
+
+    k = n = 0
+    for doc in docs:
+        for x in doc["runs"]:
+            if x.get("used") and min_pull <= x["intervention"]["pull"] < max_pull:
+                n += 1
+                k += bool(x["attributes"][HELDOUT_ATTR[x["condition"]]]["flagged"])
+    if not n:
+        return "no run"
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return f"{k}/{n} = {k / n:.2f} [{ci.low:.2f}, {ci.high:.2f}]"
+
+
+def _audit_heldout(r: Path) -> str:
+    """The held-out audit table: frozen cut-offs on photo phantoms, the hard case its own row;
+    then the fresh-seed validation and the same rule on phantoms twice the size."""
+    d = load("audit_heldout", r)
     a = d["args"]
     head = (
         f"{a['n']}-case RGB photo phantoms at {a['size']} px, models at {a['image_size']} px, "
@@ -337,14 +390,10 @@ def _audit_heldout(r: Path) -> str:
         "changed and nothing else (other letter, other device, ruler flipped) moves >= 5 % of "
         "its top-5 neighbours to the new value (pull; the x-ray audit's ground truth)."
     )
-    t = md_table(
-        ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"], rows
-    )
-    yn = {True: "yes", False: "no", None: "n/a"}
     tail = (
         "Cut-offs held (power where used >= 0.95 and false flags <= 0.05): "
-        f"**{yn[d['cutoffs_held']]}**; by the first pre-registered rule (power over every "
-        f"confounded run): {yn[d['cutoffs_held_preregistered']]}."
+        f"**{YES_NO[d['cutoffs_held']]}**; by the first pre-registered rule (power over every "
+        f"confounded run): {YES_NO[d['cutoffs_held_preregistered']]}."
     )
     sens = d.get("alpha_sensitivity") or {}
     if sens:
@@ -361,59 +410,43 @@ def _audit_heldout(r: Path) -> str:
             )
             + "."
         )
-    misses = [
-        x
-        for x in d["runs"]
-        if x.get("used") and not x["attributes"][heldout_attr[x["condition"]]]["flagged"]
-    ]
-
-    def miss(x: dict) -> str:
-        a = x["attributes"][heldout_attr[x["condition"]]]
-        return (
-            f"{x['condition']} seed {x['seed']} (pull {x['intervention']['pull']:.2f}, "
-            f"index-side lift {_g(a.get('lift'))} Holm p {_g(a.get('p_value_holm'))}, "
-            f"query-side lift {_g(a.get('lift_query'))} Holm p {_g(a.get('p_value_holm_query'))})"
-        )
-
-    if misses:
-        tail += " Used but not flagged: " + "; ".join(miss(x) for x in misses) + "."
-    out = f"{head}\n\n{t}\n\n{tail}\n\n{machine_line(d)}"
+    tail += _heldout_misses(d)
+    out = f"{head}\n\n{_heldout_table(d, preregistered=True)}\n\n{tail}\n\n{machine_line(d)}"
+    docs = [d]
     v_path = r / "audit_heldout_validation.json"
     if v_path.is_file():
         v = json.loads(v_path.read_text())
-        vrows = [[what[k], *cell(c), used_in(v, k)] for k, c in v["conditions"].items() if c["n"]]
-        vrows.append(
-            ["**power where the model uses its confounder**", *cell(v["power_where_used"]), ""]
-        )
-        vrows.append(
-            [
-                "flagged where the model ignores its confounder",
-                *cell(v["flagged_where_ignored"]),
-                "",
-            ]
-        )
-        vrows.append(["**false flags** (hard case + clean)", *cell(v["false_flags"]), ""])
-        vt = md_table(
-            ["condition", "runs", "flagged", "rate [95% CI, Clopper-Pearson]", "model uses it"],
-            vrows,
-        )
-        vmiss = [
-            x
-            for x in v["runs"]
-            if x.get("used") and not x["attributes"][heldout_attr[x["condition"]]]["flagged"]
-        ]
-        k = d["power_where_used"]["k"] + v["power_where_used"]["k"]
-        n = d["power_where_used"]["n"] + v["power_where_used"]["n"]
-        from scipy.stats import binomtest
-
-        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        docs.append(v)
         out += (
             f"\n\nFresh seeds {v['args']['seeds']} (phantoms and models never seen while the rule "
-            f"was looked at), same cut-offs:\n\n{vt}\n\nCut-offs held there: "
-            f"**{yn[v['cutoffs_held']]}**."
-            + (" Used but not flagged: " + "; ".join(miss(x) for x in vmiss) + "." if vmiss else "")
-            + f" Both sets pooled: power where used {k}/{n} = {k / n:.2f} "
-            f"[{ci.low:.2f}, {ci.high:.2f}]. {machine_line(v)}"
+            f"was looked at), same cut-offs:\n\n{_heldout_table(v)}\n\nCut-offs held there: "
+            f"**{YES_NO[v['cutoffs_held']]}**.{_heldout_misses(v)} Both sets pooled: power where "
+            f"used {_pooled_power(docs)}. {machine_line(v)}"
+        )
+    b_path = r / "audit_heldout_600.json"
+    if b_path.is_file():
+        b = json.loads(b_path.read_text())
+        ba = b["args"]
+        lifts = [
+            x["attributes"][HELDOUT_ATTR[x["condition"]]].get("detectable_lift_query")
+            for x in b["runs"]
+            if x["condition"] in HELDOUT_ATTR
+        ]
+        lifts = [x for x in lifts if x is not None]
+        span = (
+            f" The weakest lift the query-side test could flag for the confounder's attribute: "
+            f"median {statistics.median(lifts):.2f} ({min(lifts):.2f}-{max(lifts):.2f})."
+            if lifts
+            else ""
+        )
+        out += (
+            f"\n\nTwice the cases: {ba['n']}-case phantoms (about {round(0.15 * ba['n'])} test "
+            f"queries), fresh seeds {ba['seeds']}, the same cut-offs and settings otherwise:"
+            f"\n\n{_heldout_table(b)}\n\nCut-offs held there: "
+            f"**{YES_NO[b['cutoffs_held']]}**.{_heldout_misses(b)}{span} By strength of use, "
+            f"all {len(docs) + 1} sets: pull >= 0.15 flagged "
+            f"{_pooled_power([*docs, b], 0.15)}, pull 0.05-0.15 flagged "
+            f"{_pooled_power([*docs, b], 0.05, 0.15)}. {machine_line(b)}"
         )
     return out
 
