@@ -11,7 +11,8 @@ case against it, its own patient excluded. Per phantom it writes:
   |difference| between a query and its same-label top-5 neighbours, divided by the mean
   |difference| between the query and every same-label indexed case (own patient
   excluded). 1 = neighbours no closer than a random same-label case; target <= 0.5 for
-  lesion size;
+  lesion size; the same for the background around the lesion (mean intensity outside the
+  mask, read from the files), which says what neighbours agree on instead;
 * the spread of the raw cosine similarities: median over queries of top-1 minus top-10;
 * training seconds, epochs (kept schedule and all schedules), the machine's load.
 
@@ -39,6 +40,10 @@ from _common import finish, machine  # noqa: E402
 # the training options a variant may change (recorded with every result)
 LOSS_OPTIONS = ("loss", "temperature", "instance_weight", "instance_temperature", "aug_scale")
 FACTORS = ("lesion_size", "lesion_x", "lesion_y", "lesion_shape", "lesion_contrast")
+# not a lesion factor: the mean intensity of the image outside the lesion mask (the photo's skin
+# tone, the film's exposure), computed from the files; how much neighbours agree on what
+# surrounds the lesion rather than on the lesion
+CONTEXT = "background"
 # Sized so that both phantoms together train, index and evaluate in about 20 minutes on 2
 # CPU cores: 1,200 chest films (the issue's `phantom --n 1200 --seed 21`) and 1,200 photos.
 KEEP = "/work/artifacts/depth"
@@ -102,9 +107,26 @@ def depth_metrics(
     }
 
 
+def with_background(df, man):
+    """``df`` with a CONTEXT column: each image's mean intensity outside its lesion mask."""
+    from retrieval.data.imageio import read_image, read_mask
+
+    if "mask" not in df.columns:
+        return df
+    values = []
+    for img, mask in zip(df["image"], df["mask"], strict=True):
+        try:
+            px = read_image(man.resolve(img)).pixels.mean(-1)
+            m = read_mask(man.resolve(mask), px.shape) if str(mask).strip() else None
+            values.append(float(px[~m].mean()) if m is not None and (~m).any() else np.nan)
+        except Exception:  # an unreadable file leaves the factor unknown for that case
+            values.append(np.nan)
+    return df.assign(**{CONTEXT: values})
+
+
 def _factor_arrays(df) -> dict[str, np.ndarray]:
     out = {}
-    for f in FACTORS:
+    for f in (*FACTORS, CONTEXT):
         if f in df.columns:
             out[f] = np.asarray(
                 [float(v) if str(v).strip() else np.nan for v in df[f]], dtype=np.float64
@@ -128,7 +150,7 @@ def evaluate_model(model_dir, manifest_path, weighting: str = "saliency") -> dic
         emb = embed_paths(
             model, pre, [str(man.resolve(p)) for p in df["image"]], weighting, progress=False
         )
-        return df.iloc[emb.ok].reset_index(drop=True), emb.vectors
+        return with_background(df.iloc[emb.ok].reset_index(drop=True), man), emb.vectors
 
     g_df, g_vec = embed(["train", "val"])
     q_df, q_vec = embed(["test"])
@@ -160,7 +182,7 @@ def evaluate_index(index_dir, manifest_path) -> dict:
     g_vec = np.asarray(r.index.reconstruct_all(), np.float32)
     man = load_manifest(manifest_path)
     full = man.df if hasattr(man, "df") else man.select(["train", "val", "test"])
-    cols = ["case_id", *[f for f in FACTORS if f in full.columns]]
+    cols = ["case_id", *[f for f in (*FACTORS, "image", "mask") if f in full.columns]]
     g_df = r.cases[["case_id", "label", "patient_id"]].merge(
         pd.DataFrame(full[cols]), on="case_id", how="left"
     )
@@ -168,6 +190,7 @@ def evaluate_index(index_dir, manifest_path) -> dict:
     q_df = qs.cases[["case_id", "label", "patient_id"]].merge(
         pd.DataFrame(full[cols]), on="case_id", how="left"
     )
+    g_df, q_df = with_background(g_df, man), with_background(q_df, man)
     return _metrics_from_frames(q_df, qs.vectors, g_df, g_vec)
 
 
@@ -231,7 +254,7 @@ def alternative_features(model_dir, manifest_path) -> dict:
             "concat": np.hstack([sal.vectors, uni.vectors]) / np.sqrt(2.0),
             "pooled_features": feats[: len(uni.vectors)],
         }
-        return df.iloc[ok].reset_index(drop=True), vecs
+        return with_background(df.iloc[ok].reset_index(drop=True), man), vecs
 
     try:
         g_df, g = embed(["train", "val"])

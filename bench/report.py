@@ -1319,7 +1319,7 @@ def _depth_variants(r: Path) -> str:
     and the lesion-size ratio of the index's embedding, and of the other retrieval vectors."""
     d = load("depth_variants", r)
     alts = ("uniform", "concat", "pooled_features")
-    rows, loads = [], []
+    rows, loads, threads = [], [], set()
     for label, v in d["variants"].items():
         args = ", ".join(f"{k}={val}" for k, val in v.get("train_args", {}).items()) or "defaults"
         for name, p in sorted(v["phantoms"].items()):
@@ -1331,6 +1331,7 @@ def _depth_variants(r: Path) -> str:
                     f"{p['precision_at_5']:.3f}",
                     f"{p['size_ratio']:.2f}",
                     f"{p['factor_ratio']['lesion_x']:.2f} / {p['factor_ratio']['lesion_y']:.2f}",
+                    _num(p["factor_ratio"].get("background"), "{:.2f}"),
                     " · ".join(
                         f"{alt[a]['size_ratio']:.2f} ({alt[a]['precision_at_5']:.2f})"
                         if a in alt
@@ -1344,6 +1345,7 @@ def _depth_variants(r: Path) -> str:
             )
             m = p.get("machine", {})
             loads += [*m.get("loadavg_start", [])[:1], *m.get("loadavg_end", [])[:1]]
+            threads.add(m.get("torch_threads"))
     t = md_table(
         [
             "variant (train options)",
@@ -1351,6 +1353,7 @@ def _depth_variants(r: Path) -> str:
             "P@5",
             "size ratio (≤ 0.5 wanted)",
             "x / y ratio",
+            "background ratio",
             "size ratio (P@5) on uniform · concatenated · pooled features",
             "raw cosine gap top-1 − top-10",
             "epochs",
@@ -1363,7 +1366,10 @@ def _depth_variants(r: Path) -> str:
         f"{t}\n\nSize ratio: mean |lesion size difference| between a query and its same-label "
         "top-5 neighbours over that of random same-label cases (own patient excluded); the first "
         "ratio is the index's embedding (saliency-weighted), the others retrieve on other vectors "
-        f"of the same model. One process per phantom, one thread each; {load_text}.\n"
+        "of the same model. Background ratio: the same for the image's mean intensity outside "
+        "the lesion mask (the photo's skin tone, the film's exposure; – where not measured). "
+        f"One process per phantom, torch threads {', '.join(str(t) for t in sorted(threads, key=str))}"
+        f"; {load_text}.\n"
     )
 
 

@@ -28,8 +28,24 @@ def _uniform(x: torch.Tensor, generator):
     return u
 
 
-def _intensity(x: torch.Tensor, u, generator) -> torch.Tensor:
-    """Gamma, contrast, brightness per item and a little noise, for images and volumes alike."""
+def _colour(x: torch.Tensor, u, strength: float) -> torch.Tensor:
+    """RGB only: a gain per channel and a saturation change, each in [1 - s, 1 + s] per item.
+
+    As SimCLR found, views that share their colour let the instance term tell cases apart by
+    their colour histogram alone (here: the skin's tone) instead of by how the lesion looks."""
+    b = x.shape[0]
+    gains = torch.stack([u(1.0 - strength, 1.0 + strength) for _ in range(3)], 1)
+    x = x * gains.view(b, 3, *(1,) * (x.dim() - 2))
+    grey = x.mean(1, keepdim=True)
+    sat = u(1.0 - strength, 1.0 + strength).view(b, *(1,) * (x.dim() - 1))
+    return (grey + (x - grey) * sat).clamp(0.0, 1.0)
+
+
+def _intensity(x: torch.Tensor, u, generator, colour: float = 0.0) -> torch.Tensor:
+    """Gamma, contrast, brightness per item and a little noise, for images and volumes alike
+    (and, with ``colour`` > 0 on RGB, channel gains and saturation: see _colour)."""
+    if colour > 0 and x.shape[1] == 3:
+        x = _colour(x, u, colour)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     gamma = u(0.8, 1.25).view(shape)
     x = x.clamp(1e-6, 1.0) ** gamma
@@ -45,10 +61,12 @@ def augment_batch(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
     scale_jitter: float = DEFAULT_SCALE_JITTER,
+    colour: float = 0.0,
 ) -> torch.Tensor:
     """x: (B, C, S, S) float in [0, 1] -> augmented, same shape, in [0, 1].
 
     ``scale_jitter``: zoom drawn in [1 - j, 1 + j]; 0 keeps every view at its own scale.
+    ``colour``: RGB channel-gain and saturation jitter (0: none; grayscale ignores it).
     """
     u = _uniform(x, generator)
 
@@ -61,7 +79,7 @@ def augment_batch(
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return _intensity(x, u, generator)
+    return _intensity(x, u, generator, colour)
 
 
 def augment_volume_batch(

@@ -82,6 +82,7 @@ class TrainOptions:
     instance_weight: float = 0.5  # weight of the two-view NT-Xent term (0: one view, no term)
     instance_temperature: float = 0.2
     aug_scale: float = DEFAULT_SCALE_JITTER  # zoom jitter of the augmented views (0: none)
+    aug_colour: float = 0.0  # RGB channel-gain / saturation jitter of the views (0: none)
     # weight of the auxiliary peak-pooled cross-entropy (see peak_pool); None: PEAK_WEIGHT for
     # volume backbones, 0 for 2-D images
     peak_weight: float | None = None
@@ -488,6 +489,7 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "instance_weight": opts.instance_weight,
             "instance_temperature": opts.instance_temperature,
             "aug_scale": opts.aug_scale,
+            "aug_colour": opts.aug_colour,
             "margin": opts.margin,
             "peak_weight": resolve_peak_weight(opts, backbone),
             "peak_pool": opts.peak_pool,
@@ -685,7 +687,12 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
             idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
             x = d.train_x[idx].to(device).float() / 255.0
             aug = augment_volume_batch if x.dim() == 5 else augment_batch
-            xb = torch.cat([aug(x, gen, opts.aug_scale) for _ in range(d.views)])
+            if x.dim() == 5:
+                xb = torch.cat([aug(x, gen, opts.aug_scale) for _ in range(d.views)])
+            else:
+                xb = torch.cat(
+                    [aug(x, gen, opts.aug_scale, opts.aug_colour) for _ in range(d.views)]
+                )
             yb = d.train_y[idx].to(device).repeat(d.views)
             case_ids = torch.arange(len(idx), device=device).repeat(d.views)
             with torch.autocast(device.type, enabled=use_amp):

@@ -39,9 +39,9 @@ def test_training_uses_the_option_on_every_view_and_records_it(phantom_dir, tmp_
     seen = []
     real = train.augment_batch
 
-    def spy(x, generator=None, scale_jitter=DEFAULT_SCALE_JITTER):
+    def spy(x, generator=None, scale_jitter=DEFAULT_SCALE_JITTER, colour=0.0):
         seen.append(scale_jitter)
-        return real(x, generator, scale_jitter)
+        return real(x, generator, scale_jitter, colour)
 
     monkeypatch.setattr(train, "augment_batch", spy)
     opts = train.TrainOptions(epochs=1, progress=False, num_workers=0, width=8, aug_scale=0.0)
@@ -64,3 +64,25 @@ def test_bench_train_args_are_typed_by_the_option():
     assert isinstance(got["epochs"], int)
     with pytest.raises(SystemExit, match="expected NAME=VALUE"):
         parse_train_args(["no_such_option=1"])
+
+
+def test_colour_jitter_changes_rgb_channel_balance_only():
+    """aug_colour: RGB views get their own channel gains and saturation; grayscale views and
+    the default (0) are exactly as without it (no random draw spent)."""
+    g = torch.Generator
+    rgb = torch.rand(32, 3, 32, 32, generator=g().manual_seed(1)) * 0.5 + 0.25
+    grey = rgb[:, :1]
+    base = augment_batch(rgb, g().manual_seed(0), 0.1)
+    assert torch.equal(base, augment_batch(rgb, g().manual_seed(0), 0.1, 0.0))
+    assert torch.equal(
+        augment_batch(grey, g().manual_seed(0), 0.1),
+        augment_batch(grey, g().manual_seed(0), 0.1, 0.3),
+    )
+    jit = augment_batch(rgb, g().manual_seed(0), 0.1, 0.3)
+
+    def balance(x):  # each item's red over blue mean: the colour cast
+        m = x.mean(dim=(2, 3))
+        return (m[:, 0] / m[:, 2]).std().item()
+
+    assert balance(jit) > 4 * balance(base)
+    assert jit.min() >= 0 and jit.max() <= 1
