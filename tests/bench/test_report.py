@@ -60,3 +60,34 @@ def test_missing_json_is_a_named_failure(tmp_path, capsys):
 
 def test_percent_format():
     assert report.fmt(0.8734, ".1%") == "87.3%"
+
+
+def test_heldout_power_by_strength_of_use_counts_only_used_runs_in_its_band():
+    def run(cond, pull, flagged):
+        attr = report.HELDOUT_ATTR[cond]
+        return {
+            "condition": cond,
+            "seed": 0,
+            "used": None if pull is None else pull >= 0.05,
+            "intervention": None if pull is None else {"pull": pull},
+            "attributes": {attr: {"flagged": flagged}},
+        }
+
+    doc = {
+        "runs": [
+            run("ruler", 0.6, True),
+            run("device", 0.2, True),
+            run("device", 0.15, False),  # strong band starts at 0.15
+            run("marker", 0.1, False),
+            run("marker", 0.06, True),
+            run("marker", 0.01, True),  # ignored: not a use, in no band
+            run("tag", None, False),
+        ]
+    }
+    assert report._pooled_power([doc], 0.15).startswith("2/3 = 0.67 [")
+    assert report._pooled_power([doc], 0.05, 0.15).startswith("1/2 = 0.50 [")
+    assert report._pooled_power([doc, doc]).startswith("6/10 = 0.60 [")
+    assert report._pooled_power([doc], 0.9) == "no run"
+    assert "marker seed 0 (pull 0.10" in report._heldout_misses(
+        {"runs": [dict(run("marker", 0.1, False), attributes={"site": {"flagged": False}})]}
+    )
