@@ -238,9 +238,9 @@ def _attr_table(attrs: dict[str, dict]) -> str:
     head = (
         "<tr><th class=l>attribute</th><th class=l>kind</th><th>concordance</th><th>expected</th>"
         "<th>lift</th><th>p</th><th>p (Holm)</th><th>lift (query null)</th><th>p (Holm, query null)</th>"
-        "<th>weakest lift it can flag (index / query)</th>"
         "<th>probe bal. acc.</th><th>chance</th>"
-        "<th>label assoc. (V)</th><th class=l>flagged</th></tr>"
+        "<th>label assoc. (V)</th><th class=l>flagged</th>"
+        "<th>weakest lift it can flag (index/query)</th></tr>"
     )
     rows = []
     for n, v in attrs.items():
@@ -257,9 +257,9 @@ def _attr_table(attrs: dict[str, dict]) -> str:
             f"<td>{_n(v['concordance'])}</td><td>{_n(v['expected'])}</td><td>{_n(v['lift'], '.2f')}</td>"
             f"<td>{_n(v['p_value'], '.4f')}</td><td>{_n(v['p_value_holm'], '.4f')}</td>"
             f"<td>{_n(qn.get('lift'), '.2f')}</td><td>{_n(qn.get('p_value_holm'), '.4f')}</td>"
-            f"<td>{_n(v.get('detectable_lift'), '.2f')} / {_n(qn.get('detectable_lift'), '.2f')}</td>"
             f"<td>{_n(v['probe_balanced_accuracy'])}</td><td>{_n(v['chance'])}</td>"
-            f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td></tr>"
+            f"<td>{_n(v.get('label_association'), '.2f')}</td><td class=l>{flag}</td>"
+            f"<td>{_n(v.get('detectable_lift'), '.2f')}/{_n(qn.get('detectable_lift'), '.2f')}</td></tr>"
         )
     return f"<div class=tw><table>{head}{''.join(rows)}</table></div>"  # scrolls if too narrow
 
