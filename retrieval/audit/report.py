@@ -529,7 +529,8 @@ phantoms with a burned-in site marker. Scored on data they were not chosen on (R
 bench/audit_heldout.py in the repository, docs/results.md) they never flagged a label-free attribute
 or a label-tied column the model could not see, and flagged the class-tied confounders that the
 model was shown to use (a ruler, the camera device) in all runs but those of weakest use. Weak
-use can go unflagged: "not flagged" is not proof that the model ignores an attribute. Look at
+use can go unflagged: "not flagged" is not proof that the model ignores an attribute; the
+sentence under the verdicts says how large a lift this audit's queries could see. Look at
 the probe and the counterfactual columns, and test a suspected artefact directly with
 <code>--concept</code>.</p>
 """

@@ -53,8 +53,12 @@ the test images with it changed) the rule flagged 40 of the 45 runs whose model 
 confounder: a ruler or the camera device 39 of 40, a burned-in letter used weakly 1 of 5.
 It flagged none of the 35 runs whose model ignored a letter, and nothing on clean runs or on a
 label-tied column absent from the pixels (0 of 40). ALPHA 0.05 would have caught one more on
-the first set and falsely flagged two ignored letters. The report says that weak use can go
-unflagged and that the cut-offs were chosen on x-ray phantoms.
+the first set and falsely flagged two ignored letters. On phantoms twice the size (600 cases,
+about 90 test queries, seeds 20-29) the same rule flagged all 21 runs that used their
+confounder and nothing else (0 of 39). Over the three sets, every use that moved >= 15 % of the
+neighbours was flagged (52 of 52), weaker uses 9 of 14: a lift below the test's critical value
+(``detectable_lift``, shown in the report) cannot be flagged. The report says so and that the
+cut-offs were chosen on x-ray phantoms.
 """
 
 from __future__ import annotations
