@@ -42,6 +42,11 @@ killed sweep keeps its results and resumes; every training goes through the call
 wrapper (run this under /work/notes/heavy):
 
     /work/notes/heavy .venv/bin/python bench/audit_heldout.py --seeds 0-9 > /tmp/heldout.log 2>&1 &
+
+The sample-size check (phantoms twice the size, fresh seeds; bench/results/audit_heldout_600.json):
+
+    .venv/bin/python bench/audit_heldout.py --seeds 20-29 --n 600 --work /tmp/ah600 \
+        --name audit_heldout_600
 """
 
 from __future__ import annotations
