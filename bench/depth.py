@@ -26,6 +26,7 @@ that matched regions and similarity scores can be measured on them.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -107,20 +108,28 @@ def depth_metrics(
     }
 
 
-def with_background(df, man):
-    """``df`` with a CONTEXT column: each image's mean intensity outside its lesion mask."""
+@functools.cache
+def _background(image: str, mask: str) -> float:
+    """Mean intensity of one image outside its lesion mask (cached: the index's embedding and
+    the alternative vectors score the same cases)."""
     from retrieval.data.imageio import read_image, read_mask
 
+    try:
+        px = read_image(image).pixels.mean(-1)
+        m = read_mask(mask, px.shape)
+    except Exception:  # an unreadable file leaves the factor unknown for that case
+        return np.nan
+    return float(px[~m].mean()) if (~m).any() else np.nan
+
+
+def with_background(df, man):
+    """``df`` with a CONTEXT column: each image's mean intensity outside its lesion mask."""
     if "mask" not in df.columns:
         return df
-    values = []
-    for img, mask in zip(df["image"], df["mask"], strict=True):
-        try:
-            px = read_image(man.resolve(img)).pixels.mean(-1)
-            m = read_mask(man.resolve(mask), px.shape) if str(mask).strip() else None
-            values.append(float(px[~m].mean()) if m is not None and (~m).any() else np.nan)
-        except Exception:  # an unreadable file leaves the factor unknown for that case
-            values.append(np.nan)
+    values = [
+        _background(str(man.resolve(img)), str(man.resolve(mask))) if str(mask).strip() else np.nan
+        for img, mask in zip(df["image"], df["mask"], strict=True)
+    ]
     return df.assign(**{CONTEXT: values})
 
 

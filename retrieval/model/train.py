@@ -686,13 +686,13 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
         for s in range(d.steps_per_epoch):
             idx = torch.tensor(order[s * d.batch : (s + 1) * d.batch])
             x = d.train_x[idx].to(device).float() / 255.0
-            aug = augment_volume_batch if x.dim() == 5 else augment_batch
             if x.dim() == 5:
-                xb = torch.cat([aug(x, gen, opts.aug_scale) for _ in range(d.views)])
+                views = [augment_volume_batch(x, gen, opts.aug_scale) for _ in range(d.views)]
             else:
-                xb = torch.cat(
-                    [aug(x, gen, opts.aug_scale, opts.aug_colour) for _ in range(d.views)]
-                )
+                views = [
+                    augment_batch(x, gen, opts.aug_scale, opts.aug_colour) for _ in range(d.views)
+                ]
+            xb = torch.cat(views)
             yb = d.train_y[idx].to(device).repeat(d.views)
             case_ids = torch.arange(len(idx), device=device).repeat(d.views)
             with torch.autocast(device.type, enabled=use_amp):

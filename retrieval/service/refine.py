@@ -146,9 +146,8 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
         )
     g_xyz = tuple(reversed(grid))
     inputs = tuple(reversed(geometry.input_shape))  # (W, H[, D]) in input pixels
-    # each cell's span in original pixels along x, y (and z), and the typical cell size
+    # each cell's span in original pixels along x, y (and z)
     spans = [_axis_spans(g_xyz[a], inputs[a], geometry.scale[a]) for a in range(n)]
-    cell = [inputs[a] / g_xyz[a] * geometry.scale[a] for a in range(n)]
     overlap = [_axis_overlap(lo[a], hi[a], spans[a]) for a in range(n)]
     cover = overlap[-1]
     for a in range(n - 2, -1, -1):  # outer product in grid order (z,) y, x
@@ -163,7 +162,7 @@ def select_cells(box, geometry, grid: tuple[int, ...]) -> RegionSelection:
         )
         cells[centre] = True
         clip = geometry.cell_box(*centre, grid)
-        size = "×".join(f"{c:.0f}" for c in cell)
+        size = "×".join(f"{inputs[a] / g_xyz[a] * geometry.scale[a]:.0f}" for a in range(n))
         note = (
             f"region {asked} covers less than half of any feature cell ({size} px); widened "
             f"to the cell {clip}"
