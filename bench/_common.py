@@ -249,10 +249,13 @@ def clustered_unit_vectors(
     return sample(n, seed + 1), sample
 
 
-def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
+def rejudge(
+    runs: list[dict], alpha: float | None = None, min_probe_margin: float | None = None
+) -> list[dict]:
     """The runs re-decided from their stored raw statistics by the current flag rule (Holm over
-    each run's attributes, per test family), with ``alpha`` in place of verdict.ALPHA if given:
-    cut-offs can be compared on the same runs without re-running any audit."""
+    each run's attributes, per test family), with ``alpha`` / ``min_probe_margin`` in place of
+    verdict.ALPHA / verdict.MIN_PROBE_MARGIN if given: cut-offs can be compared on the same runs
+    without re-running any audit."""
     import copy
 
     from retrieval.audit import verdict
@@ -276,6 +279,7 @@ def rejudge(runs: list[dict], alpha: float | None = None) -> list[dict]:
                 b,
                 v["lift_query"],
                 verdict.ALPHA if alpha is None else alpha,
+                verdict.MIN_PROBE_MARGIN if min_probe_margin is None else min_probe_margin,
             )
     return out
 

@@ -451,6 +451,52 @@ def _audit_heldout(r: Path) -> str:
     return out
 
 
+def _audit_levels(r: Path) -> str:
+    """The stored held-out runs re-decided under a grid of concordance levels and probe floors:
+    whether any pair of cut-offs meets the goal on 45 queries, and on 90."""
+    d = load("audit_levels", r)
+    alphas, margins = d["args"]["alphas"], d["args"]["margins"]
+    g = d["goal"]
+    parts = [
+        f"Each cell: power where used · flagged where ignored · false flags; **bold** where all "
+        f"three meet the goal (power >= {g['power_where_used']}, both wrong-flag rates <= "
+        f"{g['wrong_flags']}). Frozen rule: level 0.01, probe floor 0.10."
+    ]
+    for s in d["sets"].values():
+        rows = []
+        for m in margins:
+            row = [f"probe floor {m:g}"]
+            for a in alphas:
+                c = next(x for x in s["grid"] if x["alpha"] == a and x["min_probe_margin"] == m)
+                txt = " · ".join(
+                    f"{c[k]['k']}/{c[k]['n']}"
+                    for k in ("power_where_used", "flagged_where_ignored", "false_flags")
+                )
+                row.append(f"**{txt}**" if c["meets_goal"] else txt)
+            rows.append(row)
+        head = [f"{s['n_cases']} cases, {s['test_queries']} queries"] + [
+            f"level {a:g}" for a in alphas
+        ]
+        lo = s["misses_at_loosest"]
+        why = "; ".join(
+            f"{x['condition']} seed {x['seed']} (pull {x['pull']:.2f}: {', '.join(x['fails'])})"
+            for x in lo["runs"]
+        )
+        parts.append(
+            f"{md_table(head, rows)}\n\nSeeds {', '.join(s['seeds'])} ({s['runs']} runs). Any "
+            f"cell meets the goal: **{YES_NO[s['any_cell_meets_goal']]}**; best power "
+            f"{s['best_power']:.2f}."
+            + (
+                f" Still missed at level {lo['alpha']:g} and probe floor "
+                f"{lo['min_probe_margin']:g}, and the gate that stops each: {why}."
+                if lo["runs"]
+                else ""
+            )
+        )
+    parts.append(machine_line(d))
+    return "\n\n".join(parts)
+
+
 def _gpu_path(r: Path) -> str:
     """The CUDA path measured on a GPU: training with AMP, embedding, queries, search at scale."""
     d = load("gpu_path", r)
@@ -1497,6 +1543,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "audit_seeds": _audit_seeds,
     "audit_null": _audit_null,
     "audit_heldout": _audit_heldout,
+    "audit_levels": _audit_levels,
     "ray_scaling": _ray_scaling,
     "matched_regions": _matched_regions,
     "refine": _refine,

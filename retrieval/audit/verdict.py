@@ -95,9 +95,11 @@ def decide(
     p_holm_query: float | None = None,
     lift_query: float | None = None,
     alpha: float = ALPHA,
+    min_probe_margin: float = MIN_PROBE_MARGIN,
 ) -> tuple[bool, bool, list[str]]:
     """(flagged, retrieval_bias, reasons): each criterion as met / not met, in words. ``alpha``
-    replaces the concordance level only to compare cut-offs on stored runs (bench)."""
+    and ``min_probe_margin`` replace the concordance level and the probe floor only to compare
+    cut-offs on stored runs (bench/audit_levels.py)."""
     reasons = []
     ci, cq = _concordant(p_holm, lift, alpha), _concordant(p_holm_query, lift_query, alpha)
     reasons.append(
@@ -115,8 +117,8 @@ def decide(
         c3 = True
     else:
         margin = probe_ba - chance
-        c3 = margin >= MIN_PROBE_MARGIN
-        reasons.append(f"probe margin {margin:+.3f} {'>=' if c3 else '<'} {MIN_PROBE_MARGIN}")
+        c3 = margin >= min_probe_margin
+        reasons.append(f"probe margin {margin:+.3f} {'>=' if c3 else '<'} {min_probe_margin}")
     v, p = association
     c4 = v is not None and p is not None and p < ASSOC_ALPHA and v >= MIN_ASSOCIATION
     reasons.append(
