@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from retrieval.data.manifest import CORE_COLUMNS
 from retrieval.errors import CasebaseError
 
 MAX_GROUPS = 50
@@ -134,6 +135,13 @@ def select_attributes(
     else:
         names = [a for a in known if not a.startswith(FINDING_PREFIX)]
     coded, skipped = [], {}
+    if not requested:  # a column the index never stored cannot be audited: say so, not nothing
+        for name in query_cases.columns:
+            if name not in CORE_COLUMNS and name not in known and not name.startswith("_"):
+                skipped[name] = (
+                    "in the query manifest but not in the index: rebuild the index from a "
+                    "manifest that has it to audit it"
+                )
     for name in names:
         if name not in query_cases.columns:
             skipped[name] = "not in the query manifest"

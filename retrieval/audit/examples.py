@@ -30,7 +30,8 @@ class Panel:
     label: str
     value: str
     png: bytes
-    similarity: float | None = None
+    similarity: float | None = None  # the raw cosine
+    score: float | None = None  # similarity_score: what the app shows, in [0, 1]
     contribution: float | None = None  # share of the similarity carried by the top matched pair
 
 
@@ -135,6 +136,7 @@ def build_examples(
                         [m.case_box for m in nb.matched_regions],
                     ),
                     similarity=float(nb.similarity),
+                    score=None if nb.similarity_score is None else float(nb.similarity_score),
                     contribution=float(top.share) if top is not None else None,
                 )
             )

@@ -391,6 +391,13 @@ def _leak_section(lk: dict) -> str:
     )
 
 
+def _sim(p) -> str:
+    """The score the app shows (raw cosines of one class all read about 1.000), cosine after."""
+    if p.score is None:
+        return f"cosine {_n(p.similarity)}"
+    return f"score {_n(p.score, '.2f')}, cosine {_n(p.similarity)}"
+
+
 def _examples_section(examples: list[Example]) -> str:
     if not examples:
         return "<p class=muted>No query had neighbours sharing its attribute value but not its label.</p>"
@@ -410,7 +417,7 @@ def _examples_section(examples: list[Example]) -> str:
         for p in ex.neighbors:
             panels.append(
                 f'<div class="panel">{_img(base64.b64encode(p.png).decode(), p.case_id, "")}'
-                f"<b>{html.escape(p.case_id)}</b> (sim {_n(p.similarity)})<br>label {html.escape(p.label)}<br>"
+                f"<b>{html.escape(p.case_id)}</b> ({_sim(p)})<br>label {html.escape(p.label)}<br>"
                 f"{a} {html.escape(p.value)}<br>top pair carries {_n(p.contribution and 100 * p.contribution, '.0f')}%"
                 "</div>"
             )

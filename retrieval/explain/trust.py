@@ -29,8 +29,11 @@ neighbours' decomposition maps) is scored by:
   the similarity-weighted mean cosine similarity to the neighbours (the random
   reference on the same score); ``curve_score`` says which.
 * **faithfulness verdict**: "faithful" only when the 95 % percentile-bootstrap
-  CI over cases (``BOOTSTRAP`` resamples) of the deletion gain excludes 0;
-  otherwise "not faithful on this data" (``deletion_gain_ci95``). Every summary
+  CI over cases (``BOOTSTRAP`` resamples) of the deletion gain excludes 0 and
+  the mean gain is at least ``MIN_FAITHFUL_GAIN`` (0.01 of the score's range:
+  a model whose score no deletion moves gives gains of +0.000 with a CI that
+  excludes 0 by rounding); otherwise "not faithful on this data"
+  (``deletion_gain_ci95``). Every summary
   states the number of cases it rests on.
 * **faithfulness correlation** and **max-sensitivity** (Quantus's metrics,
   retrieval.explain.fidelity): do the map's magnitudes predict the score drop of
@@ -291,10 +294,15 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+MIN_FAITHFUL_GAIN = 0.01  # mean deletion gain below this is no effect, whatever its CI
+
+
 def faithfulness_verdict(gains: Sequence[float], seed: int = 0) -> tuple[str, list[float]]:
-    """ "faithful" when the 95 % bootstrap CI of the deletion gain (random − map) excludes 0."""
+    """ "faithful" when the 95 % bootstrap CI of the deletion gain (random − map) excludes 0
+    and the mean gain reaches MIN_FAITHFUL_GAIN (an effect, not a rounding-level excess)."""
     lo, hi = bootstrap_ci(gains, seed=seed)
-    verdict = "faithful" if lo > 0 else "not faithful on this data"
+    mean = float(np.mean(gains)) if len(gains) else float("nan")
+    verdict = "faithful" if lo > 0 and mean >= MIN_FAITHFUL_GAIN else "not faithful on this data"
     return verdict, [lo, hi]
 
 

@@ -83,7 +83,7 @@ def embed_paths(
         progress=progress,
         desc=desc,
         num_workers=num_workers,
-        sizes=sizes if cells else None,
+        sizes=sizes,  # original shapes: the region index and the image_shape attribute
         fingerprints=fps,
     ):
         failures += fails
@@ -115,8 +115,9 @@ def embed_paths(
     if cells and zs:
         res.cells = np.concatenate(zs)
         res.cell_weights = np.concatenate(ws)
-        res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(len(ok), -1)
         res.grid = grid
+    if ok:
+        res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(len(ok), -1)
     if fps is not None and ok:
         from index.fingerprints import pack
 

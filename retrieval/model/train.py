@@ -323,12 +323,17 @@ def _validate(model, pre, train_x, train_y, val_x, val_y, device) -> dict:
     }
 
 
-def _split_val(df, seed: int):
-    """Use the val split if present; else hold out ~15% of train patients."""
+def _split_val(df, seed: int) -> tuple:
+    """(train, val, note): the manifest's val split if it is big enough to judge a run by
+    (at least max(6, 2 x labels) cases); else ~15 % of the train patients are held out, and
+    ``note`` says so. The small val split is then left unseen by training, so that the index
+    build can calibrate on it (retrieval.service.conformal.calibration_rows draws the same
+    patients the same way: keep the two in step)."""
     val = df[df["split"] == "val"]
     train = df[df["split"] == "train"]
-    if len(val) >= max(6, 2 * df["label"].nunique()) or len(train) == 0:
-        return train, val
+    need = max(6, 2 * df["label"].nunique())
+    if len(val) >= need or len(train) == 0:
+        return train, val, None
     groups = (
         train["patient_id"]
         if "patient_id" in train and (train["patient_id"] != "").all()
@@ -338,7 +343,18 @@ def _split_val(df, seed: int):
     rng = np.random.default_rng(seed)
     held = set(rng.choice(uniq, size=max(1, int(round(0.15 * len(uniq)))), replace=False))
     mask = groups.isin(held)
-    return train[~mask], train[mask]
+    note = (
+        f"the val split has {len(val)} case(s), fewer than the {need} needed to judge training "
+        f"(max(6, 2 x {df['label'].nunique()} labels)), so {int(mask.sum())} train cases of "
+        f"{len(held)} patients are held out for validation instead"
+        + (
+            f"; the {len(val)} val case(s) stay unseen by training (the index build calibrates "
+            "on them)"
+            if len(val)
+            else ""
+        )
+    )
+    return train[~mask], train[mask], note
 
 
 def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptions) -> TrainReport:
@@ -411,7 +427,9 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     del flat
     pre = Preprocessor(cfg)
 
-    train_df, val_df = _split_val(df, opts.seed)
+    train_df, val_df, split_note = _split_val(df, opts.seed)
+    if split_note:
+        tqdm.write(f"note: {split_note}")
     if train_df["label"].nunique() < 2:
         raise CasebaseError("the training split holds fewer than two labels")
     y_all = torch.tensor([classes.index(v) for v in df["label"]])
@@ -457,7 +475,12 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         bar.reset(total=epochs * steps_per_epoch)
         lr, seed = lr / 2, seed + 1
     bar.close()
-    if len(val_y) and fit.best_accuracy <= chance + STALL_MARGIN:
+    if val_classes < 2 and len(val_y):
+        tqdm.write(
+            "note: the val split holds one label, so it cannot show whether the classifier "
+            "beats chance; judge the model with `casebase eval` on a test split"
+        )
+    elif len(val_y) and fit.best_accuracy <= chance + STALL_MARGIN:
         tqdm.write(
             f"warning: the classifier does not beat chance on the val split (balanced accuracy "
             f"{fit.best_accuracy:.2f}, chance {chance:.2f}; retrieval precision@1 "

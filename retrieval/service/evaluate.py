@@ -69,7 +69,7 @@ class QuerySet:
 def embed_split(
     r: CaseRetriever, manifest_path, split: str, k: int, progress: bool = True
 ) -> QuerySet:
-    from index.builder import case_table
+    from index.builder import add_shape_attribute, case_table
 
     manifest = load_manifest(manifest_path)
     df = manifest.select([split])
@@ -85,7 +85,9 @@ def embed_split(
         progress=progress,
         desc=f"embedding {split}",
     )
-    kept = cases.iloc[emb.ok].reset_index(drop=True)
+    kept = add_shape_attribute(
+        cases.iloc[emb.ok].reset_index(drop=True), emb.sizes, like=r.attribute_names
+    )
     hits = r.search(emb.vectors, k, exclude_patients=kept["patient_id"].tolist())
     return QuerySet(
         kept,

@@ -47,6 +47,14 @@ def test_default_selection_and_binning():
     assert age.groups[-1].endswith("]")
 
 
+def test_a_manifest_column_the_index_lacks_is_named_as_skipped():
+    index, query = _frames()
+    query["orig_size"] = "300x200"
+    query["image"] = "x.png"  # core columns are no attributes
+    _, skipped = select_attributes(index, query, list(index.columns), None)
+    assert "not in the index" in skipped["orig_size"] and "image" not in skipped
+
+
 def test_requested_attributes_are_checked():
     index, query = _frames()
     with pytest.raises(CasebaseError, match="unknown attribute.*scanner.*site"):

@@ -91,7 +91,7 @@ def test_json_contract(audit, phantom_dir):
     assert "flag_rule" in d
 
 
-def test_report_is_self_contained_and_phi_free(report_html, phantom_dir, tiny_index):
+def test_report_is_self_contained_and_phi_free(report_html, phantom_dir, tiny_index, audit):
     html = report_html
     assert html.startswith("<!DOCTYPE html>")
     srcs = re.findall(r"""\bsrc\s*=\s*["']?([^"'\s>]+)""", html, re.I)
@@ -107,6 +107,12 @@ def test_report_is_self_contained_and_phi_free(report_html, phantom_dir, tiny_in
     # the verdicts' limits travel with them: the held-out miss is stated in the report
     assert "How far a verdict goes" in html and "not proof" in html
     assert "this audit can flag an attribute only from a lift of" in html
+    # worst examples show the score the app shows, not only raw cosines that all read ~1.000
+    assert audit.examples
+    for ex in audit.examples:
+        for p in ex.neighbors:
+            assert p.score is not None and 0.0 <= p.score <= 1.0
+            assert f"score {p.score:.2f}, cosine" in html
 
 
 @pytest.mark.browser

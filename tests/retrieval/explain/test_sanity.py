@@ -73,6 +73,9 @@ def test_a_constant_map_fails_and_a_model_blind_map_fails():
 
 def test_faithfulness_needs_a_ci_that_excludes_the_random_order():
     assert trust.faithfulness_verdict([0.05, 0.04, 0.06, 0.05, 0.07])[0] == "faithful"
+    # a model no deletion moves: every gain a hair above 0, CI above 0, but no effect
+    verdict, (lo, _) = trust.faithfulness_verdict([1e-4, 2e-4, 1.5e-4, 1e-4, 3e-4])
+    assert lo > 0 and verdict == "not faithful on this data"
     verdict, (lo, hi) = trust.faithfulness_verdict([0.05, -0.06, 0.02, -0.03, 0.01, 0.0])
     assert verdict == "not faithful on this data" and lo < 0 < hi
     assert np.isnan(trust.bootstrap_ci([0.1])[0])  # one case proves nothing

@@ -74,7 +74,7 @@ def test_short_schedules_are_never_judged_stalled(phantom_dir, tmp_path, monkeyp
     assert len(report.attempts) == 1
 
 
-def test_a_val_split_of_one_class_is_never_judged(phantom_dir, tmp_path, monkeypatch):
+def test_a_val_split_of_one_class_is_never_judged(phantom_dir, tmp_path, monkeypatch, capsys):
     import pandas as pd
 
     df = pd.read_csv(phantom_dir / "manifest.csv", dtype=str, keep_default_na=False)
@@ -86,6 +86,30 @@ def test_a_val_split_of_one_class_is_never_judged(phantom_dir, tmp_path, monkeyp
     opts = train.TrainOptions(epochs=10, progress=False, num_workers=0)
     report = train.train_model(tmp_path / "one_class_val.csv", tmp_path / "m", opts)
     assert len(report.attempts) == 1
+    # no "does not beat chance (... chance 1.00)" against a chance level that does not exist
+    out = capsys.readouterr()
+    err = out.out + out.err
+    assert "does not beat chance" not in err and "holds one label" in err
+
+
+def test_a_small_val_split_is_replaced_and_said(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "split": ["train"] * 16 + ["val"] * 4,
+            "patient_id": [f"p{i}" for i in range(20)],
+            "case_id": [f"c{i}" for i in range(20)],
+            "label": ["a", "b"] * 10,
+        }
+    )
+    tr, va, note = train._split_val(df, 0)
+    assert set(va["split"]) == {"train"} and len(va) == 2  # 15 % of 16 train patients
+    assert set(tr.index) | set(va.index) == set(range(16))  # the val cases stay unseen
+    assert "val split has 4 case(s)" in note and "4 val case(s) stay unseen" in note
+    df.loc[df["split"] == "train", "split"] = ["val"] * 6 + ["train"] * 10
+    tr, va, note = train._split_val(df, 0)
+    assert note is None and len(va) == 10
 
 
 def test_retrieval_off_chance_is_not_a_stall(phantom_dir, tmp_path, monkeypatch):

@@ -164,7 +164,8 @@ def test_calibration_rows_are_the_cases_training_held_out():
         }
     )
     for seed in (0, 7):
-        _, held = _split_val(df, seed)
+        _, held, note = _split_val(df, seed)
+        assert "4 val case(s) stay unseen" in note
         rows, where = conformal.calibration_rows(
             df["split"], df["patient_id"], df["case_id"], 4, seed
         )
