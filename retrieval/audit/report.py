@@ -74,7 +74,7 @@ def fig_concordance(attrs: dict[str, dict]) -> str | None:
     names = [n for n, v in attrs.items() if v.get("concordance") is not None]
     if not names:
         return None
-    fig = Figure(figsize=(max(5.0, 1.3 * len(names) + 2), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 1.3 * len(names) + 2) + 2.2, 3.6), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(names))
     obs = [attrs[n]["concordance"] for n in names]
@@ -126,7 +126,8 @@ def fig_concordance(attrs: dict[str, dict]) -> str | None:
     ax.set_xticks(x, names)
     ax.set_ylabel("share of top-5 neighbours\nsharing the query's value")
     ax.set_ylim(0, min(1.15, max(max(obs), max(exp), max(qexp)) + 0.25))
-    ax.legend(fontsize=8, loc="upper right")
+    # beside the axes: inside, it covered the tallest bar (the flagged one, often)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(
         "Attribute concordance of retrieval (red: flagged, orange: retrieval bias)", fontsize=10
     )
@@ -137,7 +138,7 @@ def fig_probe(attrs: dict[str, dict]) -> str | None:
     names = [n for n, v in attrs.items() if v.get("probe_balanced_accuracy") is not None]
     if not names:
         return None
-    fig = Figure(figsize=(max(5.0, 1.2 * len(names) + 2), 3.3), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 1.2 * len(names) + 2) + 2.2, 3.3), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(names))
     ba = [attrs[n]["probe_balanced_accuracy"] for n in names]
@@ -163,7 +164,8 @@ def fig_probe(attrs: dict[str, dict]) -> str | None:
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("balanced accuracy")
-    ax.legend(fontsize=8, loc="upper right")
+    # beside the axes: inside, it covered the tallest bar (the flagged one, often)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Can the attribute be read off the embedding, within each label?", fontsize=10)
     return _png(fig)
 
