@@ -90,6 +90,30 @@ def _concept_weights(items) -> dict:
     return {"concepts": parse_weights(items)}
 
 
+def probabilities_line(pred) -> str:
+    """The class probabilities the headline quotes (calibrated when the index has a
+    temperature), labelled as such, with the model's own softmax beside them when they differ."""
+
+    def fmt(d):
+        return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
+
+    if pred.calibrated_probabilities is None:
+        return f"probabilities (model softmax): {fmt(pred.probabilities)}"
+    t = pred.temperature
+    line = f"probabilities (calibrated{'' if t is None else f', T = {t:.3g}'}): "
+    line += fmt(pred.calibrated_probabilities)
+    if t is None or t != 1.0:
+        line += f"; model softmax: {fmt(pred.probabilities)}"
+    return line
+
+
+def self_match_line(found) -> str:
+    """One line saying the query is an indexed case itself (JSON: self_match)."""
+    sim = "" if found.similarity is None else f", cosine {found.similarity:.4f}"
+    where = "left out of the neighbours" if found.excluded else "it is among the neighbours"
+    return f"note: the query is indexed case {found.case_id} itself ({found.reason}{sim}); {where}"
+
+
 def run(args) -> int:
     if args.k < 1:
         raise CasebaseError("-k must be at least 1")
@@ -135,22 +159,24 @@ def run(args) -> int:
     if result.feedback:
         fb = result.feedback
         print(f"refined by example: like {fb['like'] or '-'}, unlike {fb['unlike'] or '-'}")
-    probs = ", ".join(f"{k} {v:.2f}" for k, v in result.prediction.probabilities.items())
-    print(f"probabilities: {probs}")
     pred = result.prediction
+    print(probabilities_line(pred))
     if pred.set is not None:
-        cal = ", ".join(f"{k} {v:.2f}" for k, v in (pred.calibrated_probabilities or {}).items())
         print(
             f"{pred.set_coverage:.0%} prediction set: {' or '.join(pred.set)} "
-            f"(neighbour vote: {' or '.join(pred.knn_set or [])}; calibrated: {cal}; "
+            f"(neighbour vote: {' or '.join(pred.knn_set or [])}; "
             f"{pred.set_note}) -> {result.outcome}"
         )
+        if pred.set_uninformative:
+            print(f"note: the set is uninformative: {pred.set_uninformative}")
     else:
         print(pred.set_note)
     print(
-        f"OOD score {result.ood.score:.3f} (threshold {result.ood.threshold:.3f})"
+        f"OOD score {result.ood.score:.3g} (threshold {result.ood.threshold:.3g})"
         + ("  -> I DON'T KNOW" if result.ood.flag else "")
     )
+    if result.self_match is not None:
+        print(self_match_line(result.self_match))
     if not result.similarity_scale.get("calibrated", True):
         print(f"similarity score: {result.similarity_scale.get('method', '')}")
     for i, n in enumerate(result.neighbors, 1):

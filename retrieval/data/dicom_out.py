@@ -22,14 +22,17 @@
 
 Privacy: the objects copy the patient / study modules from the query's own
 DICOM (what highdicom takes from the evidence) and add nothing else of the
-patient: neighbours appear by case id, label and UIDs only. A query that is
-not DICOM cannot be answered as DICOM (:class:`CasebaseError`).
+patient: neighbours appear by case id, label and UIDs only. Type-2 attributes
+the query lacks (anonymised images often have no PatientSex, StudyID, ...) are
+written empty, never invented. A query that is not DICOM cannot be answered as
+DICOM, and what highdicom refuses is a one-line :class:`CasebaseError`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +83,72 @@ def load_query_datasets(src: str | os.PathLike) -> list:
     if "PixelData" not in ds:
         raise CasebaseError(f"--dicom-sr: {p} holds no image")
     return [ds]
+
+
+# Type-2 attributes (present, possibly empty) that highdicom 0.28 reads straight off the source
+# image (sr/sop.py, pm/sop.py, seg/sop.py: ``evidence[0].PatientSex`` ...): an anonymised DICOM
+# often lacks them, and highdicom then stops with an AttributeError.
+_TYPE2_FROM_SOURCE = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+# Type-1 UIDs that reference the query: without them there is nothing to point the answer at.
+_TYPE1_FROM_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+def _as_source(datasets: list) -> list:
+    """The query's datasets as highdicom needs them: each one lacking a type-2 attribute that
+    highdicom reads is replaced by a copy with it present and empty (DICOM's "unknown"), so an
+    anonymised image can be answered without inventing a name, a date or an id. The caller's
+    datasets are not modified. A missing type-1 UID is a CasebaseError naming it."""
+    from pydicom.dataset import Dataset
+
+    out = []
+    for ds in datasets:
+        lacking = [k for k in _TYPE1_FROM_SOURCE if not str(ds.get(k, "") or "").strip()]
+        if lacking:
+            raise CasebaseError(
+                f"--dicom-sr: the query DICOM lacks {', '.join(lacking)} "
+                "(needed to reference it from the SR)"
+            )
+        empty = [k for k in _TYPE2_FROM_SOURCE if k not in ds]
+        if not empty:
+            out.append(ds)
+            continue
+        copy = Dataset()
+        for elem in ds:  # shared elements, new container: the original gains nothing
+            copy.add(elem)
+        if hasattr(ds, "file_meta"):
+            copy.file_meta = ds.file_meta
+        for k in empty:
+            setattr(copy, k, None)  # present with an empty value
+        out.append(copy)
+    return out
+
+
+def _highdicom(what: str, build):
+    """Run a highdicom constructor; its failures on the query's DICOM become one-line errors."""
+    try:
+        return build()
+    except CasebaseError:
+        raise
+    except AttributeError as err:
+        name = getattr(err, "name", None) or str(err).rsplit(" ", 1)[-1].strip("'\"")
+        raise CasebaseError(
+            f"--dicom-sr: cannot build the {what}: the query DICOM lacks {name}"
+        ) from None
+    except (ValueError, TypeError, KeyError) as err:
+        msg = " ".join(str(err).split())[:300]
+        raise CasebaseError(
+            f"--dicom-sr: cannot build the {what} from the query DICOM: {msg}"
+        ) from None
 
 
 def _patient_mm(ds0, ijk: np.ndarray, dz: float) -> np.ndarray:
@@ -155,6 +224,7 @@ def build_sr(result, datasets: list, *, series_number: int = 901):
     )
     from pydicom.uid import generate_uid
 
+    datasets = _as_source(datasets)
     unit = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     dz = _slice_step(datasets)
     items = [
@@ -225,15 +295,18 @@ def build_sr(result, datasets: list, *, series_number: int = 901):
         items[-1].ContentSequence = children
     root = ContainerContentItem(name=_code("CB-RESULT", "casebase retrieval result"))
     root.ContentSequence = items
-    return Comprehensive3DSR(
-        evidence=datasets,
-        content=root,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
-        is_complete=True,
+    return _highdicom(
+        "SR",
+        lambda: Comprehensive3DSR(
+            evidence=datasets,
+            content=root,
+            series_instance_uid=generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer=_MANUFACTURER,
+            is_complete=True,
+        ),
     )
 
 
@@ -251,6 +324,9 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
     from highdicom.sr import CodedConcept
     from pydicom.uid import generate_uid
 
+    if not maps:
+        return []
+    datasets = _as_source(datasets)
     out = []
     n_frames = len(datasets)
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
@@ -267,7 +343,12 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
             )
         lo, hi = float(arr.min()), float(arr.max())
         if not _has_geometry(src):
-            out.append(_fractional_segmentation(method, arr, lo, hi, src, series_number + k))
+            out.append(
+                _highdicom(
+                    f"{method} map",
+                    partial(_fractional_segmentation, method, arr, lo, hi, src, series_number + k),
+                )
+            )
             continue
         mapping = pm.RealWorldValueMapping(
             lut_label=method[:16],
@@ -277,29 +358,27 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
             slope=1.0,
             intercept=0.0,
         )
-        out.append(
-            pm.ParametricMap(
-                source_images=src,
-                pixel_array=arr if len(src) > 1 else arr[0],
-                series_instance_uid=generate_uid(),
-                series_number=series_number + k,
-                sop_instance_uid=generate_uid(),
-                instance_number=1,
-                manufacturer=_MANUFACTURER,
-                manufacturer_model_name="casebase",
-                software_versions="casebase",
-                device_serial_number="0",
-                contains_recognizable_visual_features=False,
-                real_world_value_mappings=[mapping],
-                voi_lut_transformations=[
-                    VOILUTTransformation(
-                        window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6)
-                    )
-                ],
-                content_label=method.upper().replace("-", "_")[:16] or "MAP",
-                content_description=f"casebase {method} map"[:64],
-            )
+        build = partial(
+            pm.ParametricMap,
+            source_images=src,
+            pixel_array=arr if len(src) > 1 else arr[0],
+            series_instance_uid=generate_uid(),
+            series_number=series_number + k,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer=_MANUFACTURER,
+            manufacturer_model_name="casebase",
+            software_versions="casebase",
+            device_serial_number="0",
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[
+                VOILUTTransformation(window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6))
+            ],
+            content_label=method.upper().replace("-", "_")[:16] or "MAP",
+            content_description=f"casebase {method} map"[:64],
         )
+        out.append(_highdicom(f"{method} map", build))
     return out
 
 

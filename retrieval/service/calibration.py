@@ -8,6 +8,15 @@ log-probabilities (the same up to a per-case constant, which softmax ignores).
 
 ECE: top-1 confidence in 15 equal-width bins, the bin-size-weighted mean
 |accuracy − confidence|. The reliability diagram is that table drawn.
+
+When the held-out cases are perfectly separated (each one's true class on top,
+common on a small, easy val split), the NLL keeps falling as T → 0: its
+"minimum" is the search bound (T = 0.05 turned 0.39 into 1.00 on an
+out-of-distribution image), not an estimate. Such cases say the model is at
+least as sure as it is, never how much surer, so T = 1 is kept and
+:func:`temperature_note` says why. No fixed floor (e.g. T ≥ 0.5) instead: a
+genuinely under-confident model needs T < 0.5 (0.4 is recovered on synthetic
+data), and any floor would be as arbitrary as the bound it replaces.
 """
 
 from __future__ import annotations
@@ -31,16 +40,56 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(-lp[np.arange(len(lp)), np.asarray(labels, np.int64)].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """T > 0 minimising the NLL of softmax(logits / T) (1.0 when there is nothing to fit)."""
-    logits = np.asarray(logits, np.float64)
-    if len(logits) < 2:
-        return 1.0
+def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Every case's true class strictly on top: then NLL(T) → 0 as T → 0 (no minimum)."""
+    logits = np.atleast_2d(np.asarray(logits, np.float64))
+    labels = np.asarray(labels, np.int64)
+    if not len(logits) or logits.shape[1] < 2:
+        return False
+    idx = np.arange(len(logits))
+    true = logits[idx, labels]
+    others = logits.copy()
+    others[idx, labels] = -np.inf
+    return bool((true > others.max(1)).all())
+
+
+def _raw_fit(logits: np.ndarray, labels: np.ndarray) -> float:
+    """log T of the NLL minimum within T_BOUNDS (may sit on a bound)."""
     lo, hi = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
     res = minimize_scalar(
         lambda lt: nll(logits, labels, float(np.exp(lt))), bounds=(lo, hi), method="bounded"
     )
-    t = float(np.exp(res.x))
+    return float(res.x)
+
+
+def temperature_note(logits: np.ndarray, labels: np.ndarray) -> str | None:
+    """Why no temperature is fitted on these cases and T = 1 is kept (None: T is fitted)."""
+    logits = np.asarray(logits, np.float64)
+    n = len(logits)
+    if n < 2:
+        return f"{n} calibration case(s): nothing to fit a temperature on; T = 1 kept"
+    if separable(logits, labels):
+        return (
+            f"the {n} calibration cases are perfectly separated (each one's true class has "
+            "the highest probability): the NLL falls towards 0 as T -> 0, so a fitted T would "
+            "be the search bound, not an estimate, and would push every probability to 0 or 1; "
+            "T = 1 kept (the softmax as it is)"
+        )
+    if _raw_fit(logits, labels) <= np.log(T_BOUNDS[0]) + 1e-3:
+        return (
+            f"the NLL of the {n} calibration cases is lowest at the search bound "
+            f"T = {T_BOUNDS[0]:g} (nearly separated cases): not an estimate; T = 1 kept"
+        )
+    return None
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """T > 0 minimising the NLL of softmax(logits / T); 1.0 when the cases cannot pin T down
+    (too few, or separated so that the NLL has no minimum: temperature_note says which)."""
+    logits = np.asarray(logits, np.float64)
+    if temperature_note(logits, labels) is not None:
+        return 1.0
+    t = float(np.exp(_raw_fit(logits, labels)))
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
 
 

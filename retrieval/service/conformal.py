@@ -60,6 +60,27 @@ def quantile_rank(n: int, coverage: float) -> int:
     return int(math.ceil((n + 1) * coverage - 1e-9))
 
 
+def min_calibration(coverage: float) -> int:
+    """Fewest calibration cases with a finite q̂ at this coverage (9 for 90 %, 19 for 95 %):
+    with fewer, ⌈(n + 1)·coverage⌉ > n and every set holds every class."""
+    c = check_coverage(coverage)
+    n = max(1, int(math.floor(c / (1 - c))) - 1)
+    while quantile_rank(n, c) > n:
+        n += 1
+    return n
+
+
+def too_few_note(n: int, coverage: float) -> str | None:
+    """Why a set holds every class when n calibration cases cannot support the coverage."""
+    need = min_calibration(coverage)
+    if n >= need:
+        return None
+    return (
+        f"only {n} calibration case{'s' if n != 1 else ''}: a {coverage:.0%} set needs at "
+        f"least {need}, so it holds every class"
+    )
+
+
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     """q̂ with the finite-sample correction; +inf when n is too small for the coverage."""
     scores = np.sort(np.asarray(scores, np.float64).ravel())
@@ -140,6 +161,12 @@ class ConformalHead:
             return conformal_quantile(self.scores[self.groups == str(group)], coverage)
         return conformal_quantile(self.scores, coverage)
 
+    def n_scores(self, group: str | None = None) -> int:
+        """Calibration cases behind qhat(coverage, group): the group's, or all of them."""
+        if self.groups is not None and group is not None and (self.groups == str(group)).any():
+            return int((self.groups == str(group)).sum())
+        return int(len(self.scores))
+
     def sets(
         self,
         probs: np.ndarray,
@@ -187,9 +214,11 @@ class ConformalCalibration:
     knn_k: int = 10  # neighbours in the calibrated vote
     group_attribute: str | None = None  # Mondrian: the case attribute defining the groups
     heads: dict[str, ConformalHead] = field(default_factory=dict)
+    temperature_note: str | None = None  # why T = 1 was kept rather than fitted
 
     def to_json(self) -> bytes:
         body = {
+            **({"temperature_note": self.temperature_note} if self.temperature_note else {}),
             "version": 1,
             "coverage": self.coverage,
             "calibrated_on": self.calibrated_on,
@@ -212,6 +241,7 @@ class ConformalCalibration:
             "group_attribute": self.group_attribute,
             "methods": {k: h.method for k, h in self.heads.items()},
             "file": CONFORMAL_FILE,
+            **({"temperature_note": self.temperature_note} if self.temperature_note else {}),
         }
 
     @classmethod
@@ -226,6 +256,7 @@ class ConformalCalibration:
                 int(d.get("knn_k", 10)),
                 d.get("group_attribute"),
                 {k: ConformalHead.from_dict(h) for k, h in d["heads"].items()},
+                d.get("temperature_note"),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise BundleError(f"{where}: not a valid conformal calibration ({err})") from None
@@ -348,8 +379,11 @@ def calibrate_at_build(
     y = y_all[rows]
     logits = cal.as_logits(probabilities[rows])
     t = cal.fit_temperature(logits, y)
+    t_note = cal.temperature_note(logits, y)  # why T = 1 was kept (separated cases), or None
     rejected = None
-    if cal.ece(cal.apply_temperature(probabilities[rows], t), y) > cal.ece(probabilities[rows], y):
+    if t != 1.0 and cal.ece(cal.apply_temperature(probabilities[rows], t), y) > cal.ece(
+        probabilities[rows], y
+    ):
         # the NLL optimum made the reliability worse on these very cases (e.g. a model near
         # chance): keep the softmax as it is rather than ship a calibration that decalibrates
         rejected, t = t, 1.0
@@ -365,6 +399,8 @@ def calibrate_at_build(
         "nll_after": cal.nll(logits, y, t),
         "note": "on the calibration cases themselves (T is fitted there); eval reports test ECE",
     }
+    if t_note is not None and t == 1.0:
+        meta["temperature_note"] = t_note
     if rejected is not None:
         meta["temperature_rejected"] = {
             "fitted": rejected,
@@ -394,6 +430,7 @@ def calibrate_at_build(
             "classifier": ConformalHead.calibrate(p_t, y, method, groups, seed),
             "knn_vote": ConformalHead.calibrate(votes, y, method, groups, seed + 1),
         },
+        meta.get("temperature_note"),
     )
     if not math.isfinite(conf.heads["classifier"].qhat(coverage)):
         meta["warning"] = (
@@ -463,22 +500,24 @@ def join_and(labels: list[str]) -> str:
 
 def describe_set(pred, ood_flag: bool = False) -> str:
     """The plain sentence for a Prediction's set: "mass or nodule: 90% set" and what it means."""
-    conf = f"{pred.calibrated_confidence:.2f}"
+    conf = pred.confidence_text
     if pred.set is None:
         return f"Predicted {pred.label} ({conf}); {pred.set_note or NO_SETS_NOTE}."
     cov = f"{pred.set_coverage:.0%}"
+    too_few = getattr(pred, "set_uninformative", None)
+    why = f"; {too_few}" if too_few else ""
     knn = ""
     if pred.knn_set is not None and sorted(pred.knn_set) != sorted(pred.set):
         knn = f" The neighbour vote's {cov} set: {join_or(pred.knn_set)}."
     if ood_flag:
         return (
-            f" Its {cov} set ({join_or(pred.set)}) is not to be relied on: the coverage holds only "
-            "for images like the indexed cases."
+            f" Its {cov} set ({join_or(pred.set)}{why}) is not to be relied on: the coverage "
+            "holds only for images like the indexed cases."
         )
     if len(pred.set) == 1:
         return f"Predicted {pred.label} ({conf}); {pred.label}: {cov} set, a single label.{knn}"
     return (
-        f"Ambiguous between {join_and(pred.set)} ({join_or(pred.set)}: {cov} set); "
+        f"Ambiguous between {join_and(pred.set)} ({join_or(pred.set)}: {cov} set{why}); "
         f"the model leans to {pred.label} ({conf}).{knn}"
     )
 

@@ -18,6 +18,10 @@ class Prediction:
     calibrated_probabilities: dict[str, float] | None = None  # temperature-scaled
     set_group: str | None = None  # Mondrian group whose calibration made the sets
     set_note: str = ""  # why there is no set, or how it was made
+    temperature: float | None = None  # the index's temperature (calibrated_probabilities)
+    # why the set holds every class whatever the image (too few calibration cases), or None
+    set_uninformative: str | None = None
+    n_calibration: int | None = None  # calibration cases behind the classifier's set
 
     @property
     def confidence(self) -> float:
@@ -26,6 +30,14 @@ class Prediction:
     @property
     def calibrated_confidence(self) -> float:
         return (self.calibrated_probabilities or self.probabilities)[self.label]
+
+    @property
+    def confidence_text(self) -> str:
+        """The headline number, saying which it is: the sentences and the CLI's probabilities
+        line must show the same (calibrated when the index has a temperature)."""
+        if self.calibrated_probabilities is None:
+            return f"{self.confidence:.2f}"
+        return f"{self.calibrated_confidence:.2f} calibrated"
 
     def set_json(self) -> dict:
         return {
@@ -37,6 +49,10 @@ class Prediction:
             else {k: float(v) for k, v in self.calibrated_probabilities.items()},
             "set_group": self.set_group,
             "set_note": self.set_note,
+            "temperature": self.temperature,
+            "set_informative": None if self.set is None else self.set_uninformative is None,
+            "set_uninformative_reason": self.set_uninformative,
+            "n_calibration": self.n_calibration,
         }
 
 

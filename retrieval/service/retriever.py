@@ -216,7 +216,17 @@ class CaseRetriever:
             values = (
                 {str(wanted)} if isinstance(wanted, str | int | float) else {str(v) for v in wanted}
             )
-            ok &= self.cases[name].isin(values).to_numpy()
+            match = self.cases[name].astype(str).isin(values).to_numpy()
+            if not match.any():
+                # an empty neighbour list would read as "no similar case", with a uniform vote
+                raise CasebaseError(
+                    f"filter {_filter_text(name, values)} matches no indexed case; "
+                    f"{name} has {_some_values(self.cases[name])}"
+                )
+            ok &= match
+        if filters and len(filters) > 1 and not ok.any():
+            both = " and ".join(_filter_text(n, w) for n, w in filters.items())
+            raise CasebaseError(f"filters {both} match no indexed case together")
         return ok
 
     def search(
@@ -433,6 +443,9 @@ class CaseRetriever:
         member = head.sets(pt, cov, groups)[0]
         p.set = [self.classes[i] for i in order if member[i]]
         p.calibrated_probabilities = {c: float(v) for c, v in zip(self.classes, pt, strict=True)}
+        p.temperature = float(cal.temperature)
+        p.n_calibration = head.n_scores(group)
+        p.set_uninformative = conformal.too_few_note(p.n_calibration, cov)
         p.set_coverage = cov
         hits = self.search(embedding.float().cpu().numpy(), cal.knn_k, exclude_patient)[0]
         code = {c: i for i, c in enumerate(self.classes)}
@@ -469,7 +482,7 @@ class CaseRetriever:
             text = (
                 f"I don't know: this image is unlike the indexed cases (OOD score {res.ood.score:.3g} "
                 f"above the calibrated {res.ood.threshold:.3g}); the model's guess would be {p.label} "
-                f"({p.confidence:.2f})."
+                f"({p.confidence_text})."
             )
             if p.set is not None:
                 text += conformal.describe_set(p, ood_flag=True)
@@ -676,6 +689,19 @@ class _Refined:
             result.region = list(self.selection.asked)
             result.region_searched = list(self.selection.searched)
             result.region_note = self.selection.note
+
+
+def _filter_text(name: str, wanted) -> str:
+    values = [wanted] if isinstance(wanted, str | int | float) else sorted(map(str, wanted))
+    return f"{name}={'|'.join(map(str, values))}"
+
+
+def _some_values(column, shown: int = 8) -> str:
+    """A few of a case column's values, most frequent first: what a filter could ask for."""
+    counts = column.astype(str).value_counts()
+    vals = [repr(v) for v in counts.index[:shown]]
+    more = len(counts) - shown
+    return ", ".join(vals) + (f" (and {more} more)" if more > 0 else "")
 
 
 _SAID: set[str] = set()

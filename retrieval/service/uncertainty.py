@@ -85,6 +85,8 @@ def uncertainty_sections(
         "n": int(len(y)),
         "reliability": {"before": before.to_json(), "after": after.to_json()},
     }
+    if calib.temperature_note:  # T = 1 kept: the calibration cases could not pin it down
+        calibration["temperature_note"] = calib.temperature_note
     return sets, calibration
 
 
