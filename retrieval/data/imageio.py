@@ -16,9 +16,10 @@ Formats (sniffed from content first, the file extension only as a hint):
   RGB; compressed transfer syntaxes use the installed decoders (pylibjpeg,
   openjpeg, gdcm, RLE).
 * **PNG / JPEG / TIFF / BMP / GIF / WebP** via Pillow (tifffile as a fallback
-  for TIFFs Pillow cannot open): 8/16-bit grayscale scaled by the dtype's
-  maximum, palette / LA / RGBA / CMYK converted (alpha dropped), EXIF
-  orientation applied.
+  for TIFFs Pillow cannot open): 8-bit grayscale divided by 255, 16-bit grayscale by
+  its bit depth's maximum (``2**b - 1``, b the smallest of 8/10/12/14/16 bits that holds
+  the image's largest value, see :func:`_scale_by_bit_depth`), palette / LA / RGBA / CMYK
+  converted (alpha dropped), EXIF orientation applied.
 * **NPY** (``np.load(allow_pickle=False)``): 2-D, ``HxWx1``, ``HxWx3`` (or
   channel-first ``1xHxW`` / ``3xHxW``); ``uint8`` is divided by 255, floats
   already within ``[0, 1]`` are kept, anything else is min–max scaled.
@@ -147,6 +148,33 @@ def _normalise_array(arr: np.ndarray, source: str) -> tuple[np.ndarray, str]:
     if hi <= lo:
         return np.zeros(a.shape, np.float32), "constant"
     return ((a - lo) / (hi - lo)).astype(np.float32), "min-max"
+
+
+CONTAINER_BITS = (8, 10, 12, 14, 16)
+
+
+def container_bit_depth(max_value: int) -> int:
+    """The smallest standard bit depth (8, 10, 12, 14, 16) that holds ``max_value``."""
+    for bits in CONTAINER_BITS:
+        if max_value <= 2**bits - 1:
+            return bits
+    return 16
+
+
+def _scale_by_bit_depth(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Grayscale integers in 0..65535 -> float32 [0, 1] divided by their bit depth's maximum.
+
+    Why: scanners store 10-, 12- or 14-bit data in 16-bit PNG / TIFF containers, most
+    without a usable sBIT chunk (Pillow does not expose it, and a conformant sBIT means the
+    samples were already scaled to 16 bits). Dividing 12-bit data by 65535 leaves it in
+    [0, 0.0625], which the uint8 cache of training and indexing rounds to about 16 grey
+    levels. Dividing by 2**b - 1, b the smallest of 8/10/12/14/16 bits holding the image's
+    maximum, keeps every level and, unlike per-image min-max, scales every image of a data
+    set of one bit depth alike. Limit: an image of a 12-bit set whose maximum is below
+    1024 (a nearly black image) is read as 10-bit, i.e. 4x brighter than its siblings.
+    """
+    bits = container_bit_depth(int(raw.max()))
+    return (raw.astype(np.float32) / np.float32(2**bits - 1)), bits
 
 
 def _to_hwc(arr: np.ndarray, source: str) -> np.ndarray:
@@ -301,13 +329,10 @@ def _pil_to_array(img, source: str, max_pixels: int) -> tuple[np.ndarray, dict[s
         return (np.asarray(img.getchannel("L"), dtype=np.float32) / 255.0)[:, :, None], meta
     if mode.startswith("I;16") or mode == "I":
         raw = np.asarray(img)
-        if mode.startswith("I;16"):
-            return (raw.astype(np.float32) / 65535.0)[:, :, None], meta
-        raw64 = raw.astype(np.float64)
-        if raw64.min() >= 0 and raw64.max() <= 65535:
-            # Pillow opens 16-bit PNGs as mode "I"; their dtype maximum is 65535
-            bits = 16 if raw64.max() > 255 or meta["format"] in ("png", "tiff") else 8
-            return (raw64 / (2**bits - 1)).astype(np.float32)[:, :, None], meta
+        if raw.size and int(raw.min()) >= 0 and int(raw.max()) <= 65535:
+            pixels, meta["bit_depth"] = _scale_by_bit_depth(raw)
+            meta["scaling"] = f"/{2 ** meta['bit_depth'] - 1}"
+            return pixels[:, :, None], meta
         pixels, meta["scaling"] = _normalise_array(raw, source)
         return pixels[:, :, None], meta
     if mode == "F":
@@ -362,7 +387,13 @@ def _read_tifffile(
         raise
     except Exception as err:  # noqa: BLE001
         raise ImageReadError(source, f"corrupt TIFF file ({err})") from None
-    return _from_array(arr, source, {"format": "tiff", "reader": "tifffile"}, max_pixels)
+    meta: dict[str, Any] = {"format": "tiff", "reader": "tifffile"}
+    if arr.dtype in (np.uint16, np.uint32) and arr.ndim == 2 and arr.size and arr.max() <= 65535:
+        # the same rule as Pillow's 16-bit grayscale: a TIFF scales alike whichever reader opens it
+        pixels, meta["bit_depth"] = _scale_by_bit_depth(arr)
+        meta["scaling"] = f"/{2 ** meta['bit_depth'] - 1}"
+        return _finish(pixels[:, :, None], source, meta)
+    return _from_array(arr, source, meta, max_pixels)
 
 
 # --------------------------------------------------------------------------- DICOM

@@ -6,7 +6,9 @@ every other column is a case *attribute* (site, sex, age, scanner, ...).
 
 :func:`load_manifest` reads a CSV or Parquet file with every value as a string
 (missing values become ``""``) and raises :class:`ManifestError` when the file
-cannot be used at all. :func:`validate_manifest` reports *every* problem, each
+cannot be used at all; text values (not paths) come back in Unicode NFC and raw
+patient ids as keyed-hash pseudonyms (:mod:`retrieval.data.privacy`).
+:func:`validate_manifest` reports *every* problem, each
 with its 1-based data row (the first case is row 1) and column, and opens
 every image and mask to prove it can be read.
 """
@@ -17,6 +19,7 @@ import csv
 import io
 import math
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,6 +142,7 @@ def read_table(path: str | os.PathLike, *, keep_ragged: bool = False) -> pd.Data
 
     Rows whose field count differs from the header's are an error, unless
     ``keep_ragged`` (then they are padded / cut and listed in ``df.attrs["ragged_rows"]``).
+    Values are stripped and, except the ``image`` / ``mask`` paths, in Unicode NFC.
     """
     p = Path(path)
     if not p.exists():
@@ -183,9 +187,30 @@ def read_table(path: str | os.PathLike, *, keep_ragged: bool = False) -> pd.Data
             f"{p}: malformed CSV: data row {first[0]} has {first[1]} fields but the header has "
             f"{df_width}" + (f" ({len(ragged)} such rows)" if len(ragged) > 1 else "")
         )
-    df = pd.DataFrame(records, columns=header, dtype=object)
+    df = _nfc_values(pd.DataFrame(records, columns=header, dtype=object))
     if ragged:
         df.attrs["ragged_rows"] = [(r, n, df_width) for r, n in ragged]
+    return df
+
+
+# paths name files as the file system spells them (macOS keeps NFD names): never normalised
+_PATH_COLUMNS = ("image", "mask")
+
+
+def _nfc_values(df: pd.DataFrame) -> pd.DataFrame:
+    """Every value but the paths in Unicode NFC.
+
+    Why: "névus" typed on one keyboard (NFC, one code point for é) and pasted from another
+    source (NFD, e + combining accent) look identical but compare unequal, so one label
+    became two classes (and one site two groups) in validate, train, index, eval and audit.
+    """
+    for col in df.columns:
+        if col in _PATH_COLUMNS:
+            continue
+        values = df[col].tolist()
+        if all(v.isascii() or unicodedata.is_normalized("NFC", v) for v in values):
+            continue
+        df[col] = [unicodedata.normalize("NFC", v) for v in values]
     return df
 
 
@@ -244,7 +269,7 @@ def _read_parquet(p: Path) -> pd.DataFrame:
     cols = {}
     for name, col in zip(names, table.columns, strict=True):
         cols[name] = [_to_str(v).strip() for v in col.to_pylist()]
-    return pd.DataFrame(cols, dtype=object)
+    return _nfc_values(pd.DataFrame(cols, dtype=object))
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -252,9 +277,12 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
     Adds the optional core columns when absent (``split`` = "train",
     ``patient_id`` = "", ``mask`` = ""), normalises split names (lower case;
-    ``validation`` -> ``val``; empty -> ``train``). Raises ManifestError when
-    the file cannot be parsed or lacks a required column; row-level problems
-    are :func:`validate_manifest`'s job.
+    ``validation`` -> ``val``; empty -> ``train``), text to Unicode NFC (see
+    :func:`read_table`) and pseudonymises raw patient ids with the keyed hash
+    ingest uses (:func:`retrieval.data.privacy.pseudonymise_patient_ids`), so a
+    hand-written manifest's MRNs never reach a bundle or a report. Raises
+    ManifestError when the file cannot be parsed or lacks a required column;
+    row-level problems are :func:`validate_manifest`'s job.
     """
     p = Path(path).expanduser()
     df = read_table(p)
@@ -268,6 +296,10 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     for col in ("patient_id", "mask"):
         if col not in df.columns:
             df[col] = ""
+    if any(df["patient_id"]):
+        from retrieval.data.privacy import pseudonymise_patient_ids
+
+        df["patient_id"] = pseudonymise_patient_ids(df["patient_id"])
     df = df.reset_index(drop=True)
     return Manifest(df=df, path=p.resolve(), root=p.resolve().parent)
 
@@ -303,7 +335,10 @@ def _rows_text(rows: list[int], limit: int = 10) -> str:
 
 
 def validate_manifest(
-    path: str | os.PathLike, check_images: bool = True, progress: bool = True
+    path: str | os.PathLike,
+    check_images: bool = True,
+    progress: bool = True,
+    warnings: list[Problem] | None = None,
 ) -> list[Problem]:
     """Every problem in a manifest, each with its row (1-based) and column.
 
@@ -311,7 +346,13 @@ def validate_manifest(
     unique; label non-empty; image present and (with ``check_images``)
     readable; mask readable and of the image's geometry (a volume: a DICOM series folder, NIfTI
     or 3-D NPY, see retrieval.data.volume, with a (D, H, W) mask); split known; no
-    patient in two splits; every label has at least two cases.
+    patient in two splits; every label has at least two cases; not every image decodes to
+    a constant array (nothing could be learned: typically a DICOM window outside the rescaled
+    values). Labels and attributes are compared in Unicode NFC, as every command reads them.
+
+    ``warnings``: a list to receive what is suspicious but usable, each a row's image that
+    decodes to a constant array (every pixel equal); not returned, so that callers that
+    treat any returned problem as a failure keep doing so.
     """
     p = Path(path).expanduser()
     try:
@@ -398,20 +439,41 @@ def validate_manifest(
                         )
     # files
     if "image" in has:
-        problems.extend(_check_files(man, check_images, progress))
+        problems.extend(_check_files(man, check_images, progress, warnings))
 
     problems.sort(key=lambda pr: (pr.row if pr.row is not None else -1, pr.column or ""))
     return problems
 
 
-def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Problem]:
+def _constant_note(pixels, meta: dict) -> str | None:
+    """Why an image that decodes to one value is suspicious, or None when it varies."""
+    import numpy as np
+
+    lo, hi = float(np.min(pixels)), float(np.max(pixels))
+    if hi > lo:
+        return None
+    window = str(meta.get("window") or "")
+    cause = (
+        f"its window {window} lies outside the (rescaled) pixel values, or the image is blank"
+        if window and not window.startswith("robust")  # a header window / VOI LUT
+        else "a blank image"
+    )
+    return f"decodes to a constant image (every pixel {lo:.3g}): likely {cause}"
+
+
+def _check_files(
+    man: Manifest, check_images: bool, progress: bool, warnings: list[Problem] | None = None
+) -> list[Problem]:
     from retrieval.data.imageio import read_image, read_mask
     from retrieval.data.volume import VolumeError, is_volume_path, read_volume, read_volume_mask
 
     df = man.df
     problems: list[Problem] = []
     has_mask = "mask" in df.columns
-    cache: dict[str, tuple[tuple[int, ...] | None, str | None]] = {}
+    cache: dict[str, tuple[tuple[int, ...] | None, str | None, str | None]] = {}
+    constant: list[Problem] = []  # rows whose image decodes to one value (a warning each)
+    flat_files: set[str] = set()
+    n_decoded = 0  # distinct image files decoded
     rows = range(len(df))
     bar = None
     if check_images and progress:
@@ -435,26 +497,36 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
                 if path is not None:
                     key = str(path)
                     if key in cache:
-                        size, reason = cache[key]
+                        size, reason, flat = cache[key]
                     else:
-                        size, reason = None, None
+                        size, reason, flat = None, None, None
                         try:
                             if is_volume_path(path):  # a volume: a series folder, NIfTI, 3-D NPY
                                 if check_images:
-                                    size = read_volume(path).shape
+                                    vol = read_volume(path)
+                                    size = vol.shape
+                                    c, w = vol.window
+                                    flat = _constant_note(vol.array, {"window": f"C{c:g}/W{w:g}"})
+                                    n_decoded += 1
                             elif not path.is_file():
                                 reason = "file not found" if not path.exists() else "not a file"
                             elif check_images:
-                                size = read_image(path).original_size
+                                img = read_image(path)
+                                size = img.original_size
+                                flat = _constant_note(img.pixels, img.meta)
+                                n_decoded += 1
                         except VolumeError as err:
                             reason = str(err).removeprefix(f"{path}: ")
                         except ImageReadError as err:
                             reason = err.reason
                         except OSError as err:
                             reason = f"cannot access ({err.strerror or err})"
-                        cache[key] = (size, reason)
+                        cache[key] = (size, reason, flat)
                     if reason:
                         problems.append(Problem(r, "image", f"{_clip(rel)}: {reason}"))
+                    elif flat:
+                        constant.append(Problem(r, "image", f"{_clip(rel)}: {flat}"))
+                        flat_files.add(key)
             if has_mask:
                 mrel = df["mask"].iat[i]
                 if mrel:
@@ -491,6 +563,17 @@ def _check_files(man: Manifest, check_images: bool, progress: bool) -> list[Prob
     finally:
         if bar is not None:
             bar.close()
+    if n_decoded and len(flat_files) == n_decoded:
+        problems.append(
+            Problem(
+                None,
+                "image",
+                f"every image ({n_decoded}) decodes to a constant image, so nothing can be "
+                f"learned; e.g. {constant[0].message}",
+            )
+        )
+    elif warnings is not None:
+        warnings.extend(constant)
     return problems
 
 

@@ -47,10 +47,12 @@ __all__ = [
     "age_band",
     "age_band_from_dates",
     "hash_patient_id",
+    "is_pseudonym",
     "keyed_digest",
     "key_path",
     "load_key",
     "parse_dicom_age",
+    "pseudonymise_patient_ids",
 ]
 
 _KEY_ENV = "CASEBASE_PHI_KEY"
@@ -174,6 +176,38 @@ def hash_patient_id(raw: str) -> str:
     if not text:
         raise ValueError("empty patient identifier")
     return "p_" + keyed_digest(text)
+
+
+_PSEUDONYM = re.compile(r"p_[0-9a-f]{16}")
+
+
+def is_pseudonym(value: str) -> bool:
+    """True for a value of the form :func:`hash_patient_id` produces (``p_`` + 16 hex)."""
+    return _PSEUDONYM.fullmatch(str(value)) is not None
+
+
+def pseudonymise_patient_ids(values) -> list[str]:
+    """Patient ids as pseudonyms: raw ids hashed, pseudonyms and empty values kept.
+
+    Why: a hand-written manifest may hold raw ids (an MRN) that would otherwise reach
+    index bundles and reports. The hash is deterministic, so grouping (patient-disjoint
+    splits, own-patient exclusion, leakage checks) is unchanged as long as every reader
+    goes through this (the manifest loader does) under the same key; a value already of
+    the ``p_`` + 16 hex form is taken as hashed and kept, so hashing twice never happens
+    (a raw id that happens to have that form is kept as is). Each distinct id is hashed
+    once.
+    """
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    for v in values:
+        text = str(v).strip()
+        if not text or is_pseudonym(text):
+            out.append(text)
+            continue
+        if text not in seen:
+            seen[text] = hash_patient_id(text)
+        out.append(seen[text])
+    return out
 
 
 def age_band(age_years: float | int | str | None) -> str:

@@ -184,9 +184,9 @@ def test_png_8_and_16_bit(tmp_path, gradient):
     _check(img, channels=1)
     np.testing.assert_allclose(img.pixels[0, :, 0], np.arange(256) / 255.0, atol=1e-4)
 
-    low = gradient.astype(np.uint16) * 4  # a 16-bit PNG using 10 bits: scaled by 65535
+    low = gradient.astype(np.uint16) * 4  # a 16-bit PNG using 10 bits: scaled by 1023
     Image.fromarray(low).save(tmp_path / "low16.png")
-    assert read_image(tmp_path / "low16.png").pixels.max() == pytest.approx(1020 / 65535, abs=1e-5)
+    assert read_image(tmp_path / "low16.png").pixels.max() == pytest.approx(1020 / 1023, abs=1e-5)
 
 
 def test_jpeg_tiff_rgba_palette(tmp_path, gradient):
