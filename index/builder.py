@@ -202,6 +202,10 @@ def write_bundle(
         "ood": calib.to_dict(),
         "similarity_score": score_meta,
     }
+    if (kept["patient_id"] != "").any():  # which PHI key hashed them (privacy.key_check)
+        from retrieval.data.privacy import key_check
+
+        meta["patient_key_check"] = key_check()
     meta["calibration"] = sets.meta
     if sets.conformal is not None:
         meta["conformal"] = sets.conformal.summary()

@@ -81,6 +81,7 @@ class Manifest:
     df: pd.DataFrame
     path: Path
     root: Path
+    ids_hashed_on_read: bool = False  # raw patient ids were pseudonymised by load_manifest
 
     def resolve(self, rel: str | os.PathLike) -> Path:
         """The path of an ``image`` / ``mask`` entry: absolute as is, else under ``root``."""
@@ -296,12 +297,15 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     for col in ("patient_id", "mask"):
         if col not in df.columns:
             df[col] = ""
+    hashed = False
     if any(df["patient_id"]):
         from retrieval.data.privacy import pseudonymise_patient_ids
 
-        df["patient_id"] = pseudonymise_patient_ids(df["patient_id"])
+        before = df["patient_id"].tolist()
+        df["patient_id"] = pseudonymise_patient_ids(before)
+        hashed = df["patient_id"].tolist() != before
     df = df.reset_index(drop=True)
-    return Manifest(df=df, path=p.resolve(), root=p.resolve().parent)
+    return Manifest(df=df, path=p.resolve(), root=p.resolve().parent, ids_hashed_on_read=hashed)
 
 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -48,6 +48,7 @@ __all__ = [
     "age_band_from_dates",
     "hash_patient_id",
     "is_pseudonym",
+    "key_check",
     "keyed_digest",
     "key_path",
     "load_key",
@@ -176,6 +177,13 @@ def hash_patient_id(raw: str) -> str:
     if not text:
         raise ValueError("empty patient identifier")
     return "p_" + keyed_digest(text)
+
+
+def key_check() -> str:
+    """8 hex digits that tell PHI keys apart without revealing them (a keyed digest of a fixed
+    text): an index bundle records it, so that eval and audit can say when a raw-id manifest
+    is hashed under another key than the bundle's ids were (their patients would not match)."""
+    return keyed_digest("casebase:key-check", 8)
 
 
 _PSEUDONYM = re.compile(r"p_[0-9a-f]{16}")

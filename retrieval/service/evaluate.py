@@ -16,6 +16,7 @@ audit's concordance are the same number.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,6 +67,25 @@ class QuerySet:
     ood_features: np.ndarray | None = None
 
 
+def warn_key_mismatch(r: CaseRetriever, manifest) -> bool:
+    """Say so (stderr, once) when the manifest's raw patient ids were hashed under another PHI
+    key than the bundle's: the queries' patients then never match the index's, so the own
+    patient is not excluded and leakage goes unseen. True when it warned."""
+    from retrieval.data.privacy import key_check
+
+    want = r.meta.get("patient_key_check")
+    if not (manifest.ids_hashed_on_read and want) or key_check() == want:
+        return False
+    print(
+        f"warning: {manifest.path.name} holds raw patient ids, hashed here under another PHI key "
+        "than the index's were: its patients cannot be matched to the index's, so a query's own "
+        "patient is not excluded. Use the key the index was built with ($CASEBASE_HOME/phi.key "
+        "or CASEBASE_PHI_KEY).",
+        file=sys.stderr,
+    )
+    return True
+
+
 def embed_split(
     r: CaseRetriever, manifest_path, split: str, k: int, progress: bool = True
 ) -> QuerySet:
@@ -76,6 +96,7 @@ def embed_split(
     if df.empty:
         raise CasebaseError(f"{manifest_path}: no cases in split {split!r}")
     cases = case_table(manifest, df)
+    warn_key_mismatch(r, manifest)
     emb = embed_paths(
         r.model,
         r.preprocessor,

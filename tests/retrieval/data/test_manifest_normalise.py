@@ -74,7 +74,7 @@ def test_raw_patient_ids_are_pseudonymised_on_load(tmp_path):
 
 
 def test_raw_patient_ids_never_reach_the_bundle_and_own_patient_is_excluded(
-    tmp_path, phantom_dir, tiny_index
+    tmp_path, phantom_dir, tiny_index, monkeypatch, capsys
 ):
     from index.builder import build_index
     from retrieval import CaseRetriever
@@ -104,6 +104,19 @@ def test_raw_patient_ids_never_reach_the_bundle_and_own_patient_is_excluded(
     assert any(n.patient_id == pid for n in r.query(image, k=10).neighbors)
     res = r.query(image, k=10, exclude_patient=pid)
     assert res.neighbors and all(n.patient_id != pid for n in res.neighbors)
+
+    # the bundle records which key hashed its ids; eval / audit under another key say so
+    from retrieval.data.manifest import load_manifest
+    from retrieval.data.privacy import key_check
+    from retrieval.service.evaluate import warn_key_mismatch
+
+    assert r.meta["patient_key_check"] == key_check()
+    man = load_manifest(tmp_path / "raw.csv")
+    assert man.ids_hashed_on_read and not warn_key_mismatch(r, man)
+    monkeypatch.setenv("CASEBASE_PHI_KEY", "00" * 32)
+    assert warn_key_mismatch(r, load_manifest(tmp_path / "raw.csv"))
+    assert "another PHI key" in capsys.readouterr().err
+    assert not load_manifest(phantom_dir / "manifest.csv").ids_hashed_on_read  # pseudonyms
 
 
 def df_hashed_id(phantom_dir: Path, case_id: str) -> str:
