@@ -497,6 +497,38 @@ def _audit_levels(r: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _depth_extent(r: Path) -> str:
+    """Extent estimates from the model's own saliency, appended to the embedding as a code:
+    their within-class rank correlation with lesion size and the size ratio they give."""
+    d = load("depth_extent", r)
+    models = d["models"]
+    weights = d["weights"]
+    names = list(next(iter(models.values()))["extents"])
+    head = ["extent (block)"] + [
+        f"{m}: within-class ρ with size (min – max); size ratio at c = "
+        + " / ".join(f"{c:g}" for c in weights)
+        for m in models
+    ]
+    rows = [
+        ["none: the index's embedding"]
+        + [f"size ratio {v['index_embedding']['size_ratio']:.2f}" for v in models.values()]
+    ]
+    for n in names:
+        cam, _, kind = n.partition("_")
+        what = {"pr": "effective cells", "half": "cells above half max"}.get(kind)
+        cam = cam.replace("gc@", "Grad-CAM @ features.").replace("lc@", "LayerCAM @ features.")
+        row = [f"{cam}: {what}" if what else "true lesion size (oracle)"]
+        for v in models.values():
+            e = v["extents"][n]
+            rho = list(e["spearman_with_size"].values())
+            keys = [f"c{c:g}".replace(".", "_") for c in weights]
+            sizes = " / ".join(f"{e[k]['size_ratio']:.2f}" for k in keys)
+            p5 = min(e[k]["precision_at_5"] for k in keys)
+            row.append(f"{min(rho):.2f} – {max(rho):.2f}; {sizes} (P@5 ≥ {p5:.2f})")
+        rows.append(row)
+    return "\n\n".join([md_table(head, rows), machine_line(d)])
+
+
 def _gpu_path(r: Path) -> str:
     """The CUDA path measured on a GPU: training with AMP, embedding, queries, search at scale."""
     d = load("gpu_path", r)
@@ -1560,6 +1592,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "volume_cam_layer": _volume_cam_layer,
     "volume_cam_target": _volume_cam_target,
     "depth_pooling": _depth_pooling,
+    "depth_extent": _depth_extent,
     "volume_methods": _volume_methods,
     "depth_variants": _depth_variants,
     "explain_eval_table_chest": _explain_eval("explain_eval_table_chest"),
