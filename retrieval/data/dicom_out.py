@@ -43,6 +43,13 @@ __all__ = ["build_sr", "build_parametric_maps", "load_query_datasets", "stow", "
 
 _SCHEME = "99CASEBASE"
 _MANUFACTURER = "casebase"
+# the equipment attributes every object casebase writes carries (highdicom keyword arguments)
+_DEVICE = {
+    "manufacturer": _MANUFACTURER,
+    "manufacturer_model_name": "casebase",
+    "software_versions": "casebase",
+    "device_serial_number": "0",
+}
 
 
 def _code(value: str, meaning: str):
@@ -366,10 +373,7 @@ def build_parametric_maps(maps: dict, datasets: list, *, series_number: int = 90
             series_number=series_number + k,
             sop_instance_uid=generate_uid(),
             instance_number=1,
-            manufacturer=_MANUFACTURER,
-            manufacturer_model_name="casebase",
-            software_versions="casebase",
-            device_serial_number="0",
+            **_DEVICE,
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[
@@ -415,10 +419,7 @@ def _fractional_segmentation(method: str, arr, lo: float, hi: float, src, series
         series_number=series_number,
         sop_instance_uid=generate_uid(),
         instance_number=1,
-        manufacturer=_MANUFACTURER,
-        manufacturer_model_name="casebase",
-        software_versions="casebase",
-        device_serial_number="0",
+        **_DEVICE,
         series_description=f"casebase {method} map"[:64],
     )
 

@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from retrieval.data.dicom_out import build_parametric_maps, build_sr
 from retrieval.errors import CasebaseError
+from tests.retrieval.data.test_dicom_out import _roundtrip
 
 _TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
           "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")  # fmt: skip
@@ -57,12 +58,6 @@ def _result():
         ood=types.SimpleNamespace(flag=False),
         neighbors=[n],
     )
-
-
-def _roundtrip(ds):
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
 
 
 def test_sr_and_map_of_a_query_lacking_type2_attributes():
