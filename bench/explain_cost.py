@@ -93,7 +93,7 @@ def per_map_seconds(r, image: str, methods: list[str], rounds: int) -> dict:
     out = {}
     for m in methods:
         e = registry.get(m)
-        cls_t = ScoreTarget.for_classes([cls], model.config.embedding_dim, w, device=x.device)
+        cls_t = ScoreTarget.for_classes([cls], model.config.output_dim, w, device=x.device)
         sim_t = ScoreTarget.for_similarity(e_other, w)
         e.attribute(model, x, cls_t)  # warm-up
         times = {"class": [], "similarity": []}

@@ -77,7 +77,7 @@ def by_block(
             feats = model.backbone(x)
             cls = int(model.classifier(model.pool(feats)).argmax(1)[0])
         tol = pointing_tolerance(c["geometry"], tuple(feats.shape[2:]), model.backbone.stride)
-        target = ScoreTarget.for_classes([cls], model.config.embedding_dim, r.weighting)
+        target = ScoreTarget.for_classes([cls], model.config.output_dim, r.weighting)
         if score is not None:
 
             def target(t, c=cls):

@@ -230,7 +230,9 @@ def write_bundle(
             shutil.copy2(model_dir / name, tmp / "model" / name)
         if emb.cells is not None:  # region index; the ray engine keeps no cells (yet)
             meta["regions"] = {
-                **region_index.write(tmp, emb.cells, emb.cell_weights, emb.sizes),
+                **region_index.write(
+                    tmp, emb.cells, emb.cell_weights, emb.sizes, lesion=emb.lesion_fractions
+                ),
                 "grid": list(emb.grid),
             }
         if emb.pixel_sha256 is not None:  # self-match without reading images (self_match.py)

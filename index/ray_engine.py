@@ -83,7 +83,7 @@ class _Embedder:
         from retrieval.model.embedding import embed_tensor
 
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        d, k = self.model.config.embedding_dim, len(self.model.config.classes)
+        d, k = self.model.config.output_dim, len(self.model.config.classes)
         c = self.model.backbone.out_channels
         n = len(ok)
         vec, prob, ood = (

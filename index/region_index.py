@@ -55,6 +55,7 @@ from retrieval.errors import BundleError, CasebaseError
 REGION_DIR = "regions"
 CELLS_FILE = f"{REGION_DIR}/cells.npy"
 WEIGHTS_FILE = f"{REGION_DIR}/weights.npy"
+LESION_FILE = f"{REGION_DIR}/lesion.npy"  # models with an extent head only
 SIZES_FILE = f"{REGION_DIR}/sizes.npy"
 INDEX_FILE = f"{REGION_DIR}/cells.faiss"
 EXACT_CELLS = 1 << 20  # Flat up to this many cells (512 MB at D = 128)
@@ -129,6 +130,7 @@ def write(
     sizes: np.ndarray,
     factory="auto",
     cells_saved: bool = False,
+    lesion: np.ndarray | None = None,
 ) -> dict:
     """Write the region files under root/regions/; returns the bundle.json entry.
     ``cells_saved``: cells is already root/regions/cells.npy, memory-mapped (a set too large
@@ -142,6 +144,8 @@ def write(
         raise ValueError(f"cells saved as {cells.dtype}, the bundle keeps {np.dtype(dtype)}")
     np.save(root / WEIGHTS_FILE, np.asarray(weights, np.float32), allow_pickle=False)
     np.save(root / SIZES_FILE, np.asarray(sizes, np.int32), allow_pickle=False)
+    if lesion is not None:  # the extent head's cell fractions: the extent term's allocation
+        np.save(root / LESION_FILE, np.asarray(lesion, np.float32), allow_pickle=False)
     index = build_cell_index(cells, factory)
     faiss.write_index(index, str(root / INDEX_FILE))
     return {
@@ -153,6 +157,7 @@ def write(
         "vector": "z = P·F per last-feature-map cell (unit-normalised in cells.faiss)",
         "id": "row * cells_per_case + the cell's row-major position in the grid",
         "score": "mean over the query box's cells of the best cosine with any cell of the case",
+        "lesion": lesion is not None,
     }
 
 
@@ -175,12 +180,20 @@ class RegionIndex:
             self.weights = np.load(self.root / WEIGHTS_FILE, allow_pickle=False)
             self.sizes = np.load(self.root / SIZES_FILE, allow_pickle=False)
             self.index = faiss.read_index(str(self.root / INDEX_FILE))
+            self.lesion = (
+                np.load(self.root / LESION_FILE, allow_pickle=False) if meta.get("lesion") else None
+            )
         except (OSError, ValueError, RuntimeError) as err:
             raise BundleError(
                 f"{self.root / REGION_DIR}: unreadable region index ({err})"
             ) from None
         n, hw = self.weights.shape
-        if self.cells.shape[:2] != (n, hw) or hw != int(np.prod(grid)) or len(self.sizes) != n:
+        if (
+            self.cells.shape[:2] != (n, hw)
+            or hw != int(np.prod(grid))
+            or len(self.sizes) != n
+            or (self.lesion is not None and self.lesion.shape != (n, hw))
+        ):
             raise BundleError(f"{self.root / REGION_DIR}: region files disagree in shape")
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:

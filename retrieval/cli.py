@@ -188,6 +188,14 @@ def _add_train(sub) -> None:
         "each class's top cells of its per-cell logit map (logits) or both (one term each)",
     )
     p.add_argument(
+        "--extent-weight",
+        type=float,
+        default=None,
+        help="weight of the lesion-extent code in the embedding, learnt from the manifest's "
+        "lesion masks so that neighbours agree in lesion size (default 1 when at least half "
+        "the training cases have a mask, 2-D images only; 0 = no extent head)",
+    )
+    p.add_argument(
         "--zero-init-residual",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -10,6 +10,7 @@ import streamlit as st
 from retrieval.app import volume_view as vv
 from retrieval.app.state import IMAGE_PX, display_pixels, display_volume, expensive_methods
 from retrieval.explain.overlay import draw_boxes, overlay
+from retrieval.service.results import box_ranges
 
 
 def similarity_text(nb) -> tuple[str, str]:
@@ -43,20 +44,17 @@ def _header(result, thumbs) -> bool:
 
 
 def region_text(i: int, g) -> str:
-    """'region 1: query x 0–8, y 8–16[, z 2–5] ↔ case ... (12.0% of the similarity)'."""
-
-    def where(b) -> str:
-        if len(b) == 6:
-            return f"x {b[0]}–{b[3]}, y {b[1]}–{b[4]}, z {b[2]}–{b[5]}"
-        return f"x {b[0]}–{b[2]}, y {b[1]}–{b[3]}"
-
+    """'region 1: query x 0–7, y 8–15[, z 2–4] ↔ case ... (12.0% of the similarity)': ranges
+    inclusive (the box [0, 8, 8, 16] covers x 0–7), see results.box_ranges."""
     return (
-        f"region {i}: query {where(g.query_box)} ↔ case {where(g.case_box)} "
+        f"region {i}: query {box_ranges(g.query_box)} ↔ case {box_ranges(g.case_box)} "
         f"({g.share:.1%} of the similarity)"
     )
 
 
-def _info(rank: int, nb, thumbs_key: str | None, was_liked: bool) -> None:
+def _info(
+    rank: int, nb, thumbs_key: str | None, was_liked: bool, query_area: float | None = None
+) -> None:
     """The card's text column: what the case is, its scores, 👍 / 👎 and its regions."""
     _, long = similarity_text(nb)
     st.markdown(f"**#{rank} {nb.case_id}** — {nb.label}, {long}")
@@ -77,6 +75,22 @@ def _info(rank: int, nb, thumbs_key: str | None, was_liked: bool) -> None:
                 st.caption("liked in an earlier step")
     for i, g in enumerate(nb.matched_regions, 1):
         st.caption(region_text(i, g))
+    size = lesion_size_text(nb, query_area)
+    if size:
+        st.caption(size)
+
+
+def lesion_size_text(nb, query_area: float | None) -> str:
+    """'lesion ≈ 3.4% of the image (query 3.1%): size agreement is 28% of the similarity', for
+    models with a lesion-extent head ("" otherwise)."""
+    area = getattr(nb, "lesion_area", None)
+    if area is None or query_area is None:
+        return ""
+    share = getattr(nb, "lesion_size_share", None) or 0.0
+    return (
+        f"lesion ≈ {area:.1%} of the image (query {query_area:.1%}): agreement in lesion size "
+        f"is {share:.0%} of the similarity"
+    )
 
 
 def show_all_volumes(
@@ -188,8 +202,17 @@ def show_all(
     liked: cases liked in an earlier step of the refinement trail."""
     if not _header(result, thumbs):
         return
+    area = getattr(result, "lesion_area", None)
     for rank, nb in enumerate(result.neighbors, 1):
-        card(rank, nb, pixels, methods, thumbs(nb.case_id) if thumbs else None, nb.case_id in liked)
+        card(
+            rank,
+            nb,
+            pixels,
+            methods,
+            thumbs(nb.case_id) if thumbs else None,
+            nb.case_id in liked,
+            area,
+        )
 
 
 def card(
@@ -199,6 +222,7 @@ def card(
     methods: list[str],
     thumbs_key: str | None = None,
     was_liked: bool = False,
+    query_area: float | None = None,
 ) -> None:
     short, long = similarity_text(nb)
     with st.container(border=True):
@@ -218,7 +242,7 @@ def card(
                 st.image(draw_boxes(case_px, [g.case_box for g in regions]), width=IMAGE_PX)
             st.caption(f"{nb.case_id} · {nb.label} · {short}")
         with c_info:
-            _info(rank, nb, thumbs_key, was_liked)
+            _info(rank, nb, thumbs_key, was_liked, query_area)
         pair_maps(nb, pixels, case_px, methods)
 
 

@@ -20,6 +20,7 @@ from retrieval.app.state import (
     read_upload,
 )
 from retrieval.app.trail import Box, Refinement, Trail
+from retrieval.data.imageio import load_note
 from retrieval.errors import CasebaseError
 
 UPLOAD = "Upload an image"
@@ -221,10 +222,19 @@ def preview(r, chosen: QueryInput) -> tuple[Box | None, bool]:
     return box, clicked
 
 
+def show_load_note(chosen: QueryInput | None) -> None:
+    """How the query image was read when only part of it was (a multi-frame DICOM's middle
+    frame, a multi-page TIFF's first page). A volume's middle slice is captioned by the preview."""
+    note = load_note(chosen.image) if chosen is not None and chosen.volume is None else None
+    if note:
+        st.info(f"Query image: {note}")
+
+
 def page(r, index_dir: Path, manifest: Path | None, index_stamp: float, s: Settings) -> None:
     c_in, c_preview = st.columns([2, 1])
     with c_in:
         chosen, exclude_patient = choose_input(r, index_dir, manifest, index_stamp)
+        show_load_note(chosen)
         clicked = st.button("Run query", type="primary", disabled=chosen is None)
     pixels = chosen.pixels if chosen is not None else None
     volume = chosen.volume if chosen is not None else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from retrieval.service.results import box_ranges
+
 Box = tuple[int, ...]  # (x0, y0, x1, y1) of an image, (x0, y0, z0, x1, y1, z1) of a volume
 
 
@@ -51,9 +53,9 @@ class Refinement:
 
 
 def box_text(box: Box) -> str:
-    """'x 10–40, y 12–44' of an image's box; 'x 10–40, y 12–44, z 2–5' of a volume's."""
-    n = len(box) // 2
-    return ", ".join(f"{c} {box[a]}–{box[n + a]}" for a, c in enumerate("xyz"[:n]))
+    """'x 10–39, y 12–43' of an image's box (10, 12, 40, 44); 'x 10–39, y 12–43, z 2–4' of a
+    volume's: first and last index, inclusive (retrieval.service.results.box_ranges)."""
+    return box_ranges(box)
 
 
 def step_label(prev: Refinement | None, new: Refinement, whole: str = "whole image") -> str:

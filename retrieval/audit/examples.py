@@ -9,6 +9,11 @@ strongest pair, amber: the next), so a reader sees *where* they matched.
 
 Images are downscaled to at most 256 px for the report; only case ids, labels
 and attribute values travel with them.
+
+A volume ((D, H, W, C) pixels) is shown on one axial slice: the one holding most of the map's
+positive mass (:func:`retrieval.explain.overlay.best_slice`, the slice ``casebase query
+--save-maps`` overlays), else the centre slice of the strongest box, else the middle slice; the
+boxes that slice cuts are drawn, and the picture is labelled with the slice ("slice 14 of 0–27").
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import CasebaseError
-from retrieval.explain.overlay import draw_boxes, overlay, png_bytes
+from retrieval.explain.overlay import (
+    best_slice,
+    draw_boxes,
+    draw_label,
+    overlay,
+    png_bytes,
+    slice_label,
+)
 
 MAX_SIDE = 256
 
@@ -33,6 +45,60 @@ class Panel:
     similarity: float | None = None  # the raw cosine
     score: float | None = None  # similarity_score: what the app shows, in [0, 1]
     contribution: float | None = None  # share of the similarity carried by the top matched pair
+    slice: str | None = None  # a volume's: which axial slice the picture shows ("slice 4 of 0–7")
+
+
+@dataclass
+class SliceView:
+    """What of a volume a panel shows: one axial slice, its map and the boxes it cuts."""
+
+    index: int
+    depth: int
+    pixels: np.ndarray  # (H, W, C)
+    heat: np.ndarray | None  # (H, W)
+    boxes: list[list[int]]  # [x0, y0, x1, y1] of the boxes cutting the slice, in order
+    first_kept: bool  # whether the strongest (first) box is among them
+
+    @property
+    def label(self) -> str:
+        return slice_label(self.index, self.depth)
+
+
+def volume_view(pixels: np.ndarray, heat: np.ndarray | None, boxes: list[list[int]]) -> SliceView:
+    """The axial slice of a (D, H, W, C) volume a panel shows (see the module docstring).
+
+    ``heat``: the (D, H, W) map (a 2-D map: a 2-D model's, of the middle slice, shown there);
+    ``boxes``: [x0, y0, z0, x1, y1, z1] (a 4-box: on the middle slice)."""
+    d = int(pixels.shape[0])
+    h = None if heat is None else np.nan_to_num(np.asarray(heat, np.float32))
+    if h is not None and h.ndim == 2:
+        k = d // 2
+    elif h is not None and h.ndim == 3 and h.shape[0] == d and (h > 0).any():
+        k = best_slice(h)
+    elif boxes and len(boxes[0]) == 6:
+        z0, z1 = int(boxes[0][2]), int(boxes[0][5])
+        k = (z0 + max(z1, z0 + 1) - 1) // 2
+    else:
+        k = d // 2
+    k = int(np.clip(k, 0, d - 1))
+    if h is None:
+        heat2d = None
+    elif h.ndim == 3:
+        heat2d = h[k] if h.shape[0] == d else None
+    else:
+        heat2d = h if h.ndim == 2 else None
+    cut, first_kept = [], False
+    for i, b in enumerate(boxes):
+        if len(b) == 6:
+            keep = int(b[2]) <= k < int(b[5])
+            b2 = [b[0], b[1], b[3], b[4]]
+        else:  # a 2-D model's box, of the middle slice
+            keep = k == d // 2
+            b2 = list(b)
+        if keep:
+            cut.append([int(v) for v in b2])
+            first_kept = first_kept or i == 0
+    return SliceView(k, d, np.asarray(pixels[k]), heat2d, cut, first_kept)
 
 
 @dataclass
@@ -45,7 +111,18 @@ class Example:
 def render(
     pixels: np.ndarray, heat: np.ndarray | None, boxes: list[list[int]], max_side: int = MAX_SIDE
 ) -> bytes:
-    """PNG of the image (+ map) with boxes, downscaled to ``max_side`` (boxes scaled along)."""
+    """PNG of the image (+ map) with boxes, downscaled to ``max_side`` (boxes scaled along).
+
+    A volume ((D, H, W, C) pixels) is drawn on the slice :func:`volume_view` picks, labelled
+    with it."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    label, first_green = None, True
+    if pixels.ndim == 4:
+        view = volume_view(pixels, heat, boxes)
+        pixels, heat, boxes = view.pixels, view.heat, view.boxes
+        label, first_green = view.label, view.first_kept
     h, w = pixels.shape[:2]
     s = min(1.0, max_side / max(h, w))
     if s < 1.0:
@@ -67,7 +144,15 @@ def render(
         if heat is not None
         else overlay(pixels, np.zeros(pixels.shape[:2]), 0)
     )
-    return png_bytes(draw_boxes(rgb, boxes))
+    # the strongest box is green; when the slice misses it, those it cuts are all amber
+    rgb = draw_boxes(rgb, boxes) if first_green else draw_boxes(rgb, boxes, color=(255, 200, 0))
+    return png_bytes(rgb if label is None else draw_label(rgb, label))
+
+
+def panel_slice(pixels: np.ndarray, heat: np.ndarray | None, boxes: list[list[int]]) -> str | None:
+    """The slice label of a volume's panel (None for a 2-D image)."""
+    pixels = np.asarray(pixels)
+    return volume_view(pixels, heat, boxes).label if pixels.ndim == 4 else None
 
 
 def pick_attribute(attributes: dict[str, dict]) -> str | None:
@@ -125,19 +210,17 @@ def build_examples(
                 continue
             r.match_regions(q, c, nb)
             top = nb.matched_regions[0] if nb.matched_regions else None
+            c_map, c_boxes = nb.maps["similarity"]["case"], [m.case_box for m in nb.matched_regions]
             panels.append(
                 Panel(
                     nb.case_id,
                     nb.label,
                     attr.groups[int(attr.index_codes[nb.row])],
-                    render(
-                        c.image.pixels,
-                        nb.maps["similarity"]["case"],
-                        [m.case_box for m in nb.matched_regions],
-                    ),
+                    render(c.image.pixels, c_map, c_boxes),
                     similarity=float(nb.similarity),
                     score=None if nb.similarity_score is None else float(nb.similarity_score),
                     contribution=float(top.share) if top is not None else None,
+                    slice=panel_slice(c.image.pixels, c_map, c_boxes),
                 )
             )
             q_boxes += [m.query_box for m in nb.matched_regions[:1]]
@@ -150,6 +233,7 @@ def build_examples(
             str(qlabels[qi]),
             attr.groups[int(attr.query_codes[qi])],
             render(q.image.pixels, qmap, q_boxes),
+            slice=panel_slice(q.image.pixels, qmap, q_boxes),
         )
         out.append(Example(attr.name, qpanel, panels))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from retrieval.audit import verdict
-from retrieval.audit.examples import Example
+from retrieval.audit.examples import Example, Panel
 
 FLAG = "#c0392b"
 OK = "#2e86c1"
@@ -302,6 +302,7 @@ def _uncertainty_section(data: dict) -> str:
         out.append(
             f"<p>Expected calibration error {cal['ece_before']:.3f} before and "
             f"{cal['ece_after']:.3f} after temperature scaling (T = {cal['temperature']:.2f}).</p>"
+            + (f"<p class=muted>{html.escape(cal['ece_note'])}</p>" if cal.get("ece_note") else "")
         )
     png = reliability_plot(cal, "reliability diagram")
     if png:
@@ -400,6 +401,11 @@ def _sim(p) -> str:
     return f"score {_n(p.score, '.2f')}, cosine {_n(p.similarity)}"
 
 
+def _slice(p: Panel) -> str:
+    """A volume panel's slice line ('<br>axial slice 4 of 0–7'); '' for a 2-D image."""
+    return f"<br>axial {html.escape(p.slice)}" if getattr(p, "slice", None) else ""
+
+
 def _examples_section(examples: list[Example]) -> str:
     if not examples:
         return "<p class=muted>No query had neighbours sharing its attribute value but not its label.</p>"
@@ -414,14 +420,14 @@ def _examples_section(examples: list[Example]) -> str:
         panels = [
             f'<div class="panel q">{_img(base64.b64encode(q.png).decode(), q.case_id, "")}'
             f"<b>query {html.escape(q.case_id)}</b><br>label {html.escape(q.label)}<br>"
-            f"{a} {html.escape(q.value)}</div>"
+            f"{a} {html.escape(q.value)}{_slice(q)}</div>"
         ]
         for p in ex.neighbors:
             panels.append(
                 f'<div class="panel">{_img(base64.b64encode(p.png).decode(), p.case_id, "")}'
                 f"<b>{html.escape(p.case_id)}</b> ({_sim(p)})<br>label {html.escape(p.label)}<br>"
                 f"{a} {html.escape(p.value)}<br>top pair carries {_n(p.contribution and 100 * p.contribution, '.0f')}%"
-                "</div>"
+                f"{_slice(p)}</div>"
             )
         out.append(f'<div class="ex">{"".join(panels)}</div>')
     return "".join(out)

@@ -79,5 +79,7 @@ def _print_uncertainty(rep) -> None:
             f"  calibration: ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} "
             f"(temperature {cal['temperature']:.2f})"
         )
+        if cal.get("ece_note"):
+            print(f"  note: {cal['ece_note']}")
     if cal.get("plot"):
         print(f"  reliability diagram: {cal['plot']}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from retrieval import atomic
+from retrieval.data.imageio import load_note
 from retrieval.errors import CasebaseError
 from retrieval.service import refine
 from retrieval.service.retriever import CaseRetriever
@@ -124,8 +126,7 @@ def run(args) -> int:
         from retrieval.data.dicomweb import fetch_instance
 
         src = fetch_instance(src)
-    result = r.query(
-        src,
+    options = dict(
         k=args.k,
         explain=args.explain,
         exclude_patient=args.exclude_patient,
@@ -137,16 +138,24 @@ def run(args) -> int:
         coverage=args.coverage,
         group=args.group,
     )
+    # read once: the query, --save-maps and the note on how it was read (a multi-frame DICOM's
+    # middle frame, a multi-page TIFF's first page, a volume's middle slice) all use it
+    image = r.preprocessor.read(src)
+    note = load_note(image)
+    result = r.query(image, **options)
     paths = {}
     if args.save_maps:
-        paths = save_maps(result, args.save_maps, r.preprocessor.read(src))
+        paths = save_maps(result, args.save_maps, image)
     dicom_paths = _dicom_out(args, src, result)
     if args.json:
         out = result.to_json(paths)
         if dicom_paths:
             out["dicom_sr"] = {k: v for k, v in dicom_paths.items() if k != "lines"}
+        out["input_note"] = note
         print(json.dumps(out, indent=2))
         return 0
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     for line in dicom_paths.get("lines", []):
         print(line)
     print(result.explanation_text)

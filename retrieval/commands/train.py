@@ -27,6 +27,7 @@ def run(args) -> int:
         "peak_weight",
         "peak_pool",
         "zero_init_residual",
+        "extent_weight",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -35,16 +35,22 @@ def run(args) -> int:
         return 1 if problems else 0
     for p in problems:
         print(str(p))
-    for w in warnings[:MAX_WARNING_LINES]:
+    # per-row warnings (an image that decodes to a constant) and whole-manifest ones (a mix of
+    # volumes and 2-D images), each kind with its own summary
+    constant = [w for w in warnings if w.row is not None]
+    for w in constant[:MAX_WARNING_LINES]:
         print(f"warning: {w}")
-    if warnings:
-        more = len(warnings) - MAX_WARNING_LINES
+    if constant:
+        more = len(constant) - MAX_WARNING_LINES
         print(
             (f"warning: ... and {more} more; " if more > 0 else "warning: ")
-            + (f"{len(warnings)} images decode" if len(warnings) != 1 else "1 image decodes")
+            + (f"{len(constant)} images decode" if len(constant) != 1 else "1 image decodes")
             + " to a constant image (every pixel equal): check the DICOM window / rescale or "
             "the export"
         )
+    for w in warnings:
+        if w.row is None:
+            print(f"warning: {w.message}")
     if problems:
         rows = {p.row for p in problems if p.row is not None}
         n = summary.get("n_cases")

@@ -113,7 +113,7 @@ def target_gradients(
         else:
             h, ww = f.shape[-2:]
             w = f.new_full((f.shape[0], h, ww), 1.0 / (h * ww))
-        sim = model.embed_features(f, w) @ mean
+        sim = model.embed(f, w) @ mean
         # the centred logit: softmax ignores a shift common to every class, so a concept that
         # raises all logits alike changes no probability (bench/concepts.py, part variants)
         centred = logits[:, class_idx] - logits.mean(dim=1)

@@ -92,6 +92,8 @@ class IngestReport:
     labels: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     n_linked: int = 0  # images written as pseudonymous links (identifying paths)
+    # (path, note) of ingested files read in part: a multi-frame file's middle frame
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
@@ -101,6 +103,12 @@ class IngestReport:
         text = f"ingested {self.n_ingested}, skipped {self.n_skipped}"
         if self.ignored:
             text += f" (and ignored {len(self.ignored)} non-DICOM files)"
+        if self.notes:
+            n = len(self.notes)
+            text += (
+                f"; {n} multi-frame file{'s' if n != 1 else ''}: a 2-D model reads only the "
+                "middle frame of each"
+            )
         return text
 
 
@@ -377,14 +385,23 @@ def _walk(root: Path, exclude: set[Path], skip_dirs: set[Path] = frozenset()) ->
     return files
 
 
-def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir: Path, links=None):
+def record_for_file(
+    path: Path,
+    rel: str,
+    label_for,
+    used_ids: set[str],
+    out_dir: Path,
+    links=None,
+    notes: list[str] | None = None,
+):
     """The manifest row for one file: ``(row, None, True)`` or ``(None, reason, is_dicom)``.
 
     Shared by ``ingest-dicom`` and ``ingest-dicomweb`` so both write identical
     rows. ``label_for(path, rel, ds)`` gives the label; ``used_ids`` keeps
     case ids unique across calls; ``links`` (a
     :class:`retrieval.data.phi_paths.PseudonymousLinks`): where an image whose
-    path looks identifying is linked under its case id instead.
+    path looks identifying is linked under its case id instead. ``notes``: a list to receive
+    how the file's image was read when only part of it was (a multi-frame file's middle frame).
     """
     from retrieval.data.imageio import read_image
     from retrieval.data.privacy import hash_patient_id
@@ -430,6 +447,8 @@ def record_for_file(path: Path, rel: str, label_for, used_ids: set[str], out_dir
         "patient_id": pid,
     }
     row.update(_attributes(ds, loaded))
+    if notes is not None and loaded.meta.get("note"):
+        notes.append(str(loaded.meta["note"]))
     return row, None, True
 
 
@@ -478,7 +497,10 @@ def ingest_dicom(
     bar = tqdm(files, desc="ingesting DICOM", unit="file", disable=not progress, leave=False)
     for path in bar:
         rel = path.relative_to(root).as_posix()
-        row, reason, is_dicom = record_for_file(path, rel, labeler.label, used_ids, out_dir, links)
+        file_notes: list[str] = []
+        row, reason, is_dicom = record_for_file(
+            path, rel, labeler.label, used_ids, out_dir, links, notes=file_notes
+        )
         if row is None and not is_dicom:
             report.ignored.append((str(path), reason))
             continue
@@ -491,6 +513,9 @@ def ingest_dicom(
             report.skipped.append((str(path), reason))
             say(f"skipped: {path}: {reason}")
             continue
+        for note in file_notes:
+            report.notes.append((str(path), note))
+            say(f"note: {path}: {note}")
         records.append((path, rel, row))
     bar.close()
     # CT / MR series -> one row each (retrieval.data.series_ingest states the rule)

@@ -46,7 +46,14 @@ import numpy as np
 
 from retrieval.errors import ImageReadError
 
-__all__ = ["LoadedImage", "read_image", "read_mask", "to_uint8_rgb", "sniff_format"]
+__all__ = [
+    "LoadedImage",
+    "load_note",
+    "read_image",
+    "read_mask",
+    "to_uint8_rgb",
+    "sniff_format",
+]
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -611,10 +618,31 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
+NOT_DICOM = "not a DICOM file (no DICM header and no DICOM elements)"
+
+
+def _has_dicom_elements(ds) -> bool:
+    """Whether a dataset read with ``force=True`` holds any file meta or standard DICOM element
+    (a headerless DICOM stream does; junk parsed into made-up tags does not)."""
+    from pydicom.datadict import dictionary_has_tag
+
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None and len(fm) > 0:
+        return True
+    try:
+        return any(dictionary_has_tag(tag) for tag in ds.keys())
+    except Exception:  # noqa: BLE001 - an unparseable tag list is no DICOM either
+        return False
+
+
 def _read_dicom(fobj, source: str, max_pixels: int, *, force: bool) -> LoadedImage:
     ds = _dcmread(fobj, source, force=force)
     if force and len(ds) == 0:
         raise ImageReadError(source, "not a DICOM/PNG/JPEG/TIFF/NPY file")
+    if force and not _has_dicom_elements(ds):
+        # dcmread(force=True) parses any bytes into "elements" of made-up tags: a text file
+        # named x.dcm is not a DICOM file without pixel data, it is no DICOM file at all
+        raise ImageReadError(source, NOT_DICOM)
     pixels, meta = _dicom_pixels(ds, source, max_pixels)
     return _finish(pixels, source, meta)
 
@@ -786,8 +814,18 @@ def volume_middle_slice(vol, source: str) -> LoadedImage:
         "slice_index": k,
         "spacing": list(vol.spacing),
         "modality": vol.modality,
+        "note": f"volume: middle axial slice {k} of {vol.shape[0]} used (a 2-D model sees one slice)",
     }
     return _finish(vol.array[k][:, :, None], source, meta)
+
+
+def load_note(image: Any) -> str | None:
+    """What a reader should know about how ``image`` (a LoadedImage) was read, or None: the
+    middle frame of a multi-frame DICOM, the first page of a multi-page TIFF, the middle slice
+    of a volume read for a 2-D model (``meta["note"]``)."""
+    meta = getattr(image, "meta", None)
+    note = meta.get("note") if isinstance(meta, dict) else None
+    return str(note) if note else None
 
 
 def read_mask(path: Any, expected_size: tuple[int, int] | None = None) -> np.ndarray:

@@ -34,7 +34,9 @@ __all__ = [
     "SPLITS",
     "Manifest",
     "Problem",
+    "count_dimensions",
     "load_manifest",
+    "mixed_dimensions_note",
     "read_table",
     "summarize",
     "validate_manifest",
@@ -355,8 +357,9 @@ def validate_manifest(
     values). Labels and attributes are compared in Unicode NFC, as every command reads them.
 
     ``warnings``: a list to receive what is suspicious but usable, each a row's image that
-    decodes to a constant array (every pixel equal); not returned, so that callers that
-    treat any returned problem as a failure keep doing so.
+    decodes to a constant array (every pixel equal), and one whole-manifest warning (row None)
+    when the manifest mixes volumes and 2-D images (:func:`mixed_dimensions_note`); not
+    returned, so that callers that treat any returned problem as a failure keep doing so.
     """
     p = Path(path).expanduser()
     try:
@@ -465,6 +468,38 @@ def _constant_note(pixels, meta: dict) -> str | None:
     return f"decodes to a constant image (every pixel {lo:.3g}): likely {cause}"
 
 
+def mixed_dimensions_note(n_volumes: int, n_images: int) -> str | None:
+    """The warning for a manifest that mixes volumes and 2-D images, or None when it does not.
+
+    Shared by ``validate`` and ``train`` (one line each, not one per file)."""
+    if not n_volumes or not n_images:
+        return None
+    vols = f"{n_volumes} volume{'s' if n_volumes != 1 else ''}"
+    imgs = f"{n_images} 2-D image{'s' if n_images != 1 else ''}"
+    return (
+        f"the manifest mixes {vols} and {imgs}: a 2-D model sees only each volume's middle "
+        "axial slice, and a volume backbone (cnn3d) needs every image to be a volume (it "
+        "skips the 2-D images); keep volumes and 2-D images in separate manifests"
+    )
+
+
+def count_dimensions(paths) -> tuple[int, int]:
+    """(volumes, 2-D images) among distinct ``paths``, told cheaply (the name, a folder, an NPY
+    header: retrieval.data.volume.is_volume_path), without decoding; a missing path is neither."""
+    from retrieval.data.volume import is_volume_path
+
+    n_vol = n_img = 0
+    for path in dict.fromkeys(str(p) for p in paths):
+        try:
+            if is_volume_path(path):
+                n_vol += 1
+            elif Path(path).is_file():
+                n_img += 1
+        except (OSError, ValueError):
+            continue
+    return n_vol, n_img
+
+
 def _check_files(
     man: Manifest, check_images: bool, progress: bool, warnings: list[Problem] | None = None
 ) -> list[Problem]:
@@ -478,6 +513,7 @@ def _check_files(
     constant: list[Problem] = []  # rows whose image decodes to one value (a warning each)
     flat_files: set[str] = set()
     n_decoded = 0  # distinct image files decoded
+    kinds: dict[str, bool] = {}  # distinct readable file -> is a volume
     rows = range(len(df))
     bar = None
     if check_images and progress:
@@ -526,6 +562,10 @@ def _check_files(
                         except OSError as err:
                             reason = f"cannot access ({err.strerror or err})"
                         cache[key] = (size, reason, flat)
+                        if not reason and size is not None:  # decoded: (D, H, W) or (H, W)
+                            kinds[key] = len(size) == 3
+                        elif not reason and not check_images and path.exists():
+                            kinds[key] = is_volume_path(path)
                     if reason:
                         problems.append(Problem(r, "image", f"{_clip(rel)}: {reason}"))
                     elif flat:
@@ -578,6 +618,10 @@ def _check_files(
         )
     elif warnings is not None:
         warnings.extend(constant)
+    n_vol = sum(kinds.values())
+    mixed = mixed_dimensions_note(n_vol, len(kinds) - n_vol)
+    if mixed and warnings is not None:
+        warnings.append(Problem(None, "image", mixed))
     return problems
 
 

@@ -56,3 +56,37 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def overlay_png(pixels: np.ndarray, heat: np.ndarray) -> bytes:
     return png_bytes(overlay(pixels, heat))
+
+
+def best_slice(heat: np.ndarray) -> int:
+    """The axial slice (index along axis 0) of a (D, H, W) map holding most of its positive mass:
+    the slice ``casebase query --save-maps`` overlays and the audit's volume panels show.
+    Ties (a map constant along z, e.g. a model whose features have one slice) go to the slice
+    nearest the middle, ``D // 2``; so does a map without positive mass."""
+    arr = np.clip(np.nan_to_num(np.asarray(heat, np.float64)), 0, None)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) map, got shape {arr.shape}")
+    mass = arr.sum(axis=(1, 2))
+    top = np.flatnonzero(mass >= mass.max() * (1 - 1e-6))
+    mid = arr.shape[0] // 2
+    return int(top[np.argmin(np.abs(top - mid))])
+
+
+def slice_label(index: int, depth: int) -> str:
+    """'slice 14 of 0–27': which axial slice of a ``depth``-slice volume a picture shows
+    (0-based, the range inclusive)."""
+    return f"slice {index} of 0–{depth - 1}"
+
+
+def draw_label(rgb: np.ndarray, text: str) -> np.ndarray:
+    """(h + band, max(w, text), 3) uint8: the picture under a dark band holding ``text`` in white
+    (e.g. which slice is shown); the band is above the picture so nothing of it is covered."""
+    text = text.replace("–", "-")  # Pillow's default font has no en dash
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, _, tw, th = probe.textbbox((0, 0), text)
+    h, w = rgb.shape[:2]
+    band = th + 4
+    out = Image.new("RGB", (max(w, tw + 4), h + band), (0, 0, 0))
+    out.paste(Image.fromarray(np.ascontiguousarray(rgb)), (0, band))
+    ImageDraw.Draw(out).text((2, 1), text, fill=(255, 255, 255))
+    return np.asarray(out)

@@ -239,7 +239,7 @@ def _prepare(model: nn.Module, inputs: Tensor, target: Target) -> _Prepared:
     if callable(target) and not isinstance(target, ScoreTarget | Tensor):
         return _Prepared(target, None, None)
     if not isinstance(target, ScoreTarget):
-        target = ScoreTarget.for_classes(target, model.config.embedding_dim, device=inputs.device)
+        target = ScoreTarget.for_classes(target, model.config.output_dim, device=inputs.device)
     target = target.expand(len(inputs)).to(inputs.device)
     return _Prepared(ScoreHead(model, target.weighting), (target.classes, target.others), target)
 

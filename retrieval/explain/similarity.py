@@ -10,6 +10,13 @@ to the similarity exactly (completeness, up to float rounding). Its row sums
 give a query map, its column sums a case map, and its largest entries the
 matched regions. No library does this; it follows from the model's design.
 
+With a lesion-extent head (retrieval.model.extent) the index's vector is [e, c cos t, c sin t]
+/ sqrt(1 + c^2), so sim = (e_q · e_c + c^2 cos(t_q - t_c)) / (1 + c^2). The appearance terms
+are scaled by 1 / (1 + c^2), and the extent term is split over the pairs of the two images'
+lesion cells, each pair (i, j) by f^q_i f^c_j / (Σ f^q Σ f^c) with f the predicted lesion
+fractions (the pooling weights stand in for an image where no cell holds a lesion): the
+agreement in lesion size is carried by the lesions themselves, and T still sums to sim.
+
 For a volume model (cnn3d) the locations are the voxels of the (d, h, w) feature volume:
 the same code runs over flattened cells, grids are (d, h, w) tuples, regions are
 26-connected blobs of voxels, and maps are (d, h, w).
@@ -32,6 +39,8 @@ class SimilarityDecomposition:
     similarity: float  # e_q · e_c from the embeddings themselves
     query_grid: tuple[int, ...]  # (h, w), or (d, h, w) for a volume model
     case_grid: tuple[int, ...]
+    # the extent code's part of `similarity` (c^2 cos(t_q - t_c) / (1 + c^2)); 0 without one
+    extent_term: float = 0.0
 
     @property
     def completeness_error(self) -> float:
@@ -80,11 +89,42 @@ def decompose(
         qp, cp = (qw[:, None] * qz).sum(0), (cw[:, None] * cz).sum(0)
         norm = qp.norm().clamp_min(1e-12) * cp.norm().clamp_min(1e-12)
         terms = (qw[:, None] * qz) @ (cw[:, None] * cz).T / norm
-        eq = model.embed_features(q_features[None].float(), q_weights[None].float())[0]
-        ec = model.embed_features(c_features[None].float(), c_weights[None].float())[0]
+        eq = model.embed(q_features[None].float(), q_weights[None].float())[0]
+        ec = model.embed(c_features[None].float(), c_weights[None].float())[0]
         sim = float((eq.double() * ec.double()).sum())
+        extent_term = 0.0
+        if getattr(model, "has_extent", False):
+            extent_term = float((eq[-2:].double() * ec[-2:].double()).sum())
+            terms = with_extent_terms(
+                terms,
+                model.config.extent_weight,
+                extent_term,
+                extent_allocation(model.lesion_fraction(q_features[None].float())[0], qw),
+                extent_allocation(model.lesion_fraction(c_features[None].float())[0], cw),
+            )
     return SimilarityDecomposition(
-        terms.cpu().numpy(), sim, tuple(q_features.shape[1:]), tuple(c_features.shape[1:])
+        terms.cpu().numpy(),
+        sim,
+        tuple(q_features.shape[1:]),
+        tuple(c_features.shape[1:]),
+        extent_term,
+    )
+
+
+def extent_allocation(fractions, weights) -> torch.Tensor:
+    """(cells,) float64 summing to 1: how an image's side of the extent term spreads over its
+    cells: its predicted lesion fractions, or its pooling weights where they are all ~0."""
+    f = torch.as_tensor(fractions).double().reshape(-1)
+    total = float(f.sum())
+    return f / total if total > 1e-6 else torch.as_tensor(weights).double().reshape(-1)
+
+
+def with_extent_terms(appearance, weight: float, extent_term: float, q_alloc, c_alloc):
+    """T of a model with an extent code: the appearance terms (summing to e_q · e_c) over
+    1 + c^2, plus the extent term spread over cell pairs by the two allocations' product."""
+    c2 = float(weight) ** 2
+    return appearance / (1.0 + c2) + extent_term * torch.outer(q_alloc, c_alloc).to(
+        appearance.dtype
     )
 
 

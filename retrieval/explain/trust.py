@@ -247,7 +247,7 @@ def query_map(
             model, x.expand(len(ec), *x.shape[1:]), ScoreTarget.for_similarity(ec, weighting)
         )
         return torch.from_numpy(weighted_query_map(registry.finite(maps), (ec @ eq).tolist()))
-    target = ScoreTarget.for_classes([cls], model.config.embedding_dim, weighting, device=x.device)
+    target = ScoreTarget.for_classes([cls], model.config.output_dim, weighting, device=x.device)
     return torch.from_numpy(registry.finite(explainer.attribute(model, x, target))[0])
 
 

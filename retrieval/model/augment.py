@@ -62,11 +62,14 @@ def augment_batch(
     generator: torch.Generator | None = None,
     scale_jitter: float = DEFAULT_SCALE_JITTER,
     colour: float = 0.0,
-) -> torch.Tensor:
+    masks: torch.Tensor | None = None,
+):
     """x: (B, C, S, S) float in [0, 1] -> augmented, same shape, in [0, 1].
 
     ``scale_jitter``: zoom drawn in [1 - j, 1 + j]; 0 keeps every view at its own scale.
     ``colour``: RGB channel-gain and saturation jitter (0: none; grayscale ignores it).
+    ``masks``: (B, 1, S, S) lesion masks moved by the same geometry (not the intensity
+    changes); then (augmented x, moved masks) is returned.
     """
     u = _uniform(x, generator)
 
@@ -79,7 +82,13 @@ def augment_batch(
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return _intensity(x, u, generator, colour)
+    x = _intensity(x, u, generator, colour)
+    if masks is None:
+        return x
+    moved = F.grid_sample(
+        masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return x, moved
 
 
 def augment_volume_batch(

@@ -32,6 +32,8 @@ class EmbeddedSet:
     cell_weights: np.ndarray | None = None  # (N_ok, h*w) float32 pooling weights
     sizes: np.ndarray | None = None  # (N_ok, 2) int32 original (H, W); (N_ok, 3) (D, H, W)
     grid: tuple[int, ...] | None = None
+    # with an extent head (CaseNet.has_extent): (N_ok, h*w) predicted lesion share per cell
+    lesion_fractions: np.ndarray | None = None
     # With fingerprints=True (index builds): index.fingerprints, from the same decode
     pixel_sha256: np.ndarray | None = None  # (N_ok, 32) uint8
     pixel_thumbs: np.ndarray | None = None  # (N_ok, T) float16
@@ -72,7 +74,7 @@ def embed_paths(
     fingerprints: also keep every image's pixel fingerprint (index.fingerprints)."""
     model.eval()
     vecs, probs, oods, ok, failures = [], [], [], [], []
-    zs, ws, sizes = [], [], {}
+    zs, ws, fr, sizes = [], [], [], {}
     grid = None
     fps: dict | None = {} if fingerprints else None
     for idx, batch, fails in iter_decoded(
@@ -97,6 +99,8 @@ def embed_paths(
             oods.append(ood_features(out.features).cpu().numpy())
             zs.append(cell_vectors(model, out.features))
             ws.append(out.weights.float().flatten(1).cpu().numpy())
+            if out.lesion_fraction is not None:
+                fr.append(out.lesion_fraction.float().flatten(1).cpu().numpy())
             grid = tuple(out.features.shape[2:])
         else:
             v, p, o = embed_tensor(model, pre.normalize(batch.to(device)), weighting)
@@ -104,7 +108,7 @@ def embed_paths(
             probs.append(p)
             oods.append(o)
         ok += idx
-    d, k = model.config.embedding_dim, len(model.config.classes)
+    d, k = model.config.output_dim, len(model.config.classes)
     res = EmbeddedSet(
         np.concatenate(vecs) if vecs else np.zeros((0, d), np.float32),
         np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
@@ -115,6 +119,7 @@ def embed_paths(
     if cells and zs:
         res.cells = np.concatenate(zs)
         res.cell_weights = np.concatenate(ws)
+        res.lesion_fractions = np.concatenate(fr) if fr else None
         res.grid = grid
     if ok:
         res.sizes = np.array([sizes[i] for i in ok], np.int32).reshape(len(ok), -1)

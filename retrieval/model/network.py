@@ -36,6 +36,7 @@ from torch import nn
 
 from retrieval import atomic
 from retrieval.errors import BundleError
+from retrieval.model import extent
 
 MODEL_FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -61,6 +62,16 @@ class ModelConfig:
     std: list[float] = field(default_factory=lambda: [0.25])
     format_version: int = MODEL_FORMAT_VERSION
     training: dict = field(default_factory=dict)
+    # > 0: the model has a lesion-extent head (taught by the manifest's lesion masks) and its
+    # embedding ends with the extent code at this weight (retrieval.model.extent); 0: neither
+    # (every model saved before the option, and models trained without masks)
+    extent_weight: float = 0.0
+    extent_knots: list[float] = field(default_factory=list)  # see extent.fit_knots
+
+    @property
+    def output_dim(self) -> int:
+        """Length of the index's vectors: the projection, plus the 2-D extent code if any."""
+        return self.embedding_dim + (2 if self.extent_weight > 0 else 0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -257,6 +268,9 @@ class EmbeddingOutput:
     features: torch.Tensor  # (B, C, h, w) last feature map ((B, C, d, h, w) for volumes)
     weights: torch.Tensor  # (B, h, w) pooling weights, each summing to 1 ((B, d, h, w))
     predicted: torch.Tensor  # (B,) class index whose Grad-CAM weighted the pooling
+    # with an extent head (ModelConfig.extent_weight > 0), else None:
+    lesion_fraction: torch.Tensor | None = None  # (B, h, w) predicted lesion share per cell
+    extent_angle: torch.Tensor | None = None  # (B,) the extent code's angle t
 
 
 class CaseNet(nn.Module):
@@ -285,6 +299,16 @@ class CaseNet(nn.Module):
         channels = self.backbone.out_channels
         self.classifier = nn.Linear(channels, len(config.classes))
         self.projection = nn.Linear(channels, config.embedding_dim, bias=False)
+        if config.extent_weight > 0:
+            if self.is_volume:
+                raise BundleError("the lesion-extent head is for 2-D images, not volumes")
+            if len(config.extent_knots) < 2:
+                raise BundleError("a model with an extent head needs its extent_knots")
+            self.extent_head = nn.Conv2d(channels, 1, 1)
+
+    @property
+    def has_extent(self) -> bool:
+        return self.config.extent_weight > 0
 
     @property
     def target_layer(self) -> nn.Module:
@@ -338,6 +362,26 @@ class CaseNet(nn.Module):
         pooled = torch.einsum("bn,bcn->bc", weights.flatten(1), features.flatten(2))
         return F.normalize(self.projection(pooled), dim=1)
 
+    def embed(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The index's vector from a feature map and its pooling weights: embed_features, with
+        the extent code appended when the model has an extent head (as ``run`` gives it)."""
+        e = self.embed_features(features, weights)
+        if not self.has_extent:
+            return e
+        return self.with_extent(e, self.extent_angle(self.lesion_fraction(features)))
+
+    def lesion_fraction(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h, w): the extent head's predicted lesion share of each cell."""
+        return torch.sigmoid(self.extent_head(features.to(self.extent_head.weight.dtype)))[:, 0]
+
+    def extent_angle(self, fractions: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) predicted fractions -> (B,) angle of the extent code."""
+        return extent.angle(fractions.flatten(1).mean(1), self.config.extent_knots)
+
+    def with_extent(self, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The appearance embedding e (B, D) with the extent code of angle t appended."""
+        return extent.append_code(e, t, self.config.extent_weight)
+
     def run(self, x: torch.Tensor, weighting: str = "saliency") -> EmbeddingOutput:
         """One forward: logits, Grad-CAM of the predicted class, pooled embedding."""
         features = self.backbone(x)
@@ -350,9 +394,13 @@ class CaseNet(nn.Module):
             weights = features.new_full((features.shape[0], *grid), 1.0 / grid.numel())
         else:
             raise ValueError(f"unknown weighting {weighting!r}")
-        return EmbeddingOutput(
-            self.embed_features(features, weights), logits, features, weights, predicted
-        )
+        if not self.has_extent:
+            embedding = self.embed_features(features, weights)
+            return EmbeddingOutput(embedding, logits, features, weights, predicted)
+        fractions = self.lesion_fraction(features)
+        t = self.extent_angle(fractions)
+        embedding = self.with_extent(self.embed_features(features, weights), t)
+        return EmbeddingOutput(embedding, logits, features, weights, predicted, fractions, t)
 
 
 def save_model(model: CaseNet, out_dir: str | Path) -> None:

@@ -2,6 +2,11 @@
 
     loss = CE(logits, y) + SupCon(e_saliency, y) + SupCon(e_uniform, y)
            + 0.5 * (NTXent(e_saliency, case) + NTXent(e_uniform, case))
+           + 2 * (BCE(lesion fraction per cell) + |log lesion area - log true area|)
+
+The last term only when the manifest has lesion masks (at least half the training cases, 2-D
+images; ``--extent-weight 0`` turns it off): it teaches the extent head whose code the embedding
+carries, so neighbours agree in lesion size (retrieval.model.extent).
 
 Each step takes class-balanced cases (MPerClassSampler), augments every case twice, and
 runs both views in one forward. SupCon (pytorch-metric-learning, temperature 0.1) keeps
@@ -49,8 +54,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from retrieval.data.imageio import read_image
-from retrieval.data.manifest import load_manifest
+from retrieval.data.manifest import count_dimensions, load_manifest, mixed_dimensions_note
 from retrieval.errors import CasebaseError
+from retrieval.model import extent
 from retrieval.model.augment import DEFAULT_SCALE_JITTER, augment_batch, augment_volume_batch
 from retrieval.model.dataset import decode_all
 from retrieval.model.device import resolve_device
@@ -90,6 +96,11 @@ class TrainOptions:
     # peak_pool), "logits" (each class's top cells of its per-cell logit map; see peak_logits)
     # or "both" (one cross-entropy each)
     peak_pool: str = "features"
+    # weight c of the lesion-extent code in the embedding (retrieval.model.extent); None: EXTENT_WEIGHT
+    # when at least half the training cases have a lesion mask (2-D images), else 0 (no head)
+    extent_weight: float | None = None
+    extent_loss_weight: float = extent.LOSS_WEIGHT  # weight of the extent head's loss
+    extent_area_weight: float = extent.AREA_LOSS_WEIGHT  # its log-area term (extent_loss)
     margin: float = 0.2  # triplet only
     patience: int = 6
     seed: int = 0
@@ -154,6 +165,9 @@ LOSSES = ("supcon", "multisimilarity", "triplet")
 # The auxiliary peak-pooled cross-entropy (peak_pool): on by default for volumes only.
 PEAK_WEIGHT = 1.0
 PEAK_FRACTION = 1 / 64  # of the feature cells: 4 of a 4 x 8 x 8 feature volume
+# The lesion-extent code (retrieval.model.extent): on by default when the manifest has masks.
+EXTENT_WEIGHT = 1.0
+EXTENT_MIN_MASKED = 0.5  # share of the training cases that must have a mask for the default
 
 
 def peak_pool(features: torch.Tensor) -> torch.Tensor:
@@ -374,6 +388,9 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         raise CasebaseError(f"{manifest_path}: need at least two labels to train, found {classes}")
 
     backbone = resolve_backbone(opts.backbone, df["path"].tolist())
+    mixed = mixed_dimensions_note(*count_dimensions(df["path"].tolist()))
+    if mixed:  # once, before any image is decoded (validate says the same)
+        tqdm.write(f"warning: {mixed}")
     depth = 0
     if backbone in VOLUME_BACKBONES:
         channels = 1
@@ -427,6 +444,14 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     del flat
     pre = Preprocessor(cfg)
 
+    masks, has_mask, mask_note = _training_masks(df, manifest, size, backbone, opts)
+    if mask_note:
+        tqdm.write(f"note: {mask_note}")
+    cfg.extent_weight = resolve_extent_weight(opts, backbone, has_mask)
+    if cfg.extent_weight > 0:
+        areas = masks[has_mask].float().mean((1, 2, 3)).div(255.0).numpy()
+        cfg.extent_knots = extent.fit_knots(areas)
+
     train_df, val_df, split_note = _split_val(df, opts.seed)
     if split_note:
         tqdm.write(f"note: {split_note}")
@@ -446,6 +471,8 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
     steps_per_epoch = max(1, len(train_x) // batch)
     epochs = opts.epochs or default_epochs(len(train_x) * views, backbone in VOLUME_BACKBONES)
     data = _Data(pre, train_x, train_y, val_x, val_y, m, batch, steps_per_epoch, epochs, views)
+    if cfg.extent_weight > 0:
+        data.masks, data.has_mask = masks[tr_idx], has_mask[tr_idx]
     # chance levels: a model stuck on a plateau predicts one class and retrieves at random
     val_classes = len(val_y.unique())
     chance = 1.0 / max(1, val_classes)
@@ -517,6 +544,9 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
             "peak_weight": resolve_peak_weight(opts, backbone),
             "peak_pool": opts.peak_pool,
             "zero_init_residual": opts.zero_init_residual,
+            "extent_weight": cfg.extent_weight,
+            "extent_loss_weight": opts.extent_loss_weight if cfg.extent_weight > 0 else 0.0,
+            "n_masked": int(has_mask.sum()),
         },
     }
     model.config = cfg
@@ -535,6 +565,56 @@ def train_model(manifest_path: str | Path, out_dir: str | Path, opts: TrainOptio
         epochs,
         epochs_total,
     )
+
+
+def _training_masks(df, manifest, size: int, backbone: str, opts: TrainOptions):
+    """(uint8 masks (N, 1, S, S), bool has_mask (N,), note): the lesion masks of the decoded
+    cases at the model's input size, resized as the images are (no crop). Only read when the
+    extent head could use them (2-D backbones, extent weight not 0); a mask that cannot be read
+    counts as missing and is reported once."""
+    n = len(df)
+    empty = torch.zeros((n, 1, size, size), dtype=torch.uint8), torch.zeros(n, dtype=torch.bool)
+    if backbone in VOLUME_BACKBONES or opts.extent_weight == 0 or "mask" not in df:
+        return *empty, None
+    from retrieval.data.imageio import read_mask
+
+    masks, has_mask = empty
+    bad: list[str] = []
+    rows = [(i, p) for i, p in enumerate(df["mask"].fillna("").astype(str)) if p.strip()]
+    if len(rows) < EXTENT_MIN_MASKED * n and opts.extent_weight is None:
+        return masks, has_mask, None
+    for i, p in tqdm(rows, desc="masks", unit="mask", disable=not opts.progress, leave=False):
+        try:
+            m = torch.from_numpy(read_mask(manifest.resolve(p)).astype(np.float32))
+        except CasebaseError as err:
+            bad.append(str(err))
+            continue
+        m = F.interpolate(m[None, None], size=(size, size), mode="area")[0]
+        masks[i] = (m * 255).round().to(torch.uint8)
+        has_mask[i] = True
+    note = None
+    if bad:
+        note = f"{len(bad)} lesion mask(s) could not be read and are left out (first: {bad[0]})"
+    return masks, has_mask, note
+
+
+def resolve_extent_weight(opts: TrainOptions, backbone: str, has_mask: torch.Tensor) -> float:
+    """The extent code's weight: the option, or EXTENT_WEIGHT when enough cases have masks."""
+    if opts.extent_weight is not None:
+        if opts.extent_weight < 0:
+            raise CasebaseError(f"--extent-weight {opts.extent_weight:g}: use 0 or more")
+        if opts.extent_weight > 0 and backbone in VOLUME_BACKBONES:
+            raise CasebaseError(
+                "--extent-weight is for 2-D images; volume models have no extent head"
+            )
+        if opts.extent_weight > 0 and not bool(has_mask.any()):
+            raise CasebaseError(
+                "--extent-weight needs lesion masks: no training case has a readable mask"
+            )
+        return float(opts.extent_weight)
+    if backbone in VOLUME_BACKBONES or not len(has_mask):
+        return 0.0
+    return EXTENT_WEIGHT if float(has_mask.float().mean()) >= EXTENT_MIN_MASKED else 0.0
 
 
 def check_peak_weight(opts: TrainOptions) -> None:
@@ -585,6 +665,8 @@ class _Data:
     steps_per_epoch: int
     epochs: int
     views: int = 1
+    masks: torch.Tensor | None = None  # (N, 1, S, S) uint8 training lesion masks (extent head)
+    has_mask: torch.Tensor | None = None  # (N,) bool
 
 
 @dataclass
@@ -681,6 +763,8 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
     model = CaseNet(cfg)
     if opts.zero_init_residual:
         zero_init_residuals(model)
+    if d.masks is not None:
+        extent.init_prior(model.extent_head, d.masks[d.has_mask])
     model = model.to(device)
     sampler = samplers.MPerClassSampler(
         d.train_y.tolist(),
@@ -711,6 +795,15 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
             x = d.train_x[idx].to(device).float() / 255.0
             if x.dim() == 5:
                 views = [augment_volume_batch(x, gen, opts.aug_scale) for _ in range(d.views)]
+            elif d.masks is not None:
+                mk = d.masks[idx].to(device).float() / 255.0
+                pairs = [
+                    augment_batch(x, gen, opts.aug_scale, opts.aug_colour, masks=mk)
+                    for _ in range(d.views)
+                ]
+                views = [v for v, _ in pairs]
+                mb = torch.cat([m for _, m in pairs])
+                hb = d.has_mask[idx].to(device).repeat(d.views)
             else:
                 views = [
                     augment_batch(x, gen, opts.aug_scale, opts.aug_colour) for _ in range(d.views)
@@ -731,6 +824,12 @@ def _fit(cfg, d: _Data, opts: TrainOptions, device, seed: int, lr: float, guard,
                     peak_terms(model.classifier, feats, opts.peak_pool) if peak_weight > 0 else []
                 )
                 loss = criterion(logits, e_sal, e_uni, yb, case_ids, peak)
+                if d.masks is not None:
+                    fractions = model.lesion_fraction(feats.float())
+                    targets = extent.cell_targets(mb, tuple(fractions.shape[1:]))
+                    loss = loss + opts.extent_loss_weight * extent.extent_loss(
+                        fractions, targets, hb, opts.extent_area_weight
+                    )
             optim.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optim)

@@ -166,3 +166,29 @@ def reliability_png(curves: dict[str, Reliability], title: str = "") -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def ece_note(
+    ece_before: float | None,
+    ece_after: float | None,
+    temperature: float | None,
+    n_test: int | None = None,
+    calibrated_on: str | None = None,
+) -> str | None:
+    """Why a test ECE may rise after temperature scaling (None when it does not).
+
+    T is fitted on the calibration cases (the NLL optimum there), never on the split eval
+    scores; on a small test split, or for a model whose softmax is already about calibrated,
+    the test ECE can come out higher after T: that is sampling noise and the fit's limits,
+    not a bug in the scaling."""
+    if ece_before is None or ece_after is None or not ece_after > ece_before + 1e-12:
+        return None
+    t = "" if temperature is None else f"T = {temperature:.2f} "
+    where = calibrated_on or "the calibration split"
+    n = "" if n_test is None else f" ({n_test} cases)"
+    return (
+        f"temperature scaling raised the test ECE ({ece_before:.3f} -> {ece_after:.3f}): {t}was "
+        f"fitted on {where}, not on this test split{n}, and does not improve ECE here (a small "
+        "test split makes ECE noisy; an already-calibrated softmax has little to gain). Not a "
+        "bug: the calibrated probabilities and prediction sets still use that T."
+    )

@@ -20,6 +20,14 @@ class ImageContext:
     features: torch.Tensor  # (C', h, w) last feature map
     weights: torch.Tensor  # (h, w) pooling weights
     predicted: int
+    lesion_fraction: torch.Tensor | None = None  # (h, w) extent head's cell shares, if any
+
+    @property
+    def lesion_area(self) -> float | None:
+        """The predicted lesion's share of the image (extent head), or None without one."""
+        if self.lesion_fraction is None:
+            return None
+        return float(self.lesion_fraction.float().mean())
 
     @property
     def grid(self) -> tuple[int, ...]:

@@ -223,19 +223,46 @@ def stored_decompositions(
     similarities,
     query_grid: tuple[int, int],
     case_grid: tuple[int, int],
+    extent: StoredExtent | None = None,
 ) -> list[SimilarityDecomposition]:
     """stored_decomposition for k cases at once: cz (k, n, D), cw (k, n) -> k decompositions
-    (one batched matmul; a query's neighbours are decomposed together)."""
+    (one batched matmul; a query's neighbours are decomposed together). ``extent``: the model's
+    extent code, split over the lesion cells as retrieval.explain.similarity does."""
     import torch
 
     qa = torch.as_tensor(np.asarray(qw, np.float64).reshape(-1, 1) * np.asarray(qz, np.float64))
     ca = torch.as_tensor(np.asarray(cw, np.float64)[..., None] * np.asarray(cz, np.float64))
     norm = qa.sum(0).norm().clamp_min(1e-12) * ca.sum(1).norm(dim=1).clamp_min(1e-12)  # (k,)
-    terms = (torch.matmul(qa, ca.transpose(1, 2)) / norm[:, None, None]).numpy()  # (k, m, n)
+    terms = torch.matmul(qa, ca.transpose(1, 2)) / norm[:, None, None]  # (k, m, n)
+    extents = [0.0] * len(terms)
+    if extent is not None:
+        from retrieval.explain.similarity import extent_allocation, with_extent_terms
+
+        qa_ = extent_allocation(extent.query_fraction, qw)
+        for i in range(len(terms)):
+            extents[i] = extent.term(i)
+            ca_ = extent_allocation(extent.case_fractions[i], cw[i])
+            terms[i] = with_extent_terms(terms[i], extent.weight, extents[i], qa_, ca_)
     return [
-        SimilarityDecomposition(t, float(s), tuple(query_grid), tuple(case_grid))
-        for t, s in zip(terms, similarities, strict=True)
+        SimilarityDecomposition(t, float(s), tuple(query_grid), tuple(case_grid), e)
+        for t, s, e in zip(terms.numpy(), similarities, extents, strict=True)
     ]
+
+
+@dataclass
+class StoredExtent:
+    """The extent code of a query and of k stored cases (retrieval.model.extent)."""
+
+    weight: float  # c
+    query_angle: float
+    case_angles: np.ndarray  # (k,)
+    query_fraction: np.ndarray  # (m,) predicted lesion share per query cell
+    case_fractions: np.ndarray  # (k, n)
+
+    def term(self, i: int) -> float:
+        """c^2 cos(t_q - t_c) / (1 + c^2): the code's part of case i's similarity."""
+        c2 = self.weight**2
+        return float(c2 * np.cos(self.query_angle - self.case_angles[i]) / (1.0 + c2))
 
 
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:

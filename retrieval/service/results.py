@@ -7,6 +7,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _coord(v) -> str:
+    f = float(v)
+    return str(int(round(f))) if abs(f - round(f)) < 1e-9 else f"{f:g}"
+
+
+def box_ranges(box) -> str:
+    """'x 10–39, y 12–43' of a box [x0, y0, x1, y1]; 'x 10–39, y 12–43, z 2–4' of a volume's
+    [x0, y0, z0, x1, y1, z1]: the first and last pixel / voxel / slice, both inclusive (last =
+    end - 1), as people read a range. Boxes themselves (JSON, the region input) stay
+    end-exclusive; this is only their human-readable form."""
+    n = len(box) // 2
+    return ", ".join(
+        f"{c} {_coord(box[a])}–{_coord(float(box[n + a]) - 1)}" for a, c in enumerate("xyz"[:n])
+    )
+
+
 @dataclass
 class Prediction:
     label: str
@@ -90,6 +106,11 @@ class Neighbor:
     original_size: tuple[int, int] | None = None
     similarity_score: float | None = None  # in [0, 1], calibrated on the index (SimilarityScale)
     region_score: float | None = None  # region query: MaxSim of the box's cells (region_index)
+    # models with an extent head (retrieval.model.extent), else None: the neighbour's predicted
+    # lesion area as a share of its image, and the share of the similarity that is agreement
+    # in lesion size (the extent code's term)
+    lesion_area: float | None = None
+    lesion_size_share: float | None = None
 
 
 @dataclass
@@ -134,6 +155,7 @@ class QueryResult:
     concepts: dict[str, float] | None = None  # concept weights the query was moved by
     # class maps explain logit(c) - logit(reference_class) (--reference-class); None: logit(c)
     reference_class: str | None = None
+    lesion_area: float | None = None  # the query's predicted lesion area (extent head), share
 
     @property
     def contrast_note(self) -> str:
@@ -175,6 +197,14 @@ class QueryResult:
                     if n.similarity_score is None
                     else float(n.similarity_score),
                     **({} if n.region_score is None else {"region_score": float(n.region_score)}),
+                    **(
+                        {}
+                        if n.lesion_area is None
+                        else {
+                            "lesion_area": float(n.lesion_area),
+                            "lesion_size_share": float(n.lesion_size_share or 0.0),
+                        }
+                    ),
                     "attributes": dict(n.attributes),
                     "matched_regions": [
                         {
@@ -194,6 +224,7 @@ class QueryResult:
             "maps": dict(map_paths or {}),
             "trust": self.trust,
             "image_size": list(self.original_size),
+            **({} if self.lesion_area is None else {"lesion_area": float(self.lesion_area)}),
             "similarity_scale": dict(self.similarity_scale),
             "self_match": None if self.self_match is None else self.self_match.to_json(),
             **self._refine_json(),

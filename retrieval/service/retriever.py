@@ -30,7 +30,14 @@ from retrieval.service import conformal, refine
 from retrieval.service import ood as ood_score
 from retrieval.service.calibration import apply_temperature
 from retrieval.service.context import ImageContext
-from retrieval.service.results import MatchedRegion, Neighbor, OODResult, Prediction, QueryResult
+from retrieval.service.results import (
+    MatchedRegion,
+    Neighbor,
+    OODResult,
+    Prediction,
+    QueryResult,
+    box_ranges,
+)
 from retrieval.service.self_match import find_self_match
 
 TRUST_FILE = "trust.json"
@@ -178,6 +185,7 @@ class CaseRetriever:
             out.features[0],
             out.weights[0],
             int(out.predicted[0]),
+            None if out.lesion_fraction is None else out.lesion_fraction[0],
         )
 
     @torch.no_grad()
@@ -197,6 +205,7 @@ class CaseRetriever:
                 out.features[i],
                 out.weights[i],
                 int(out.predicted[i]),
+                None if out.lesion_fraction is None else out.lesion_fraction[i],
             )
             for i, (img, t, g) in enumerate(loaded)
         ]
@@ -311,6 +320,7 @@ class CaseRetriever:
         dec = decompose(self.model, q.features, q.weights, c.features, c.weights)
         nb.completeness_error = dec.completeness_error
         nb.original_size = tuple(c.geometry.original_size)
+        self._note_extent(nb, dec, c.lesion_area)
         nb.matched_regions = [
             MatchedRegion(
                 refine.cells_box(q.geometry, p.query_cells),
@@ -394,6 +404,7 @@ class CaseRetriever:
         if refined is not None:
             refined.describe(result)
         result.concepts = dict(concepts) if concepts else None
+        result.lesion_area = q.lesion_area
         result.reference_class = self.reference_class
         if found is not None:
             result.self_match = found[0]
@@ -501,21 +512,23 @@ class CaseRetriever:
             tops = [n.matched_regions[0] for n in res.neighbors if n.matched_regions]
             if tops:
                 b = np.median(np.array([t.query_box for t in tops]), axis=0).astype(int).tolist()
-                if len(b) == 6:
-                    text += (
-                        f"; they match mainly on the region at x {b[0]}–{b[3]}, y {b[1]}–{b[4]}, "
-                        f"z {b[2]}–{b[5]} in the {_where(b, res.original_size)} of the volume"
-                    )
-                else:
-                    text += (
-                        f"; they match mainly on the region at x {b[0]}–{b[2]}, y {b[1]}–{b[3]} "
-                        f"in the {_where(b, res.original_size)} of the image"
-                    )
+                # a volume's slices are in box_ranges' z already: place it in-plane only
+                vol = len(b) == 6
+                plane = (
+                    ([b[0], b[1], b[3], b[4]], res.original_size[1:])
+                    if vol
+                    else (b, res.original_size)
+                )
+                text += (
+                    f"; they match mainly on the region at {box_ranges(b)} "
+                    f"in the {_where(*plane)} of the {'volume' if vol else 'image'}"
+                )
                 carried = [sum(r.share for r in n.matched_regions) for n in res.neighbors]
                 text += (
                     f" (the matched regions carry a median {np.median(carried):.0%} of each "
                     "similarity)"
                 )
+            text += _lesion_size_text(res)
             text += "."
         return text
 
@@ -538,9 +551,23 @@ class CaseRetriever:
         try:
             return np.asarray(self.index.index.reconstruct(int(row)), np.float32).reshape(-1)
         except RuntimeError:  # an index without a direct map (IVF): rebuild it otherwise
-            if self.region_index is not None:
-                return self.region_index.embedding(row)
+            rebuilt = self.stored_embedding(row)
+            if rebuilt is not None:
+                return rebuilt
             return self.encode(self.cases.at[row, "image"]).embedding.float().cpu().numpy()
+
+    def stored_embedding(self, row: int) -> np.ndarray | None:
+        """The case's embedding rebuilt from the region index (its cells, and its lesion
+        fractions for a model with an extent head); None when the bundle cannot."""
+        ri = self.region_index
+        if ri is None or (self.model.has_extent and ri.lesion is None):
+            return None
+        e = ri.embedding(row)
+        if not self.model.has_extent:
+            return e
+        f = torch.from_numpy(np.asarray(ri.lesion[row : row + 1], np.float32))
+        v = self.model.with_extent(torch.from_numpy(e)[None], self.model.extent_angle(f))
+        return v[0].float().numpy()
 
     def query_cells(self, q: ImageContext) -> tuple[np.ndarray, np.ndarray]:
         """(P·F per cell (h·w, D) float64, pooling weights (h·w,) float64) of the query."""
@@ -600,6 +627,31 @@ class CaseRetriever:
         qcells: query_cells(q), when the caller computes it once for all neighbours."""
         self.stored_regions_many(q, [nb], n_regions, selection, qcells)
 
+    def _note_extent(self, nb: Neighbor, dec, lesion_area: float | None) -> None:
+        """The neighbour's predicted lesion area and the share of its similarity that is
+        agreement in lesion size (models with an extent head)."""
+        if not self.model.has_extent or lesion_area is None:
+            return
+        nb.lesion_area = lesion_area
+        nb.lesion_size_share = (
+            dec.extent_term / dec.similarity if abs(dec.similarity) > 1e-12 else 0.0
+        )
+
+    def _stored_extent(self, q: ImageContext, rows: np.ndarray) -> refine.StoredExtent | None:
+        """The query's and the stored cases' extent codes (None for a model without one)."""
+        ri = self.region_index
+        if not self.model.has_extent or q.lesion_fraction is None or ri.lesion is None:
+            return None
+        fq = q.lesion_fraction.float().cpu()
+        fc = torch.from_numpy(np.asarray(ri.lesion[rows], np.float32))
+        return refine.StoredExtent(
+            float(self.model.config.extent_weight),
+            float(self.model.extent_angle(fq[None])[0]),
+            self.model.extent_angle(fc).double().numpy(),
+            fq.reshape(-1).numpy(),
+            fc.numpy(),
+        )
+
     def stored_regions_many(
         self,
         q: ImageContext,
@@ -621,7 +673,14 @@ class CaseRetriever:
         cz = np.empty((len(rows),) + ri.cells.shape[1:], np.float64)
         cz[order] = ri.cells[rows[order]]
         decs = refine.stored_decompositions(
-            qz, qw, cz, ri.weights[rows], [nb.similarity for nb in neighbors], q.grid, ri.grid
+            qz,
+            qw,
+            cz,
+            ri.weights[rows],
+            [nb.similarity for nb in neighbors],
+            q.grid,
+            ri.grid,
+            self._stored_extent(q, rows),
         )
         q_maps = q.geometry.maps_to_original(np.stack([d.query_map() for d in decs]))
         sizes = [tuple(int(v) for v in ri.sizes[r]) for r in rows]
@@ -638,6 +697,8 @@ class CaseRetriever:
                 c_maps[i] = m
         for nb, dec, size, q_map, c_map in zip(neighbors, decs, sizes, q_maps, c_maps, strict=True):
             nb.completeness_error = dec.completeness_error
+            if ri.lesion is not None:
+                self._note_extent(nb, dec, float(np.mean(ri.lesion[nb.row])))
             c_geom = self.preprocessor.geometry_of(size)
             nb.original_size = size
             shown = dec if selection is None else refine.restrict_rows(dec, selection.cells)
@@ -714,3 +775,19 @@ def _say_once(key, message: str) -> None:
     if str(key) not in _SAID:
         _SAID.add(str(key))
         print(message, file=sys.stderr)
+
+
+def _lesion_size_text(res: QueryResult) -> str:
+    """ "; the query's lesion covers about 3.1% of the image, the neighbours' 2.6-3.9% (...)":
+    what the extent code compares, for models with an extent head ("" otherwise)."""
+    areas = [n.lesion_area for n in res.neighbors if n.lesion_area is not None]
+    if res.lesion_area is None or not areas:
+        return ""
+    shares = [n.lesion_size_share for n in res.neighbors if n.lesion_size_share is not None]
+    lo, hi = min(areas), max(areas)
+    span = f"{lo:.1%}" if f"{lo:.1%}" == f"{hi:.1%}" else f"{lo:.1%}–{hi:.1%}"
+    return (
+        f"; by the model's lesion-extent estimate the query's lesion covers about "
+        f"{res.lesion_area:.1%} of the image and the neighbours' {span} (agreement in lesion "
+        f"size is a median {np.median(shares):.0%} of each similarity)"
+    )

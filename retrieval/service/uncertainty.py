@@ -87,6 +87,9 @@ def uncertainty_sections(
     }
     if calib.temperature_note:  # T = 1 kept: the calibration cases could not pin it down
         calibration["temperature_note"] = calib.temperature_note
+    note = cal.ece_note(before.ece, after.ece, calib.temperature, int(len(y)), calib.calibrated_on)
+    if note is not None:  # the test ECE rose after T: say why, so it is not read as a bug
+        calibration["ece_note"] = note
     return sets, calibration
 
 

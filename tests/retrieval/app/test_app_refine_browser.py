@@ -116,7 +116,7 @@ def test_region_box_thumbs_refine_undo_reset(browser_ready, tiny_index, phantom_
         assert "Searched with the region" in body and "region match" in body
         boxed = _gallery_ids(page)
         assert len(boxed) == 5 and boxed != whole, (boxed, whole)
-        assert _trail(page).startswith(f"Search trail: whole image → region x {x0}–{x1}")
+        assert _trail(page).startswith(f"Search trail: whole image → region x {x0}–{x1 - 1}")
         full_page_screenshot(page, ARTIFACTS / "app-refine-region.png")
 
         # 👍 on the first neighbour, 👎 on the second, then Refine

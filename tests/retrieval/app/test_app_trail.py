@@ -17,7 +17,7 @@ def test_trail_labels_undo_and_reset_keep_each_steps_answer():
     t.push(t.refinement.with_feedback(["c1"], ["c2"]), "C")
     assert t.labels() == [
         "whole image",
-        "region x 10–40, y 12–44",
+        "region x 10–39, y 12–43",  # inclusive ranges: the box ends at 40
         "+like c1 · −unlike c2",
     ]
     assert t.refinement.query_kwargs() == {
@@ -77,6 +77,6 @@ def test_a_volume_region_in_the_trail():
     t = Trail(whole="whole volume")
     t.push(Refinement().with_region((1, 2, 3, 30, 40, 6)), "A")
     t.push(t.refinement.with_region(None), "B")
-    assert t.labels() == ["region x 1–30, y 2–40, z 3–6", "whole volume"]
+    assert t.labels() == ["region x 1–29, y 2–39, z 3–5", "whole volume"]
     assert t.undo() and t.refinement.query_kwargs() == {"region": (1.0, 2.0, 3.0, 30.0, 40.0, 6.0)}
-    assert box_text((10, 12, 40, 44)) == "x 10–40, y 12–44"
+    assert box_text((10, 12, 40, 44)) == "x 10–39, y 12–43"

@@ -70,16 +70,17 @@ def _run(monkeypatch, index: Path, manifest: Path) -> AppTest:
 
 
 def _boxes(at: AppTest) -> tuple[list[int], list[int]]:
-    """The first card's green (query box, case box), from its region caption."""
+    """The first card's green (query box, case box), from its region caption (which shows
+    inclusive ranges: the box's ends are the last index + 1)."""
     text = next(str(c.value) for c in at.caption if str(c.value).startswith("region 1:"))
     out = []
     for side in ("query", "case"):
         m = re.search(side + r" x (\d+)–(\d+), y (\d+)–(\d+)(?:, z (\d+)–(\d+))?", text)
         x0, x1, y0, y1, z0, z1 = m.groups()
         if z0 is None:
-            out.append([int(x0), int(y0), int(x1), int(y1)])
+            out.append([int(x0), int(y0), int(x1) + 1, int(y1) + 1])
         else:
-            out.append([int(x0), int(y0), int(z0), int(x1), int(y1), int(z1)])
+            out.append([int(x0), int(y0), int(z0), int(x1) + 1, int(y1) + 1, int(z1) + 1])
     return out[0], out[1]
 
 
@@ -140,10 +141,10 @@ def test_volume_region_typed_then_its_slices_moved_is_searched(
     at.button(key="search_region").click().run()
     assert not at.exception, [e.value for e in at.exception]
     text = _texts(at)
-    assert "Searched with the region x 4–20, y 4–20, z 3–7 (blue)" in text, text[-2000:]
+    assert "Searched with the region x 4–19, y 4–19, z 3–6 (blue)" in text, text[-2000:]
     assert "The query failed" not in text
     trail = next(str(m.value) for m in at.markdown if str(m.value).startswith("Search trail"))
-    assert trail.endswith("whole volume → **region x 4–20, y 4–20, z 3–7**"), trail
+    assert trail.endswith("whole volume → **region x 4–19, y 4–19, z 3–6**"), trail
     # the axial slice shown (z 2) misses the box: a button moves it there
     at.slider(key="vv_preview_axial").set_value(2).run()
     at.button(key="region_jump").click().run()

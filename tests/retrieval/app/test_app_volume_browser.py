@@ -78,6 +78,7 @@ def test_volume_query_scrolls_switches_plane_and_jumps(
         m = re.search(r"region 1: query x (\d+)–(\d+), y (\d+)–(\d+), z (\d+)–(\d+)", body)
         assert m, body[-2000:]
         x0, x1, y0, y1, z0, z1 = (int(v) for v in m.groups())
+        x1, y1, z1 = x1 + 1, y1 + 1, z1 + 1  # the caption's ranges are inclusive
         want = vv.jump_index([x0, y0, z0, x1, y1, z1], "axial", (8, 32, 32))
         _slider(page, "vv_nb1_query_axial").focus()
         page.keyboard.press("End" if want == 0 else "Home")
@@ -128,7 +129,7 @@ def test_volume_region_dragged_on_a_slice_with_its_slices_is_searched(
         body = page.inner_text("body")
         m = re.search(r"Searched with the region x (\d+)–(\d+), y (\d+)–(\d+), z (\d+)–(\d+)", body)
         assert m, body[-2000:]
-        assert [int(v) for v in m.groups()] == [x0, x1, y0, y1, z0 + 1, z1]
+        assert [int(v) for v in m.groups()] == [x0, x1 - 1, y0, y1 - 1, z0 + 1, z1 - 1]  # inclusive
         assert "The query failed" not in body and "Traceback" not in body
         assert _trail(page).startswith("Search trail: whole volume → region x")
         full_page_screenshot(page, ARTIFACTS / "app-volume-region.png")

@@ -198,3 +198,31 @@ def test_corpus_oddities_are_skipped_with_reason(tmp_path, name):
     assert report.n_ingested == 1
     assert [Path(p).name for p, _ in report.skipped] == [name]
     assert report.skipped[0][1]
+
+
+def test_multi_frame_files_are_noted_and_text_files_named_dcm_are_not_dicom(tmp_path, capsys):
+    """A multi-frame file is ingested as its middle frame: ingest-dicom says so per file (it
+    did silently); a text file named .dcm is skipped as "not a DICOM file"."""
+    from retrieval.data.imageio import NOT_DICOM
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    shutil.copy(CORPUS / "MR_small.dcm", tree / "single.dcm")
+    shutil.copy(CORPUS / "examples_ybr_color.dcm", tree / "multi.dcm")
+    (tree / "x.dcm").write_text("hello, this is a text file\n")
+    out = tmp_path / "m.csv"
+    report = ingest_dicom(tree, out, label_from="folder", progress=False, log=lambda _s: None)
+    assert report.n_ingested == 2
+    assert [(Path(p).name, n) for p, n in report.notes] == [
+        ("multi.dcm", "multi-frame DICOM: middle frame 15 of 30 used")
+    ]
+    assert [(Path(p).name, r) for p, r in report.skipped] == [("x.dcm", NOT_DICOM)]
+    assert "1 multi-frame file: a 2-D model reads only the middle frame" in report.summary()
+
+    assert main(["ingest-dicom", str(tree), "--out", str(out), "--label-from", "folder"]) == 0
+    cap = capsys.readouterr()
+    assert f"note: {tree / 'multi.dcm'}: multi-frame DICOM: middle frame 15 of 30 used" in cap.err
+    assert cap.err.count("note: ") == 1  # the single-frame file has none
+    assert f"skipped: {tree / 'x.dcm'}: {NOT_DICOM}" in cap.err
+    assert "ingested 2, skipped 1; 1 multi-frame file" in cap.out
+    assert "Traceback" not in cap.out + cap.err

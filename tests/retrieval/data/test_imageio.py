@@ -344,3 +344,46 @@ def test_no_raw_library_exception_escapes_on_garbage(tmp_path):
             p.write_bytes(head + rng.integers(0, 256, n, dtype=np.uint8).tobytes())
             with pytest.raises(ImageReadError):
                 read_image(p)
+
+
+# --------------------------------------------------------------------------- not DICOM / notes
+
+
+def test_a_text_file_named_dcm_is_not_a_dicom_file(tmp_path):
+    """dcmread(force=True) parses any bytes into made-up elements: a text file named x.dcm is
+    "not a DICOM file", not a DICOM file without pixel data."""
+    from retrieval.data.imageio import NOT_DICOM
+
+    (tmp_path / "x.dcm").write_text("hello world\nthis is a text file, not a scan\n")
+    (tmp_path / "y.dcm").write_text("patient,label\n1,a\n")
+    (tmp_path / "z.dcm").write_bytes(np.random.default_rng(0).bytes(300))
+    for name in ("x.dcm", "y.dcm", "z.dcm"):
+        reason = _reason(tmp_path / name)
+        assert reason == NOT_DICOM, (name, reason)
+        assert "no pixel data" not in reason
+    # the same bytes as an upload stream named x.dcm
+    stream = io.BytesIO((tmp_path / "x.dcm").read_bytes())
+    stream.name = "upload.dcm"
+    assert _reason(stream) == NOT_DICOM
+    # a real DICOM without pixel data still says so
+    assert "no pixel data" in _reason(CORPUS / "rtplan.dcm")
+    # a real DICOM stream without preamble (headerless) still decodes
+    raw = (CORPUS / "MR_small.dcm").read_bytes()
+    assert raw[128:132] == b"DICM"
+    (tmp_path / "headerless.dcm").write_bytes(raw[132:])
+    _check(read_image(tmp_path / "headerless.dcm"), channels=1)
+
+
+def test_partial_reads_carry_a_load_note(tmp_path):
+    from retrieval.data.imageio import load_note
+
+    multi = read_image(CORPUS / "examples_ybr_color.dcm")  # 30 frames
+    assert load_note(multi) == "multi-frame DICOM: middle frame 15 of 30 used"
+    assert load_note(read_image(CORPUS / "MR_small.dcm")) is None
+    pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
+    pages[0].save(tmp_path / "two.tif", save_all=True, append_images=pages[1:])
+    assert load_note(read_image(tmp_path / "two.tif")) == "multi-page image: first page used"
+    vol = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "vol.npy", vol)
+    note = load_note(read_image(tmp_path / "vol.npy"))
+    assert note and "middle axial slice 2 of 5" in note

@@ -190,3 +190,74 @@ def test_dicom_window_outside_the_data_is_named(tmp_path):
     assert pydicom is not None
     problems = validate_manifest(tmp_path / "m.csv", progress=False)
     assert len(problems) == 1 and "window C-500/W1500" in problems[0].message
+
+
+# --------------------------------------------------------------------------- volumes and 2-D mixed
+
+
+def _mixed_manifest(tmp_path: Path, n_images: int = 4, n_volumes: int = 2) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        name = _png(tmp_path / "img" / f"p{i}.png", i)
+        rows.append({"case_id": f"p{i}", "image": f"img/{name}", "label": "ab"[i % 2]})
+    rng = np.random.default_rng(7)
+    for i in range(n_volumes):
+        np.save(tmp_path / f"v{i}.npy", rng.random((12, 16, 16)).astype(np.float32))
+        rows.append({"case_id": f"v{i}", "image": f"v{i}.npy", "label": "ab"[i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    return tmp_path / "m.csv"
+
+
+def test_a_mix_of_volumes_and_2d_images_is_a_warning(tmp_path, capsys):
+    path = _mixed_manifest(tmp_path)
+    warnings: list = []
+    assert validate_manifest(path, progress=False, warnings=warnings) == []
+    assert [(w.row, w.column) for w in warnings] == [(None, "image")]
+    msg = warnings[0].message
+    assert "2 volumes and 4 2-D images" in msg
+    assert "middle axial slice" in msg and "cnn3d" in msg and "every image to be a volume" in msg
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"warning: {msg}"
+    assert not any("constant image" in line for line in out)
+    assert out[-1].startswith("OK: 6 cases") and out[-1].endswith("1 warning")
+    assert main(["validate", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["n_warnings"] == 1
+    assert report["warnings"][0]["row"] is None and "2 volumes" in report["warnings"][0]["message"]
+
+
+def test_volumes_only_or_images_only_are_not_mixed(tmp_path):
+    for n_images, n_volumes in ((4, 0), (0, 4)):
+        d = tmp_path / f"{n_images}_{n_volumes}"
+        warnings: list = []
+        validate_manifest(
+            _mixed_manifest(d, n_images, n_volumes), progress=False, warnings=warnings
+        )
+        assert warnings == []
+
+
+def test_constant_and_mixed_warnings_are_counted_apart(tmp_path, capsys):
+    path = _mixed_manifest(tmp_path)
+    _png(tmp_path / "img" / "p0.png", 0, constant=True)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("warning: row 1, column image: img/p0.png: decodes to a constant")
+    assert "1 image decodes to a constant image" in out[1]
+    assert "the manifest mixes 2 volumes and 4 2-D images" in out[2]
+    assert out[-1].endswith("2 warnings")
+
+
+def test_validate_names_a_text_file_named_dcm_as_not_dicom(tmp_path, capsys):
+    from retrieval.data.imageio import NOT_DICOM
+
+    path = _manifest(tmp_path, [False, False, False, False])
+    (tmp_path / "img" / "x.dcm").write_text("hello, this is a text file\n")
+    df = pd.read_csv(path)
+    df.loc[0, "image"] = "img/x.dcm"
+    df.to_csv(path, index=False)
+    assert main(["validate", str(path)]) == 1
+    cap = capsys.readouterr()
+    assert f"row 1, column image: img/x.dcm: {NOT_DICOM}" in cap.out
+    assert "no pixel data" not in cap.out and "Traceback" not in cap.out + cap.err

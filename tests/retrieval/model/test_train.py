@@ -192,3 +192,51 @@ def test_volumes_never_get_fewer_epochs_than_300_volumes_do():
     # images keep the sample budget, and small sets its ceiling
     assert train.default_epochs(840 * 2) == math.ceil(train.SAMPLE_BUDGET / (840 * 2))
     assert train.default_epochs(40, volumes=True) == train.default_epochs(40) == 40
+
+
+def _mixed_manifest(root, n_images: int = 12, n_volumes: int = 4):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(n_images):
+        arr = rng.integers(0, 255, (32, 32), np.uint8)
+        Image.fromarray(arr).save(root / f"p{i}.png")
+        split = "val" if i % 4 == 3 else "train"
+        rows.append(
+            {"case_id": f"p{i}", "image": f"p{i}.png", "label": "ab"[i % 2], "split": split}
+        )
+    for i in range(n_volumes):
+        np.save(root / f"v{i}.npy", rng.random((12, 32, 32)).astype(np.float32))
+        rows.append(
+            {"case_id": f"v{i}", "image": f"v{i}.npy", "label": "ab"[i % 2], "split": "train"}
+        )
+    pd.DataFrame(rows).to_csv(root / "m.csv", index=False)
+    return root / "m.csv"
+
+
+def test_training_a_mix_of_volumes_and_images_warns_once(tmp_path, capsys):
+    """A 2-D model silently read volumes as their middle slice; now train says so, once."""
+    from retrieval.cli import main
+    from retrieval.data.manifest import mixed_dimensions_note
+
+    manifest = _mixed_manifest(tmp_path)
+    argv = ["train", str(manifest), "--out", str(tmp_path / "model"), "--epochs", "1"]
+    assert main([*argv, "--backbone", "compact", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("the manifest mixes") == 1
+    assert f"warning: {mixed_dimensions_note(4, 12)}" in text
+    assert "4 volumes and 12 2-D images" in text and "middle axial slice" in text
+    # images only: no warning
+    for i in range(4):
+        (tmp_path / f"v{i}.npy").unlink()
+    import pandas as pd
+
+    df = pd.read_csv(manifest)
+    df[~df["image"].str.endswith(".npy")].to_csv(manifest, index=False)
+    assert main([*argv, "--backbone", "compact", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "the manifest mixes" not in out.out + out.err

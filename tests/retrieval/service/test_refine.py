@@ -81,7 +81,7 @@ def test_bundle_holds_a_checksummed_region_index(tiny_index, r):
     assert len(ri) == len(r.cases) and ri.index.ntotal == len(r.cases) * np.prod(ri.grid)
     # the stored cells rebuild every stored embedding
     stored = r.index.reconstruct_all()
-    rebuilt = np.stack([ri.embedding(i) for i in range(len(ri))])
+    rebuilt = np.stack([r.stored_embedding(i) for i in range(len(ri))])
     np.testing.assert_allclose(rebuilt, stored, atol=1e-5)
 
 
