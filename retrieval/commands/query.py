@@ -43,11 +43,11 @@ def save_maps(result, out_dir: str | Path, image=None) -> dict[str, str]:
         atomic.write_bytes(p, buf.getvalue())
         paths[method] = str(p)
         if image is not None:
-            from retrieval.explain.overlay import overlay_png
+            from retrieval.explain.overlay import best_slice, overlay_png
 
             pixels, heat2d = image.pixels, arr
             if arr.ndim == 3 and pixels.ndim == 4 and pixels.shape[0] == arr.shape[0]:
-                k = int(np.clip(arr, 0, None).sum(axis=(1, 2)).argmax())
+                k = best_slice(arr)  # the slice the audit's volume panels show too
                 pixels, heat2d = pixels[k], arr[k]
             if heat2d.ndim == 2 and pixels.ndim == 3:
                 atomic.write_bytes(out / f"{method}.png", overlay_png(pixels, heat2d))

@@ -642,8 +642,18 @@ class Similarity:
             # similarity rows: w_ij (P F_ij) · e_other / ‖P p‖ (sums to the cosine similarity)
             z = torch.einsum("dc,bcn->bdn", model.projection.weight, f)
             pooled = torch.einsum("bn,bdn->bd", w, z)
-            sim = w * torch.einsum("bdn,bd->bn", z, t.others.to(z.dtype))
+            others = t.others.to(z.dtype)
+            if getattr(model, "has_extent", False):  # as similarity.decompose splits it
+                c2 = float(model.config.extent_weight) ** 2
+                code = (out.embedding[:, -2:].to(z.dtype) * others[:, -2:]).sum(1)
+                frac = out.lesion_fraction.flatten(1).to(z.dtype)
+                total = frac.sum(1, keepdim=True)
+                alloc = torch.where(total > 1e-6, frac / total.clamp_min(1e-12), w.to(z.dtype))
+                others = others[:, :-2] / (1.0 + c2) ** 0.5
+            sim = w * torch.einsum("bdn,bd->bn", z, others)
             sim = sim / pooled.norm(dim=1).clamp_min(1e-12)[:, None]
+            if getattr(model, "has_extent", False):
+                sim = sim + code[:, None] * alloc
             out = torch.where((t.classes >= 0)[:, None], cam, sim)
             return out.reshape(out.shape[0], *grid)
 

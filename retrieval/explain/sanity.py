@@ -71,7 +71,8 @@ DATA_RANDOMIZATION_EPOCHS = 5
 # ---------------------------------------------------------------- randomisation
 def blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
     """The parameterised blocks from the top down: ``[(label, [module names])]``."""
-    out = [("logits", [n for n in ("classifier", "projection") if hasattr(model, n)])]
+    heads = ("classifier", "projection", "extent_head")  # the extent head: models with one
+    out = [("logits", [n for n in heads if hasattr(model, n)])]
     feats = model.backbone.features
     for name, mod in reversed(list(feats.named_children())):
         if any(True for _ in mod.parameters()):

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 N_KNOTS = 33
 # A floor under every area (model-input pixels: an empty mask and a lesion of < 1/4 px agree).
 AREA_FLOOR = 1e-4
-# Weight of the log-area L1 next to the per-cell cross-entropy.
-AREA_LOSS_WEIGHT = 1.0
-# Weight of the whole extent loss next to the classification and metric losses. At 600 cases,
-# seed 21 (bench/depth.py variants extent_*): 1 (with the area term at 1 or 3) left the naevi's
-# size unlearnt (photo size ratio 0.54-0.56); 2 gave 0.26 chest, 0.36 photo at P@5 0.976, 1.000.
+# Weights: loss = LOSS_WEIGHT x (per-cell cross-entropy + AREA_LOSS_WEIGHT x log-area L1), next
+# to the classification and metric losses. At 600 cases, seed 21 (bench/depth.py, variants
+# extent_*): 1 x (BCE + 3 x L1) left the naevi's size unlearnt (photo size ratio 0.54); 2 x (BCE
+# + 2 x L1) gave 0.26 chest, 0.36 photo at P@5 0.976 and 1.000.
+AREA_LOSS_WEIGHT = 2.0
 LOSS_WEIGHT = 2.0
 
 

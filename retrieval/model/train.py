@@ -2,7 +2,7 @@
 
     loss = CE(logits, y) + SupCon(e_saliency, y) + SupCon(e_uniform, y)
            + 0.5 * (NTXent(e_saliency, case) + NTXent(e_uniform, case))
-           + 2 * (BCE(lesion fraction per cell) + |log lesion area - log true area|)
+           + 2 * (BCE(lesion fraction per cell) + 2 * |log lesion area - log true area|)
 
 The last term only when the manifest has lesion masks (at least half the training cases, 2-D
 images; ``--extent-weight 0`` turns it off): it teaches the extent head whose code the embedding

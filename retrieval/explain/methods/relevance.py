@@ -42,9 +42,40 @@ def head_relevance(model, features: torch.Tensor, target) -> torch.Tensor:
     w = _pool_weights(model, features, target.weighting)  # (B, *spatial)
     pooled = (w[:, None] * features).flatten(2).sum(-1)
     norm = model.projection(pooled).norm(dim=1).clamp_min(1e-12)
-    back = target.others.to(features.dtype) @ model.projection.weight  # (B, C): Pᵀ e_other
+    others = target.others.to(features.dtype)
+    extent = getattr(model, "has_extent", False)
+    if extent:
+        c2 = float(model.config.extent_weight) ** 2
+        code_rel = _extent_relevance(model, features, w, others[:, -2:])
+        others = others[:, :-2] / math.sqrt(1.0 + c2)
+    back = others @ model.projection.weight  # (B, C): Pᵀ e_other
     sim = w[:, None] * features * back.view(b, c, *grid) / norm.view(b, 1, *grid)
+    if extent:
+        sim = sim + code_rel
     return torch.where((target.classes >= 0).view(b, 1, *grid), cam, sim)
+
+
+def _extent_relevance(model, features, weights, other_code) -> torch.Tensor:
+    """(B, C, *spatial) relevance of the extent code's term code_q · code_other: over cells as
+    the similarity decomposition splits it (by the predicted lesion shares), within a cell over
+    channels by the z⁺ rule on the extent head's 1 x 1 convolution (each channel's positive
+    contribution to the cell's lesion logit; evenly where none is positive)."""
+    from retrieval.explain.similarity import extent_allocation
+
+    b, c = features.shape[:2]
+    frac = model.lesion_fraction(features)  # (B, *spatial)
+    t = model.extent_angle(frac)
+    weight = float(model.config.extent_weight)
+    code = torch.stack([torch.cos(t), torch.sin(t)], 1).to(features.dtype) * weight
+    term = (code / math.sqrt(1.0 + weight**2) * other_code).sum(1)  # (B,)
+    alloc = torch.stack(
+        [extent_allocation(frac[i], weights[i]).to(features.dtype) for i in range(b)]
+    ).view(frac.shape)
+    u = model.extent_head.weight.view(1, c, *(1,) * (features.ndim - 2)).to(features.dtype)
+    zp = (u * features).clamp_min(0)
+    total = zp.sum(1, keepdim=True)
+    zp = torch.where(total > 0, zp / total.clamp_min(1e-12), torch.full_like(zp, 1.0 / c))
+    return term.view(b, *(1,) * (features.ndim - 1)) * alloc[:, None] * zp
 
 
 def _pool_weights(model, features, weighting):

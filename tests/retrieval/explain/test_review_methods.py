@@ -135,8 +135,12 @@ def test_deeplift_sums_to_the_class_logit_difference():
     torch.testing.assert_close(maps.sum((1, 2)), delta, atol=1e-4, rtol=1e-3)
 
 
-def test_lrp_head_relevance_sums_to_the_explained_score():
-    model = tiny_model()
+@pytest.mark.parametrize("extent", [False, True])
+def test_lrp_head_relevance_sums_to_the_explained_score(extent):
+    from retrieval.model import extent as ext
+
+    kw = {"extent_weight": 1.0, "extent_knots": ext.fit_knots(np.linspace(0, 0.2, 40))}
+    model = tiny_model(**(kw if extent else {}))
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     t = _mixed_target(model, x)
     with torch.no_grad():

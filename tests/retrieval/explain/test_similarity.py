@@ -105,3 +105,31 @@ def test_matched_regions_map_back_for_images_of_different_sizes(retriever, odd_i
     y, x = np.unravel_index(np.argmax(full), full.shape)
     x0, y0, x1, y1 = q.geometry.cell_box(int(r), int(col), q.grid)  # the map peaks in that cell
     assert x0 <= x < x1 and y0 <= y < y1
+
+
+def test_registry_similarity_equals_the_decomposition_with_an_extent_code():
+    """A model with a lesion-extent head: both the map and the decomposition put the code's
+    part of the similarity on the lesion cells, and both still sum to the similarity."""
+    from retrieval.model import extent
+    from retrieval.model.network import CaseNet, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        classes=["a", "b"],
+        image_size=64,
+        width=8,
+        extent_weight=1.0,
+        extent_knots=extent.fit_knots(np.linspace(0.0, 0.2, 50)),
+    )
+    model = CaseNet(cfg).eval()
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.run(x)
+    dec = decompose(model, out.features[0], out.weights[0], out.features[1], out.weights[1])
+    assert dec.completeness_error < 1e-5 and dec.extent_term != 0.0
+    target = ScoreTarget(
+        torch.tensor([-1, -1]), torch.stack([out.embedding[1], out.embedding[0]]), "saliency"
+    )
+    maps = registry.get("similarity").attribute(model, torch.stack([x[0], x[1]]), target).numpy()
+    np.testing.assert_allclose(maps[0], dec.query_map(), atol=1e-5)
+    np.testing.assert_allclose(maps[1], dec.case_map(), atol=1e-5)

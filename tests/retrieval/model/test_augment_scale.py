@@ -39,9 +39,9 @@ def test_training_uses_the_option_on_every_view_and_records_it(phantom_dir, tmp_
     seen = []
     real = train.augment_batch
 
-    def spy(x, generator=None, scale_jitter=DEFAULT_SCALE_JITTER, colour=0.0):
+    def spy(x, generator=None, scale_jitter=DEFAULT_SCALE_JITTER, colour=0.0, masks=None):
         seen.append(scale_jitter)
-        return real(x, generator, scale_jitter, colour)
+        return real(x, generator, scale_jitter, colour, masks=masks)
 
     monkeypatch.setattr(train, "augment_batch", spy)
     opts = train.TrainOptions(epochs=1, progress=False, num_workers=0, width=8, aug_scale=0.0)
