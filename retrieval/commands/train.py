@@ -39,6 +39,13 @@ def run(args) -> int:
         f"val precision@1 {best.get('precision_at_1', float('nan')):.3f}, "
         f"accuracy {best.get('accuracy', float('nan')):.3f}; {report.seconds:.0f} s -> {args.out}"
     )
+    opts_used = _loss_options(args.out)
+    if opts_used.get("extent_weight", 0) > 0:
+        print(
+            f"lesion-extent head taught by {opts_used.get('n_masked', 0)} lesion masks: the "
+            f"embedding weighs lesion size at {opts_used['extent_weight']:g} "
+            "(--extent-weight 0 turns it off)"
+        )
     if len(report.attempts) > 1:
         print(
             f"{len(report.attempts) - 1} restart(s) after training stalled at chance "
@@ -47,3 +54,15 @@ def run(args) -> int:
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s)")
     return 0
+
+
+def _loss_options(model_dir) -> dict:
+    """The trained model's recorded loss options ({} if its config cannot be read)."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg.get("training", {}).get("loss_options", {})
