@@ -192,7 +192,7 @@ def _add_train(sub) -> None:
         type=float,
         default=None,
         help="weight of the lesion-extent code in the embedding, learnt from the manifest's "
-        "lesion masks so that neighbours agree in lesion size (default 1 when at least half "
+        "lesion masks so that neighbours agree in lesion size (default 0.5 when at least half "
         "the training cases have a mask, 2-D images only; 0 = no extent head)",
     )
     p.add_argument(

@@ -12,7 +12,9 @@ from extent_head import score_index  # noqa: E402
 
 def test_scores_the_head_and_its_code(tiny_index, phantom_dir):
     out = score_index(str(tiny_index), str(phantom_dir / "manifest.csv"))
-    assert out["extent_weight"] == 1.0 and out["n_queries"] > 0
+    from retrieval.model.train import EXTENT_WEIGHT
+
+    assert out["extent_weight"] == EXTENT_WEIGHT and out["n_queries"] > 0
     assert set(out["code_weight"]) == {"c0", "c0_5", "c1", "c2"}
     for m in out["code_weight"].values():
         assert 0.0 <= m["precision_at_5"] <= 1.0 and math.isfinite(m["size_ratio"])
