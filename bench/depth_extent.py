@@ -48,6 +48,22 @@ def weight_key(c: float) -> str:
     return f"c{c:g}".replace(".", "_")
 
 
+def split_spec(spec: str) -> tuple[str, str, str]:
+    """'NAME=PATH@MANIFEST' -> (NAME, PATH, MANIFEST or '')."""
+    name, _, rest = spec.partition("=")
+    path, _, manifest = rest.partition("@")
+    return name, path, manifest
+
+
+def weights_line(by_key: dict, weights=WEIGHTS) -> str:
+    """'c 0.5: size 0.31 P@5 0.994; ...' of {weight_key(c): {size_ratio, precision_at_5}}."""
+    return "; ".join(
+        f"c {c:g}: size {by_key[weight_key(c)]['size_ratio']:.2f} "
+        f"P@5 {by_key[weight_key(c)]['precision_at_5']:.3f}"
+        for c in weights
+    )
+
+
 def extent_code(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """(N, 2) points on a quarter circle: the angle is the value's rank among ``reference``."""
     t = np.searchsorted(np.sort(reference), values) / max(1, len(reference)) * np.pi / 2
@@ -170,15 +186,7 @@ def score_model(model_dir: str, manifest_path: str) -> dict:
                 "size_ratio": m["size_ratio"],
             }
         out["extents"][name] = row
-        print(
-            f"  {name:>12}: rho {row['spearman_with_size']}; "
-            + "; ".join(
-                f"c {c:g}: size {row[weight_key(c)]['size_ratio']:.2f} P@5 "
-                f"{row[weight_key(c)]['precision_at_5']:.3f}"
-                for c in WEIGHTS
-            ),
-            flush=True,
-        )
+        print(f"  {name:>12}: rho {row['spearman_with_size']}; {weights_line(row)}", flush=True)
     return out
 
 
@@ -189,8 +197,7 @@ def main(argv=None) -> int:
     started, info = time.time(), machine()
     models = {}
     for spec in args.model:
-        name, _, rest = spec.partition("=")
-        model_dir, _, manifest = rest.partition("@")
+        name, model_dir, manifest = split_spec(spec)
         print(f"{name}: {model_dir} on {manifest}", flush=True)
         models[name] = {
             "model": model_dir,

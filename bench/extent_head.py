@@ -29,7 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, machine  # noqa: E402
 from depth import _metrics_from_frames  # noqa: E402
-from depth_extent import weight_key, within_class_spearman  # noqa: E402
+from depth_extent import (  # noqa: E402
+    split_spec,
+    weight_key,
+    weights_line,
+    within_class_spearman,
+)
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 
@@ -107,13 +112,9 @@ def score_index(index_dir: str, manifest: str | None = None) -> dict:
         "oracle": metrics(1.0, code(gt), code(qt)),
     }
     rho = out["spearman"]["with_true_area"]
+    rho_text = ", ".join(f"{k} {v:.2f}" for k, v in rho.items())
     print(
-        f"  rho(predicted, true area) {', '.join(f'{k} {v:.2f}' for k, v in rho.items())}; "
-        + "; ".join(
-            f"c {c:g}: size {out['code_weight'][weight_key(c)]['size_ratio']:.2f} "
-            f"P@5 {out['code_weight'][weight_key(c)]['precision_at_5']:.3f}"
-            for c in WEIGHTS
-        ),
+        f"  rho(predicted, true area) {rho_text}; {weights_line(out['code_weight'], WEIGHTS)}",
         flush=True,
     )
     return out
@@ -126,8 +127,7 @@ def main(argv=None) -> int:
     started, info = time.time(), machine()
     results = {}
     for spec in args.index:
-        name, _, rest = spec.partition("=")
-        index_dir, _, manifest = rest.partition("@")
+        name, index_dir, manifest = split_spec(spec)
         print(f"{name}: {index_dir}", flush=True)
         results[name] = score_index(index_dir, manifest or None)
     finish("extent_head", info, {"weights": list(WEIGHTS), "phantoms": results}, started)

@@ -643,16 +643,17 @@ class Similarity:
             z = torch.einsum("dc,bcn->bdn", model.projection.weight, f)
             pooled = torch.einsum("bn,bdn->bd", w, z)
             others = t.others.to(z.dtype)
-            if getattr(model, "has_extent", False):  # as similarity.decompose splits it
+            extent = getattr(model, "has_extent", False)
+            if extent:  # as similarity.decompose splits it
+                from retrieval.explain.similarity import extent_allocation
+
                 c2 = float(model.config.extent_weight) ** 2
                 code = (out.embedding[:, -2:].to(z.dtype) * others[:, -2:]).sum(1)
-                frac = out.lesion_fraction.flatten(1).to(z.dtype)
-                total = frac.sum(1, keepdim=True)
-                alloc = torch.where(total > 1e-6, frac / total.clamp_min(1e-12), w.to(z.dtype))
+                alloc = extent_allocation(out.lesion_fraction, w).to(z.dtype)
                 others = others[:, :-2] / (1.0 + c2) ** 0.5
             sim = w * torch.einsum("bdn,bd->bn", z, others)
             sim = sim / pooled.norm(dim=1).clamp_min(1e-12)[:, None]
-            if getattr(model, "has_extent", False):
+            if extent:
                 sim = sim + code[:, None] * alloc
             out = torch.where((t.classes >= 0)[:, None], cam, sim)
             return out.reshape(out.shape[0], *grid)

@@ -99,8 +99,8 @@ def decompose(
                 terms,
                 model.config.extent_weight,
                 extent_term,
-                extent_allocation(model.lesion_fraction(q_features[None].float())[0], qw),
-                extent_allocation(model.lesion_fraction(c_features[None].float())[0], cw),
+                extent_allocation(model.lesion_fraction(q_features[None].float()), qw[None])[0],
+                extent_allocation(model.lesion_fraction(c_features[None].float()), cw[None])[0],
             )
     return SimilarityDecomposition(
         terms.cpu().numpy(),
@@ -112,11 +112,13 @@ def decompose(
 
 
 def extent_allocation(fractions, weights) -> torch.Tensor:
-    """(cells,) float64 summing to 1: how an image's side of the extent term spreads over its
-    cells: its predicted lesion fractions, or its pooling weights where they are all ~0."""
-    f = torch.as_tensor(fractions).double().reshape(-1)
-    total = float(f.sum())
-    return f / total if total > 1e-6 else torch.as_tensor(weights).double().reshape(-1)
+    """(B, cells) float64, each row summing to 1: how each image's side of the extent term
+    spreads over its cells: its predicted lesion fractions (B, *grid), or its pooling weights
+    (B, *grid) where those fractions are all ~0."""
+    f = torch.as_tensor(fractions).double().flatten(1)
+    w = torch.as_tensor(weights).double().to(f.device).flatten(1)
+    total = f.sum(1, keepdim=True)
+    return torch.where(total > 1e-6, f / total.clamp_min(1e-12), w)
 
 
 def with_extent_terms(appearance, weight: float, extent_term: float, q_alloc, c_alloc):

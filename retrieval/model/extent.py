@@ -72,11 +72,17 @@ def angle(area: torch.Tensor, knots: list[float]) -> torch.Tensor:
     return (rank * math.pi / 2).to(area.dtype if area.is_floating_point() else torch.float32)
 
 
+def code(t: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B,) angles -> (B, 2): the last two entries of the index's vector, c (cos t, sin t) /
+    sqrt(1 + c^2); the dot product of two codes is the extent term c^2 cos(t - t') / (1 + c^2)."""
+    c = float(weight)
+    return torch.stack([torch.cos(t), torch.sin(t)], 1) * (c / math.sqrt(1.0 + c * c))
+
+
 def append_code(e: torch.Tensor, t: torch.Tensor, weight: float) -> torch.Tensor:
     """[e, c cos t, c sin t] / sqrt(1 + c^2) for unit-norm e: unit-norm again."""
     c = float(weight)
-    code = torch.stack([torch.cos(t), torch.sin(t)], 1).to(e.dtype) * c
-    return torch.cat([e, code], 1) / math.sqrt(1.0 + c * c)
+    return torch.cat([e / math.sqrt(1.0 + c * c), code(t, c).to(e.dtype)], 1)
 
 
 def init_prior(head: torch.nn.Conv2d, masks: torch.Tensor) -> None:

@@ -238,11 +238,11 @@ def stored_decompositions(
     if extent is not None:
         from retrieval.explain.similarity import extent_allocation, with_extent_terms
 
-        qa_ = extent_allocation(extent.query_fraction, qw)
+        q_alloc = extent_allocation(extent.query_fraction[None], np.asarray(qw)[None])[0]
+        c_alloc = extent_allocation(extent.case_fractions, np.asarray(cw))
+        extents = [float(v) for v in extent.case_codes @ extent.query_code]
         for i in range(len(terms)):
-            extents[i] = extent.term(i)
-            ca_ = extent_allocation(extent.case_fractions[i], cw[i])
-            terms[i] = with_extent_terms(terms[i], extent.weight, extents[i], qa_, ca_)
+            terms[i] = with_extent_terms(terms[i], extent.weight, extents[i], q_alloc, c_alloc[i])
     return [
         SimilarityDecomposition(t, float(s), tuple(query_grid), tuple(case_grid), e)
         for t, s, e in zip(terms.numpy(), similarities, extents, strict=True)
@@ -254,15 +254,10 @@ class StoredExtent:
     """The extent code of a query and of k stored cases (retrieval.model.extent)."""
 
     weight: float  # c
-    query_angle: float
-    case_angles: np.ndarray  # (k,)
+    query_code: np.ndarray  # (2,) extent.code of the query: the vector's last two entries
+    case_codes: np.ndarray  # (k, 2); case i's extent term is case_codes[i] · query_code
     query_fraction: np.ndarray  # (m,) predicted lesion share per query cell
     case_fractions: np.ndarray  # (k, n)
-
-    def term(self, i: int) -> float:
-        """c^2 cos(t_q - t_c) / (1 + c^2): the code's part of case i's similarity."""
-        c2 = self.weight**2
-        return float(c2 * np.cos(self.query_angle - self.case_angles[i]) / (1.0 + c2))
 
 
 def restrict_rows(dec: SimilarityDecomposition, cells: np.ndarray) -> SimilarityDecomposition:

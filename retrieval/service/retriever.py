@@ -642,12 +642,15 @@ class CaseRetriever:
         ri = self.region_index
         if not self.model.has_extent or q.lesion_fraction is None or ri.lesion is None:
             return None
+        from retrieval.model import extent
+
+        c = float(self.model.config.extent_weight)
         fq = q.lesion_fraction.float().cpu()
         fc = torch.from_numpy(np.asarray(ri.lesion[rows], np.float32))
         return refine.StoredExtent(
-            float(self.model.config.extent_weight),
-            float(self.model.extent_angle(fq[None])[0]),
-            self.model.extent_angle(fc).double().numpy(),
+            c,
+            extent.code(self.model.extent_angle(fq[None]), c)[0].double().numpy(),
+            extent.code(self.model.extent_angle(fc), c).double().numpy(),
             fq.reshape(-1).numpy(),
             fc.numpy(),
         )

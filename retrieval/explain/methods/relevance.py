@@ -61,16 +61,13 @@ def _extent_relevance(model, features, weights, other_code) -> torch.Tensor:
     channels by the z⁺ rule on the extent head's 1 x 1 convolution (each channel's positive
     contribution to the cell's lesion logit; evenly where none is positive)."""
     from retrieval.explain.similarity import extent_allocation
+    from retrieval.model import extent
 
     b, c = features.shape[:2]
     frac = model.lesion_fraction(features)  # (B, *spatial)
-    t = model.extent_angle(frac)
-    weight = float(model.config.extent_weight)
-    code = torch.stack([torch.cos(t), torch.sin(t)], 1).to(features.dtype) * weight
-    term = (code / math.sqrt(1.0 + weight**2) * other_code).sum(1)  # (B,)
-    alloc = torch.stack(
-        [extent_allocation(frac[i], weights[i]).to(features.dtype) for i in range(b)]
-    ).view(frac.shape)
+    code = extent.code(model.extent_angle(frac), model.config.extent_weight)
+    term = (code.to(features.dtype) * other_code).sum(1)  # (B,)
+    alloc = extent_allocation(frac, weights).to(features.dtype).view(frac.shape)
     u = model.extent_head.weight.view(1, c, *(1,) * (features.ndim - 2)).to(features.dtype)
     zp = (u * features).clamp_min(0)
     total = zp.sum(1, keepdim=True)

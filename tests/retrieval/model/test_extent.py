@@ -115,15 +115,15 @@ def test_extent_term_lies_on_the_predicted_lesion_cells():
         f = out.features[0].clone()
         f[0] = 0.0
         f[0, 1, 2] = 1.0
-        frac = model.lesion_fraction(f[None])[0]
-        alloc = extent_allocation(frac, out.weights[0])
+        alloc = extent_allocation(model.lesion_fraction(f[None]), out.weights[:1])[0]
     assert float(alloc.sum()) == pytest.approx(1.0)
     assert float(alloc.reshape(4, 4)[1, 2]) > 0.99
     # no cell predicted as lesion: the pooling weights carry it instead
     with torch.no_grad():
         f[0] = 0.0
         w = out.weights[0].double().reshape(-1)
-        assert torch.allclose(extent_allocation(model.lesion_fraction(f[None])[0], w), w)
+        alloc = extent_allocation(model.lesion_fraction(f[None]), w[None])[0]
+        assert torch.allclose(alloc, w)
 
 
 def test_old_configs_have_no_extent_head():
